@@ -1,0 +1,473 @@
+"""Shared fixtures for the fimwatch test suite.
+
+Every test that talks to the engine does it the way a user does: it writes a
+config file, runs ``python3 fimwatch.py --config CONF COMMAND`` as a
+subprocess, changes real files in a temp tree, and reads the daemon's
+``[log] events_file`` (JSON lines).  No mocks, real inotify.
+
+Main pieces:
+
+* ``fim`` (fixture) -> :class:`Env`: a watched tree (``fim.root``), a config
+  (root-owned 0600 file in a 0700 dir), ``state_dir`` and ``events_file``.
+  ``fim.write_config(**sections)`` rewrites the config with overrides,
+  ``fim.cli(*args)`` runs a one-shot command, ``fim.daemon()`` starts
+  ``run`` and waits for its ``started`` event.
+* :class:`Daemon`: ``wait_for(pred)``, ``events()``, ``mark()``, ``stop()``,
+  ``hup()``, ``kill()``, ``assert_quiet(...)``; always killed at teardown.
+* ``sysctl`` (fixture): set /proc/sys values for one test, restored after.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FIMWATCH = REPO / "fimwatch.py"
+SETTLE = 0.1                 # seconds; matches "settle = 100ms" in test configs
+START_TIMEOUT = 20.0         # seconds for the daemon's "started" event
+DEFAULT_TEST_TIMEOUT = 180   # seconds; override with @pytest.mark.timeout(N)
+FILE_EVENTS = {"created", "modified", "attributes", "deleted", "moved"}
+
+IS_ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root")
+
+
+# ---------------------------------------------------------------------------
+# per-test timeout guard (no plugin): SIGALRM in the main thread
+# ---------------------------------------------------------------------------
+
+class TimeLimitExceeded(Exception):
+    """Raised inside a test that ran past its time limit."""
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    marker = item.get_closest_marker("timeout")
+    seconds = int(marker.args[0]) if marker else DEFAULT_TEST_TIMEOUT
+
+    def expired(signum, frame):
+        raise TimeLimitExceeded("test took longer than %d s" % seconds)
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not FIMWATCH.exists():
+        skip = pytest.mark.skip(reason="fimwatch.py does not exist yet")
+        for item in items:
+            item.add_marker(skip)
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+def wait_until(predicate, timeout=10.0, interval=0.05, what="condition"):
+    """Poll predicate() until it returns a true value; return that value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
+def is_event(event=None, path=None, **fields):
+    """Build a predicate over parsed events: is_event("created", p, kind="file")."""
+    path = None if path is None else str(path)
+
+    def pred(e):
+        if event is not None and e.get("event") != event:
+            return False
+        if path is not None and e.get("path") != path:
+            return False
+        return all(e.get(k) == v for k, v in fields.items())
+    pred.__doc__ = "event=%r path=%r %r" % (event, path, fields)
+    return pred
+
+
+def read_events(events_file):
+    """Parse events_file; every line must be one valid JSON object."""
+    try:
+        data = Path(events_file).read_bytes()
+    except FileNotFoundError:
+        return []
+    if not data.endswith(b"\n"):
+        # A line being written right now: ignore the incomplete tail.
+        data = data[:data.rfind(b"\n") + 1]
+    out = []
+    for n, raw in enumerate(data.splitlines(), 1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise AssertionError("events_file line %d is not UTF-8: %r (%s)" % (n, raw, exc))
+        try:
+            obj = json.loads(text)
+        except ValueError as exc:
+            raise AssertionError("events_file line %d is not JSON: %r (%s)" % (n, raw, exc))
+        assert isinstance(obj, dict), "events_file line %d is not an object: %r" % (n, raw)
+        out.append(obj)
+    return out
+
+
+def inotify_watch_count(pid):
+    """Number of inotify watches held by process pid (sum over its inotify fds)."""
+    total = 0
+    fd_dir = "/proc/%d/fd" % pid
+    for fd in os.listdir(fd_dir):
+        try:
+            if os.readlink(os.path.join(fd_dir, fd)) != "anon_inode:inotify":
+                continue
+            with open("/proc/%d/fdinfo/%s" % (pid, fd)) as f:
+                total += sum(1 for line in f if line.startswith("inotify wd:"))
+        except OSError:
+            continue
+    return total
+
+
+def user_watch_count(uid=0):
+    """inotify watches held by all processes of uid (what max_user_watches limits)."""
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if os.stat("/proc/" + pid).st_uid != uid:
+                continue
+            total += inotify_watch_count(int(pid))
+        except OSError:
+            continue
+    return total
+
+
+def clean_env():
+    """Environment for fimwatch subprocesses: no systemd notify socket of ours."""
+    env = dict(os.environ)
+    for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "FIMWATCH_CONFIG",
+                "LISTEN_FDS", "LISTEN_PID"):
+        env.pop(var, None)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+# ---------------------------------------------------------------------------
+# config
+# ---------------------------------------------------------------------------
+
+def default_sections(root, state_dir, events_file):
+    return {
+        "fimwatch": {
+            "state_dir": str(state_dir),
+            "hostname": "testhost",
+            "settle": "100ms",
+            "hash_max_size": "256M",
+            "scan_interval": "0",
+        },
+        "watch": {
+            "paths": str(root),
+            "exclude": "*.swp *.swx *~ .#* 4913",
+            "scan_only": "",
+        },
+        "severity": {
+            "critical": "%s/critical/**" % root,
+            "info": "%s/info/**" % root,
+        },
+        "syslog": {"enabled": "no"},
+        "log": {"events_file": str(events_file)},
+    }
+
+
+def render_config(sections):
+    lines = ["# written by tests/conftest.py"]
+    for name, keys in sections.items():
+        lines.append("")
+        lines.append("[%s]" % name)
+        for key, value in keys.items():
+            lines.append("%s = %s" % (key, value) if value != "" else "%s =" % key)
+    return "\n".join(lines) + "\n"
+
+
+class Env:
+    """One test's fimwatch world: tree, config, state, events file."""
+
+    def __init__(self, base):
+        self.base = Path(base)
+        self.root = self.base / "tree"          # the watched path
+        self.outside = self.base / "outside"    # same filesystem, not watched
+        self.conf_dir = self.base / "etc"
+        self.conf = self.conf_dir / "fimwatch.conf"
+        self.state_dir = self.base / "state"
+        self.log_dir = self.base / "log"
+        self.events_file = self.log_dir / "events.jsonl"
+        for d in (self.root, self.outside, self.log_dir):
+            d.mkdir()
+        self.conf_dir.mkdir(mode=0o700)
+        os.chmod(self.conf_dir, 0o700)
+        self.daemons = []
+        self.write_config()
+
+    # -- config -------------------------------------------------------------
+    def sections(self, **overrides):
+        """Default config sections, with {section: {key: value}} overrides merged in.
+
+        A value of None removes the key."""
+        sections = default_sections(self.root, self.state_dir, self.events_file)
+        for section, keys in overrides.items():
+            target = sections.setdefault(section, {})
+            for key, value in keys.items():
+                if value is None:
+                    target.pop(key, None)
+                else:
+                    target[key] = value
+        return sections
+
+    def write_config(self, text=None, **overrides):
+        """Write the config (default sections + overrides, or raw text)."""
+        if text is None:
+            text = render_config(self.sections(**overrides))
+        tmp = self.conf.with_name(".fimwatch.conf.tmp")
+        tmp.write_text(text)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, self.conf)
+        return self.conf
+
+    # -- commands -------------------------------------------------------------
+    def cli(self, *args, timeout=60, config=True, check=None):
+        """Run one fimwatch command; returns CompletedProcess (text, captured)."""
+        argv = [sys.executable, str(FIMWATCH)]
+        if config:
+            argv += ["--config", str(self.conf)]
+        argv += [str(a) for a in args]
+        proc = subprocess.run(argv, cwd=str(REPO), env=clean_env(), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=timeout, errors="backslashreplace")
+        if check is not None:
+            assert proc.returncode == check, describe(proc)
+        return proc
+
+    def daemon(self, wait=True, timeout=START_TIMEOUT):
+        d = Daemon(self)
+        self.daemons.append(d)
+        d.start(wait=wait, timeout=timeout)
+        return d
+
+    def baseline(self):
+        """Build the baseline: start the daemon once and stop it."""
+        d = self.daemon()
+        d.stop()
+        return d
+
+    def events(self):
+        return read_events(self.events_file)
+
+    def cleanup(self):
+        for d in self.daemons:
+            d.kill_quietly()
+
+
+def describe(proc):
+    return "exit %s\n--- stdout ---\n%s\n--- stderr ---\n%s" % (
+        proc.returncode, proc.stdout, proc.stderr)
+
+
+class Daemon:
+    """A `fimwatch run` subprocess and a cursor over the events_file."""
+
+    def __init__(self, env):
+        self.env = env
+        self.proc = None
+        self.start_index = 0
+        self.out_path = env.base / ("daemon-%d.out" % len(env.daemons))
+        self.err_path = env.base / ("daemon-%d.err" % len(env.daemons))
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def start(self, wait=True, timeout=START_TIMEOUT):
+        self.start_index = len(self.env.events())
+        argv = [sys.executable, str(FIMWATCH), "--config", str(self.env.conf), "run"]
+        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen(argv, cwd=str(REPO), env=clean_env(),
+                                         stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        if wait:
+            self.started = self.wait_for(is_event("started"), timeout=timeout,
+                                         since=self.start_index)
+        return self
+
+    # -- output -------------------------------------------------------------
+    def stderr(self):
+        try:
+            return self.err_path.read_text(errors="backslashreplace")
+        except FileNotFoundError:
+            return ""
+
+    def stdout(self):
+        try:
+            return self.out_path.read_text(errors="backslashreplace")
+        except FileNotFoundError:
+            return ""
+
+    def events(self, since=None):
+        """Events written since this daemon started (or since index `since`)."""
+        return self.env.events()[self.start_index if since is None else since:]
+
+    def mark(self):
+        """Index to pass as since= to look only at events after this point."""
+        return len(self.env.events())
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def _report(self, since):
+        evs = self.env.events()[self.start_index if since is None else since:]
+        lines = "\n".join(json.dumps(e, sort_keys=True)[:400] for e in evs[-40:])
+        state = "running" if self.alive() else "EXITED with %s" % self.proc.returncode
+        return "daemon %s\n--- events (last 40) ---\n%s\n--- daemon stderr ---\n%s" % (
+            state, lines, self.stderr()[-4000:])
+
+    def wait_for(self, pred, timeout=10.0, since=None, count=1):
+        """Wait until `count` events matching pred exist after `since`; return the first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            matches = [e for e in self.events(since) if pred(e)]
+            if len(matches) >= count:
+                return matches[0]
+            if not self.alive() or time.monotonic() > deadline:
+                why = "timed out after %.1fs" % timeout if self.alive() else "daemon died"
+                raise AssertionError("%s waiting for %s\n%s" % (
+                    why, getattr(pred, "__doc__", None) or pred, self._report(since)))
+            time.sleep(0.05)
+
+    def matching(self, pred, since=None):
+        return [e for e in self.events(since) if pred(e)]
+
+    def assert_quiet(self, pred, since, control):
+        """Prove that nothing matching pred happened after index `since`.
+
+        Waits a few settle windows, then makes the positive-control change
+        `control(root) -> predicate`, waits for it (so the daemon is alive and
+        has processed everything before it), and only then checks."""
+        time.sleep(SETTLE * 4)
+        control_pred = control(self.env.root)
+        self.wait_for(control_pred, since=since)
+        time.sleep(SETTLE * 2)
+        bad = [e for e in self.events(since) if pred(e)]
+        assert not bad, "unexpected events: %s\n%s" % (bad, self._report(since))
+
+    # -- signals ------------------------------------------------------------
+    def hup(self):
+        self.proc.send_signal(signal.SIGHUP)
+
+    def stop(self, sig=signal.SIGTERM, timeout=20):
+        """SIGTERM (or sig), wait, assert exit 0 and a `stopped` event."""
+        mark = self.mark()
+        self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("daemon did not stop within %ss\n%s"
+                                 % (timeout, self._report(None)))
+        assert rc == 0, "daemon exited %s on %s\n%s" % (rc, sig, self._report(None))
+        assert [e for e in self.env.events()[mark:] if e.get("event") == "stopped"], \
+            "no stopped event\n" + self._report(None)
+        return rc
+
+    def kill(self):
+        """SIGKILL (an unclean stop)."""
+        self.proc.kill()
+        self.proc.wait()
+
+    def kill_quietly(self):
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.kill(self.proc.pid, signal.SIGCONT)
+        except OSError:
+            pass
+        self.proc.kill()
+        self.proc.wait()
+
+
+# ---------------------------------------------------------------------------
+# fixtures
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def fim(tmp_path):
+    env = Env(tmp_path)
+    yield env
+    env.cleanup()
+
+
+@pytest.fixture
+def sysctl():
+    """set(name, value): write /proc/sys/NAME for this test; restored at teardown.
+
+    Returns a setter; the setter returns a restore() that can be called early."""
+    saved = []
+
+    def restore_one(path, old):
+        with open(path, "w") as f:
+            f.write(old)
+
+    def setter(name, value):
+        if not IS_ROOT:
+            pytest.skip("needs root to change /proc/sys/%s" % name)
+        path = "/proc/sys/" + name.replace(".", "/")
+        with open(path) as f:
+            old = f.read().strip()
+        saved.append((path, old))
+        with open(path, "w") as f:
+            f.write(str(value))
+
+        def restore():
+            restore_one(path, old)
+        return restore
+
+    yield setter
+    for path, old in reversed(saved):
+        restore_one(path, old)
+
+
+# ---------------------------------------------------------------------------
+# small file helpers used by several test modules
+# ---------------------------------------------------------------------------
+
+def write(path, data="x\n", mode=None):
+    path = Path(path) if not isinstance(path, bytes) else path
+    raw = data.encode() if isinstance(data, str) else data
+    with open(path, "wb") as f:
+        f.write(raw)
+    if mode is not None:
+        os.chmod(path, mode)
+    return path
+
+
+def control_file(name="control.txt"):
+    """A positive control for Daemon.assert_quiet: create a fresh file."""
+    def control(root):
+        p = Path(root) / ("%s-%d" % (name, time.monotonic_ns()))
+        write(p, "control\n")
+        return is_event("created", p)
+    return control
+
+
+ISO_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")

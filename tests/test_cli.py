@@ -1,0 +1,248 @@
+"""One-shot commands and the config: check-config, config errors (exit 2,
+one line naming file, line and key), scan, accept, events, status."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import (FIMWATCH, REPO, clean_env, describe, is_event, needs_root, render_config,
+                      write)
+
+
+def config_lines(fim, **overrides):
+    return render_config(fim.sections(**overrides)).splitlines()
+
+
+def insert_after(lines, header, new_line):
+    """Insert new_line right after [header]; return (text, its 1-based line number)."""
+    i = lines.index("[%s]" % header)
+    lines = lines[:i + 1] + [new_line] + lines[i + 1:]
+    return "\n".join(lines) + "\n", i + 2
+
+
+def assert_config_error(proc, conf, lineno=None, key=None):
+    assert proc.returncode == 2, describe(proc)
+    err = proc.stderr.strip()
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert err.startswith("fimwatch: error:"), describe(proc)
+    assert "\n" not in err, "more than one line on stderr:\n" + proc.stderr
+    assert str(conf) in err, "error does not name the file: " + err
+    if lineno is not None:
+        assert re.search(r"(line\s*%d\b|:%d\b)" % (lineno, lineno), err), \
+            "error does not name line %d: %s" % (lineno, err)
+    if key is not None:
+        assert key in err, "error does not name %r: %s" % (key, err)
+
+
+# --- config errors -----------------------------------------------------------
+
+BAD_VALUES = [
+    ("unknown-key", "fimwatch", "setle = 100ms", "setle"),
+    ("bad-duration", "fimwatch", "scan_interval = 5 minutes", "scan_interval"),
+    ("bad-duration-unit", "fimwatch", "scan_interval = 10x", "scan_interval"),
+    ("bad-size", "fimwatch", "hash_max_size = 12Q", "hash_max_size"),
+    ("bad-bool", "syslog", "enabled = maybe", "enabled"),
+    ("bad-severity", "syslog", "min_severity = loud", "min_severity"),
+]
+
+
+@pytest.mark.parametrize("command", ["check-config", "run", "scan"])
+@pytest.mark.parametrize("label,section,line,key", BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
+def test_config_error_names_file_line_and_key(fim, label, section, line, key, command):
+    # drop the default line for that key, so the bad one is the only one
+    lines = [x for x in config_lines(fim) if not x.startswith(key + " =")]
+    text, lineno = insert_after(lines, section, line)
+    fim.write_config(text)
+    proc = fim.cli(command, timeout=30)
+    assert_config_error(proc, fim.conf, lineno, key)
+
+
+def test_unknown_section_is_an_error(fim):
+    text = render_config(fim.sections()) + "\n[wacth]\npaths = /tmp\n"
+    lineno = text.splitlines().index("[wacth]") + 1
+    fim.write_config(text)
+    assert_config_error(fim.cli("check-config"), fim.conf, lineno, "wacth")
+    assert_config_error(fim.cli("run", timeout=30), fim.conf, lineno, "wacth")
+
+
+def test_missing_config_file_is_exit_2(fim):
+    missing = fim.base / "nope.conf"
+    proc = fim.cli("--config", missing, "check-config", config=False)
+    assert_config_error(proc, missing)
+
+
+def test_config_from_environment_variable(fim):
+    env = clean_env()
+    env["FIMWATCH_CONFIG"] = str(fim.conf)
+    proc = subprocess.run([sys.executable, str(FIMWATCH), "check-config"], cwd=str(REPO),
+                          env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, describe(proc)
+    assert str(fim.root) in proc.stdout
+
+
+@needs_root
+@pytest.mark.parametrize("what,mode", [("file", 0o602), ("file", 0o620),
+                                       ("dir", 0o777), ("dir", 0o770)])
+def test_config_writable_by_others_is_refused_as_root(fim, what, mode):
+    target = fim.conf if what == "file" else fim.conf_dir
+    os.chmod(target, mode)
+    for command in ("run", "check-config"):
+        proc = fim.cli(command, timeout=30)
+        assert_config_error(proc, fim.conf)
+    os.chmod(target, 0o600 if what == "file" else 0o700)
+    assert fim.cli("check-config").returncode == 0
+
+
+@needs_root
+def test_config_owned_by_non_root_is_refused_as_root(fim):
+    os.chown(fim.conf, 1, 1)
+    assert_config_error(fim.cli("check-config"), fim.conf)
+
+
+def test_check_config_prints_effective_settings(fim):
+    proc = fim.cli("check-config")
+    assert proc.returncode == 0, describe(proc)
+    out = proc.stdout
+    assert str(fim.root) in out, out
+    assert str(fim.state_dir) in out, out
+    assert "settle" in out, out
+    assert "100ms" in out or "0.1" in out, out
+    # defaults of keys the file does not set are shown too
+    assert "min_severity" in out or "facility" in out, out
+
+
+def test_help_on_every_command(fim):
+    for command in ("run", "scan", "accept", "status", "check-config", "events"):
+        proc = fim.cli(command, "--help")
+        assert proc.returncode == 0, describe(proc)
+        assert "usage" in proc.stdout.lower(), proc.stdout
+
+
+def test_usage_error_is_exit_2_without_traceback(fim):
+    proc = fim.cli("no-such-command")
+    assert proc.returncode == 2, describe(proc)
+    assert "Traceback" not in proc.stderr
+
+
+# --- scan and accept -----------------------------------------------------------
+
+def test_scan_exit_codes_and_json(fim):
+    a = write(fim.root / "a.txt", "a1\n")
+    b = write(fim.root / "b.txt", "b1\n")
+    fim.baseline()
+    r = fim.cli("scan", "--no-alert")
+    assert r.returncode == 0, describe(r)
+    write(a, "a2\n")
+    os.unlink(b)
+    c = write(fim.root / "c.txt")
+    r = fim.cli("scan", "--no-alert", "--json")
+    assert r.returncode == 1, describe(r)
+    evs = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+    got = {(e["event"], e["path"]) for e in evs}
+    assert ("modified", str(a)) in got, got
+    assert ("deleted", str(b)) in got, got
+    assert ("created", str(c)) in got, got
+    assert all(e["detected"] == "scan" for e in evs), evs
+    # recorded: the next scan is clean
+    r = fim.cli("scan", "--no-alert")
+    assert r.returncode == 0, describe(r)
+
+
+def test_scan_plain_output_names_the_changes(fim):
+    a = write(fim.root / "a.txt", "a1\n")
+    fim.baseline()
+    write(a, "a2\n")
+    r = fim.cli("scan", "--no-alert")
+    assert r.returncode == 1, describe(r)
+    assert "modified" in r.stdout and str(a) in r.stdout, r.stdout
+
+
+def test_scan_writes_to_the_events_file(fim):
+    a = write(fim.root / "a.txt", "a1\n")
+    fim.baseline()
+    write(a, "a2\n")
+    assert fim.cli("scan").returncode == 1
+    assert [e for e in fim.events() if is_event("modified", a)(e) and e["detected"] == "scan"]
+
+
+def test_accept_path_then_scan_is_clean(fim):
+    a = write(fim.root / "a.txt", "a1\n")
+    b = write(fim.root / "b.txt", "b1\n")
+    fim.baseline()
+    write(a, "a2\n")
+    write(b, "b2\n")
+    r = fim.cli("accept", a)
+    assert r.returncode == 0, describe(r)
+    n_events = len(fim.events())
+    r = fim.cli("scan", "--no-alert", "--json")
+    assert r.returncode == 1, describe(r)
+    paths = {json.loads(x)["path"] for x in r.stdout.splitlines() if x.strip()}
+    assert paths == {str(b)}, paths
+    write(b, "b3\n")
+    r = fim.cli("accept")
+    assert r.returncode == 0, describe(r)
+    # accept alerts nobody: nothing new in the events file except scan's own lines
+    assert not [e for e in fim.events()[n_events:] if e.get("path") == str(b)
+                and e.get("detected") != "scan"]
+    r = fim.cli("scan", "--no-alert")
+    assert r.returncode == 0, describe(r)
+
+
+def test_accept_of_a_path_outside_the_watched_paths_is_an_error(fim):
+    fim.baseline()
+    r = fim.cli("accept", "/nonexistent/elsewhere")
+    assert r.returncode == 2, describe(r)
+    assert r.stderr.startswith("fimwatch: error:"), describe(r)
+
+
+# --- events and status ----------------------------------------------------------
+
+def test_events_command_lists_recent_events(fim):
+    d = fim.daemon()
+    p = write(fim.root / "listed.txt")
+    q = write(fim.root / "other.log")
+    d.wait_for(is_event("created", p))
+    d.wait_for(is_event("created", q))
+    d.stop()
+    r = fim.cli("events", "--json")
+    assert r.returncode == 0, describe(r)
+    evs = [json.loads(x) for x in r.stdout.splitlines() if x.strip()]
+    assert [e for e in evs if is_event("created", p)(e)], r.stdout
+    # newest last
+    times = [e["time"] for e in evs]
+    assert times == sorted(times), times
+    r = fim.cli("events", "--json", "--path", "*.txt", "--since", "1h")
+    assert r.returncode == 0, describe(r)
+    paths = {json.loads(x).get("path") for x in r.stdout.splitlines() if x.strip()}
+    assert str(p) in paths and str(q) not in paths, paths
+    r = fim.cli("events")
+    assert r.returncode == 0 and str(p) in r.stdout, describe(r)
+
+
+def test_status_while_running_and_after_stop(fim):
+    d = fim.daemon()
+    r = fim.cli("status", "--json")
+    assert r.returncode == 0, describe(r)
+    st = json.loads(r.stdout)
+    assert isinstance(st, dict), st
+    text = json.dumps(st)
+    assert "watch" in text, st
+    r = fim.cli("status")
+    assert r.returncode == 0, describe(r)
+    d.stop()
+    r = fim.cli("status", "--json")
+    assert r.returncode == 1, describe(r)
+    json.loads(r.stdout)
+    r = fim.cli("status")
+    assert r.returncode == 1, describe(r)
+
+
+def test_status_after_kill_9_is_not_running(fim):
+    d = fim.daemon()
+    d.kill()
+    r = fim.cli("status")
+    assert r.returncode == 1, describe(r)

@@ -1,0 +1,250 @@
+"""The semantic events: created, modified, attributes, deleted, moved.
+
+And what must NOT be an event: a touch, an identical rewrite, editor temp
+and swap files, the files that existed at the first start.
+"""
+
+import hashlib
+import os
+import re
+import time
+
+import pytest
+
+from conftest import ISO_TIME, SETTLE, control_file, is_event, needs_root, write
+
+FILE_EVENTS = {"created", "modified", "attributes", "deleted", "moved"}
+
+
+def sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def about(path):
+    """Predicate: any file event whose path or from is `path`."""
+    path = str(path)
+    return lambda e: e.get("event") in FILE_EVENTS and path in (e.get("path"), e.get("from"))
+
+
+# --- the five file events ---------------------------------------------------
+
+def test_created_event_has_the_spec_fields(fim):
+    d = fim.daemon()
+    p = write(fim.root / "new.txt", "hello\n", mode=0o644)
+    e = d.wait_for(is_event("created", p))
+    assert re.fullmatch(r"[0-9a-f]{32}", e["id"]), e
+    assert ISO_TIME.match(e["time"]), e
+    assert e["host"] == "testhost"
+    assert e["detected"] == "realtime"
+    assert e["kind"] == "file"
+    assert e["severity"] == "warning"
+    assert e["size"] == 6
+    assert e["mode"] == "0644"
+    assert e["uid"] == os.getuid() and e["gid"] == os.getgid()
+    assert "owner" in e and "group" in e
+    assert e["sha256"] == sha256(b"hello\n")
+    assert "previous" not in e
+    d.stop()
+
+
+def test_modified_event_has_previous_state(fim):
+    p = write(fim.root / "f.txt", "one\n")
+    d = fim.daemon()
+    write(p, "two two\n")
+    e = d.wait_for(is_event("modified", p))
+    assert e["changes"] == ["content"], e
+    assert e["sha256"] == sha256(b"two two\n")
+    assert e["size"] == 8
+    assert e["previous"]["sha256"] == sha256(b"one\n")
+    assert e["previous"]["size"] == 4
+    d.stop()
+
+
+def test_deleted_event_has_no_current_state(fim):
+    p = write(fim.root / "gone.txt", "bye\n")
+    d = fim.daemon()
+    os.unlink(p)
+    e = d.wait_for(is_event("deleted", p))
+    for field in ("size", "sha256", "mode", "uid", "mtime"):
+        assert field not in e, "deleted event has current-state field %s: %s" % (field, e)
+    assert e["previous"]["sha256"] == sha256(b"bye\n"), e
+    d.stop()
+
+
+def test_chmod_is_an_attributes_event(fim):
+    p = write(fim.root / "perm.txt", "data\n", mode=0o644)
+    d = fim.daemon()
+    os.chmod(p, 0o600)
+    e = d.wait_for(is_event("attributes", p))
+    assert e["changes"] == ["mode"], e
+    assert e["mode"] == "0600" and e["previous"]["mode"] == "0644", e
+    d.stop()
+
+
+@needs_root
+def test_chown_is_an_attributes_event(fim):
+    p = write(fim.root / "own.txt", "data\n")
+    d = fim.daemon()
+    os.chown(p, 1, 1)
+    e = d.wait_for(is_event("attributes", p))
+    assert "owner" in e["changes"] and "group" in e["changes"], e
+    assert e["uid"] == 1 and e["gid"] == 1 and e["previous"]["uid"] == 0, e
+    d.stop()
+
+
+def test_rename_is_a_moved_event(fim):
+    a = write(fim.root / "a.txt", "content\n")
+    b = fim.root / "b.txt"
+    d = fim.daemon()
+    os.rename(a, b)
+    e = d.wait_for(is_event("moved", b))
+    assert e["from"] == str(a), e
+    d.assert_quiet(lambda e: e.get("event") in ("created", "deleted")
+                   and e.get("path") in (str(a), str(b)), since=d.start_index,
+                   control=control_file())
+    d.stop()
+
+
+def test_file_replaced_by_directory_reports_a_type_change(fim):
+    p = write(fim.root / "thing", "file\n")
+    d = fim.daemon()
+    os.unlink(p)
+    os.mkdir(p)
+    e = d.wait_for(lambda e: e.get("path") == str(p) and "type" in e.get("changes", []))
+    assert e["kind"] == "dir", e
+    d.stop()
+
+
+# --- one event per change, no noise ------------------------------------------
+
+def test_touch_alone_is_not_an_event(fim):
+    p = write(fim.root / "touched.txt", "same\n")
+    d = fim.daemon()
+    m = d.mark()
+    os.utime(p, (time.time() + 100, time.time() + 100))
+    os.utime(p)
+    d.assert_quiet(about(p), since=m, control=control_file())
+    d.stop()
+
+
+def test_identical_rewrite_is_not_an_event(fim):
+    p = write(fim.root / "same.txt", "identical content\n")
+    d = fim.daemon()
+    m = d.mark()
+    write(p, "identical content\n")       # O_TRUNC + write: IN_MODIFY, IN_CLOSE_WRITE
+    d.assert_quiet(about(p), since=m, control=control_file())
+    d.stop()
+
+
+def test_burst_of_writes_is_one_event(fim):
+    p = write(fim.root / "log.txt", "start\n")
+    d = fim.daemon()
+    m = d.mark()
+    with open(p, "a") as f:
+        for i in range(50):
+            f.write("line %d\n" % i)
+            f.flush()
+    d.wait_for(is_event("modified", p), since=m)
+    d.assert_quiet(lambda e: False, since=m, control=control_file())
+    evs = d.matching(about(p), since=m)
+    assert len(evs) == 1, evs
+    d.stop()
+
+
+def test_vim_save_sequence_is_exactly_one_modified(fim):
+    p = write(fim.root / "config.ini", "a = 1\n", mode=0o640)
+    d = fim.daemon()
+    m = d.mark()
+    # what vim does on :w with default 'backupcopy' / 'writebackup' settings
+    swap = fim.root / ".config.ini.swp"
+    write(swap, b"b0VIM 9.0\0" + b"\0" * 4086)      # swap file while editing
+    probe = fim.root / "4913"                       # permission probe
+    fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o640)
+    os.fchown(fd, os.getuid(), os.getgid())
+    os.close(fd)
+    os.unlink(probe)
+    backup = fim.root / "config.ini~"
+    os.rename(p, backup)                            # keep the old file as backup
+    fd = os.open(p, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
+    os.write(fd, b"a = 2\n")
+    os.fsync(fd)
+    os.close(fd)
+    os.chmod(p, 0o640)                              # restore the original mode
+    os.unlink(backup)
+    write(swap, b"b0VIM 9.0\1" + b"\0" * 4086)
+    os.unlink(swap)                                 # vim quits
+    e = d.wait_for(is_event("modified", p), since=m)
+    assert e["changes"] == ["content"], e
+    noise = {str(x) for x in (probe, backup, swap)}
+    d.assert_quiet(lambda e: e.get("path") in noise or e.get("from") in noise,
+                   since=m, control=control_file())
+    evs = d.matching(about(p), since=m)
+    assert len(evs) == 1, "expected exactly one event for %s, got %s" % (p, evs)
+    d.stop()
+
+
+def test_swap_and_lock_files_are_never_reported(fim):
+    d = fim.daemon()
+    m = d.mark()
+    names = [".notes.txt.swp", ".notes.txt.swx", ".#notes.txt", "notes.txt~", "4913"]
+    for name in names:
+        write(fim.root / name, "temp\n")
+    for name in names:
+        write(fim.root / name, "temp 2\n")
+    for name in names:
+        os.unlink(fim.root / name)
+    paths = {str(fim.root / n) for n in names}
+    d.assert_quiet(lambda e: e.get("path") in paths or e.get("from") in paths,
+                   since=m, control=control_file())
+    d.stop()
+
+
+def test_first_start_builds_the_baseline_silently(fim):
+    for i in range(20):
+        write(fim.root / ("pre-%d.txt" % i), "x%d\n" % i)
+    (fim.root / "sub").mkdir()
+    write(fim.root / "sub" / "deep.txt")
+    d = fim.daemon()
+    before_start = [e for e in d.events() if e.get("event") in FILE_EVENTS]
+    assert before_start == [], before_start
+    d.assert_quiet(lambda e: e.get("event") in FILE_EVENTS
+                   and not os.path.basename(e.get("path", "")).startswith("control"),
+                   since=d.start_index, control=control_file())
+    d.stop()
+
+
+# --- severity and hashing limits ---------------------------------------------
+
+@pytest.mark.parametrize("subdir,severity", [
+    ("critical", "critical"), ("info", "info"), ("plain", "warning")])
+def test_severity_comes_from_the_first_matching_pattern(fim, subdir, severity):
+    (fim.root / subdir).mkdir()
+    d = fim.daemon()
+    p = write(fim.root / subdir / "file.conf")
+    e = d.wait_for(is_event("created", p))
+    assert e["severity"] == severity, e
+    d.stop()
+
+
+def test_file_over_hash_max_size_is_metadata_only(fim):
+    fim.write_config(fimwatch={"hash_max_size": "1K"})
+    d = fim.daemon()
+    big = write(fim.root / "big.bin", b"z" * 4096)
+    small = write(fim.root / "small.bin", b"z" * 100)
+    e = d.wait_for(is_event("created", big))
+    assert e.get("hash_skipped") is True, e
+    assert "sha256" not in e, e
+    assert e["size"] == 4096
+    e = d.wait_for(is_event("created", small))
+    assert e["sha256"] == sha256(b"z" * 100) and not e.get("hash_skipped"), e
+    d.stop()
+
+
+def test_events_are_reported_within_a_second(fim):
+    d = fim.daemon()
+    t0 = time.monotonic()
+    p = write(fim.root / "fast.txt")
+    d.wait_for(is_event("created", p), timeout=10)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 1.0 + SETTLE, "took %.2fs" % elapsed
+    d.stop()
