@@ -1,0 +1,3021 @@
+#!/usr/bin/env python3
+"""fimwatch - real-time file integrity monitoring for small teams.
+
+usage: fimwatch [--config PATH] COMMAND [options]
+
+commands:
+  run            the daemon, in the foreground (what the systemd unit runs)
+  scan           compare the filesystem with the baseline once, report, record
+  accept [PATH]  take the current state of PATHs into the baseline, no alert
+  status         is the daemon running, watches, baseline, recent events
+  test-alert     send one test alert through every configured channel
+  check-config   validate the config and print the effective settings
+  pause/resume   maintenance window: changes are summarised when it ends
+  events         recent events from the state database
+
+The config is --config PATH, else $FIMWATCH_CONFIG, else
+/etc/fimwatch/fimwatch.conf.
+
+exit codes:
+  0  success (scan: no changes; status: running; test-alert: all delivered)
+  1  scan: changes found; status: not running; test-alert: a channel failed
+  2  usage or config error, missing dependency or privilege (one line on stderr)
+"""
+
+__version__ = "0.1.0"
+
+import argparse
+import configparser
+import datetime
+import difflib
+import errno
+import fcntl
+import hashlib
+import hmac
+import json
+import os
+import random
+import re
+import select
+import signal
+import socket
+import sqlite3
+import stat
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections import deque
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+
+# ---------------------------------------------------------------------------
+# Constants: every path and binary the program touches
+# ---------------------------------------------------------------------------
+
+DEFAULT_CONFIG = "/etc/fimwatch/fimwatch.conf"
+LIBDIR = "/usr/local/lib/fimwatch"          # private copy of inotify_simple
+SENDMAIL = "/usr/sbin/sendmail"
+DEV_LOG = "/dev/log"
+UTMP = "/var/run/utmp"
+DPKG_INFO = "/var/lib/dpkg/info"
+DPKG_LOCK = "/var/lib/dpkg/lock"
+INOTIFY_SYSCTL = "/proc/sys/fs/inotify"
+DB_NAME = "baseline.db"
+LOCK_NAME = "fimwatch.lock"
+
+EXIT_OK, EXIT_CHANGES, EXIT_ERROR = 0, 1, 2
+
+SEVERITIES = ("info", "notice", "warning", "critical")
+SEV_RANK = {s: i for i, s in enumerate(SEVERITIES)}
+SYSLOG_PRI = {"info": 6, "notice": 5, "warning": 4, "critical": 2}
+FACILITIES = {
+    "kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5,
+    "lpr": 6, "news": 7, "uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11,
+    **{"local%d" % i: 16 + i for i in range(8)},
+}
+
+# inotify(7) flags; inotify_simple has them too, but we need them before import.
+IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE = 0x2, 0x4, 0x8
+IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x40, 0x80, 0x100, 0x200
+IN_DELETE_SELF, IN_MOVE_SELF, IN_UNMOUNT = 0x400, 0x800, 0x2000
+IN_Q_OVERFLOW, IN_IGNORED, IN_ISDIR = 0x4000, 0x8000, 0x40000000
+IN_ONLYDIR, IN_DONT_FOLLOW, IN_EXCL_UNLINK = 0x01000000, 0x02000000, 0x04000000
+WATCH_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO
+              | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF
+              | IN_ONLYDIR | IN_DONT_FOLLOW | IN_EXCL_UNLINK)
+
+HASH_CHUNK = 1 << 20
+SPOOL_MAX_AGE = 7 * 86400
+HEARTBEAT_EVERY = 30.0
+POLL_UNWATCHED_EVERY = 60.0      # periodic scan of subtrees that got no watch
+ROOT_RETRY_EVERY = 2.0           # a deleted watched root is looked for this often
+DIFF_MAX_LINES = 200
+
+DEFAULT_NO_DIFF = "/etc/shadow /etc/gshadow /etc/ssh/*_key **/*.key **/*.pem"
+
+# ---------------------------------------------------------------------------
+# Exceptions
+# ---------------------------------------------------------------------------
+
+
+class FimwatchError(Exception):
+    """An error the user can act on; main() prints it as one line, exit 2."""
+    exit_code = EXIT_ERROR
+
+
+class ConfigError(FimwatchError):
+    pass
+
+
+# ---------------------------------------------------------------------------
+# Small helpers: escaping, time, units
+# ---------------------------------------------------------------------------
+
+_ESC_TABLE = {0x5C: "\\\\", 0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
+
+
+def esc(s):
+    """Printable, single-line form of an untrusted string (a file name).
+
+    Bytes that are not UTF-8 (surrogate-escaped by os.fsdecode) become \\xNN,
+    control characters \\xNN (\\n, \\r, \\t), bidi and line-separator characters
+    \\uNNNN, and a backslash is doubled so the escaping cannot be forged."""
+    if s.isprintable() and "\\" not in s:
+        return s
+    out = []
+    for ch in s:
+        o = ord(ch)
+        if o in _ESC_TABLE:
+            out.append(_ESC_TABLE[o])
+        elif 0xDC80 <= o <= 0xDCFF:          # an undecodable byte
+            out.append("\\x%02x" % (o - 0xDC00))
+        elif o < 0x20 or 0x7F <= o <= 0x9F:
+            out.append("\\x%02x" % o)
+        elif not ch.isprintable() and ch != " ":
+            out.append("\\u%04x" % o if o <= 0xFFFF else "\\U%08x" % o)
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def iso_ms(t):
+    d = datetime.datetime.fromtimestamp(t, datetime.timezone.utc)
+    return d.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (d.microsecond // 1000)
+
+
+def iso_s(t):
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
+
+
+_DUR_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$", re.I)
+_DUR_MULT = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text):
+    """'500ms', '30s', '5m', '24h', '7d' (a bare number is seconds) -> seconds."""
+    m = _DUR_RE.match(text or "")
+    if not m:
+        raise ValueError("not a duration: %r (use e.g. 500ms, 30s, 5m, 24h, 7d)" % text)
+    return float(m.group(1)) * _DUR_MULT[(m.group(2) or "s").lower()]
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.I)
+
+
+def parse_size(text):
+    """'512K', '64M', '1G' (a bare number is bytes) -> bytes."""
+    m = _SIZE_RE.match(text or "")
+    if not m:
+        raise ValueError("not a size: %r (use e.g. 512K, 64M, 1G)" % text)
+    return int(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " ")
+
+
+def parse_bool(text):
+    t = (text or "").strip().lower()
+    if t in ("yes", "true", "on", "1"):
+        return True
+    if t in ("no", "false", "off", "0"):
+        return False
+    raise ValueError("not a yes/no value: %r" % text)
+
+
+def fmt_duration(sec):
+    """Human form of a number of seconds: 45s, 12m, 3h 5m, 2d 4h."""
+    sec = int(sec)
+    if sec < 60:
+        return "%ds" % sec
+    if sec < 3600:
+        return "%dm" % (sec // 60)
+    if sec < 86400:
+        return "%dh %dm" % (sec // 3600, sec % 3600 // 60)
+    return "%dd %dh" % (sec // 86400, sec % 86400 // 3600)
+
+
+def redact_url(url):
+    """A URL with its credentials, path and query hidden (they often hold tokens)."""
+    try:
+        p = urllib.parse.urlsplit(url)
+        host = p.hostname or "?"
+        if p.port:
+            host += ":%d" % p.port
+        return "%s://%s/…" % (p.scheme, host)
+    except ValueError:
+        return "<url>"
+
+
+def fqdn():
+    name = socket.gethostname()
+    try:
+        full = socket.getfqdn(name)
+        if full and "localhost" not in full:
+            return full
+    except OSError:
+        pass
+    return name
+
+
+def _tty():
+    return sys.stderr.isatty()
+
+
+# ---------------------------------------------------------------------------
+# Patterns and exclusions
+# ---------------------------------------------------------------------------
+
+
+def _glob_to_re(pat):
+    """Translate one glob to a regex body: '*' and '?' stay inside one path
+    component, '**' crosses components ('a/**/b' also matches 'a/b')."""
+    i, n, out = 0, len(pat), []
+    while i < n:
+        c = pat[i]
+        if c == "*":
+            if pat.startswith("**", i):
+                i += 2
+                if i < n and pat[i] == "/":
+                    out.append("(?:.*/)?")
+                    i += 1
+                else:
+                    out.append(".*")
+                continue
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[":
+            j = pat.find("]", i + 2 if pat[i + 1:i + 2] in ("!", "]") else i + 1)
+            if j < 0:
+                raise ValueError("unclosed '[' in pattern %r" % pat)
+            body = pat[i + 1:j]
+            if body.startswith("!"):
+                body = "^" + body[1:]
+            out.append("[" + body.replace("\\", "\\\\") + "]")
+            i = j
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)
+
+
+class PatternSet:
+    """A list of SPEC patterns compiled into two regexes: base-name patterns
+    (no '/') and whole-path patterns."""
+
+    def __init__(self, patterns):
+        self.patterns = list(patterns)
+        base, full = [], []
+        for p in self.patterns:
+            if "/" in p:
+                if not (p.startswith("/") or p.startswith("**")):
+                    raise ValueError("pattern %r has a '/' but is not absolute "
+                                     "(start it with / or **)" % p)
+                full.append(_glob_to_re(p))
+            else:
+                base.append(_glob_to_re(p))
+        self._base = re.compile("(?:%s)\\Z" % "|".join(base), re.S) if base else None
+        self._full = re.compile("(?:%s)\\Z" % "|".join(full), re.S) if full else None
+
+    def __bool__(self):
+        return bool(self.patterns)
+
+    def match(self, path, is_dir=False):
+        if self._base is not None and self._base.match(path, path.rfind("/") + 1):
+            return True
+        if self._full is not None:
+            if self._full.match(path):
+                return True
+            # 'dir/**' also covers the directory itself, so it gets no watch.
+            if is_dir and self._full.match(path + "/"):
+                return True
+        return False
+
+
+# ---------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------
+
+# section -> key -> (type, default). Types: str, path, paths, patterns,
+# duration, size, bool, int, severity, facility, choice:a|b
+_CHANNEL_COMMON = {"enabled": ("bool", "no"), "min_severity": ("severity", "warning")}
+SCHEMA = {
+    "fimwatch": {
+        "state_dir": ("path", "/var/lib/fimwatch"),
+        "hostname": ("str", ""),
+        "settle": ("duration", "500ms"),
+        "hash_max_size": ("size", "256M"),
+        "scan_interval": ("duration", "24h"),
+        "no_diff": ("patterns", DEFAULT_NO_DIFF),
+        "diff_max_size": ("size", "32K"),
+        "diff_paths": ("patterns", "/etc/** /var/www/** /var/spool/cron/** /usr/local/etc/**"),
+        "package_check": ("bool", "yes"),
+    },
+    "watch": {
+        "paths": ("paths", "/etc /usr/bin /usr/sbin /usr/local/bin /usr/local/sbin /var/www"),
+        "exclude": ("patterns", "*.swp *.swx *~ .#* 4913 /etc/mtab /var/www/**/cache/**"),
+        "scan_only": ("paths", ""),
+        "poll_interval": ("duration", "1m"),
+    },
+    "severity": {
+        "critical": ("patterns", "/etc/passwd /etc/shadow /etc/group /etc/gshadow "
+                     "/etc/sudoers /etc/sudoers.d/** /etc/ssh/** /etc/pam.d/** "
+                     "/etc/systemd/system/** /etc/cron*/** /etc/ld.so.preload "
+                     "/usr/bin/** /usr/sbin/** /usr/local/bin/** /usr/local/sbin/**"),
+        "warning": ("patterns", ""),
+        "notice": ("patterns", ""),
+        "info": ("patterns", ""),
+    },
+    "syslog": {
+        "enabled": ("bool", "yes"),
+        "address": ("str", DEV_LOG),
+        "facility": ("facility", "authpriv"),
+        "min_severity": ("severity", "info"),
+    },
+    "email": dict(_CHANNEL_COMMON, **{
+        "to": ("str", "root"),
+        "from": ("str", ""),
+        "sendmail": ("path", SENDMAIL),
+        "max_per_hour": ("int", "12"),
+    }),
+    "webhook": dict(_CHANNEL_COMMON, **{
+        "url": ("secret", ""),
+        "format": ("choice:json|slack|discord|teams|mattermost|ntfy|gotify", "json"),
+        "secret": ("secret", ""),
+        "timeout": ("duration", "10s"),
+        "max_per_hour": ("int", "60"),
+    }),
+    "log": {
+        "events_file": ("pathorempty", "/var/log/fimwatch/events.jsonl"),
+    },
+}
+
+
+class Config:
+    """The effective settings: cfg.get(section, key); webhooks in cfg.webhooks."""
+
+    def __init__(self, path, values, lines, webhooks):
+        self.path = path
+        self.values = values            # {(section, key): value}
+        self.lines = lines              # {(section, key): lineno}
+        self.webhooks = webhooks        # [(name, {key: value})]
+        g = lambda k: values[("fimwatch", k)]  # noqa: E731
+        self.state_dir = g("state_dir")
+        self.hostname = g("hostname") or fqdn()
+        self.settle = g("settle")
+        self.hash_max_size = g("hash_max_size")
+        self.scan_interval = g("scan_interval")
+        self.no_diff = g("no_diff")
+        self.diff_max_size = g("diff_max_size")
+        self.diff_paths = g("diff_paths")
+        self.package_check = g("package_check")
+        self.paths = values[("watch", "paths")]
+        self.exclude = values[("watch", "exclude")]
+        self.scan_only = values[("watch", "scan_only")]
+        self.poll_interval = values[("watch", "poll_interval")]
+        self.events_file = values[("log", "events_file")]
+        # Severity: first matching level in file order wins; default warning.
+        order = sorted(SCHEMA["severity"], key=lambda k: lines.get(("severity", k), 1 << 30))
+        self.severity_rules = [(k, values[("severity", k)]) for k in order
+                               if values[("severity", k)]]
+
+    def get(self, section, key):
+        return self.values[(section, key)]
+
+    def severity_for(self, path):
+        for level, pats in self.severity_rules:
+            if pats.match(path):
+                return level
+        return "warning"
+
+    def all_roots(self):
+        return list(self.paths) + [p for p in self.scan_only if p not in self.paths]
+
+
+def _convert(typ, raw):
+    raw = raw.strip()
+    if typ in ("str", "secret"):
+        return raw
+    if typ == "path" or typ == "pathorempty":
+        if not raw and typ == "pathorempty":
+            return ""
+        if not raw.startswith("/"):
+            raise ValueError("must be an absolute path, got %r" % raw)
+        return os.path.normpath(raw)
+    if typ == "paths":
+        out = []
+        for p in raw.split():
+            if not p.startswith("/"):
+                raise ValueError("paths must be absolute, got %r" % p)
+            p = os.path.normpath(p)
+            if p == "/":
+                raise ValueError("watching / is not supported; list the directories")
+            if p not in out:
+                out.append(p)
+        return out
+    if typ == "patterns":
+        return PatternSet(raw.split())
+    if typ == "duration":
+        return parse_duration(raw)
+    if typ == "size":
+        return parse_size(raw)
+    if typ == "bool":
+        return parse_bool(raw)
+    if typ == "int":
+        if not re.match(r"^\d+$", raw):
+            raise ValueError("not a whole number: %r" % raw)
+        return int(raw)
+    if typ == "severity":
+        if raw.lower() not in SEV_RANK:
+            raise ValueError("not a severity: %r (one of %s)" % (raw, ", ".join(SEVERITIES)))
+        return raw.lower()
+    if typ == "facility":
+        if raw.lower() not in FACILITIES:
+            raise ValueError("not a syslog facility: %r" % raw)
+        return raw.lower()
+    if typ.startswith("choice:"):
+        choices = typ[7:].split("|")
+        if raw.lower() not in choices:
+            raise ValueError("must be one of %s, got %r" % (", ".join(choices), raw))
+        return raw.lower()
+    raise AssertionError(typ)
+
+
+def _line_map(text):
+    """(section, key) -> line number, and section -> line number: configparser
+    keeps no line numbers, and an error without one is hard to act on."""
+    keys, sections, sect = {}, {}, None
+    for n, line in enumerate(text.splitlines(), 1):
+        s = line.strip()
+        if not s or s[0] in "#;":
+            continue
+        if s.startswith("[") and "]" in s:
+            sect = s[1:s.index("]")].strip()
+            sections.setdefault(sect, n)
+        elif sect is not None and not line[:1].isspace():
+            m = re.match(r"\s*([^=:]+?)\s*[=:]", line)
+            if m:
+                keys.setdefault((sect, m.group(1).strip().lower()), n)
+    return keys, sections
+
+
+def check_config_perms(path):
+    """Like sshd's StrictModes: as root, refuse a config that others can change."""
+    if os.geteuid() != 0:
+        return
+    for p in (path, os.path.dirname(os.path.abspath(path))):
+        st = os.stat(p)
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            raise ConfigError("%s: %s is %s and mode %04o; it must be owned by root and not "
+                              "writable by group or others (chown root %s; chmod go-w %s)"
+                              % (path, p, "owned by uid %d" % st.st_uid if st.st_uid else
+                                 "owned by root", stat.S_IMODE(st.st_mode), p, p))
+
+
+def load_config(path, check_perms=True):
+    """Read and strictly validate the config; ConfigError names file, line, key."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ConfigError("%s: config file not found (pass --config PATH or set "
+                          "FIMWATCH_CONFIG; an example is fimwatch.conf.example)" % path)
+    except OSError as e:
+        raise ConfigError("%s: cannot read config: %s" % (path, e.strerror))
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError("%s: not UTF-8 text (byte %d)" % (path, e.start))
+    if check_perms:
+        check_config_perms(path)
+    cp = configparser.ConfigParser(interpolation=None, strict=True,
+                                   comment_prefixes=("#", ";"),
+                                   inline_comment_prefixes=("#", ";"),
+                                   empty_lines_in_values=False,
+                                   default_section="\x00none")
+    try:
+        cp.read_string(text, source=path)
+    except configparser.DuplicateOptionError as e:
+        raise ConfigError("%s:%s: [%s] %s: key given twice" % (path, e.lineno, e.section, e.option))
+    except configparser.DuplicateSectionError as e:
+        raise ConfigError("%s:%s: [%s]: section given twice" % (path, e.lineno, e.section))
+    except configparser.MissingSectionHeaderError as e:
+        raise ConfigError("%s:%s: text before the first [section]" % (path, e.lineno))
+    except configparser.ParsingError as e:
+        lineno, line = e.errors[0] if e.errors else ("?", "")
+        raise ConfigError("%s:%s: cannot parse line %s" % (path, lineno, line.strip()[:60]))
+    keys, sections = _line_map(text)
+    values, webhooks = {}, []
+    for sect in cp.sections():
+        where = "%s:%s" % (path, sections.get(sect, "?"))
+        m = re.match(r"^webhook(?:\s+([A-Za-z0-9_.-]+))?$", sect)
+        base = "webhook" if m else sect
+        if base not in SCHEMA:
+            if sect.startswith("webhook"):
+                raise ConfigError("%s: [%s]: a webhook name may use letters, digits, _ . -"
+                                  % (where, sect))
+            raise ConfigError("%s: [%s]: unknown section (known: %s)"
+                              % (where, sect, ", ".join(SCHEMA)))
+        for key in cp[sect]:
+            if key not in SCHEMA[base]:
+                raise ConfigError("%s:%s: [%s] %s: unknown key (known: %s)" % (
+                    path, keys.get((sect, key), "?"), sect, key, ", ".join(SCHEMA[base])))
+    for sect, spec in SCHEMA.items():
+        if sect == "webhook":
+            continue
+        for key, (typ, default) in spec.items():
+            raw = cp.get(sect, key, fallback=None) if cp.has_section(sect) else None
+            try:
+                values[(sect, key)] = _convert(typ, default if raw is None else raw)
+            except ValueError as e:
+                raise ConfigError("%s:%s: [%s] %s: %s" % (path, keys.get((sect, key), "?"),
+                                                          sect, key, e))
+    for sect in cp.sections():
+        m = re.match(r"^webhook(?:\s+(\S+))?$", sect)
+        if not m:
+            continue
+        hook = {}
+        for key, (typ, default) in SCHEMA["webhook"].items():
+            raw = cp[sect].get(key)
+            try:
+                hook[key] = _convert(typ, default if raw is None else raw)
+            except ValueError as e:
+                raise ConfigError("%s:%s: [%s] %s: %s" % (path, keys.get((sect, key), "?"),
+                                                          sect, key, e))
+        if hook["enabled"]:
+            u = urllib.parse.urlsplit(hook["url"])
+            if u.scheme not in ("http", "https") or not u.hostname:
+                raise ConfigError("%s:%s: [%s] url: must be an http:// or https:// URL"
+                                  % (path, keys.get((sect, "url"), sections.get(sect, "?")),
+                                     sect))
+        webhooks.append((m.group(1) or "default", hook))
+    if not values[("watch", "paths")] and not values[("watch", "scan_only")]:
+        raise ConfigError("%s:%s: [watch] paths: nothing to watch"
+                          % (path, keys.get(("watch", "paths"), "?")))
+    if values[("email", "enabled")] and not values[("email", "to")]:
+        raise ConfigError("%s:%s: [email] to: empty" % (path, keys.get(("email", "to"), "?")))
+    for key in ("to", "from"):
+        v = values[("email", key)]
+        if any(c in v for c in "\r\n\0"):
+            raise ConfigError("%s:%s: [email] %s: contains a control character"
+                              % (path, keys.get(("email", key), "?"), key))
+    return Config(path, values, keys, webhooks)
+
+
+# ---------------------------------------------------------------------------
+# File state: lstat + sha256, never following, never blocking
+# ---------------------------------------------------------------------------
+
+# One baseline entry. 'sha256' is None for non-files, unreadable or skipped
+# files; 'skipped' is 1 when the file was over hash_max_size.
+FIELDS = ("kind", "mode", "uid", "gid", "size", "mtime_ns", "ctime_ns", "ino",
+          "sha256", "target", "skipped")
+
+
+class Rec(tuple):
+    __slots__ = ()
+    kind = property(lambda s: s[0])
+    mode = property(lambda s: s[1])
+    uid = property(lambda s: s[2])
+    gid = property(lambda s: s[3])
+    size = property(lambda s: s[4])
+    mtime_ns = property(lambda s: s[5])
+    ctime_ns = property(lambda s: s[6])
+    ino = property(lambda s: s[7])
+    sha256 = property(lambda s: s[8])
+    target = property(lambda s: s[9])
+    skipped = property(lambda s: s[10])
+
+
+def kind_of(st_mode):
+    if stat.S_ISREG(st_mode):
+        return "file"
+    if stat.S_ISDIR(st_mode):
+        return "dir"
+    if stat.S_ISLNK(st_mode):
+        return "symlink"
+    return "other"
+
+
+_O_HASH = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_O_NOATIME = getattr(os, "O_NOATIME", 0)
+_hash_buf = threading.local()
+
+
+def hash_file(path, st, keep=0):
+    """sha256 of the regular file that lstat saw as st. Opens with O_NOFOLLOW
+    and O_NONBLOCK, so a symlink swapped in or a FIFO is never followed or
+    waited on, and checks with fstat that it is still the same regular file.
+    Returns (hexdigest, fstat result, data) or (None, None, None) if it
+    vanished or changed kind; data is the content when the file is at most
+    keep bytes, else None. Raises OSError for other failures (e.g. EACCES)."""
+    try:
+        try:
+            fd = os.open(path, _O_HASH | _O_NOATIME)
+        except PermissionError:
+            fd = os.open(path, _O_HASH)          # O_NOATIME needs ownership or CAP_FOWNER
+    except (FileNotFoundError, NotADirectoryError):
+        return None, None, None
+    except OSError as e:
+        if e.errno == errno.ELOOP:               # became a symlink under us
+            return None, None, None
+        raise
+    try:
+        fst = os.fstat(fd)
+        if not stat.S_ISREG(fst.st_mode) or fst.st_ino != st.st_ino:
+            return None, None, None
+        if fst.st_size <= keep:
+            data = os.read(fd, keep + 1)
+            if len(data) <= keep:
+                return hashlib.sha256(data).hexdigest(), fst, data
+            h = hashlib.sha256(data)
+        else:
+            h = hashlib.sha256()
+        buf = getattr(_hash_buf, "buf", None)
+        if buf is None:
+            buf = _hash_buf.buf = bytearray(HASH_CHUNK)
+        mv = memoryview(buf)
+        readinto = os.readv
+        while True:
+            n = readinto(fd, [buf])
+            if not n:
+                break
+            h.update(mv[:n])
+        return h.hexdigest(), fst, None
+    finally:
+        os.close(fd)
+
+
+def snapshot(path, max_size, old=None, trust=False, st=None, keep=0, out=None):
+    """Current state of path as a Rec, or None if it does not exist.
+
+    trust=True reuses the baseline hash when size, mtime, ctime and inode are
+    all unchanged (ctime cannot be set from user space); scans that must
+    re-read every byte pass trust=False. With keep > 0 and a list as out, the
+    content of a file of at most keep bytes is appended to out."""
+    for _ in range(3):
+        if st is None:
+            try:
+                st = os.lstat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+        mode = st.st_mode
+        kind = kind_of(mode)
+        sha = target = None
+        skipped = 0
+        size = st.st_size
+        if kind == "file":
+            if size > max_size:
+                skipped = 1
+            elif (trust and old is not None and old[0] == "file" and old[8] is not None
+                  and old[4] == size and old[5] == st.st_mtime_ns
+                  and old[6] == st.st_ctime_ns and old[7] == st.st_ino):
+                sha = old[8]
+            else:
+                try:
+                    sha, fst, data = hash_file(path, st, keep)
+                except OSError:
+                    # Unreadable even as root (FUSE, root-squashed NFS): keep
+                    # the metadata and say so; skipped=2 marks it.
+                    sha, fst, data, skipped = None, st, None, 2
+                if data is not None and out is not None:
+                    out.append(data)
+                if sha is None and not skipped:
+                    st = None                    # replaced while we looked: look again
+                    continue
+                st = fst
+                size = st.st_size
+        elif kind == "symlink":
+            try:
+                target = os.readlink(path)
+            except (FileNotFoundError, OSError):
+                st = None
+                continue
+        elif kind == "dir":
+            size = 0                              # a directory's size is noise
+        return Rec((kind, stat.S_IMODE(mode), st.st_uid, st.st_gid, size,
+                    st.st_mtime_ns if kind != "dir" else 0,
+                    st.st_ctime_ns if kind != "dir" else 0,
+                    st.st_ino, sha, target, skipped))
+    return None
+
+
+def compare(old, new):
+    """(event, changes) between two Recs, or None if nothing an admin would care
+    about changed (an mtime-only touch, an identical rewrite)."""
+    if old is None and new is None:
+        return None
+    if old is None:
+        return "created", []
+    if new is None:
+        return "deleted", []
+    changes = []
+    if old[0] != new[0]:
+        changes.append("type")
+    elif new[0] == "file":
+        if old[10] or new[10]:
+            if old[4] != new[4] or old[5] != new[5] or old[10] != new[10]:
+                changes.append("content")
+        elif old[8] != new[8]:
+            changes.append("content")
+    elif new[0] == "symlink" and old[9] != new[9]:
+        changes.append("target")
+    if old[1] != new[1]:
+        changes.append("mode")
+    if old[2] != new[2]:
+        changes.append("owner")
+    if old[3] != new[3]:
+        changes.append("group")
+    if not changes:
+        return None
+    return ("modified" if "content" in changes else "attributes"), changes
+
+
+# ---------------------------------------------------------------------------
+# Baseline store (SQLite in state_dir)
+# ---------------------------------------------------------------------------
+
+SCHEMA_SQL = """
+CREATE TABLE IF NOT EXISTS files (
+    parent BLOB NOT NULL, name BLOB NOT NULL, kind TEXT, mode INT, uid INT,
+    gid INT, size INT, mtime_ns INT, ctime_ns INT, ino INT, sha256 TEXT,
+    target TEXT, skipped INT, PRIMARY KEY (parent, name)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS content (path BLOB PRIMARY KEY, data BLOB) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL, t REAL NOT NULL,
+    severity TEXT, event TEXT, path TEXT, json TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS events_t ON events(t);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS spool (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, channel TEXT NOT NULL, created REAL NOT NULL,
+    next_try REAL NOT NULL, attempts INT NOT NULL DEFAULT 0, last_error TEXT,
+    payload TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS spool_channel ON spool(channel, next_try);
+"""
+
+_REC_COLS = "kind, mode, uid, gid, size, mtime_ns, ctime_ns, ino, sha256, target, skipped"
+EVENTS_KEEP = 200000
+
+
+def _split(path):
+    b = os.fsencode(path)
+    i = b.rfind(b"/")
+    return (b[:i] or b"/"), b[i + 1:]
+
+
+def _join(parent, name):
+    return os.fsdecode(parent + name if parent == b"/" else parent + b"/" + name)
+
+
+def _desc_range(path):
+    b = os.fsencode(path)
+    return b, b + b"/", b + b"0"          # '0' is the byte after '/'
+
+
+def ensure_state_dir(state_dir):
+    try:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        st = os.stat(state_dir)
+        if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != 0o700:
+            os.chmod(state_dir, 0o700)
+    except OSError as e:
+        raise FimwatchError("state_dir %s: %s" % (state_dir, e.strerror))
+
+
+class Store:
+    """The baseline, the event log, the alert spool and small key/value state,
+    all in one SQLite database (WAL: a crash loses at most the last batch and
+    never corrupts it). Writes are batched: call commit() after a batch."""
+
+    def __init__(self, state_dir, create=True):
+        if create:
+            ensure_state_dir(state_dir)
+        self.path = os.path.join(state_dir, DB_NAME)
+        if not create and not os.path.exists(self.path):
+            raise FimwatchError("no baseline in %s yet (run `fimwatch scan` or start the "
+                                "daemon first)" % state_dir)
+        old_umask = os.umask(0o077)
+        try:
+            self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None,
+                                      check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(SCHEMA_SQL)
+        except sqlite3.Error as e:
+            raise FimwatchError("baseline database %s: %s" % (self.path, e))
+        finally:
+            os.umask(old_umask)
+        self.lock = threading.RLock()
+        self._tx = False
+        self._writes = 0
+
+    # -- transactions --
+    def _w(self):
+        if not self._tx:
+            self.db.execute("BEGIN IMMEDIATE")
+            self._tx = True
+        self._writes += 1
+        if self._writes >= 20000:
+            self.commit()
+            self.db.execute("BEGIN IMMEDIATE")
+            self._tx = True
+
+    def commit(self):
+        with self.lock:
+            if self._tx:
+                self.db.execute("COMMIT")
+                self._tx = False
+                self._writes = 0
+
+    def close(self):
+        self.commit()
+        self.db.close()
+
+    # -- baseline --
+    def get(self, path):
+        with self.lock:
+            row = self.db.execute("SELECT %s FROM files WHERE parent=? AND name=?" % _REC_COLS,
+                                  _split(path)).fetchone()
+        return Rec(row) if row else None
+
+    def children(self, dirpath):
+        """{name (str): Rec} of the baseline entries directly in dirpath."""
+        with self.lock:
+            rows = self.db.execute("SELECT name, %s FROM files WHERE parent=?" % _REC_COLS,
+                                   (os.fsencode(dirpath),)).fetchall()
+        return {os.fsdecode(r[0]): Rec(r[1:]) for r in rows}
+
+    def put(self, path, rec):
+        with self.lock:
+            self._w()
+            self.db.execute("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                            _split(path) + tuple(rec))
+
+    def delete(self, path):
+        with self.lock:
+            self._w()
+            self.db.execute("DELETE FROM files WHERE parent=? AND name=?", _split(path))
+            self.db.execute("DELETE FROM content WHERE path=?", (os.fsencode(path),))
+
+    def descendants(self, path):
+        """[(path, Rec)] below path (not path itself), parents before children."""
+        b, lo, hi = _desc_range(path)
+        with self.lock:
+            rows = self.db.execute(
+                "SELECT parent, name, %s FROM files WHERE parent=? OR (parent>=? AND parent<?)"
+                " ORDER BY parent, name" % _REC_COLS, (b, lo, hi)).fetchall()
+        return [(_join(r[0], r[1]), Rec(r[2:])) for r in rows]
+
+    def delete_tree(self, path):
+        b, lo, hi = _desc_range(path)
+        with self.lock:
+            self._w()
+            self.db.execute("DELETE FROM files WHERE parent=? OR (parent>=? AND parent<?)",
+                            (b, lo, hi))
+            self.db.execute("DELETE FROM content WHERE path>=? AND path<?", (lo, hi))
+        self.delete(path)
+
+    def rename_tree(self, src, dst):
+        """Move src and everything below it to dst in the baseline."""
+        rec = self.get(src)
+        items = self.descendants(src)
+        self.delete_tree(src)
+        if rec is not None:
+            self.put(dst, rec)
+        n = len(src)
+        for p, r in items:
+            self.put(dst + p[n:], r)
+
+    def count(self):
+        with self.lock:
+            return self.db.execute("SELECT count(*) FROM files").fetchone()[0]
+
+    # -- stored text for diffs --
+    def get_content(self, path):
+        with self.lock:
+            row = self.db.execute("SELECT data FROM content WHERE path=?",
+                                  (os.fsencode(path),)).fetchone()
+        return row[0] if row else None
+
+    def put_content(self, path, data):
+        with self.lock:
+            self._w()
+            if data is None:
+                self.db.execute("DELETE FROM content WHERE path=?", (os.fsencode(path),))
+            else:
+                self.db.execute("INSERT OR REPLACE INTO content VALUES (?,?)",
+                                (os.fsencode(path), data))
+
+    # -- key/value --
+    def meta(self, key, default=None):
+        with self.lock:
+            row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def set_meta(self, key, value):
+        with self.lock:
+            self._w()
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?,?)", (key, str(value)))
+
+    # -- events --
+    def add_event(self, ev, line):
+        with self.lock:
+            self._w()
+            self.db.execute("INSERT INTO events (id, t, severity, event, path, json) "
+                            "VALUES (?,?,?,?,?,?)",
+                            (ev["id"], ev["_t"], ev["severity"], ev["event"],
+                             ev.get("path", ""), line))
+
+    def prune_events(self):
+        with self.lock:
+            self._w()
+            self.db.execute("DELETE FROM events WHERE seq <= (SELECT max(seq) FROM events) - ?",
+                            (EVENTS_KEEP,))
+
+    def events_since(self, t):
+        with self.lock:
+            return [r[0] for r in self.db.execute(
+                "SELECT json FROM events WHERE t>=? ORDER BY seq", (t,))]
+
+
+# ---------------------------------------------------------------------------
+# Context for events: who is logged in, which package owns a file, the diff
+# ---------------------------------------------------------------------------
+
+_UTMP_FMT = "<h2xi32s4s32s256shhiii16s20s"      # struct utmp, glibc x86-64/aarch64
+_UTMP_SIZE = struct.calcsize(_UTMP_FMT)
+
+
+def login_users(utmp=UTMP):
+    """['alice@pts/0 from 192.0.2.7', ...] for the login sessions in utmp."""
+    out = []
+    try:
+        with open(utmp, "rb") as f:
+            data = f.read(_UTMP_SIZE * 512)
+    except OSError:
+        return out
+    for off in range(0, len(data) - _UTMP_SIZE + 1, _UTMP_SIZE):
+        rec = struct.unpack_from(_UTMP_FMT, data, off)
+        if rec[0] != 7:                              # USER_PROCESS
+            continue
+        dec = lambda b: esc(b.split(b"\0", 1)[0].decode("utf-8", "replace"))  # noqa: E731
+        s = "%s@%s" % (dec(rec[4]), dec(rec[2]))
+        if rec[5].strip(b"\0"):
+            s += " from " + dec(rec[5])
+        if s not in out:
+            out.append(s)
+    return out
+
+
+class PackageDB:
+    """Which dpkg package owns a path, and does the file match its md5sum.
+    Loaded on first use and again when dpkg's info directory changes; dropped
+    after a few idle minutes so it costs no memory between upgrades."""
+
+    IDLE_DROP = 300
+
+    def __init__(self, info_dir=DPKG_INFO, lock=DPKG_LOCK):
+        self.info_dir, self.lock_path = info_dir, lock
+        self.index, self.loaded_mtime, self.used = None, None, 0
+
+    def available(self):
+        return os.path.isdir(self.info_dir)
+
+    def _load(self):
+        try:
+            mtime = os.stat(self.info_dir).st_mtime_ns
+        except OSError:
+            return False
+        if self.index is not None and mtime == self.loaded_mtime:
+            return True
+        index = {}
+        try:
+            names = os.listdir(self.info_dir)
+        except OSError:
+            return False
+        for fn in names:
+            if not fn.endswith(".md5sums"):
+                continue
+            pkg = fn[:-8].split(":", 1)[0]
+            try:
+                with open(os.path.join(self.info_dir, fn), "rb") as f:
+                    for line in f:
+                        md5, _, rel = line.rstrip(b"\n").partition(b"  ")
+                        if rel:
+                            index[b"/" + rel] = (pkg, md5.decode("ascii", "replace"))
+            except OSError:
+                continue
+        self.index, self.loaded_mtime = index, mtime
+        return True
+
+    def lookup(self, path):
+        if not self._load():
+            return None
+        self.used = time.monotonic()
+        b = os.fsencode(path)
+        hit = self.index.get(b)
+        if hit is None and b.startswith(b"/usr/"):       # merged-/usr systems
+            hit = self.index.get(b[4:])
+        elif hit is None:
+            hit = self.index.get(b"/usr" + b)
+        return hit
+
+    def busy(self):
+        """Is dpkg running? Tested with F_GETLK, which never takes the lock
+        (taking it, even briefly, could make a concurrent apt run fail)."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            req = struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0)
+            res = fcntl.fcntl(fd, fcntl.F_GETLK, req)
+            return struct.unpack("hhqqi4x", res)[0] != fcntl.F_UNLCK
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
+    def check(self, path):
+        """{'name', 'manager', 'verified'} or None if no package owns path."""
+        hit = self.lookup(path)
+        if hit is None:
+            return None
+        pkg, md5 = hit
+        h = hashlib.md5(usedforsecurity=False) if sys.version_info >= (3, 9) else hashlib.md5()
+        try:
+            fd = os.open(path, _O_HASH)
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    return {"name": pkg, "manager": "dpkg", "verified": False}
+                while True:
+                    chunk = os.read(fd, HASH_CHUNK)
+                    if not chunk:
+                        break
+                    h.update(chunk)
+            finally:
+                os.close(fd)
+        except OSError:
+            return {"name": pkg, "manager": "dpkg", "verified": False}
+        return {"name": pkg, "manager": "dpkg", "verified": h.hexdigest() == md5}
+
+    def maybe_drop(self):
+        if self.index is not None and time.monotonic() - self.used > self.IDLE_DROP:
+            self.index = self.loaded_mtime = None
+
+
+def unified_diff(old, new, path):
+    """A unified diff of two small texts, or None if either is not text."""
+    if old is None or new is None or b"\0" in old or b"\0" in new:
+        return None
+    a = old.decode("utf-8", "replace").splitlines(keepends=True)
+    b = new.decode("utf-8", "replace").splitlines(keepends=True)
+    lines = list(difflib.unified_diff(a, b, "a" + path, "b" + path, n=2))
+    if len(lines) > DIFF_MAX_LINES:
+        lines = lines[:DIFF_MAX_LINES] + ["... (%d more lines)\n" % (len(lines) - DIFF_MAX_LINES)]
+    # Escape control characters line by line but keep the newlines.
+    return "".join(esc(ln.rstrip("\n")) + "\n" for ln in lines) or None
+
+
+# ---------------------------------------------------------------------------
+# The event
+# ---------------------------------------------------------------------------
+
+
+def new_event(host, event, severity, detected="realtime", path="", **fields):
+    now = time.time()
+    ev = {"id": uuid.uuid4().hex, "time": iso_ms(now), "host": host, "event": event,
+          "severity": severity, "detected": detected, "path": path}
+    ev.update(fields)
+    ev["_t"] = now
+    return ev
+
+
+def rec_fields(rec, prefix_mtime=True):
+    d = {"size": rec[4], "mode": "%04o" % rec[1], "uid": rec[2], "owner": user_name(rec[2]),
+         "gid": rec[3], "group": group_name(rec[3])}
+    if rec[0] == "file":
+        if rec[8]:
+            d["sha256"] = rec[8]
+        if rec[10] == 1:
+            d["hash_skipped"] = True
+        elif rec[10] == 2:
+            d["unreadable"] = True
+        if prefix_mtime and rec[5]:
+            d["mtime"] = iso_s(rec[5] / 1e9)
+    elif rec[0] == "symlink":
+        d["target"] = esc(rec[9] or "")
+    if rec[0] == "dir":
+        del d["size"]
+    return d
+
+
+_names = {}
+
+
+def user_name(uid):
+    k = ("u", uid)
+    if k not in _names:
+        try:
+            import pwd
+            _names[k] = esc(pwd.getpwuid(uid).pw_name)
+        except (KeyError, ImportError):
+            _names[k] = str(uid)
+    return _names[k]
+
+
+def group_name(gid):
+    k = ("g", gid)
+    if k not in _names:
+        try:
+            import grp
+            _names[k] = esc(grp.getgrgid(gid).gr_name)
+        except (KeyError, ImportError):
+            _names[k] = str(gid)
+    return _names[k]
+
+
+def public_event(ev):
+    """The event as the SPEC shows it (internal '_' keys removed)."""
+    return {k: v for k, v in ev.items() if not k.startswith("_")}
+
+
+def event_json(ev):
+    return json.dumps(public_event(ev), ensure_ascii=False, separators=(", ", ": "))
+
+
+# ---------------------------------------------------------------------------
+# Watcher and event pipeline
+# ---------------------------------------------------------------------------
+
+
+def import_inotify():
+    """inotify_simple, from the installer's private copy if there is one."""
+    if os.path.isdir(LIBDIR) and LIBDIR not in sys.path:
+        sys.path.insert(0, LIBDIR)
+    try:
+        import inotify_simple
+    except ImportError:
+        raise FimwatchError("the Python module inotify_simple is missing: run install.sh, "
+                            "or `pip install inotify_simple` (Debian: apt install "
+                            "python3-inotify-simple)")
+    return inotify_simple
+
+
+def read_sysctl(name, base=INOTIFY_SYSCTL):
+    try:
+        with open(os.path.join(base, name)) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+class Engine:
+    """Recursive inotify watches, the wd->path map, the per-path settle window,
+    and the comparison with the baseline that turns raw events into one
+    semantic event per change.
+
+    Design notes (inotify(7)):
+    - A new directory is watched first and scanned right after, because files
+      can be created in it before the watch exists.
+    - MOVED_FROM/MOVED_TO with the same cookie are a rename inside the tree;
+      a MOVED_FROM with no partner in the same read is a move out of the tree.
+    - IN_Q_OVERFLOW means events were lost: rescan against the baseline.
+    - ENOSPC from inotify_add_watch means the watch limit is reached: the rest
+      of that subtree is covered by periodic scans until watches are free.
+    """
+
+    def __init__(self, cfg, store, emit, ino_mod, progress=False):
+        self.cfg, self.store, self._emit = cfg, store, emit
+        # Without an inotify module (scan, accept) the walks only compare.
+        self.ino = ino_mod.INotify(nonblocking=True) if ino_mod else None
+        self.parse = ino_mod.parse_events if ino_mod else None
+        self.wd2path = {}
+        self.pending = {}            # path -> [deadline, first seen]
+        self.due = deque()           # (deadline, path), in arrival order
+        self.moves = {}              # dst -> src of a rename inside the tree
+        self.last_from = None        # (cookie, path, isdir) of an unpaired MOVED_FROM
+        self.unwatched = set()       # subtree roots that got no watch (limit)
+        self.missing_roots = set()
+        self.scans = deque()         # incremental walks in progress
+        self.limit_event_for = set()
+        self.unreadable = set()
+        self.progress = progress
+        self.overflows = 0
+        self.pkgdb = PackageDB() if cfg.package_check else None
+        self.deferred = {}           # path -> first deferral (dpkg running)
+        self.stats = {"events": 0, "raw": 0, "silent": 0}
+        self._set_roots(cfg)
+
+    def _set_roots(self, cfg):
+        roots = sorted(set(cfg.paths))
+        # A root inside another root is covered by it.
+        self.roots = [r for r in roots if not any(r.startswith(o + "/") for o in roots if o != r)]
+        self.scan_only = [r for r in cfg.scan_only
+                          if not any(r == o or r.startswith(o + "/") for o in self.roots)]
+        self.exclude = cfg.exclude
+        self.settle = cfg.settle
+        self.max_delay = max(5.0, 10 * cfg.settle)
+        # A root that is a file is watched through its directory, filtered.
+        self.file_roots = {}
+
+    # -- helpers --
+    def emit_cb(self, ev):
+        self.stats["events"] += 1
+        self._emit(ev)
+
+    def excluded(self, path, is_dir=False):
+        return self.exclude.match(path, is_dir)
+
+    def watches(self):
+        return len(self.wd2path)
+
+    def fileno(self):
+        return self.ino.fileno()
+
+    def close(self):
+        if self.ino is not None:
+            try:
+                self.ino.close()
+            except OSError:
+                pass
+
+    # -- watch management --
+    def watch_dir(self, d, filtered=False):
+        """Add (or refresh) the watch on directory d. Returns the wd or None."""
+        try:
+            wd = self.ino.add_watch(d, WATCH_MASK)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                return "limit"
+            if e.errno in (errno.EACCES, errno.EPERM):
+                self.report_unreadable(d, e)
+            return None
+        old = self.wd2path.get(wd)
+        if old != d:
+            self.wd2path[wd] = d
+        return wd
+
+    def unwatch_tree(self, top):
+        pre = top + "/"
+        for wd, p in list(self.wd2path.items()):
+            if p == top or p.startswith(pre):
+                del self.wd2path[wd]
+                try:
+                    self.ino.rm_watch(wd)
+                except OSError:
+                    pass
+
+    def rename_watches(self, src, dst):
+        pre, n = src + "/", len(src)
+        for wd, p in self.wd2path.items():
+            if p == src or p.startswith(pre):
+                self.wd2path[wd] = dst + p[n:]
+
+    def report_unreadable(self, d, e):
+        if d in self.unreadable:
+            return
+        self.unreadable.add(d)
+        if len(self.unreadable) <= 20:
+            self.emit_cb(new_event(self.cfg.hostname, "error", "warning", "realtime", esc(d),
+                                   message="cannot watch or read %s: %s" % (esc(d), e.strerror)))
+
+    def report_limit(self, roots, detected):
+        new = [r for r in roots if r not in self.limit_event_for]
+        if not new:
+            return
+        self.limit_event_for.update(new)
+        limit = read_sysctl("max_user_watches")
+        self.emit_cb(new_event(
+            self.cfg.hostname, "watch_limit", "warning", detected, esc(new[0]),
+            subtrees=[esc(r) for r in new[:20]], subtrees_total=len(new),
+            watches=self.watches(), limit=limit,
+            message="inotify watch limit reached (fs.inotify.max_user_watches=%s): %d "
+                    "subtree(s) from %s on are checked by a scan every %s instead of in "
+                    "real time. Raise it: sysctl -w fs.inotify.max_user_watches=%d (and in "
+                    "/etc/sysctl.d/60-fimwatch.conf)"
+                    % (limit, len(new), esc(new[0]), fmt_duration(self.cfg.poll_interval),
+                       max(2 * (limit or 8192), 65536))))
+
+    # -- walking: watch + compare in one pass --
+    def walk_root(self, root, mode, detected, watch=True, drain=None):
+        """Generator over one configured path: a directory tree, or a single
+        file (watched through its directory, events filtered to its name)."""
+        try:
+            st = os.lstat(root)
+        except OSError:
+            st = None
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            parent, name = os.path.split(root)
+            if watch and parent not in self.wd2path.values():
+                if self.watch_dir(parent) not in (None, "limit"):
+                    self.file_roots.setdefault(parent, set()).add(name)
+            self.visit(root, self.store.get(root), detected, mode, st)
+            return
+        if st is None:
+            self.visit(root, self.store.get(root), detected, mode)
+            if watch:
+                self.missing_roots.add(root)
+            return
+        yield from self.walk(root, mode, detected, watch, drain)
+
+    def walk(self, top, mode, detected, watch=True, drain=None):
+        """Generator: visit top and everything below it, one directory per step.
+
+        mode: 'build' (record silently), 'quick' (compare, trust unchanged
+        metadata), 'full' (compare, re-read every file), 'new' (a directory
+        that just appeared: watch it and queue every entry as pending)."""
+        store = self.store
+        if mode != "new":
+            self.visit(top, store.get(top), detected, mode)
+        stack = [(top, False)]
+        limited = []
+        count = 0
+        while stack:
+            d, parent_unwatched = stack.pop()
+            unwatched = parent_unwatched
+            if watch:
+                wd = self.watch_dir(d) if not parent_unwatched else "limit"
+                if wd == "limit":
+                    unwatched = True
+                    if not parent_unwatched:
+                        limited.append(d)
+                        self.unwatched.add(d)
+                elif wd is not None:
+                    self.unwatched.discard(d)
+            try:
+                it = os.scandir(d)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as e:
+                self.report_unreadable(d, e)
+                continue
+            old_children = store.children(d) if mode != "new" else {}
+            with it:
+                for e in it:
+                    name = e.name
+                    p = d + "/" + name if d != "/" else "/" + name
+                    try:
+                        isdir = e.is_dir(follow_symlinks=False)
+                    except OSError:
+                        isdir = False
+                    if self.excluded(p, isdir):
+                        continue
+                    if mode == "new":
+                        self.touch(p)
+                    else:
+                        old = old_children.pop(name, None)
+                        try:
+                            st = e.stat(follow_symlinks=False)
+                        except OSError:
+                            st = None
+                        self.visit(p, old, detected, mode, st)
+                    if isdir:
+                        stack.append((p, unwatched))
+            for name, old in old_children.items():
+                p = d + "/" + name
+                if self.excluded(p, old[0] == "dir"):
+                    store.delete_tree(p) if old[0] == "dir" else store.delete(p)
+                else:
+                    self.apply(p, old, None, detected, silent=(mode == "build"))
+            count += 1
+            if drain is not None and count % 64 == 0:
+                drain()
+            if self.progress and count % 500 == 0:
+                sys.stderr.write("\rfimwatch: scanning %s: %d directories"
+                                 % (esc(top)[:50], count))
+                sys.stderr.flush()
+            yield d
+        if limited:
+            self.report_limit(limited, detected)
+
+    def visit(self, p, old, detected, mode, st=None):
+        keep, out = 0, None
+        if self.cfg.diff_max_size and self.cfg.diff_paths.match(p) \
+                and not self.cfg.no_diff.match(p):
+            keep, out = self.cfg.diff_max_size, []
+        new = snapshot(p, self.cfg.hash_max_size, old, trust=(mode == "quick"), st=st,
+                       keep=keep, out=out)
+        self.apply(p, old, new, detected, silent=(mode == "build"), content=out)
+
+    def apply(self, p, old, new, detected, silent=False, content=None, moved_from=None):
+        """Record new as the baseline of p and emit the event, if any."""
+        store = self.store
+        r = compare(old, new)
+        if new is None:
+            if old is not None:
+                desc = store.descendants(p) if old[0] == "dir" else []
+                store.delete_tree(p) if old[0] == "dir" else store.delete(p)
+                if silent:
+                    self.stats["silent"] += 1
+                else:
+                    self.emit_change("deleted", p, detected, old, None, [])
+                    for dp, drec in desc:
+                        self.emit_change("deleted", dp, detected, drec, None, [])
+            return
+        prev_text = None
+        if new != old:
+            store.put(p, new)
+            if content:
+                if r is not None and r[0] == "modified" and not silent:
+                    prev_text = store.get_content(p)
+                store.put_content(p, content[0] if b"\0" not in content[0] else None)
+            elif content is not None and old is not None and new[0] == "file" \
+                    and old[8] != new[8]:
+                store.put_content(p, None)
+        if r is not None and silent:
+            self.stats["silent"] += 1
+        if r is None or silent:
+            return
+        event, changes = r
+        extra = {}
+        if prev_text is not None and content:
+            d = unified_diff(prev_text, content[0], esc(p))
+            if d:
+                extra["diff"] = d
+        self.emit_change(event, p, detected, old if event != "created" else None, new,
+                         changes, **extra)
+
+    def emit_change(self, event, p, detected, old, new, changes, **extra):
+        cfg = self.cfg
+        sev = cfg.severity_for(p)
+        kind = (new or old)[0]
+        ev = new_event(cfg.hostname, event, sev, detected, esc(p), kind=kind)
+        if changes:
+            ev["changes"] = changes
+        if new is not None:
+            ev.update(rec_fields(new))
+        if old is not None and event != "created":
+            prev = rec_fields(old, prefix_mtime=False)
+            ev["previous"] = prev
+        if extra.get("moved_from") is not None:
+            ev["from"] = esc(extra.pop("moved_from"))
+        ev.update(extra)
+        if detected == "realtime":
+            users = login_users()
+            if users:
+                ev["users"] = users
+        if (self.pkgdb is not None and kind == "file" and event in ("modified", "created")
+                and new is not None):
+            pkg = self.pkgdb.check(p)
+            if pkg is not None:
+                ev["package"] = pkg
+                if pkg["verified"] and set(changes) <= {"content"}:
+                    # The new content is what the package database says it
+                    # should be: an upgrade, not an intrusion. Still recorded.
+                    ev["severity"] = "info"
+        self.emit_cb(ev)
+
+    # -- raw events --
+    def touch(self, p):
+        now = time.monotonic()
+        ent = self.pending.get(p)
+        if ent is None:
+            self.pending[p] = [now + self.settle, now]
+            self.due.append((now + self.settle, p))
+        else:
+            ent[0] = min(now + self.settle, ent[1] + self.max_delay)
+
+    def read_events(self):
+        """Drain the inotify queue; returns the number of raw events."""
+        n = 0
+        fd = self.ino.fileno()
+        while True:
+            try:
+                data = os.read(fd, 1 << 18)
+            except BlockingIOError:
+                break
+            except InterruptedError:
+                continue
+            if not data:
+                break
+            evs = self.parse(data)
+            n += len(evs)
+            for ev in evs:
+                self.handle(*ev)
+            if n > 200000:            # let the rest of the loop breathe
+                break
+        self.finish_moves()
+        self.stats["raw"] += n
+        return n
+
+    def handle(self, wd, mask, cookie, name):
+        if mask & IN_Q_OVERFLOW:
+            self.finish_moves()
+            self.overflow()
+            return
+        d = self.wd2path.get(wd)
+        if d is None:
+            return
+        if mask & IN_IGNORED:
+            if self.wd2path.get(wd) == d:
+                del self.wd2path[wd]
+            if d in self.roots and not os.path.isdir(d):
+                self.root_lost(d)
+            return
+        if self.last_from is not None and not (mask & IN_MOVED_TO
+                                               and cookie == self.last_from[0]):
+            self.finish_moves()
+        if mask & (IN_DELETE_SELF | IN_MOVE_SELF):
+            if d in self.roots:
+                self.root_lost(d)
+            return
+        if not name:                     # the directory itself (e.g. chmod)
+            self.touch(d)
+            return
+        p = d + "/" + name
+        names = self.file_roots.get(d)
+        if names is not None and name not in names:
+            return
+        isdir = bool(mask & IN_ISDIR)
+        if self.excluded(p, isdir):
+            return
+        if mask & IN_MOVED_FROM:
+            self.last_from = (cookie, p, isdir)
+            self.touch(p)
+            return
+        if mask & IN_MOVED_TO:
+            lf = self.last_from
+            if lf is not None and lf[0] == cookie:
+                self.last_from = None
+                src = lf[1]
+                if isdir and lf[2]:
+                    self.dir_renamed(src, p)
+                    return
+                self.pending.pop(src, None)
+                self.moves[p] = src
+                self.touch(p)
+                return
+            if isdir:                    # a tree moved in from outside
+                self.walk_now(p, "new")
+            self.touch(p)
+            return
+        if isdir and mask & IN_CREATE:
+            self.walk_now(p, "new")
+        self.touch(p)
+
+    def finish_moves(self):
+        """An unpaired MOVED_FROM: the entry left the tree (or an excluded part)."""
+        lf, self.last_from = self.last_from, None
+        if lf is not None and lf[2]:
+            self.unwatch_tree(lf[1])
+
+    def walk_now(self, top, mode, detected="realtime"):
+        for _ in self.walk(top, mode, detected):
+            pass
+
+    def dir_renamed(self, src, dst):
+        self.rename_watches(src, dst)
+        pre, n = src + "/", len(src)
+        for p in [p for p in self.pending if p == src or p.startswith(pre)]:
+            ent = self.pending.pop(p)
+            self.pending[dst + p[n:]] = ent
+            self.due.append((ent[0], dst + p[n:]))
+        old = self.store.get(src)
+        if old is None:
+            self.walk_now(dst, "new")
+            self.touch(dst)
+            return
+        self.store.rename_tree(src, dst)
+        new = snapshot(dst, self.cfg.hash_max_size)
+        if new is not None:
+            self.store.put(dst, new)
+        ch = compare(old, new)
+        self.emit_change("moved", dst, "realtime", old, new or old, ch[1] if ch else [],
+                         moved_from=src)
+        # Anything that changed inside while we were not looking at the new name:
+        self.scans.append(self.walk(dst, "quick", "realtime"))
+
+    def root_lost(self, root):
+        self.unwatch_tree(root)
+        self.missing_roots.add(root)
+        self.touch(root)
+
+    def check_missing_roots(self):
+        for root in list(self.missing_roots):
+            if os.path.lexists(root):
+                self.missing_roots.discard(root)
+                self.scans.append(self.walk_root(root, "quick", "realtime"))
+
+    def overflow(self):
+        self.overflows += 1
+        self.rescan_started = time.monotonic()
+        self.emit_cb(new_event(self.cfg.hostname, "error", "notice", "realtime", "",
+                               message="inotify queue overflowed; rescanning the watched "
+                                       "trees so no change is lost"))
+        rs = Rescan(self)
+        self.scans.append(rs.run())
+
+    # -- settling --
+    def next_due(self):
+        return self.due[0][0] if self.due else None
+
+    def flush_due(self, budget=0.1, force=False):
+        """Compare every path whose settle window has passed (at most budget s)."""
+        end = time.monotonic() + budget
+        due, pending = self.due, self.pending
+        n = 0
+        while due:
+            now = time.monotonic()
+            t, p = due[0]
+            if not force and t > now:
+                break
+            due.popleft()
+            ent = pending.get(p)
+            if ent is None:
+                continue
+            if ent[0] > now and not force:
+                due.append((ent[0], p))    # re-armed by a later event
+                continue
+            if self.defer_for_dpkg(p, now) and not force:
+                ent[0] = now + 2.0
+                due.append((ent[0], p))
+                continue
+            del pending[p]
+            self.flush(p)
+            n += 1
+            if n % 32 == 0 and time.monotonic() > end and not force:
+                break
+        return n
+
+    def defer_for_dpkg(self, p, now):
+        """While dpkg is unpacking, changes to the files it manages wait (up to
+        30 minutes) so they can be checked against the new md5sums."""
+        if self.pkgdb is None or not p.startswith(("/usr/", "/etc/", "/bin/", "/sbin/",
+                                                   "/lib")):
+            return False
+        first = self.deferred.get(p)
+        if first is None:
+            if not self.pkgdb.busy():
+                return False
+            self.deferred[p] = now
+            return True
+        if now - first > 1800 or not self.pkgdb.busy():
+            del self.deferred[p]
+            return False
+        return True
+
+    def flush(self, p):
+        src = self.moves.pop(p, None)
+        if src is not None and src not in self.pending:
+            if self.try_move(src, p):
+                return
+            self.flush_path(src)
+        self.flush_path(p)
+
+    def try_move(self, src, dst):
+        store = self.store
+        old_src = store.get(src)
+        if old_src is None or store.get(dst) is not None or os.path.lexists(src):
+            return False
+        new = snapshot(dst, self.cfg.hash_max_size)
+        if new is None or new[0] != old_src[0] or (new[0] == "file" and new[8] != old_src[8]):
+            return False
+        content = store.get_content(src)
+        store.delete(src)
+        store.put(dst, new)
+        if content is not None:
+            store.put_content(dst, content)
+        ch = compare(old_src, new)
+        self.emit_change("moved", dst, "realtime", old_src, new, ch[1] if ch else [],
+                         moved_from=src)
+        return True
+
+    def flush_path(self, p):
+        try:
+            self.visit(p, self.store.get(p), "realtime", "full")
+        except OSError as e:
+            self.report_unreadable(p, e)
+
+
+class Rescan:
+    """After IN_Q_OVERFLOW: walk every root again (quick compare), refreshing
+    every watch, then drop the watches of directories that are gone."""
+
+    def __init__(self, eng):
+        self.eng = eng
+
+    def run(self):
+        eng = self.eng
+        t0 = time.monotonic()
+        before = set(eng.wd2path)
+        seen_dirs = 0
+        changes_before = eng.stats["events"]
+        for root in eng.roots:
+            if not os.path.isdir(root):
+                continue
+            for d in eng.walk(root, "quick", "scan"):
+                seen_dirs += 1
+                yield
+        live = {wd for wd, p in eng.wd2path.items() if os.path.isdir(p)}
+        for wd in before - live:
+            eng.wd2path.pop(wd, None)
+        eng.emit_cb(new_event(eng.cfg.hostname, "rescan", "notice", "scan", "",
+                              directories=seen_dirs, watches=eng.watches(),
+                              changes=eng.stats["events"] - changes_before,
+                              seconds=round(time.monotonic() - t0, 3),
+                              message="rescanned %d directories after an inotify queue "
+                                      "overflow; %d change(s) found"
+                                      % (seen_dirs, eng.stats["events"] - changes_before)))
+
+
+# ---------------------------------------------------------------------------
+# Alert sinks
+#
+# events_file and syslog are local and cheap: written in the main loop, every
+# event. Email and webhooks are Channels: every event they want is first put
+# in the durable spool (SQLite), then a worker thread per channel delivers it,
+# batching bursts into digests, retrying with backoff. A dead or slow channel
+# therefore never stalls detection and survives kill -9.
+# ---------------------------------------------------------------------------
+
+def logfmt_value(v):
+    s = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False) \
+        if isinstance(v, (dict, list)) else str(v)
+    s = esc(s)
+    if s == "" or any(c in s for c in ' ="'):
+        return '"' + s.replace('"', '\\"') + '"'
+    return s
+
+
+def syslog_message(ev):
+    """`<severity> <event> <path> key=value ...` (SPEC's syslog line)."""
+    parts = [ev["severity"], ev["event"], logfmt_value(ev.get("path") or "-")]
+    kv = [("detected", ev.get("detected"))]
+    for k in ("kind", "from", "size", "mode", "owner", "group", "target", "sha256"):
+        if k in ev:
+            kv.append((k, ev[k]))
+    if ev.get("changes"):
+        kv.append(("changes", ",".join(ev["changes"])))
+    prev = ev.get("previous") or {}
+    for k in ("size", "mode", "owner", "group", "target", "sha256"):
+        if k in prev and prev.get(k) != ev.get(k):
+            kv.append(("prev_" + k, prev[k]))
+    pkg = ev.get("package")
+    if pkg:
+        kv.append(("package", pkg["name"]))
+        kv.append(("package_verified", "yes" if pkg["verified"] else "no"))
+    if ev.get("users"):
+        kv.append(("users", ",".join(ev["users"])))
+    for k in ("count", "message", "gap_seconds"):
+        if k in ev:
+            kv.append((k, ev[k]))
+    kv.append(("id", ev["id"]))
+    return " ".join(parts + ["%s=%s" % (k, logfmt_value(v)) for k, v in kv if v is not None])
+
+
+class EventsFileSink:
+    """[log] events_file: one JSON event per line; reopened when logrotate
+    moves it away."""
+    name = "events_file"
+
+    def __init__(self, path):
+        self.path = path
+        self.f = None
+        self.checked = 0.0
+
+    def wants(self, ev):
+        return True
+
+    def _open(self):
+        d = os.path.dirname(self.path)
+        if not os.path.isdir(d):
+            os.makedirs(d, mode=0o750, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+                     | os.O_NOFOLLOW, 0o640)
+        self.f = os.fdopen(fd, "a", encoding="utf-8")
+
+    def send(self, ev, line):
+        now = time.monotonic()
+        if self.f is not None and now - self.checked > 1.0:
+            self.checked = now
+            try:
+                if os.stat(self.path).st_ino != os.fstat(self.f.fileno()).st_ino:
+                    self.close()
+            except OSError:
+                self.close()
+        if self.f is None:
+            self._open()
+        self.f.write(line + "\n")
+        self.f.flush()
+
+    def close(self):
+        if self.f is not None:
+            try:
+                self.f.close()
+            except OSError:
+                pass
+            self.f = None
+
+
+class SyslogSink:
+    """[syslog]: RFC 3164 lines to a unix datagram socket (/dev/log) or UDP."""
+    name = "syslog"
+    MAX = 4096
+
+    def __init__(self, address, facility, min_severity):
+        self.address, self.facility = address, FACILITIES[facility]
+        self.min_rank = SEV_RANK[min_severity]
+        self.sock = None
+        self.pid = os.getpid()
+
+    def wants(self, ev):
+        return SEV_RANK.get(ev["severity"], 0) >= self.min_rank
+
+    def _connect(self):
+        if self.address.startswith("/"):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            s.settimeout(1.0)
+            s.connect(self.address)
+            self.udp = False
+        else:
+            host, _, port = self.address.rpartition(":")
+            host = host.strip("[]")
+            info = socket.getaddrinfo(host, int(port), 0, socket.SOCK_DGRAM)[0]
+            s = socket.socket(info[0], socket.SOCK_DGRAM)
+            s.settimeout(1.0)
+            s.connect(info[4])
+            self.udp = True
+        self.sock = s
+
+    def send(self, ev, line=None):
+        pri = self.facility * 8 + SYSLOG_PRI.get(ev["severity"], 6)
+        stamp = time.strftime("%b %d %H:%M:%S", time.localtime(ev.get("_t", time.time())))
+        host = (" " + ev.get("host", "")) if self.address[:1] != "/" else ""
+        data = ("<%d>%s%s fimwatch[%d]: %s" % (pri, stamp, host, self.pid,
+                                               syslog_message(ev))).encode("utf-8", "replace")
+        if len(data) > self.MAX:
+            data = data[:self.MAX - 3] + b"..."
+        for attempt in (1, 2):
+            try:
+                if self.sock is None:
+                    self._connect()
+                self.sock.send(data)
+                return
+            except OSError:
+                self.close()
+                if attempt == 2:
+                    raise
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+# -- messages for humans --
+
+def event_summary(ev):
+    """One line: 'CRITICAL modified /etc/passwd (content, mode)'."""
+    s = "%s %s %s" % (ev["severity"].upper(), ev["event"], ev.get("path") or "")
+    if ev.get("from"):
+        s += " (from %s)" % ev["from"]
+    if ev.get("changes"):
+        s += " (%s)" % ", ".join(ev["changes"])
+    if ev.get("message") and not ev.get("path"):
+        s += " " + ev["message"]
+    return s.strip()
+
+
+def event_subject(ev):
+    if ev["event"] == "digest":
+        s = "[fimwatch] %s %d changes on %s" % (ev["severity"].upper(), ev.get("count", 0),
+                                                  ev["host"])
+    elif ev.get("path"):
+        s = "[fimwatch] %s %s %s on %s" % (ev["severity"].upper(), ev["event"], ev["path"],
+                                           ev["host"])
+    else:
+        s = "[fimwatch] %s %s on %s" % (ev["severity"].upper(), ev["event"], ev["host"])
+    s = esc(s)
+    return s if len(s) <= 160 else s[:157] + "..."
+
+
+def event_text(ev):
+    """The body a tired admin reads at 2 AM."""
+    out = []
+    if ev["event"] == "digest":
+        out.append("%d changes on %s%s." % (ev.get("count", 0), ev["host"],
+                                            " (" + ev["reason"] + ")" if ev.get("reason") else ""))
+        out.append("")
+        if ev.get("by_severity"):
+            out.append("By severity: " + ", ".join("%s %d" % (k, v) for k, v in
+                                                    ev["by_severity"].items()))
+        if ev.get("by_directory"):
+            out.append("By directory:")
+            for d, n in ev["by_directory"].items():
+                out.append("  %6d  %s" % (n, d))
+        out.append("")
+        out.append("Changes%s:" % (" (first %d)" % len(ev["events"])
+                                   if len(ev["events"]) < ev.get("count", 0) else ""))
+        for e in ev["events"]:
+            out.append("  %s  %s" % (e.get("time", "")[:19].replace("T", " "), event_summary(e)))
+        out.append("")
+        out.append("All events: fimwatch events --since 24h   (or the events_file log)")
+        out.append("If these changes were expected: fimwatch accept")
+    else:
+        what = {"created": "was created", "modified": "was modified",
+                "attributes": "had its attributes changed", "deleted": "was deleted",
+                "moved": "was moved here from %s" % ev.get("from")}.get(ev["event"])
+        if what and ev.get("path"):
+            out.append("%s: %s %s on %s." % (ev["severity"].upper(), ev["path"], what,
+                                             ev["host"]))
+        else:
+            out.append("%s: %s on %s." % (ev["severity"].upper(), ev["event"], ev["host"]))
+        if ev.get("message"):
+            out.append(ev["message"])
+        out.append("")
+        out.append("When:      %s UTC (detected: %s)" % (ev["time"][:19].replace("T", " "),
+                                                          ev.get("detected")))
+        if ev.get("changes"):
+            out.append("Changed:   %s" % ", ".join(ev["changes"]))
+        prev = ev.get("previous") or {}
+        rows = [k for k in ("size", "mode", "owner", "group", "target", "sha256")
+                if k in ev or k in prev]
+        if rows and ev.get("path"):
+            out.append("")
+            out.append("            %-34s %s" % ("before", "after"))
+            for k in rows:
+                out.append("  %-9s %-34s %s" % (k, prev.get(k, "-") if ev["event"] != "created"
+                                                 else "-", ev.get(k, "-")))
+        if ev.get("users"):
+            out.append("")
+            out.append("Logged in: %s" % ", ".join(ev["users"]))
+        if ev.get("process"):
+            p = ev["process"]
+            out.append("Process:   pid %s %s (%s)" % (p.get("pid"), p.get("exe", ""),
+                                                     p.get("user", "")))
+        if ev.get("package"):
+            p = ev["package"]
+            out.append("Package:   %s (%s): %s" % (p["name"], p["manager"],
+                                                   "matches the package database"
+                                                   if p["verified"] else
+                                                   "does NOT match the package database"))
+        if ev.get("diff"):
+            out.append("")
+            out.append("Diff:")
+            out.append(ev["diff"].rstrip("\n"))
+        if ev.get("path") and ev["event"] in ("created", "modified", "attributes", "deleted",
+                                              "moved"):
+            out.append("")
+            out.append("What to do:")
+            out.append("  - If you (or a deploy, or a package upgrade) made this change, take it")
+            out.append("    into the baseline:  fimwatch accept %s" % ev["path"])
+            out.append("  - If nobody expected it: look at who was logged in (above), `last`,")
+            out.append("    `journalctl --since '%s'`, and the file itself before touching it."
+                       % ev["time"][:19].replace("T", " "))
+    if ev.get("dropped"):
+        out.append("")
+        out.append("NOTE: %d older alert(s) could not be delivered for 7 days and were dropped "
+                   "(see fimwatch status)." % ev["dropped"])
+    out.append("")
+    out.append("-- fimwatch %s on %s, event id %s" % (__version__, ev["host"], ev["id"]))
+    return "\n".join(out) + "\n"
+
+
+def make_digest(events, host, reason="", limit=50, dropped=0):
+    by_sev, by_dir = {}, {}
+    for e in events:
+        by_sev[e["severity"]] = by_sev.get(e["severity"], 0) + 1
+        d = os.path.dirname(e.get("path") or "") or "-"
+        by_dir[d] = by_dir.get(d, 0) + 1
+    top = max((e["severity"] for e in events), key=lambda s: SEV_RANK.get(s, 0),
+              default="info")
+    dirs = dict(sorted(by_dir.items(), key=lambda kv: -kv[1])[:20])
+    ev = new_event(host, "digest", top, "realtime", "", count=len(events), reason=reason,
+                   by_severity={k: by_sev[k] for k in reversed(SEVERITIES) if k in by_sev},
+                   by_directory=dirs, events=events[:limit])
+    if dropped:
+        ev["dropped"] = dropped
+    return ev
+
+
+class DeliveryError(Exception):
+    pass
+
+
+def send_email(conf, ev, host, sendmail=None, timeout=60):
+    msg = EmailMessage()
+    msg["Subject"] = event_subject(ev)
+    msg["From"] = conf["from"] or "fimwatch@%s" % host
+    msg["To"] = ", ".join(conf["to"].replace(",", " ").split())
+    msg["Date"] = formatdate(localtime=True)
+    msg["Message-ID"] = make_msgid("fimwatch." + ev["id"][:12], domain=host)
+    msg["Auto-Submitted"] = "auto-generated"
+    msg["X-Fimwatch-Event"] = ev["id"]
+    msg["X-Fimwatch-Severity"] = ev["severity"]
+    msg.set_content(event_text(ev))
+    prog = sendmail or conf["sendmail"]
+    try:
+        r = subprocess.run([prog, "-oi", "-t"], input=msg.as_bytes(), capture_output=True,
+                           timeout=timeout, close_fds=True)
+    except FileNotFoundError:
+        raise DeliveryError("sendmail program %s not found (install an MTA such as postfix, "
+                            "exim4 or msmtp-mta, or set [email] sendmail)" % prog)
+    except subprocess.TimeoutExpired:
+        raise DeliveryError("%s timed out after %ds" % (prog, timeout))
+    except OSError as e:
+        raise DeliveryError("cannot run %s: %s" % (prog, e.strerror))
+    if r.returncode != 0:
+        err = (r.stderr or r.stdout or b"").decode("utf-8", "replace").strip().splitlines()
+        raise DeliveryError("%s exited %d%s" % (prog, r.returncode,
+                                                ": " + esc(err[-1])[:200] if err else ""))
+
+
+def chat_text(ev):
+    if ev["event"] == "digest":
+        lines = ["*fimwatch*: %d changes on %s" % (ev.get("count", 0), ev["host"])]
+        lines += ["• " + event_summary(e) for e in ev["events"][:15]]
+        if ev.get("count", 0) > 15:
+            lines.append("… and %d more (fimwatch events --since 24h)" % (ev["count"] - 15))
+        return "\n".join(lines)
+    s = "*fimwatch* on %s: %s" % (ev["host"], event_summary(ev))
+    if ev.get("message") and ev.get("path"):
+        s += "\n" + ev["message"]
+    if ev.get("users"):
+        s += "\nlogged in: " + ", ".join(ev["users"])
+    if ev.get("package"):
+        s += "\npackage %s: %s" % (ev["package"]["name"], "verified" if ev["package"]["verified"]
+                                   else "NOT verified")
+    if ev.get("path") and ev["event"] in ("created", "modified", "attributes", "deleted", "moved"):
+        s += "\nexpected? `fimwatch accept %s`" % ev["path"]
+    return s
+
+
+_NTFY_PRIO = {"info": "2", "notice": "3", "warning": "4", "critical": "5"}
+
+
+def webhook_body(fmt, ev):
+    """(body bytes, content type, extra headers) for one webhook format."""
+    if fmt == "json":
+        return (json.dumps(public_event(ev), ensure_ascii=False).encode("utf-8"),
+                "application/json", {})
+    text = chat_text(ev)
+    if fmt in ("slack", "mattermost"):
+        body = {"text": text}
+    elif fmt == "discord":
+        body = {"content": text[:1990], "allowed_mentions": {"parse": []}}
+    elif fmt == "teams":
+        body = {"text": text.replace("\n", "  \n")}
+    elif fmt == "gotify":
+        body = {"title": event_subject(ev), "message": text,
+                "priority": int(_NTFY_PRIO[ev["severity"]]) * 2}
+    elif fmt == "ntfy":
+        return (text.encode("utf-8"), "text/plain; charset=utf-8",
+                {"Title": event_subject(ev).encode("ascii", "replace").decode(),
+                 "Priority": _NTFY_PRIO.get(ev["severity"], "3"), "Tags": "warning"})
+    else:
+        raise AssertionError(fmt)
+    return json.dumps(body, ensure_ascii=False).encode("utf-8"), "application/json", {}
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *a, **k):
+        return None
+
+
+_opener = urllib.request.build_opener(_NoRedirect)
+
+
+def send_webhook(conf, ev):
+    body, ctype, headers = webhook_body(conf["format"], ev)
+    req = urllib.request.Request(conf["url"], data=body, method="POST")
+    req.add_header("Content-Type", ctype)
+    req.add_header("User-Agent", "fimwatch/" + __version__)
+    req.add_header("X-Fimwatch-Event", ev["id"])
+    for k, v in headers.items():
+        req.add_header(k, v)
+    if conf["secret"]:
+        sig = hmac.new(conf["secret"].encode(), body, hashlib.sha256).hexdigest()
+        req.add_header("X-Fimwatch-Signature", "sha256=" + sig)
+    where = redact_url(conf["url"])
+    try:
+        with _opener.open(req, timeout=conf["timeout"]) as r:
+            r.read(65536)
+            if not 200 <= r.status < 300:
+                raise DeliveryError("%s answered HTTP %d" % (where, r.status))
+    except urllib.error.HTTPError as e:
+        raise DeliveryError("%s answered HTTP %d" % (where, e.code))
+    except urllib.error.URLError as e:
+        reason = getattr(e.reason, "strerror", None) or str(e.reason)
+        raise DeliveryError("%s: %s" % (where, esc(reason)[:200]))
+    except (OSError, ValueError) as e:          # timeouts, resets, bad URL
+        raise DeliveryError("%s: %s" % (where, esc(str(e) or type(e).__name__)[:200]))
+
+
+class Channel:
+    """One email or webhook destination: spool + worker thread + digests."""
+
+    GATHER = 1.0            # wait this long after the first event, to batch bursts
+    BURST = 3               # more events than this in one batch -> one digest
+    DIGEST_LIMIT = 50
+
+    def __init__(self, kind, name, conf, cfg, store):
+        self.kind, self.name, self.conf, self.cfg, self.store = kind, name, conf, cfg, store
+        self.id = kind if kind == "email" else "webhook:" + name
+        self.min_rank = SEV_RANK[conf["min_severity"]]
+        self.max_per_hour = conf.get("max_per_hour") or 0
+        self.sent = deque()
+        self.wake = threading.Event()
+        self.stopping = False
+        self.flush_now = False
+        self.thread = None
+
+    def wants(self, ev):
+        if ev["event"] == "test":
+            return True
+        return SEV_RANK.get(ev["severity"], 0) >= self.min_rank
+
+    def describe(self):
+        if self.kind == "email":
+            return "email to %s via %s" % (self.conf["to"], self.conf["sendmail"])
+        return "webhook %s (%s, %s)" % (self.name, self.conf["format"],
+                                        redact_url(self.conf["url"]))
+
+    def deliver(self, ev):
+        if self.kind == "email":
+            send_email(self.conf, ev, self.cfg.hostname)
+        else:
+            send_webhook(self.conf, ev)
+
+    # -- main thread side --
+    def send(self, ev, line):
+        """Spool the event (durable before any delivery attempt) and wake the worker."""
+        now = time.time()
+        with self.store.lock:
+            self.store._w()
+            self.store.db.execute("INSERT INTO spool (channel, created, next_try, payload) "
+                                  "VALUES (?,?,?,?)", (self.id, now, now, line))
+        self.wake.set()
+
+    def start(self):
+        self.thread = threading.Thread(target=self._run, name=self.id, daemon=True)
+        self.thread.start()
+
+    def close(self, deadline):
+        self.stopping = self.flush_now = True
+        self.wake.set()
+        if self.thread is not None:
+            self.thread.join(max(0.0, deadline - time.monotonic()))
+
+    # -- worker side --
+    def _meta_key(self, what):
+        return "chan:%s:%s" % (self.id, what)
+
+    def _run(self):
+        while True:
+            try:
+                delay = self.pump()
+            except Exception as e:           # never let the worker die silently
+                self._note_error("internal error: %s" % e)
+                delay = 30.0
+            if self.stopping:
+                return
+            self.wake.wait(delay)
+            self.wake.clear()
+
+    def pump(self, now=None):
+        """Deliver what is due; returns seconds until there may be more work."""
+        store = self.store
+        now = now or time.time()
+        self._expire(now)
+        with store.lock:
+            store.commit()
+            rows = store.db.execute(
+                "SELECT seq, created, attempts, payload FROM spool WHERE channel=? AND "
+                "next_try<=? ORDER BY seq LIMIT 5000", (self.id, now)).fetchall()
+            nxt = store.db.execute("SELECT min(next_try) FROM spool WHERE channel=? AND "
+                                   "next_try>?", (self.id, now)).fetchone()[0]
+        wait_more = (nxt - now) if nxt else 60.0
+        if not rows:
+            return max(0.2, min(wait_more, 60.0))
+        newest = max(r[1] for r in rows)
+        # Gather: a burst keeps arriving; wait until it has been quiet briefly.
+        if not self.flush_now and now - newest < self.GATHER and len(rows) < 5000:
+            return self.GATHER - (now - newest) + 0.05
+        pause_until = float(store.meta("pause_until", 0) or 0)
+        if pause_until > now:
+            # Maintenance window: keep everything for one digest at its end.
+            if not store.meta(self._meta_key("held_for_pause")):
+                with store.lock:
+                    self.hold_for_pause()
+                    store.commit()
+            return min(pause_until - now, 5.0)
+        was_paused = store.meta(self._meta_key("held_for_pause"))
+        if self.max_per_hour:
+            while self.sent and now - self.sent[0] > 3600:
+                self.sent.popleft()
+            if len(self.sent) >= self.max_per_hour and not self.stopping:
+                return min(3600 - (now - self.sent[0]) + 0.1, 60.0)
+        events = []
+        for r in rows:
+            try:
+                events.append(json.loads(r[3]))
+            except ValueError:
+                events.append(None)
+        seqs = [r[0] for r in rows]
+        dropped = int(store.meta(self._meta_key("dropped_unreported"), 0) or 0)
+        valid = [e for e in events if e is not None]
+        if len(valid) > self.BURST or (was_paused and valid) \
+                or (self.max_per_hour and len(self.sent) + len(valid) > self.max_per_hour):
+            reason = "maintenance window ended" if was_paused else \
+                "burst of changes" if len(self.sent) < self.max_per_hour or \
+                not self.max_per_hour else "more than %d alerts this hour" % self.max_per_hour
+            msgs = [(seqs, make_digest(valid, self.cfg.hostname, reason, self.DIGEST_LIMIT,
+                                       dropped))]
+        else:
+            msgs = []
+            for seq, e in zip(seqs, events):
+                if e is None:
+                    continue
+                e["_t"] = 0
+                if dropped:
+                    e["dropped"] = dropped
+                    dropped = 0
+                msgs.append(([seq], e))
+        for seq_list, ev in msgs:
+            try:
+                self.deliver(ev)
+            except DeliveryError as e:
+                self._failed(seq_list, str(e), rows, now)
+                return 1.0
+            except Exception as e:       # a bug must not lose the alert either
+                self._failed(seq_list, "internal error: %s" % e, rows, now)
+                return 1.0
+            self.sent.append(time.time())
+            with store.lock:
+                store._w()
+                store.db.executemany("DELETE FROM spool WHERE seq=?", [(s,) for s in seq_list])
+                store.set_meta(self._meta_key("last_ok"), time.time())
+                if ev.get("dropped"):
+                    store.set_meta(self._meta_key("dropped_unreported"), 0)
+                store.commit()
+        with store.lock:
+            if was_paused:
+                store.set_meta(self._meta_key("held_for_pause"), "")
+            store.commit()
+        return 0.05 if len(rows) >= 5000 else max(0.2, min(wait_more, 60.0))
+
+    def _failed(self, seq_list, err, rows, now):
+        attempts = {r[0]: r[2] for r in rows}
+        with self.store.lock:
+            self.store._w()
+            for s in seq_list:
+                a = attempts.get(s, 0) + 1
+                backoff = min(3600.0, 15.0 * 2 ** min(a - 1, 10)) * random.uniform(0.8, 1.2)
+                self.store.db.execute("UPDATE spool SET attempts=?, next_try=?, last_error=? "
+                                      "WHERE seq=?", (a, now + backoff, err, s))
+            self.store.commit()
+        self._note_error(err)
+
+    def _note_error(self, err):
+        with self.store.lock:
+            self.store.set_meta(self._meta_key("last_error"), "%s %s" % (iso_s(time.time()), err))
+            self.store.commit()
+        sys.stderr.write("fimwatch: %s: delivery failed, will retry: %s\n" % (self.id, err))
+
+    def _expire(self, now):
+        with self.store.lock:
+            n = self.store.db.execute("SELECT count(*) FROM spool WHERE channel=? AND created<?",
+                                      (self.id, now - SPOOL_MAX_AGE)).fetchone()[0]
+            if n:
+                self.store._w()
+                self.store.db.execute("DELETE FROM spool WHERE channel=? AND created<?",
+                                      (self.id, now - SPOOL_MAX_AGE))
+                for key in ("dropped_total", "dropped_unreported"):
+                    k = self._meta_key(key)
+                    self.store.set_meta(k, int(self.store.meta(k, 0) or 0) + n)
+                self.store.commit()
+
+    def hold_for_pause(self):
+        self.store.set_meta(self._meta_key("held_for_pause"), "1")
+
+
+def build_channels(cfg, store):
+    chans = []
+    if cfg.get("email", "enabled"):
+        conf = {k: cfg.get("email", k) for k in SCHEMA["email"]}
+        chans.append(Channel("email", "email", conf, cfg, store))
+    for name, hook in cfg.webhooks:
+        if hook["enabled"]:
+            chans.append(Channel("webhook", name, hook, cfg, store))
+    return chans
+
+
+class Dispatcher:
+    """Stores each event (its id fixed before any sink sees it), then hands it
+    to every sink that wants it. A failing sink is counted, never fatal."""
+
+    def __init__(self, cfg, store, local=True, channels=True, echo=None):
+        self.cfg, self.store, self.echo = cfg, store, echo
+        self.sinks = []
+        if local and cfg.events_file:
+            self.sinks.append(EventsFileSink(cfg.events_file))
+        if local and cfg.get("syslog", "enabled"):
+            self.sinks.append(SyslogSink(cfg.get("syslog", "address"),
+                                         cfg.get("syslog", "facility"),
+                                         cfg.get("syslog", "min_severity")))
+        self.channels = build_channels(cfg, store) if channels else []
+        self.sinks += self.channels
+        self.errors = {}
+        self.count = 0
+
+    def emit(self, ev):
+        line = event_json(ev)
+        self.store.add_event(ev, line)
+        self.count += 1
+        if self.echo:
+            self.echo(ev)
+        for s in self.sinks:
+            try:
+                if s.wants(ev):
+                    s.send(ev, line)
+            except Exception as e:
+                n = self.errors.get(s.name if hasattr(s, "name") else s.id, 0)
+                key = getattr(s, "id", None) or s.name
+                self.errors[key] = n + 1
+                if n < 5 or n % 1000 == 0:
+                    sys.stderr.write("fimwatch: %s: %s\n" % (key, esc(str(e))[:300]))
+
+    def start(self):
+        for c in self.channels:
+            c.start()
+
+    def close(self, timeout=5.0):
+        self.store.commit()
+        deadline = time.monotonic() + timeout
+        for c in self.channels:
+            c.close(deadline)
+        for s in self.sinks:
+            if hasattr(s, "close") and not isinstance(s, Channel):
+                s.close()
+
+    def deliver_pending(self, timeout=30.0):
+        """For one-shot commands: deliver what is spooled now, synchronously."""
+        self.store.commit()
+        deadline = time.monotonic() + timeout
+        if float(self.store.meta("pause_until", 0) or 0) > time.time():
+            return
+        for c in self.channels:
+            c.flush_now = c.stopping = True
+            while time.monotonic() < deadline:
+                with self.store.lock:
+                    left = self.store.db.execute(
+                        "SELECT count(*) FROM spool WHERE channel=? AND next_try<=?",
+                        (c.id, time.time())).fetchone()[0]
+                if not left:
+                    break
+                c.pump()
+
+
+# ---------------------------------------------------------------------------
+# Daemon loop
+# ---------------------------------------------------------------------------
+
+def sd_notify(msg):
+    """systemd's notify protocol, spoken directly (no dependency)."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr[0] == "@":
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(msg.encode())
+    except OSError:
+        pass
+
+
+class StateLock:
+    """An flock on state_dir/fimwatch.lock: one daemon per state dir, and the
+    way `status` tells whether it runs."""
+
+    def __init__(self, state_dir):
+        self.path = os.path.join(state_dir, LOCK_NAME)
+        self.fd = None
+
+    def acquire(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = self.holder()
+            raise FimwatchError("another fimwatch daemon%s already uses %s"
+                                % (" (pid %s)" % pid if pid else "", os.path.dirname(self.path)))
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, b"%d\n" % os.getpid())
+
+    def holder(self):
+        """pid of the running daemon, or None."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                return None
+            except BlockingIOError:
+                data = os.read(fd, 32).strip()
+                return int(data) if data.isdigit() else -1
+        finally:
+            os.close(fd)
+
+
+class Daemon:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.stop = False
+        self.reload = False
+
+    def _signal(self, signum, frame):
+        if signum == signal.SIGHUP:
+            self.reload = True
+        else:
+            self.stop = True
+
+    def log(self, msg):
+        sys.stderr.write("fimwatch: %s\n" % msg)
+        sys.stderr.flush()
+
+    def run(self):
+        cfg = self.cfg
+        ino_mod = import_inotify()
+        ensure_state_dir(cfg.state_dir)
+        lock = StateLock(cfg.state_dir)
+        lock.acquire()
+        os.umask(0o077)
+        self.store = store = Store(cfg.state_dir)
+        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wfd)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._signal)
+        self.wake_r = rfd
+        self.dispatch = Dispatcher(cfg, store)
+        self.dispatch.start()
+        first = store.meta("built") is None
+        prev_state = store.meta("state")
+        last_seen = float(store.meta("heartbeat", 0) or 0)
+        stopped_at = float(store.meta("stopped_at", 0) or 0)
+        t_start = time.time()
+        store.set_meta("state", "running")
+        store.set_meta("pid", os.getpid())
+        store.set_meta("started_at", t_start)
+        store.set_meta("heartbeat", t_start)
+        store.commit()
+        sd_notify("STATUS=%s the baseline" % ("building" if first else "checking"))
+        self.log("%s the baseline of %s" % ("building" if first else "checking",
+                                            " ".join(cfg.all_roots())))
+        eng = self.start_engine(ino_mod, "build" if first else "quick", "startup")
+        store.set_meta("built", store.meta("built") or t_start)
+        store.commit()
+        # The started event says whether we were gone, and for how long.
+        extra = {"watches": eng.watches(), "baseline_entries": store.count(),
+                 "seconds": round(time.time() - t_start, 3), "version": __version__}
+        sev = "notice"
+        if first:
+            extra["message"] = "baseline built: %d entries; watching %d directories" % (
+                extra["baseline_entries"], eng.watches())
+        else:
+            unclean = prev_state == "running"
+            gap_from = last_seen if unclean else (stopped_at or last_seen)
+            extra["unclean"] = unclean
+            if gap_from:
+                extra["gap"] = {"from": iso_s(gap_from), "to": iso_s(t_start)}
+                extra["gap_seconds"] = int(t_start - gap_from)
+                extra["message"] = "%snot watching from %s to %s (%s)" % (
+                    "fimwatch stopped unexpectedly: " if unclean else "",
+                    iso_s(gap_from), iso_s(t_start), fmt_duration(t_start - gap_from))
+            if unclean:
+                sev = "warning"
+        self.dispatch.emit(new_event(cfg.hostname, "started", sev, "startup", "", **extra))
+        store.commit()
+        self.log("watching %d directories, %d baseline entries (%.1fs)"
+                 % (eng.watches(), extra["baseline_entries"], extra["seconds"]))
+        sd_notify("READY=1\nSTATUS=watching %d directories" % eng.watches())
+        try:
+            self.loop()
+        finally:
+            sd_notify("STOPPING=1")
+            try:
+                self.eng.flush_due(budget=5.0, force=True)
+            except Exception as e:            # still record the stop
+                self.log("error while flushing: %s" % e)
+            self.dispatch.emit(new_event(cfg.hostname, "stopped", "notice", "realtime", "",
+                                         message="fimwatch stopped; changes from now on are "
+                                                 "reported when it starts again"))
+            store.set_meta("state", "stopped")
+            store.set_meta("stopped_at", time.time())
+            store.commit()
+            self.dispatch.close(timeout=5.0)
+            self.eng.close()
+            store.close()
+        return EXIT_OK
+
+    def start_engine(self, ino_mod, mode, detected):
+        cfg = self.cfg
+        eng = self.eng = Engine(cfg, self.store, self.dispatch.emit, ino_mod,
+                                progress=_tty())
+        for root in eng.roots:
+            for _ in eng.walk_root(root, mode, detected, drain=eng.read_events):
+                if self.stop:
+                    break
+                eng.flush_due(budget=0.02)
+            self.store.commit()
+        for root in eng.scan_only:
+            for _ in eng.walk_root(root, mode, detected, watch=False):
+                pass
+        self.store.commit()
+        if eng.progress:
+            sys.stderr.write("\r\x1b[K")
+        return eng
+
+    def loop(self):
+        cfg, store = self.cfg, self.store
+        poller = select.poll()
+        poller.register(self.eng.fileno(), select.POLLIN)
+        poller.register(self.wake_r, select.POLLIN)
+        wd_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+        wd_every = wd_usec / 3e6 if wd_usec else None
+        now = time.monotonic()
+        timers = {"beat": now + HEARTBEAT_EVERY, "poll": now + cfg.poll_interval,
+                  "roots": now + ROOT_RETRY_EVERY,
+                  "scan": now + cfg.scan_interval if cfg.scan_interval else None,
+                  "dog": now if wd_every else None, "prune": now + 3600}
+        while not self.stop:
+            eng = self.eng
+            now = time.monotonic()
+            nd = eng.next_due()
+            waits = [t for t in timers.values() if t is not None]
+            if nd is not None:
+                waits.append(nd)
+            timeout = 0 if eng.scans else max(0.0, min(waits) - now)
+            try:
+                poller.poll(min(timeout, 60.0) * 1000)
+            except InterruptedError:
+                pass
+            try:
+                while os.read(self.wake_r, 512):
+                    pass
+            except (BlockingIOError, InterruptedError):
+                pass
+            eng.read_events()
+            eng.flush_due(budget=0.1)
+            if eng.scans:
+                end = time.monotonic() + 0.1
+                while eng.scans and time.monotonic() < end:
+                    try:
+                        next(eng.scans[0])
+                    except StopIteration:
+                        eng.scans.popleft()
+                    if len(eng.pending) > 1000:
+                        break
+            now = time.monotonic()
+            if timers["dog"] is not None and now >= timers["dog"]:
+                sd_notify("WATCHDOG=1")
+                timers["dog"] = now + wd_every
+            if now >= timers["beat"]:
+                store.set_meta("heartbeat", time.time())
+                store.set_meta("watches", eng.watches())
+                store.set_meta("unwatched", len(eng.unwatched))
+                if eng.pkgdb is not None:
+                    eng.pkgdb.maybe_drop()
+                timers["beat"] = now + HEARTBEAT_EVERY
+            if now >= timers["roots"]:
+                eng.check_missing_roots()
+                timers["roots"] = now + ROOT_RETRY_EVERY
+            if now >= timers["poll"]:
+                for top in sorted(eng.unwatched):
+                    if not any(top.startswith(o + "/") for o in eng.unwatched):
+                        eng.scans.append(eng.walk(top, "quick", "scan"))
+                timers["poll"] = now + cfg.poll_interval
+            if timers["scan"] is not None and now >= timers["scan"]:
+                for root in eng.roots:
+                    eng.scans.append(eng.walk_root(root, "full", "scan"))
+                for root in eng.scan_only:
+                    eng.scans.append(eng.walk_root(root, "full", "scan", watch=False))
+                timers["scan"] = now + cfg.scan_interval
+            if now >= timers["prune"]:
+                store.prune_events()
+                timers["prune"] = now + 3600
+            store.commit()
+            if self.reload:
+                self.reload = False
+                self.do_reload(poller)
+        return EXIT_OK
+
+    def do_reload(self, poller):
+        try:
+            new = load_config(self.cfg.path)
+        except FimwatchError as e:
+            self.log("reload failed, keeping the running config: %s" % e)
+            self.dispatch.emit(new_event(self.cfg.hostname, "error", "warning", "realtime", "",
+                                         message="config reload failed, the running config "
+                                                 "is kept: %s" % esc(str(e))))
+            return
+        self.log("reloading %s" % new.path)
+        old_eng = self.eng
+        old_eng.flush_due(budget=5.0, force=True)
+        self.store.commit()
+        self.dispatch.close(timeout=2.0)
+        poller.unregister(old_eng.fileno())
+        old_eng.close()
+        _names.clear()
+        self.cfg = new
+        self.dispatch = Dispatcher(new, self.store)
+        self.dispatch.start()
+        ino_mod = import_inotify()
+        eng = self.start_engine(ino_mod, "quick", "scan")
+        poller.register(eng.fileno(), select.POLLIN)
+        self.dispatch.emit(new_event(new.hostname, "started", "notice", "realtime", "",
+                                     reload=True, watches=eng.watches(),
+                                     message="config reloaded; watching %d directories"
+                                             % eng.watches()))
+        sd_notify("READY=1\nSTATUS=watching %d directories" % eng.watches())
+
+
+# ---------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------
+
+def print_event(ev, as_json):
+    if as_json:
+        print(event_json(ev), flush=True)
+    else:
+        print("%s  %s" % (ev["time"][:19].replace("T", " "), event_summary(ev)), flush=True)
+
+
+def cmd_run(cfg, args):
+    if os.geteuid() != 0 and not args.allow_non_root:
+        sys.stderr.write("fimwatch: warning: not running as root; files you cannot read "
+                         "are reported by metadata only\n")
+    return Daemon(cfg).run()
+
+
+def _one_shot_engine(cfg, store, dispatch):
+    return Engine(cfg, store, dispatch.emit, None, progress=_tty())
+
+
+def cmd_scan(cfg, args):
+    store = Store(cfg.state_dir)
+    first = store.meta("built") is None
+    dispatch = Dispatcher(cfg, store, local=not args.no_alert,
+                          channels=not args.no_alert and not first,
+                          echo=None if first else (lambda ev: print_event(ev, args.json)))
+    if args.no_alert and cfg.events_file:
+        dispatch.sinks.insert(0, EventsFileSink(cfg.events_file))
+    eng = _one_shot_engine(cfg, store, dispatch)
+    mode = "build" if first else ("quick" if args.quick else "full")
+    for root in eng.roots + eng.scan_only:
+        for _ in eng.walk_root(root, mode, "scan", watch=False):
+            pass
+        store.commit()
+    if eng.progress:
+        sys.stderr.write("\r\x1b[K")
+    if first:
+        store.set_meta("built", time.time())
+        store.commit()
+        print("fimwatch: baseline built: %d entries" % store.count())
+        return EXIT_OK
+    store.set_meta("last_scan", time.time())
+    store.commit()
+    changes = eng.stats["events"]
+    dispatch.deliver_pending()
+    dispatch.close(timeout=0)
+    if not args.json:
+        print("fimwatch: %d change(s)" % changes, file=sys.stderr)
+    return EXIT_CHANGES if changes else EXIT_OK
+
+
+def _under_roots(cfg, path):
+    for r in cfg.all_roots():
+        if path == r or path.startswith(r + "/"):
+            return True
+    return False
+
+
+def cmd_accept(cfg, args):
+    store = Store(cfg.state_dir)
+    dispatch = Dispatcher(cfg, store, local=False, channels=False)
+    eng = _one_shot_engine(cfg, store, dispatch)
+    paths = [os.path.normpath(os.path.abspath(p)) for p in args.paths] or \
+        eng.roots + eng.scan_only
+    for p in paths:
+        if not _under_roots(cfg, p):
+            raise FimwatchError("%s is not under a watched path (%s)"
+                                % (esc(p), " ".join(cfg.all_roots())))
+    for p in paths:
+        if os.path.isdir(p) and not os.path.islink(p):
+            for _ in eng.walk(p, "build", "scan", watch=False):
+                pass
+        else:
+            eng.visit(p, store.get(p), "scan", "build")
+    store.set_meta("built", store.meta("built") or time.time())
+    store.commit()
+    print("fimwatch: accepted %d change(s) into the baseline" % eng.stats["silent"])
+    return EXIT_OK
+
+
+def channel_status(store, chan_ids):
+    out = {}
+    now = time.time()
+    for cid in chan_ids:
+        row = store.db.execute("SELECT count(*), min(created), max(attempts) FROM spool "
+                               "WHERE channel=?", (cid,)).fetchone()
+        out[cid] = {
+            "spooled": row[0], "oldest": iso_s(row[1]) if row[1] else None,
+            "max_attempts": row[2] or 0,
+            "last_ok": iso_s(float(store.meta("chan:%s:last_ok" % cid))) if
+            store.meta("chan:%s:last_ok" % cid) else None,
+            "last_error": store.meta("chan:%s:last_error" % cid) or None,
+            "dropped": int(store.meta("chan:%s:dropped_total" % cid, 0) or 0),
+        }
+        if row[1]:
+            out[cid]["oldest_age_seconds"] = int(now - row[1])
+    return out
+
+
+def cmd_status(cfg, args):
+    pid = StateLock(cfg.state_dir).holder() if os.path.isdir(cfg.state_dir) else None
+    running = bool(pid)
+    limit = read_sysctl("max_user_watches")
+    st = {"running": running, "pid": pid if pid and pid > 0 else None, "config": cfg.path,
+          "state_dir": cfg.state_dir, "watch_limit": limit,
+          "max_queued_events": read_sysctl("max_queued_events")}
+    dbpath = os.path.join(cfg.state_dir, DB_NAME)
+    if os.path.exists(dbpath):
+        store = Store(cfg.state_dir, create=False)
+        now = time.time()
+        built = store.meta("built")
+        st.update({
+            "watches": int(store.meta("watches", 0) or 0) if running else 0,
+            "unwatched_subtrees": int(store.meta("unwatched", 0) or 0) if running else 0,
+            "baseline_entries": store.count(),
+            "baseline_built": iso_s(float(built)) if built else None,
+            "baseline_age_seconds": int(now - float(built)) if built else None,
+            "last_heartbeat": iso_s(float(store.meta("heartbeat"))) if store.meta("heartbeat")
+            else None,
+            "started_at": iso_s(float(store.meta("started_at"))) if store.meta("started_at")
+            else None,
+            "paused_until": None, "pause_reason": None,
+        })
+        pu = float(store.meta("pause_until", 0) or 0)
+        if pu > now:
+            st["paused_until"] = iso_s(pu)
+            st["pause_reason"] = store.meta("pause_reason") or ""
+        if running and st["watches"] == 0:
+            # Just started: the heartbeat has not written its numbers yet.
+            pass
+        sev = dict(store.db.execute("SELECT severity, count(*) FROM events WHERE t>=? "
+                                    "GROUP BY severity", (now - 86400,)).fetchall())
+        st["events_24h"] = {s: sev.get(s, 0) for s in reversed(SEVERITIES)}
+        ids = [c.id for c in build_channels(cfg, store)]
+        ids += [r[0] for r in store.db.execute("SELECT DISTINCT channel FROM spool")
+                if r[0] not in ids]
+        st["channels"] = channel_status(store, ids)
+        store.db.close()
+    if args.json:
+        print(json.dumps(st, indent=2))
+    else:
+        print("fimwatch: %s" % ("running (pid %s)" % st["pid"] if running else "NOT running"))
+        print("  config:     %s" % cfg.path)
+        if "baseline_entries" in st:
+            if running:
+                print("  watches:    %d in use, kernel limit %s (fs.inotify.max_user_watches)"
+                      % (st["watches"], limit))
+                if st["unwatched_subtrees"]:
+                    print("  WARNING:    %d subtree(s) without watches (limit reached), "
+                          "scanned every %s" % (st["unwatched_subtrees"],
+                                                fmt_duration(cfg.poll_interval)))
+            print("  baseline:   %d entries, built %s (%s ago)" % (
+                st["baseline_entries"], st["baseline_built"],
+                fmt_duration(st["baseline_age_seconds"] or 0)))
+            if st["paused_until"]:
+                print("  PAUSED:     until %s (%s)" % (st["paused_until"], st["pause_reason"]))
+            print("  events 24h: " + ", ".join("%s %d" % kv for kv in st["events_24h"].items()))
+            for cid, c in st["channels"].items():
+                print("  %-11s spooled %d, last ok %s%s%s" % (
+                    cid + ":", c["spooled"], c["last_ok"] or "never",
+                    ", last error: %s" % c["last_error"] if c["last_error"] else "",
+                    ", DROPPED %d after 7 days" % c["dropped"] if c["dropped"] else ""))
+        else:
+            print("  no baseline yet in %s" % cfg.state_dir)
+        if not running:
+            print("  start it:   systemctl start fimwatch   (or: fimwatch run)")
+    return EXIT_OK if running else EXIT_CHANGES
+
+
+def estimate_dirs(cfg, limit=2000000):
+    """Directories the watch paths need (excluded ones get no watch)."""
+    n = 0
+    ex = cfg.exclude
+    for root in cfg.paths:
+        stack = [root]
+        while stack and n < limit:
+            d = stack.pop()
+            n += 1
+            try:
+                with os.scandir(d) as it:
+                    for e in it:
+                        try:
+                            if e.is_dir(follow_symlinks=False) and not ex.match(e.path, True):
+                                stack.append(e.path)
+                        except OSError:
+                            pass
+            except OSError:
+                pass
+    return n
+
+
+def cmd_check_config(cfg, args):
+    print("# fimwatch %s: %s is valid. Effective settings:" % (__version__, cfg.path))
+    for sect, spec in SCHEMA.items():
+        if sect == "webhook":
+            continue
+        print("[%s]" % sect)
+        for key, (typ, _) in spec.items():
+            print("%s = %s" % (key, _show(typ, cfg.get(sect, key))))
+    for name, hook in cfg.webhooks:
+        print("[webhook%s]" % ("" if name == "default" else " " + name))
+        for key, (typ, _) in SCHEMA["webhook"].items():
+            v = hook[key]
+            if key == "url" and v:
+                v = redact_url(v)
+            elif key == "secret" and v:
+                v = "(set, %d characters)" % len(v)
+            print("%s = %s" % (key, _show(typ, v)))
+    need = estimate_dirs(cfg)
+    limit = read_sysctl("max_user_watches")
+    print("# watches needed: about %d directories; kernel limit fs.inotify.max_user_watches=%s"
+          % (need, limit))
+    if limit is not None and need > limit * 0.9:
+        print("# WARNING: raise it: sysctl -w fs.inotify.max_user_watches=%d (install.sh does)"
+              % (need * 2 + 8192))
+    for p in cfg.all_roots():
+        if not os.path.lexists(p):
+            print("# note: %s does not exist (it is watched for when it appears)" % p)
+    return EXIT_OK
+
+
+def _show(typ, v):
+    if isinstance(v, PatternSet):
+        return " ".join(v.patterns)
+    if isinstance(v, list):
+        return " ".join(v)
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if typ == "duration":
+        return ("%gms" % (v * 1000)) if v < 1 else "%gs" % v
+    return str(v)
+
+
+def cmd_events(cfg, args):
+    store = Store(cfg.state_dir, create=False)
+    since = time.time() - parse_duration(args.since)
+    pat = PatternSet([args.path]) if args.path else None
+    for line in store.events_since(since):
+        ev = json.loads(line)
+        if pat is not None and not pat.match(ev.get("path") or ""):
+            continue
+        ev["_t"] = 0
+        print_event(ev, args.json)
+    return EXIT_OK
+
+
+def cmd_test_alert(cfg, args):
+    store = Store(cfg.state_dir)
+    ev = new_event(cfg.hostname, "test", "info", "realtime", "",
+                   message="This is a test alert from fimwatch on %s. If you can read this, "
+                           "alerts reach you." % cfg.hostname)
+    ok = True
+    local = Dispatcher(cfg, store, channels=False)
+    for s in local.sinks:
+        try:
+            s.send(ev, event_json(ev))
+            print("%-22s OK" % s.name)
+        except Exception as e:
+            ok = False
+            print("%-22s FAILED: %s" % (s.name, esc(str(e))[:300]))
+    chans = build_channels(cfg, store)
+    for c in chans:
+        try:
+            c.deliver(ev)
+            print("%-22s OK (%s)" % (c.id, c.describe()))
+        except DeliveryError as e:
+            ok = False
+            print("%-22s FAILED: %s" % (c.id, e))
+    if not local.sinks and not chans:
+        print("no alert channel is enabled in %s" % cfg.path)
+        ok = False
+    local.close(0)
+    return EXIT_OK if ok else EXIT_CHANGES
+
+
+def cmd_pause(cfg, args):
+    dur = parse_duration(args.duration)
+    if dur <= 0 or dur > 7 * 86400:
+        raise FimwatchError("--for must be between 1s and 7d")
+    store = Store(cfg.state_dir)
+    until = time.time() + dur
+    store.set_meta("pause_until", until)
+    store.set_meta("pause_reason", esc(args.reason or ""))
+    store.commit()
+    print("fimwatch: alerts paused until %s; changes are still recorded and sent as one "
+          "digest when the window ends (fimwatch resume ends it early)" % iso_s(until))
+    return EXIT_OK
+
+
+def cmd_resume(cfg, args):
+    store = Store(cfg.state_dir)
+    store.set_meta("pause_until", 0)
+    store.commit()
+    print("fimwatch: alerts resumed")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(EXIT_ERROR, "fimwatch: error: %s (see --help)\n" % message)
+
+
+def build_parser():
+    p = _Parser(prog="fimwatch", description="Real-time file integrity monitoring.",
+                epilog="exit codes: 0 ok; 1 changes found / not running / delivery failed; "
+                       "2 usage, config or dependency error",
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="PATH",
+                   help="config file (default: $FIMWATCH_CONFIG or %s)" % DEFAULT_CONFIG)
+    p.add_argument("--version", action="version", version="fimwatch " + __version__)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sp = sub.add_parser("run", help="the daemon, in the foreground")
+    sp.add_argument("--allow-non-root", action="store_true", help=argparse.SUPPRESS)
+    sp = sub.add_parser("scan", help="compare with the baseline once (exit 1: changes)")
+    sp.add_argument("--no-alert", action="store_true", help="only print and record")
+    sp.add_argument("--json", action="store_true", help="JSON lines on stdout")
+    sp.add_argument("--quick", action="store_true",
+                    help="trust files whose size, mtime, ctime and inode are unchanged")
+    sp = sub.add_parser("accept", help="take the current state into the baseline")
+    sp.add_argument("paths", nargs="*", metavar="PATH")
+    sp = sub.add_parser("status", help="is the daemon running; watches; baseline; alerts")
+    sp.add_argument("--json", action="store_true")
+    sub.add_parser("test-alert", help="send a test alert through every channel")
+    sub.add_parser("check-config", help="validate the config, print effective settings")
+    sp = sub.add_parser("pause", help="maintenance window: summarise alerts until it ends")
+    sp.add_argument("--for", dest="duration", required=True, metavar="DURATION")
+    sp.add_argument("--reason", metavar="TEXT")
+    sub.add_parser("resume", help="end a maintenance window now")
+    sp = sub.add_parser("events", help="recent events from the state database")
+    sp.add_argument("--since", default="24h", metavar="DURATION")
+    sp.add_argument("--path", metavar="GLOB")
+    sp.add_argument("--json", action="store_true")
+    return p
+
+
+COMMANDS = {"run": cmd_run, "scan": cmd_scan, "accept": cmd_accept, "status": cmd_status,
+            "test-alert": cmd_test_alert, "check-config": cmd_check_config,
+            "pause": cmd_pause, "resume": cmd_resume, "events": cmd_events}
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help(sys.stderr)
+        return EXIT_ERROR
+    path = args.config or os.environ.get("FIMWATCH_CONFIG") or DEFAULT_CONFIG
+    try:
+        if getattr(args, "since", None):
+            try:
+                parse_duration(args.since)
+            except ValueError as e:
+                raise FimwatchError("--since: %s" % e)
+        if args.command == "pause":
+            try:
+                parse_duration(args.duration)
+            except ValueError as e:
+                raise FimwatchError("--for: %s" % e)
+        cfg = load_config(path)
+        return COMMANDS[args.command](cfg, args)
+    except FimwatchError as e:
+        sys.stderr.write("fimwatch: error: %s\n" % e)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+    except sqlite3.OperationalError as e:
+        sys.stderr.write("fimwatch: error: state database: %s\n" % e)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
