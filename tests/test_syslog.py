@@ -40,7 +40,7 @@ def check_line(data, pid, facility, severity, event, path):
     assert want in text, "%r not in %r" % (want, text)
     assert not any(ord(c) < 0x20 for c in text.rstrip("\n")), repr(text)
     tail = text.split(path, 1)[1]
-    assert re.match(r"^( [a-z_]+=(\"[^\"]*\"|\S+))*\s*$", tail), "not logfmt: %r" % tail
+    assert re.match(r'^( [a-z_0-9.]+=("(?:[^"\\]|\\.)*"|\S+))*\s*$', tail), "not logfmt: %r" % tail
 
 
 @pytest.fixture
