@@ -91,6 +91,7 @@ WATCH_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_
               | IN_ONLYDIR | IN_DONT_FOLLOW | IN_EXCL_UNLINK)
 
 HASH_CHUNK = 1 << 20
+PATH_MAX = 4096
 SPOOL_MAX_AGE = 7 * 86400
 HEARTBEAT_EVERY = 30.0
 POLL_UNWATCHED_EVERY = 60.0      # periodic scan of subtrees that got no watch
@@ -1208,7 +1209,7 @@ class Engine:
         self.overflows = 0
         self.pkgdb = PackageDB() if cfg.package_check else None
         self.deferred = {}           # path -> first deferral (dpkg running)
-        self.stats = {"events": 0, "raw": 0, "silent": 0}
+        self.stats = {"events": 0, "changes": 0, "raw": 0, "silent": 0}
         self._set_roots(cfg)
 
     def _set_roots(self, cfg):
@@ -1365,6 +1366,13 @@ class Engine:
                         isdir = False
                     if self.excluded(p, isdir):
                         continue
+                    if len(p) >= 4000 and len(os.fsencode(p)) >= PATH_MAX:
+                        # Beyond PATH_MAX no path-based call works: say so once.
+                        old_children.pop(name, None)
+                        self.report_unreadable(d, OSError(errno.ENAMETOOLONG,
+                                               "entries deeper than PATH_MAX (%d bytes) are "
+                                               "not monitored" % PATH_MAX))
+                        continue
                     if mode == "new":
                         self.touch(p)
                     else:
@@ -1442,6 +1450,7 @@ class Engine:
 
     def emit_change(self, event, p, detected, old, new, changes, **extra):
         cfg = self.cfg
+        self.stats["changes"] += 1
         sev = cfg.severity_for(p)
         kind = (new or old)[0]
         ev = new_event(cfg.hostname, event, sev, detected, esc(p), kind=kind)
@@ -1704,7 +1713,7 @@ class Rescan:
         t0 = time.monotonic()
         before = set(eng.wd2path)
         seen_dirs = 0
-        changes_before = eng.stats["events"]
+        changes_before = eng.stats["changes"]
         for root in eng.roots:
             if not os.path.isdir(root):
                 continue
@@ -1716,11 +1725,11 @@ class Rescan:
             eng.wd2path.pop(wd, None)
         eng.emit_cb(new_event(eng.cfg.hostname, "rescan", "notice", "scan", "",
                               directories=seen_dirs, watches=eng.watches(),
-                              changes=eng.stats["events"] - changes_before,
+                              changes=eng.stats["changes"] - changes_before,
                               seconds=round(time.monotonic() - t0, 3),
                               message="rescanned %d directories after an inotify queue "
                                       "overflow; %d change(s) found"
-                                      % (seen_dirs, eng.stats["events"] - changes_before)))
+                                      % (seen_dirs, eng.stats["changes"] - changes_before)))
 
 
 # ---------------------------------------------------------------------------
@@ -2486,14 +2495,17 @@ class Daemon:
             gap_from = last_seen if unclean else (stopped_at or last_seen)
             extra["unclean"] = unclean
             if gap_from:
-                extra["gap"] = {"from": iso_s(gap_from), "to": iso_s(t_start)}
+                # 'gap' is the unexpected hole (crash, kill -9, power loss);
+                # after a clean stop the same numbers are 'downtime'.
+                extra["gap" if unclean else "downtime"] = {"from": iso_s(gap_from),
+                                                            "to": iso_s(t_start)}
                 extra["gap_seconds"] = int(t_start - gap_from)
                 extra["message"] = "%snot watching from %s to %s (%s)" % (
                     "fimwatch stopped unexpectedly: " if unclean else "",
                     iso_s(gap_from), iso_s(t_start), fmt_duration(t_start - gap_from))
             if unclean:
                 sev = "warning"
-        self.dispatch.emit(new_event(cfg.hostname, "started", sev, "startup", "", **extra))
+        self.dispatch.emit(new_event(cfg.hostname, "started", sev, "realtime", "", **extra))
         store.commit()
         self.log("watching %d directories, %d baseline entries (%.1fs)"
                  % (eng.watches(), extra["baseline_entries"], extra["seconds"]))
@@ -2684,7 +2696,7 @@ def cmd_scan(cfg, args):
         return EXIT_OK
     store.set_meta("last_scan", time.time())
     store.commit()
-    changes = eng.stats["events"]
+    changes = eng.stats["changes"]
     dispatch.deliver_pending()
     dispatch.close(timeout=0)
     if not args.json:
