@@ -17,6 +17,7 @@ Main pieces:
 * ``sysctl`` (fixture): set /proc/sys values for one test, restored after.
 """
 
+import fcntl
 import json
 import os
 import re
@@ -410,11 +411,24 @@ class Daemon:
 # fixtures
 # ---------------------------------------------------------------------------
 
+# Tests that lower a kernel limit (sysctl fixture) change it for the whole
+# machine, so they must not overlap with a daemon of another test run (a second
+# pytest on the same machine): they take this lock exclusively, every other
+# daemon test takes it shared.
+MACHINE_LOCK = "/tmp/fimwatch-tests.lock"
+
+
 @pytest.fixture
-def fim(tmp_path):
-    env = Env(tmp_path)
-    yield env
-    env.cleanup()
+def fim(tmp_path, request):
+    exclusive = "sysctl" in request.fixturenames
+    fd = os.open(MACHINE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    try:
+        env = Env(tmp_path)
+        yield env
+        env.cleanup()
+    finally:
+        os.close(fd)
 
 
 @pytest.fixture
