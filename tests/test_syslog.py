@@ -32,6 +32,7 @@ def receive(sock, want, timeout=10.0):
 
 
 def check_line(data, pid, facility, severity, event, path):
+    path = str(path)
     text = data.decode("utf-8", "strict")
     m = re.match(r"^<(\d+)>", text)
     assert m, text
