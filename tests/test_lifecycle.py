@@ -208,10 +208,14 @@ def test_scan_interval_catches_what_inotify_cannot_see(fim):
     fd = os.open(p, os.O_RDWR)
     mm = mmap.mmap(fd, 4096)
     os.close(fd)             # IN_CLOSE_WRITE now, while the content is unchanged
-    time.sleep(1)
-    mm[0:4] = b"BBBB"        # no IN_MODIFY for this
-    mm.flush()
-    mm.close()
-    e = d.wait_for(is_event("modified", p), timeout=20)
-    assert e["detected"] == "scan", e
+    try:
+        time.sleep(1)
+        mm[0:4] = b"BBBB"    # no IN_MODIFY for this
+        mm.flush()
+        # Python's mmap holds a dup() of the fd: closing it would be an
+        # IN_CLOSE_WRITE, so keep the mapping open until the scan found it.
+        e = d.wait_for(is_event("modified", p), timeout=20)
+        assert e["detected"] == "scan", e
+    finally:
+        mm.close()
     d.stop()
