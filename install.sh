@@ -65,6 +65,7 @@ PY=
 HAVE_SYSTEMD=0
 CHANGED=0
 UNITS_CHANGED=0
+CONF_NOTE=
 STEP=start
 WATCH_DIRS=
 WATCH_LIMIT=
@@ -402,9 +403,12 @@ install_config() {
     else
         FIRST_CONFIG=0
         if cmp -s "$SRC/fimwatch.conf.example" "$ROOT$CONF"; then
-            :
-        elif install_file "$SRC/fimwatch.conf.example" "$ROOT$CONF.new" 0600; then
-            info "kept your $CONF; the new example is $CONF.new (diff -u $CONF $CONF.new)"
+            CONF_NOTE="unchanged example"
+        else
+            CONF_NOTE="yours, kept; the new example is $CONF.new"
+            if install_file "$SRC/fimwatch.conf.example" "$ROOT$CONF.new" 0600; then
+                info "kept your $CONF; the new example is $CONF.new (diff -u $CONF $CONF.new)"
+            fi
         fi
         # The daemon refuses a config others may write (like sshd's StrictModes).
         perms=$(stat -c %a "$ROOT$CONF")
@@ -487,7 +491,7 @@ setup_sysctl() {
     [ -n "$TMP" ] || TMP=$(mktemp -d /tmp/fimwatch-install.XXXXXX)
     {
         echo "# Written by the fimwatch installer: inotify limits for the paths in"
-        echo "# $CONF ($WATCH_DIRS directories + 50% + $WATCH_HEADROOM spare)."
+        echo "# $CONF (one watch per directory, + 50%, + $WATCH_HEADROOM spare)."
         echo "# Re-run the installer after adding paths; it never lowers a limit."
         if [ "$want" -gt "$cur" ]; then
             echo "fs.inotify.max_user_watches = $want"
@@ -629,7 +633,7 @@ summary() {
     if [ "${FIRST_CONFIG:-1}" = 1 ]; then
         echo "  config     $CONF (new: edit [watch] paths to taste)" >&2
     else
-        echo "  config     $CONF (yours, kept; new example: $CONF.new)" >&2
+        echo "  config     $CONF ($CONF_NOTE)" >&2
     fi
     echo "  state      $STATEDIR   events log: $LOGDIR/events.jsonl" >&2
     echo "  limits     $SYSCTL_FILE: ${WATCH_DIRS:-?} directories to watch, limit ${WATCH_LIMIT:-?} watches" >&2

@@ -1,0 +1,779 @@
+"""System tests: install.sh and the systemd units, on real Debian.
+
+Static checks run everywhere: shellcheck, `systemd-analyze verify` and
+`systemd-analyze security` on the units, and `install.sh --root DIR` staging
+(no systemd needed).
+
+The container scenarios boot a real Debian (systemd as PID 1, exim4 as the
+MTA) with systemd-nspawn and install fimwatch the way a user does:
+`curl -fsSL http://127.0.0.1:PORT/install.sh | sh`, from a local HTTP server
+that serves this checkout plus a generated SHA256SUMS. Needs root,
+debootstrap, systemd-nspawn and nsenter; skipped with the reason otherwise.
+
+* The root filesystem is built once with debootstrap (minbase) and cached in
+  $FIMWATCH_TEST_CACHE (default /var/cache/fimwatch-tests/rootfs-DISTRO);
+  each run boots a copy of it. The apt mirror is read from the host's apt
+  sources at run time.
+* FIMWATCH_TEST_DISTROS="bullseye bookworm trixie" picks the releases
+  (default: bookworm).
+* nspawn runs with --register=no --keep-unit (no machined needed) and shares
+  the host's network, so the container reaches the HTTP server on 127.0.0.1.
+  Commands run in the container through `nsenter -t PID1 -a`.
+* The container is always killed at teardown (its PID 1, then nspawn's
+  process group) and its copy removed.
+"""
+
+import fcntl
+import functools
+import glob
+import hashlib
+import http.server
+import json
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE = Path(os.environ.get("FIMWATCH_TEST_CACHE", "/var/cache/fimwatch-tests"))
+DISTROS = os.environ.get("FIMWATCH_TEST_DISTROS", "bookworm").split()
+PACKAGES = "systemd,systemd-sysv,dbus,python3,curl,exim4-daemon-light,bsd-mailx"
+WHEEL = "inotify_simple-2.0.1-py3-none-any.whl"
+WHEEL_SHA256 = "e5da495f2064889f8e68b67f9358b0d102e03b783c2d42e5b8e132ab859a5d8a"
+UNITS = ["fimwatch.service", "fimwatch-failure@.service",
+         "fimwatch-sendmail.socket", "fimwatch-sendmail@.service"]
+SERVED = ["install.sh", "fimwatch.py", "fimwatch.conf.example",
+          "fimwatch-sendmail-relay"] + UNITS
+CT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+EXPOSURE_MAX = 2.5
+
+IS_ROOT = os.geteuid() == 0
+
+
+def _missing_tools(*tools):
+    return [t for t in tools if shutil.which(t) is None]
+
+
+# ---------------------------------------------------------------------------
+# static checks
+# ---------------------------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+def test_shellcheck_install_sh():
+    r = subprocess.run(["shellcheck", str(REPO / "install.sh")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_install_sh_shape():
+    """set -eu, all in functions, `main "$@"` last: a truncated download runs nothing."""
+    lines = (REPO / "install.sh").read_text().rstrip("\n").splitlines()
+    assert lines[0] in ("#!/bin/sh", "#!/bin/bash", "#!/usr/bin/env bash")
+    assert "set -eu" in lines
+    assert lines[-1] == 'main "$@"'
+
+
+def _unit_copies(tmp_path):
+    """The units in a temp dir, ExecStart pointing at a binary that exists here."""
+    true = shutil.which("true")
+    for u in UNITS:
+        text = (REPO / u).read_text()
+        text = text.replace("ExecStart=/usr/local/sbin/fimwatch run",
+                            "ExecStart=%s run" % true)
+        (tmp_path / u).write_text(text)
+    return tmp_path
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
+def test_units_verify(tmp_path):
+    d = _unit_copies(tmp_path)
+    r = subprocess.run(["systemd-analyze", "verify"] + [str(d / u) for u in UNITS],
+                       capture_output=True, text=True, cwd=d)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    # verify exits 0 on some warnings: none may mention our units.
+    ours = [ln for ln in out.splitlines() if "fimwatch" in ln]
+    assert not ours, out
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
+def test_unit_security_exposure(tmp_path):
+    d = _unit_copies(tmp_path)
+    r = subprocess.run(["systemd-analyze", "security", "--offline=true",
+                        "--threshold=%d" % int(EXPOSURE_MAX * 10),
+                        "--no-pager", str(d / "fimwatch.service")],
+                       capture_output=True, text=True, cwd=d)
+    out = r.stdout + r.stderr
+    m = re.search(r"Overall exposure level for fimwatch\.service: ([0-9.]+)", out)
+    assert m, out
+    print("exposure: %s" % m.group(1))
+    assert float(m.group(1)) <= EXPOSURE_MAX, out
+    assert r.returncode == 0, out
+
+
+def test_unit_contract():
+    text = (REPO / "fimwatch.service").read_text()
+    for line in ["Type=notify", "NotifyAccess=main", "ExecStart=/usr/local/sbin/fimwatch run",
+                 "ExecReload=/bin/kill -HUP $MAINPID", "Restart=always",
+                 "RestartPreventExitStatus=2", "ProtectSystem=strict",
+                 "ProtectHome=read-only", "StateDirectory=fimwatch", "UMask=0077",
+                 "SystemCallFilter=@system-service", "SystemCallArchitectures=native",
+                 "OnFailure=fimwatch-failure@%n.service"]:
+        assert line in text.splitlines(), line
+    assert not re.search(r"^PrivateTmp=yes", text, re.M)
+    assert re.search(r"^WatchdogSec=\d+", text, re.M)
+    assert re.search(r"^CapabilityBoundingSet=.*CAP_DAC_READ_SEARCH", text, re.M)
+
+
+# ---------------------------------------------------------------------------
+# the wheel and a served copy of the checkout
+# ---------------------------------------------------------------------------
+
+def _sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def wheel_path():
+    """The pinned inotify_simple wheel, fetched once with pip; None if unreachable."""
+    d = CACHE / "wheels" if os.access(CACHE.parent, os.W_OK) else Path(tempfile.gettempdir())
+    d.mkdir(parents=True, exist_ok=True)
+    w = d / WHEEL
+    if not w.exists():
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet",
+                        "--disable-pip-version-check", "--no-deps", "--only-binary=:all:",
+                        "inotify_simple==2.0.1", "-d", str(d)],
+                       capture_output=True, timeout=120)
+    if w.exists() and _sha256(w) == WHEEL_SHA256:
+        return w
+    return None
+
+
+def make_served_dir(dest, with_wheel=True, extra_line=None):
+    """Checkout files + wheel + SHA256SUMS, as a release would publish them."""
+    dest.mkdir(parents=True, exist_ok=True)
+    names = list(SERVED)
+    for n in SERVED:
+        shutil.copy2(REPO / n, dest / n)
+    if extra_line:
+        with open(dest / "fimwatch.py", "a") as f:
+            f.write(extra_line + "\n")
+    if with_wheel:
+        w = wheel_path()
+        if w:
+            shutil.copy2(w, dest / WHEEL)
+            names.append(WHEEL)
+    with open(dest / "SHA256SUMS", "w") as f:
+        for n in names:
+            f.write("%s  %s\n" % (_sha256(dest / n), n))
+    return dest
+
+
+class Server:
+    """http.server on 127.0.0.1, serving one directory, in a thread."""
+
+    def __init__(self, directory):
+        self.directory = Path(directory)
+        handler = functools.partial(_QuietHandler, directory=str(directory))
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = "http://127.0.0.1:%d" % self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+# ---------------------------------------------------------------------------
+# install.sh --root: staging, runs everywhere
+# ---------------------------------------------------------------------------
+
+def _stage_src(tmp_path, extra_line=None):
+    src = make_served_dir(tmp_path / "src", extra_line=extra_line)
+    if not (src / WHEEL).exists():
+        pytest.skip("cannot fetch %s with pip (no registry?)" % WHEEL)
+    return src
+
+
+def _install(src, *args, check=True):
+    env = dict(os.environ, NO_COLOR="1")
+    env.pop("FIMWATCH_BASE_URL", None)
+    r = subprocess.run(["sh", str(src / "install.sh")] + list(args),
+                       capture_output=True, text=True, env=env, timeout=300)
+    if check:
+        assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def _mode(p):
+    return stat.S_IMODE(os.stat(p).st_mode)
+
+
+def test_root_staging_layout(tmp_path):
+    src = _stage_src(tmp_path)
+    root = tmp_path / "root"
+    r = _install(src, "--root", str(root))
+    assert "fimwatch is installed under" in r.stderr
+    binary = root / "usr/local/sbin/fimwatch"
+    assert _mode(binary) == 0o755
+    first = binary.read_text().splitlines()[0]
+    assert first.startswith("#!/") and "python3" in first
+    assert binary.read_text().splitlines()[1:] == \
+        (src / "fimwatch.py").read_text().splitlines()[1:]
+    lib = root / "usr/local/lib/fimwatch"
+    assert (lib / "inotify_simple.py").is_file()
+    assert _mode(lib / "sendmail-relay") == 0o755
+    assert _mode(root / "etc/fimwatch") == 0o700
+    assert _mode(root / "etc/fimwatch/fimwatch.conf") == 0o600
+    assert (root / "etc/fimwatch/fimwatch.conf").read_text() == \
+        (src / "fimwatch.conf.example").read_text()
+    assert _mode(root / "var/lib/fimwatch") == 0o700
+    assert _mode(root / "var/log/fimwatch") == 0o750
+    for u in UNITS:
+        assert (root / "etc/systemd/system" / u).read_text() == (REPO / u).read_text()
+    sysctl = (root / "etc/sysctl.d/60-fimwatch.conf").read_text()
+    assert re.search(r"^fs\.inotify\.max_user_watches = \d+$", sysctl, re.M), sysctl
+    # Nothing outside the root: the staged tree is all there is.
+    top = sorted(p.name for p in root.iterdir())
+    assert top == ["etc", "usr", "var"], top
+
+
+def test_root_staging_is_idempotent_and_keeps_config(tmp_path):
+    src = _stage_src(tmp_path)
+    root = tmp_path / "root"
+    _install(src, "--root", str(root))
+    files = [p for p in root.rglob("*") if p.is_file()]
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in files}
+    time.sleep(0.05)
+    r = _install(src, "--root", str(root))
+    after = {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in files}
+    assert before == after, "unchanged files were rewritten:\n" + r.stderr
+    assert "installing" not in r.stderr and "updating" not in r.stderr, r.stderr
+
+    conf = root / "etc/fimwatch/fimwatch.conf"
+    edited = conf.read_text() + "\n# edited by the admin\n"
+    conf.write_text(edited)
+    src2 = _stage_src(tmp_path / "v2", extra_line="# upgrade marker")
+    r = _install(src2, "--root", str(root))
+    assert conf.read_text() == edited
+    new = root / "etc/fimwatch/fimwatch.conf.new"
+    assert new.read_text() == (src2 / "fimwatch.conf.example").read_text()
+    assert _mode(new) == 0o600
+    assert (root / "usr/local/sbin/fimwatch").read_text().endswith("# upgrade marker\n")
+    assert "updating" in r.stderr
+
+
+def test_root_uninstall_and_purge(tmp_path):
+    src = _stage_src(tmp_path)
+    root = tmp_path / "root"
+    _install(src, "--root", str(root))
+    _install(src, "--root", str(root), "--uninstall")
+    assert not (root / "usr/local/sbin/fimwatch").exists()
+    assert not (root / "usr/local/lib/fimwatch").exists()
+    assert not (root / "etc/sysctl.d/60-fimwatch.conf").exists()
+    for u in UNITS:
+        assert not (root / "etc/systemd/system" / u).exists()
+    assert (root / "etc/fimwatch/fimwatch.conf").exists()
+    assert (root / "var/lib/fimwatch").is_dir()
+    assert (root / "var/log/fimwatch").is_dir()
+    _install(src, "--root", str(root), "--purge")
+    assert not (root / "etc/fimwatch").exists()
+    assert not (root / "var/lib/fimwatch").exists()
+    assert not (root / "var/log/fimwatch").exists()
+
+
+def test_dry_run_changes_nothing(tmp_path):
+    src = _stage_src(tmp_path)
+    root = tmp_path / "root"
+    r = _install(src, "--root", str(root), "--dry-run")
+    assert not root.exists() or not any(root.rglob("*")), list(root.rglob("*"))
+    assert "+ cp " in r.stderr and "dry run" in r.stderr
+
+
+def test_usage_errors(tmp_path):
+    r = subprocess.run(["sh", str(REPO / "install.sh"), "--bogus"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown option: --bogus" in r.stderr
+    r = subprocess.run(["sh", str(REPO / "install.sh"), "--help"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "--uninstall" in r.stdout
+
+
+def test_piped_mode_rejects_bad_checksum(tmp_path):
+    """Piped mode checks every file against SHA256SUMS before installing any."""
+    served = make_served_dir(tmp_path / "served")
+    with open(served / "fimwatch.py", "a") as f:
+        f.write("# tampered\n")
+    server = Server(served)
+    try:
+        env = dict(os.environ, NO_COLOR="1", FIMWATCH_BASE_URL=server.url)
+        script = (served / "install.sh").read_text()
+        root = tmp_path / "root"
+        r = subprocess.run(["sh", "-s", "--", "--root", str(root)], input=script,
+                           capture_output=True, text=True, env=env, timeout=120,
+                           cwd=tmp_path)
+    finally:
+        server.close()
+    assert r.returncode != 0
+    assert "checksum mismatch for fimwatch.py" in r.stderr, r.stderr
+    assert not (root / "usr/local/sbin/fimwatch").exists()
+
+
+# ---------------------------------------------------------------------------
+# containers
+# ---------------------------------------------------------------------------
+
+def host_mirror():
+    """The Debian mirror the host's apt uses (never hard-coded)."""
+    texts = []
+    for f in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
+        texts.append(("deb822", Path(f).read_text()))
+    for f in ["/etc/apt/sources.list"] + sorted(glob.glob("/etc/apt/sources.list.d/*.list")):
+        if os.path.exists(f):
+            texts.append(("list", Path(f).read_text()))
+    for kind, text in texts:
+        if kind == "deb822":
+            for stanza in re.split(r"\n\s*\n", text):
+                if re.search(r"^Enabled:\s*no", stanza, re.M | re.I):
+                    continue
+                suites = re.search(r"^Suites:\s*(.+)$", stanza, re.M)
+                uris = re.search(r"^URIs:\s*(.+)$", stanza, re.M)
+                if uris and suites and not any("security" in s for s in suites.group(1).split()):
+                    for uri in uris.group(1).split():
+                        if "/debian" in uri and "security" not in uri:
+                            return uri
+        else:
+            for line in text.splitlines():
+                m = re.match(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+(\S+)", line)
+                if m and "/debian" in m.group(1) and "security" not in m.group(1) \
+                        and "security" not in m.group(2):
+                    return m.group(1)
+    return None
+
+
+def build_rootfs(distro):
+    """debootstrap once into the cache; later runs reuse it."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    rootfs = CACHE / ("rootfs-" + distro)
+    done = rootfs / ".fimwatch-rootfs-complete"
+    with open(CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if done.exists():
+            return rootfs
+        mirror = host_mirror()
+        if not mirror:
+            pytest.skip("no Debian mirror in the host's apt sources")
+        tmp = CACHE / ("rootfs-%s.tmp" % distro)
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(rootfs, ignore_errors=True)
+        log = CACHE / ("debootstrap-%s.log" % distro)
+        with open(log, "w") as out:
+            r = subprocess.run(["debootstrap", "--variant=minbase", "--include=" + PACKAGES,
+                                distro, str(tmp), mirror],
+                               stdout=out, stderr=subprocess.STDOUT, timeout=1800)
+        if r.returncode != 0:
+            tail = log.read_text()[-3000:]
+            pytest.fail("debootstrap %s from %s failed (log %s):\n%s" % (distro, mirror, log, tail))
+        (tmp / "run/systemd").mkdir(parents=True, exist_ok=True)
+        (tmp / ".fimwatch-rootfs-complete").write_text(mirror + "\n")
+        tmp.rename(rootfs)
+    return rootfs
+
+
+class Container:
+    """A booted copy of a cached rootfs; `sh(cmd)` runs inside it."""
+
+    def __init__(self, distro):
+        self.distro = distro
+        rootfs = build_rootfs(distro)
+        runs = CACHE / "run"
+        runs.mkdir(parents=True, exist_ok=True)
+        self.workdir = Path(tempfile.mkdtemp(prefix="%s-" % distro, dir=runs))
+        self.dir = self.workdir / "root"
+        self.proc = None
+        self.pid1 = None
+        subprocess.run(["cp", "-a", "--reflink=auto", str(rootfs), str(self.dir)], check=True,
+                       timeout=600)
+        (self.dir / "run/systemd").mkdir(parents=True, exist_ok=True)
+        self.console = open(self.workdir / "console.log", "w")
+        env = dict(os.environ)
+        if distro not in ("bullseye", "bookworm"):
+            # systemd >= 256 refuses cgroup v1; give it a unified hierarchy.
+            env["SYSTEMD_NSPAWN_UNIFIED_HIERARCHY"] = "1"
+        self.proc = subprocess.Popen(
+            ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit",
+             "--machine=fimwatch-%s-%d" % (distro, os.getpid()),
+             "-D", str(self.dir), "--boot", "--console=pipe"],
+            stdin=subprocess.DEVNULL, stdout=self.console, stderr=subprocess.STDOUT,
+            start_new_session=True, env=env)
+        try:
+            self.pid1 = self._find_pid1(timeout=30)
+            self.wait_booted(timeout=120)
+        except BaseException:
+            self.kill()
+            raise
+
+    def _find_pid1(self, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError("systemd-nspawn exited %s:\n%s" % (
+                    self.proc.returncode, self.console_text()))
+            for d in os.listdir("/proc"):
+                if not d.isdigit():
+                    continue
+                try:
+                    status = Path("/proc/%s/status" % d).read_text()
+                except OSError:
+                    continue
+                ppid = re.search(r"^PPid:\s*(\d+)", status, re.M)
+                nspid = re.search(r"^NSpid:\s*(.*)$", status, re.M)
+                if ppid and int(ppid.group(1)) == self.proc.pid and nspid \
+                        and nspid.group(1).split()[-1] == "1":
+                    return int(d)
+            time.sleep(0.1)
+        raise AssertionError("no container PID 1 after %ss:\n%s" % (timeout, self.console_text()))
+
+    def console_text(self):
+        try:
+            return (self.workdir / "console.log").read_text()[-4000:]
+        except OSError:
+            return ""
+
+    def wait_booted(self, timeout):
+        deadline = time.monotonic() + timeout
+        state = ""
+        while time.monotonic() < deadline:
+            r = self.sh("systemctl is-system-running", check=False, timeout=20)
+            state = r.stdout.strip()
+            if state in ("running", "degraded"):
+                return state
+            time.sleep(0.3)
+        raise AssertionError("container did not boot (state %r):\n%s" % (
+            state, self.console_text()))
+
+    def sh(self, cmd, check=True, timeout=120, input=None):
+        r = subprocess.run(
+            ["nsenter", "-t", str(self.pid1), "-a", "env", "-i", "PATH=" + CT_PATH,
+             "LANG=C.UTF-8", "HOME=/root", "TERM=dumb", "sh", "-c", cmd],
+            capture_output=True, text=True, timeout=timeout, input=input)
+        if check:
+            assert r.returncode == 0, "%s -> %d\nstdout:\n%s\nstderr:\n%s" % (
+                cmd, r.returncode, r.stdout, r.stderr)
+        return r
+
+    def read(self, path):
+        return self.sh("cat %s" % path).stdout
+
+    def exists(self, path):
+        return self.sh("test -e %s" % path, check=False).returncode == 0
+
+    def show(self, unit, *props):
+        r = self.sh("systemctl show -p %s %s" % (",".join(props), unit))
+        return dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+
+    def wait_for(self, what, fn, timeout, interval=0.2):
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            last = fn()
+            if last:
+                return last
+            time.sleep(interval)
+        raise AssertionError("timed out after %ss waiting for %s" % (timeout, what))
+
+    def events(self):
+        r = self.sh("cat /var/log/fimwatch/events.jsonl 2>/dev/null || true")
+        out = []
+        for line in r.stdout.splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def kill(self):
+        """Always works: SIGKILL to the container's PID 1 takes its whole PID
+        namespace down; then nspawn's process group."""
+        if self.pid1:
+            try:
+                os.kill(self.pid1, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.proc and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(timeout=10)
+        self.console.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _container_skip_reason():
+    if sys.platform != "linux":
+        return "Linux only"
+    if not IS_ROOT:
+        return "container tests need root (systemd-nspawn, nsenter, debootstrap)"
+    missing = _missing_tools("systemd-nspawn", "debootstrap", "nsenter")
+    if missing:
+        return "missing %s (apt-get install systemd-container debootstrap util-linux)" % \
+            " ".join(missing)
+    return None
+
+
+class Box:
+    """A booted container plus the HTTP server it installs from."""
+
+    def __init__(self, ct, served_root):
+        self.ct = ct
+        self.served_root = served_root
+        self.served = make_served_dir(served_root / "v1")
+        self.server = Server(self.served)
+        self.notes = {}
+
+    def pipe_install(self, *args, url=None):
+        url = url or self.server.url
+        opts = (" -s -- " + " ".join(args)) if args else ""
+        t0 = time.monotonic()
+        r = self.ct.sh("curl -fsSL %s/install.sh | FIMWATCH_BASE_URL=%s sh%s"
+                       % (url, url, opts), check=False, timeout=600)
+        r.seconds = time.monotonic() - t0
+        return r
+
+
+@pytest.fixture(scope="module", params=DISTROS)
+def box(request, tmp_path_factory):
+    reason = _container_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    ct = Container(request.param)
+    b = None
+    try:
+        b = Box(ct, tmp_path_factory.mktemp("served-" + request.param))
+        yield b
+    finally:
+        if b:
+            b.server.close()
+        ct.kill()
+
+
+def _require(box, step):
+    if not box.notes.get(step):
+        pytest.skip("needs the earlier step %r to have passed" % step)
+
+
+def _main_pid(box):
+    return int(box.ct.show("fimwatch.service", "MainPID")["MainPID"])
+
+
+def _started_events(box):
+    return [e for e in box.ct.events() if e.get("event") == "started"]
+
+
+@pytest.mark.timeout(600)
+def test_ct_piped_install(box):
+    ct = box.ct
+    r = box.pipe_install()
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    print("piped install took %.1fs" % r.seconds)
+    box.notes["install_seconds"] = r.seconds
+    assert "fimwatch is installed" in out, out
+    assert "journalctl -t fimwatch" in out and "--uninstall" in out
+    assert "all match SHA256SUMS" in out
+    st = ct.sh("stat -c '%a %U' /usr/local/sbin/fimwatch /etc/fimwatch /etc/fimwatch/fimwatch.conf"
+               " /var/lib/fimwatch /var/log/fimwatch").stdout.split("\n")
+    assert st[:5] == ["755 root", "700 root", "600 root", "700 root", "750 root"], st
+    assert ct.exists("/usr/local/lib/fimwatch/inotify_simple.py")
+    assert ct.exists("/etc/sysctl.d/60-fimwatch.conf")
+    # Baseline built by the installer before the unit started.
+    assert ct.sh("ls /var/lib/fimwatch").stdout.strip(), "no baseline in /var/lib/fimwatch"
+    # /usr/lib/python3*/ untouched: no inotify_simple in the system's site-packages.
+    r = ct.sh("python3 -c 'import inotify_simple'", check=False)
+    assert r.returncode != 0, "inotify_simple leaked into the system's site-packages"
+    box.notes["installed"] = True
+
+
+@pytest.mark.timeout(120)
+def test_ct_service_ready(box):
+    _require(box, "installed")
+    ct = box.ct
+    props = ct.show("fimwatch.service", "ActiveState", "SubState", "Type", "UnitFileState",
+                    "NRestarts", "MainPID")
+    assert props["ActiveState"] == "active", props
+    assert props["SubState"] == "running", props
+    assert props["Type"] == "notify", props
+    assert props["UnitFileState"] == "enabled", props
+    assert ct.show("fimwatch-sendmail.socket", "ActiveState")["ActiveState"] == "active"
+    status = ct.read("/proc/%s/status" % props["MainPID"])
+    assert re.search(r"^NoNewPrivs:\s*1", status, re.M), status
+    assert _started_events(box), ct.events()
+    r = ct.sh("fimwatch status", check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    box.notes["ready"] = True
+
+
+def _mailbox(box):
+    """Where this container's exim delivers root's mail (/var/mail/mail on Debian
+    when root has no alias): found by sending a probe."""
+    ct = box.ct
+    if "mailbox" in box.notes:
+        return box.notes["mailbox"]
+    token = "fimwatch-probe-%d" % time.time()
+    ct.sh("printf 'To: root\\nSubject: %s\\n\\nprobe\\n' | /usr/sbin/sendmail -t -oi" % token)
+
+    def find():
+        r = ct.sh("grep -l '%s' /var/mail/* 2>/dev/null || true" % token)
+        return r.stdout.split()[0] if r.stdout.split() else None
+    box.notes["mailbox"] = ct.wait_for("the probe mail", find, 30)
+    return box.notes["mailbox"]
+
+
+@pytest.mark.timeout(180)
+def test_ct_passwd_change_reaches_journal_and_mail(box):
+    _require(box, "ready")
+    ct = box.ct
+    mailbox = _mailbox(box)
+    # The admin turns on mail: this is also the "edited config" an upgrade must keep.
+    ct.sh(r"sed -i '/^\[email\]/,/^\[/ s/^enabled *=.*/enabled = yes/' /etc/fimwatch/fimwatch.conf")
+    assert re.search(r"\[email\][^[]*enabled = yes", ct.read("/etc/fimwatch/fimwatch.conf"))
+    ct.sh("fimwatch check-config >/dev/null")
+    ct.sh("systemctl restart fimwatch.service")
+    box.notes["edited_conf"] = ct.sh("sha256sum /etc/fimwatch/fimwatch.conf").stdout.split()[0]
+    ct.sh("echo 'fimtest:x:4242:4242::/nonexistent:/usr/sbin/nologin' >> /etc/passwd")
+
+    def journal():
+        r = ct.sh("journalctl -t fimwatch --no-pager -o cat", check=False)
+        hits = [ln for ln in r.stdout.splitlines() if "/etc/passwd" in ln and "modified" in ln]
+        return hits
+    hits = ct.wait_for("/etc/passwd in journalctl -t fimwatch", journal, 30)
+    assert "critical" in hits[-1], hits
+
+    def mail():
+        text = ct.sh("cat %s" % mailbox).stdout
+        subjects = re.findall(r"^Subject: (.*)$", text, re.M)
+        return [s for s in subjects if "/etc/passwd" in s]
+    try:
+        subjects = ct.wait_for("the alert mail in %s" % mailbox, mail, 60)
+    except AssertionError:
+        r = ct.sh("tail -20 /var/log/exim4/mainlog; journalctl --no-pager -n 40 "
+                  "-u fimwatch -u 'fimwatch-sendmail@*'; fimwatch status", check=False)
+        raise AssertionError("no alert mail for /etc/passwd in %s\n%s" % (mailbox, r.stdout))
+    assert any("CRITICAL" in s and "modified" in s for s in subjects), subjects
+    box.notes["mail"] = True
+
+
+@pytest.mark.timeout(180)
+def test_ct_kill9_restart_reports_gap(box):
+    _require(box, "ready")
+    ct = box.ct
+    old_pid = _main_pid(box)
+    n_started = len(_started_events(box))
+    t0 = time.monotonic()
+    ct.sh("kill -9 %d; echo gap-change > /etc/fimwatch-gap-test" % old_pid)
+
+    def back():
+        p = ct.show("fimwatch.service", "ActiveState", "SubState", "MainPID")
+        ok = p["ActiveState"] == "active" and p["SubState"] == "running" \
+            and p["MainPID"] not in ("0", str(old_pid))
+        return p if ok else None
+    ct.wait_for("fimwatch.service back after kill -9", back, 30, interval=0.1)
+    latency = time.monotonic() - t0
+    print("restart latency after kill -9: %.2fs" % latency)
+    box.notes["restart_seconds"] = latency
+    assert latency < 10, latency
+
+    started = ct.wait_for("a new started event", lambda: _started_events(box)[n_started:], 30)
+    ev = started[-1]
+    assert ev.get("unclean") is True, ev
+    assert "gap" in ev and ev["gap"].get("from") and ev["gap"].get("to"), ev
+    assert "not watching from" in json.dumps(ev), ev
+
+    def gap_change():
+        return [e for e in ct.events() if e.get("path") == "/etc/fimwatch-gap-test"
+                and e.get("event") == "created"]
+    evs = ct.wait_for("the change made during the gap", gap_change, 30)
+    assert evs[0].get("detected") == "startup", evs
+    r = ct.sh("journalctl -t fimwatch --no-pager -o cat", check=False)
+    assert "/etc/fimwatch-gap-test" in r.stdout
+    assert "not watching from" in r.stdout
+
+
+@pytest.mark.timeout(600)
+def test_ct_reinstall_upgrades_and_keeps_config(box):
+    _require(box, "installed")
+    ct = box.ct
+    conf_before = ct.sh("sha256sum /etc/fimwatch/fimwatch.conf").stdout.split()[0]
+    # Same release again: nothing changes, the service is not restarted.
+    pid = _main_pid(box)
+    r = box.pipe_install()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "nothing changed" in r.stderr, r.stderr
+    assert _main_pid(box) == pid
+    # A new release: the program is replaced and the service restarted.
+    v2 = make_served_dir(box.served_root / "v2", extra_line="# fimwatch upgrade marker")
+    server2 = Server(v2)
+    try:
+        r = box.pipe_install(url=server2.url)
+    finally:
+        server2.close()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert ct.read("/usr/local/sbin/fimwatch").endswith("# fimwatch upgrade marker\n")
+    assert ct.sh("sha256sum /etc/fimwatch/fimwatch.conf").stdout.split()[0] == conf_before
+    if box.notes.get("edited_conf"):
+        assert conf_before == box.notes["edited_conf"]
+        assert ct.read("/etc/fimwatch/fimwatch.conf.new") == \
+            (REPO / "fimwatch.conf.example").read_text()
+    p = ct.show("fimwatch.service", "ActiveState", "MainPID")
+    assert p["ActiveState"] == "active" and int(p["MainPID"]) != pid, p
+
+
+@pytest.mark.timeout(300)
+def test_ct_uninstall_keeps_config_and_state(box):
+    _require(box, "installed")
+    ct = box.ct
+    r = box.pipe_install("--uninstall")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert ct.show("fimwatch.service", "ActiveState")["ActiveState"] in ("inactive", "failed")
+    assert ct.show("fimwatch.service", "LoadState")["LoadState"] == "not-found"
+    for path in ["/etc/systemd/system/fimwatch.service", "/usr/local/sbin/fimwatch",
+                 "/usr/local/lib/fimwatch", "/etc/sysctl.d/60-fimwatch.conf",
+                 "/etc/systemd/system/multi-user.target.wants/fimwatch.service"]:
+        assert not ct.exists(path), path
+    assert ct.exists("/etc/fimwatch/fimwatch.conf")
+    assert ct.sh("ls /var/lib/fimwatch").stdout.strip()
+    assert ct.exists("/var/log/fimwatch")
+
+
+@pytest.mark.timeout(300)
+def test_ct_purge_removes_everything(box):
+    _require(box, "installed")
+    ct = box.ct
+    r = box.pipe_install("--purge")
+    assert r.returncode == 0, r.stdout + r.stderr
+    for path in ["/etc/fimwatch", "/var/lib/fimwatch", "/var/log/fimwatch",
+                 "/usr/local/sbin/fimwatch", "/usr/local/lib/fimwatch",
+                 "/etc/systemd/system/fimwatch.service",
+                 "/etc/systemd/system/fimwatch-sendmail.socket",
+                 "/etc/sysctl.d/60-fimwatch.conf"]:
+        assert not ct.exists(path), path
