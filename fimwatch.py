@@ -46,13 +46,13 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 from collections import deque
-from email.message import EmailMessage
-from email.utils import formatdate, make_msgid
+
+# urllib.request (which loads ssl) and email are imported where they are used:
+# together they would add ~8 MB to the resident size of every daemon, also of
+# the many that never send an email or a webhook.
 
 # ---------------------------------------------------------------------------
 # Constants: every path and binary the program touches
@@ -303,7 +303,8 @@ class PatternSet:
 
 # section -> key -> (type, default). Types: str, path, paths, patterns,
 # duration, size, bool, int, severity, facility, choice:a|b
-_CHANNEL_COMMON = {"enabled": ("bool", "no"), "min_severity": ("severity", "warning")}
+_CHANNEL_COMMON = {"enabled": ("bool", "no"), "min_severity": ("severity", "warning"),
+                   "retry_min": ("duration", "15s")}
 SCHEMA = {
     "fimwatch": {
         "state_dir": ("path", "/var/lib/fimwatch"),
@@ -2007,6 +2008,8 @@ class DeliveryError(Exception):
 
 
 def send_email(conf, ev, host, sendmail=None, timeout=60):
+    from email.message import EmailMessage
+    from email.utils import formatdate, make_msgid
     msg = EmailMessage()
     msg["Subject"] = event_subject(ev)
     msg["From"] = conf["from"] or "fimwatch@%s" % host
@@ -2081,15 +2084,26 @@ def webhook_body(fmt, ev):
     return json.dumps(body, ensure_ascii=False).encode("utf-8"), "application/json", {}
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *a, **k):
-        return None
+_opener = None
 
 
-_opener = urllib.request.build_opener(_NoRedirect)
+def _http_opener():
+    """An opener that does not follow redirects (a redirect could send the
+    signed body somewhere else)."""
+    global _opener
+    if _opener is None:
+        import urllib.request
+
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *a, **k):
+                return None
+        _opener = urllib.request.build_opener(NoRedirect)
+    return _opener
 
 
 def send_webhook(conf, ev):
+    import urllib.error
+    import urllib.request
     body, ctype, headers = webhook_body(conf["format"], ev)
     req = urllib.request.Request(conf["url"], data=body, method="POST")
     req.add_header("Content-Type", ctype)
@@ -2102,7 +2116,7 @@ def send_webhook(conf, ev):
         req.add_header("X-Fimwatch-Signature", "sha256=" + sig)
     where = redact_url(conf["url"])
     try:
-        with _opener.open(req, timeout=conf["timeout"]) as r:
+        with _http_opener().open(req, timeout=conf["timeout"]) as r:
             r.read(65536)
             if not 200 <= r.status < 300:
                 raise DeliveryError("%s answered HTTP %d" % (where, r.status))
@@ -2274,7 +2288,8 @@ class Channel:
             self.store._w()
             for s in seq_list:
                 a = attempts.get(s, 0) + 1
-                backoff = min(3600.0, 15.0 * 2 ** min(a - 1, 10)) * random.uniform(0.8, 1.2)
+                backoff = min(3600.0, self.conf["retry_min"] * 2 ** min(a - 1, 10)) \
+                    * random.uniform(0.8, 1.2)
                 self.store.db.execute("UPDATE spool SET attempts=?, next_try=?, last_error=? "
                                       "WHERE seq=?", (a, now + backoff, err, s))
             self.store.commit()
@@ -2752,6 +2767,39 @@ def channel_status(store, chan_ids):
     return out
 
 
+def inotify_usage(proc="/proc", top=8):
+    """[(watches, pid, command)] of the processes holding inotify watches,
+    most first: what to look at when the watch limit is reached."""
+    out = []
+    try:
+        pids = [p for p in os.listdir(proc) if p.isdigit()]
+    except OSError:
+        return out
+    for pid in pids:
+        fd_dir = "%s/%s/fd" % (proc, pid)
+        n = 0
+        try:
+            for fd in os.listdir(fd_dir):
+                try:
+                    if os.readlink("%s/%s" % (fd_dir, fd)) != "anon_inode:inotify":
+                        continue
+                    with open("%s/%s/fdinfo/%s" % (proc, pid, fd)) as f:
+                        n += sum(1 for ln in f if ln.startswith("inotify wd:"))
+                except OSError:
+                    continue
+        except OSError:
+            continue
+        if n:
+            try:
+                with open("%s/%s/comm" % (proc, pid)) as f:
+                    comm = f.read().strip()
+            except OSError:
+                comm = "?"
+            out.append((n, int(pid), esc(comm)))
+    out.sort(reverse=True)
+    return out[:top]
+
+
 def cmd_status(cfg, args):
     pid = StateLock(cfg.state_dir).holder() if os.path.isdir(cfg.state_dir) else None
     running = bool(pid)
@@ -2791,6 +2839,8 @@ def cmd_status(cfg, args):
                 if r[0] not in ids]
         st["channels"] = channel_status(store, ids)
         store.db.close()
+    st["inotify_watches_by_process"] = [{"pid": p, "command": c, "watches": n}
+                                        for n, p, c in inotify_usage()]
     if args.json:
         print(json.dumps(st, indent=2))
     else:
@@ -2817,6 +2867,10 @@ def cmd_status(cfg, args):
                     ", DROPPED %d after 7 days" % c["dropped"] if c["dropped"] else ""))
         else:
             print("  no baseline yet in %s" % cfg.state_dir)
+        if st["inotify_watches_by_process"]:
+            print("  inotify watches by process (limit %s per user):" % limit)
+            for w in st["inotify_watches_by_process"]:
+                print("    %8d  pid %-7d %s" % (w["watches"], w["pid"], w["command"]))
         if not running:
             print("  start it:   systemctl start fimwatch   (or: fimwatch run)")
     return EXIT_OK if running else EXIT_CHANGES
