@@ -65,6 +65,7 @@ DEV_LOG = "/dev/log"
 UTMP = "/var/run/utmp"
 DPKG_INFO = "/var/lib/dpkg/info"
 DPKG_LOCK = "/var/lib/dpkg/lock"
+DPKG_STATUS = "/var/lib/dpkg/status"
 INOTIFY_SYSCTL = "/proc/sys/fs/inotify"
 DB_NAME = "baseline.db"
 LOCK_NAME = "fimwatch.lock"
@@ -98,6 +99,8 @@ POLL_UNWATCHED_EVERY = 60.0      # periodic scan of subtrees that got no watch
 ROOT_RETRY_EVERY = 2.0           # a deleted watched root is looked for this often
 DIFF_MAX_LINES = 200
 
+# Where package managers install files; only these are checked against them.
+PACKAGE_PREFIXES = ("/usr/", "/etc/", "/bin/", "/sbin/", "/lib", "/boot/", "/opt/")
 DEFAULT_NO_DIFF = "/etc/shadow /etc/gshadow /etc/ssh/*_key **/*.key **/*.pem"
 
 # ---------------------------------------------------------------------------
@@ -980,8 +983,8 @@ class PackageDB:
 
     IDLE_DROP = 300
 
-    def __init__(self, info_dir=DPKG_INFO, lock=DPKG_LOCK):
-        self.info_dir, self.lock_path = info_dir, lock
+    def __init__(self, info_dir=DPKG_INFO, lock=DPKG_LOCK, status=DPKG_STATUS):
+        self.info_dir, self.lock_path, self.status_path = info_dir, lock, status
         self.index, self.loaded_mtime, self.used = None, None, 0
 
     def available(self):
@@ -990,6 +993,7 @@ class PackageDB:
     def _load(self):
         try:
             mtime = os.stat(self.info_dir).st_mtime_ns
+            mtime += os.stat(self.status_path).st_mtime_ns
         except OSError:
             return False
         if self.index is not None and mtime == self.loaded_mtime:
@@ -1011,6 +1015,24 @@ class PackageDB:
                             index[b"/" + rel] = (pkg, md5.decode("ascii", "replace"))
             except OSError:
                 continue
+        # Files under /etc are mostly conffiles: their md5 is in the status
+        # file ("Conffiles:"), not in the md5sums lists.
+        try:
+            with open(self.status_path, "rb") as f:
+                pkg, in_conf = None, False
+                for line in f:
+                    if line.startswith(b"Package: "):
+                        pkg, in_conf = line[9:].strip().decode("utf-8", "replace"), False
+                    elif line.startswith(b"Conffiles:"):
+                        in_conf = True
+                    elif in_conf and line.startswith(b" /"):
+                        parts = line.split()
+                        if len(parts) >= 2 and b"obsolete" not in parts[2:]:
+                            index[parts[0]] = (pkg, parts[1].decode("ascii", "replace"))
+                    else:
+                        in_conf = False
+        except OSError:
+            pass
         self.index, self.loaded_mtime = index, mtime
         return True
 
@@ -1080,7 +1102,8 @@ def unified_diff(old, new, path):
     if len(lines) > DIFF_MAX_LINES:
         lines = lines[:DIFF_MAX_LINES] + ["... (%d more lines)\n" % (len(lines) - DIFF_MAX_LINES)]
     # Escape control characters line by line but keep the newlines.
-    return "".join(esc(ln.rstrip("\n")) + "\n" for ln in lines) or None
+    return "".join("\t".join(esc(part) for part in ln.rstrip("\n").split("\t")) + "\n"
+                   for ln in lines) or None
 
 
 # ---------------------------------------------------------------------------
@@ -1210,6 +1233,7 @@ class Engine:
         self.overflows = 0
         self.pkgdb = PackageDB() if cfg.package_check else None
         self.deferred = {}           # path -> first deferral (dpkg running)
+        self._users, self._users_at = [], -10.0
         self.stats = {"events": 0, "changes": 0, "raw": 0, "silent": 0}
         self._set_roots(cfg)
 
@@ -1466,11 +1490,14 @@ class Engine:
             ev["from"] = esc(extra.pop("moved_from"))
         ev.update(extra)
         if detected == "realtime":
-            users = login_users()
+            now = time.monotonic()
+            if now - self._users_at > 1.0:        # a storm must not re-read utmp per event
+                self._users, self._users_at = login_users(), now
+            users = self._users
             if users:
                 ev["users"] = users
         if (self.pkgdb is not None and kind == "file" and event in ("modified", "created")
-                and new is not None):
+                and new is not None and p.startswith(PACKAGE_PREFIXES)):
             pkg = self.pkgdb.check(p)
             if pkg is not None:
                 ev["package"] = pkg
@@ -1655,8 +1682,7 @@ class Engine:
     def defer_for_dpkg(self, p, now):
         """While dpkg is unpacking, changes to the files it manages wait (up to
         30 minutes) so they can be checked against the new md5sums."""
-        if self.pkgdb is None or not p.startswith(("/usr/", "/etc/", "/bin/", "/sbin/",
-                                                   "/lib")):
+        if self.pkgdb is None or not p.startswith(PACKAGE_PREFIXES):
             return False
         first = self.deferred.get(p)
         if first is None:
