@@ -2047,8 +2047,15 @@ def send_email(conf, ev, host, sendmail=None, timeout=60):
     msg["X-Fimwatch-Severity"] = ev["severity"]
     msg.set_content(event_text(ev))
     prog = sendmail or conf["sendmail"]
+    cmd = [prog, "-oi", "-t"]
+    # Inside fimwatch.service's sandbox an MTA's sendmail cannot work (no
+    # setuid, no capabilities): the unit names a relay that hands the message
+    # to a socket-activated service running the real sendmail outside.
+    relay = os.environ.get("FIMWATCH_SENDMAIL_RELAY")
+    if relay:
+        cmd = [relay] + cmd
     try:
-        r = subprocess.run([prog, "-oi", "-t"], input=msg.as_bytes(), capture_output=True,
+        r = subprocess.run(cmd, input=msg.as_bytes(), capture_output=True,
                            timeout=timeout, close_fds=True)
     except FileNotFoundError:
         raise DeliveryError("sendmail program %s not found (install an MTA such as postfix, "
@@ -2482,6 +2489,7 @@ class Daemon:
         self.cfg = cfg
         self.stop = False
         self.reload = False
+        self._last_alive = time.monotonic()
 
     def _signal(self, signum, frame):
         if signum == signal.SIGHUP:
@@ -2579,6 +2587,7 @@ class Daemon:
                 if self.stop:
                     break
                 eng.flush_due(budget=0.02)
+                self.keepalive()
             self.store.commit()
         for root in eng.scan_only:
             for _ in eng.walk_root(root, mode, detected, watch=False):
@@ -2587,6 +2596,14 @@ class Daemon:
         if eng.progress:
             sys.stderr.write("\r\x1b[K")
         return eng
+
+    def keepalive(self):
+        """During a long start-up walk: keep systemd's start timeout and
+        watchdog from killing a daemon that is busy, not stuck."""
+        now = time.monotonic()
+        if now - self._last_alive >= 10.0:
+            self._last_alive = now
+            sd_notify("WATCHDOG=1\nEXTEND_TIMEOUT_USEC=60000000")
 
     def loop(self):
         cfg, store = self.cfg, self.store
@@ -3008,6 +3025,24 @@ def cmd_test_alert(cfg, args):
     return EXIT_OK if ok else EXIT_CHANGES
 
 
+def cmd_notify_failure(cfg, args):
+    """Run by fimwatch-failure@.service when the unit failed: a critical alert
+    through every channel, synchronously (the daemon is not there to do it)."""
+    store = Store(cfg.state_dir)
+    unit = esc(args.unit)
+    ev = new_event(cfg.hostname, "stopped", "critical", "realtime", "", unit=unit,
+                   result=esc(args.result or ""),
+                   message="%s failed%s: fimwatch is NOT watching. See: journalctl -u %s -e; "
+                           "fimwatch check-config; systemctl restart %s"
+                           % (unit, " (%s)" % esc(args.result) if args.result else "", unit,
+                              unit))
+    dispatch = Dispatcher(cfg, store)
+    dispatch.emit(ev)
+    dispatch.deliver_pending(timeout=60)
+    dispatch.close(timeout=0)
+    return EXIT_OK
+
+
 def cmd_pause(cfg, args):
     dur = parse_duration(args.duration)
     if dur <= 0 or dur > 7 * 86400:
@@ -3065,6 +3100,10 @@ def build_parser():
     sp.add_argument("--for", dest="duration", required=True, metavar="DURATION")
     sp.add_argument("--reason", metavar="TEXT")
     sub.add_parser("resume", help="end a maintenance window now")
+    sp = sub.add_parser("notify-failure", help="alert that the service failed (for the "
+                        "OnFailure= unit)")
+    sp.add_argument("unit", metavar="UNIT")
+    sp.add_argument("--result", metavar="TEXT", help="e.g. exit-code, watchdog, start-limit-hit")
     sp = sub.add_parser("events", help="recent events from the state database")
     sp.add_argument("--since", default="24h", metavar="DURATION")
     sp.add_argument("--path", metavar="GLOB")
@@ -3074,7 +3113,8 @@ def build_parser():
 
 COMMANDS = {"run": cmd_run, "scan": cmd_scan, "accept": cmd_accept, "status": cmd_status,
             "test-alert": cmd_test_alert, "check-config": cmd_check_config,
-            "pause": cmd_pause, "resume": cmd_resume, "events": cmd_events}
+            "pause": cmd_pause, "resume": cmd_resume, "events": cmd_events,
+            "notify-failure": cmd_notify_failure}
 
 
 def main(argv=None):
