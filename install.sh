@@ -63,7 +63,9 @@ SRC=
 TMP=
 PY=
 HAVE_SYSTEMD=0
-CHANGED=0
+CHANGED_PATHS=
+STOPPED_FOR_UPGRADE=0
+STAGE=
 UNITS_CHANGED=0
 CONF_NOTE=
 STEP=start
@@ -359,39 +361,89 @@ get_wheel() {
     [ "$got" = "$INOTIFY_SIMPLE_SHA256" ] || fatal "$INOTIFY_SIMPLE_WHEEL: sha256 $got is not the pinned $INOTIFY_SIMPLE_SHA256"
 }
 
-install_library() {
-    get_wheel
-    [ -n "${WHEEL:-}" ] || return 0
-    STEP="installing inotify_simple into $LIBDIR"
-    [ -n "$TMP" ] || TMP=$(mktemp -d /tmp/fimwatch-install.XXXXXX)
-    rm -rf "$TMP/unzip"
-    "$PY" -m zipfile -e "$WHEEL" "$TMP/unzip" || fatal "cannot unpack $WHEEL"
-    [ -f "$TMP/unzip/inotify_simple.py" ] || fatal "$INOTIFY_SIMPLE_WHEEL has no inotify_simple.py"
-    make_dir "$ROOT$LIBDIR" 0755
-    install_file "$TMP/unzip/inotify_simple.py" "$ROOT$LIBDIR/inotify_simple.py" 0644 && CHANGED=1
-    for lic in "$TMP"/unzip/inotify_simple-*.dist-info/LICENSE*; do
-        [ -f "$lic" ] && { install_file "$lic" "$ROOT$LIBDIR/inotify_simple.LICENSE" 0644 || true; }
-    done
-    return 0
-}
-
-# --- the program --------------------------------------------------------------------
+# --- the program, library and units: staged, compared, then installed --------------
 # The installed copy runs with the interpreter checked above, not whatever
 # "python3" a service's PATH finds.
 with_shebang() { # SRC OUT
     { printf '#!%s\n' "$PY"; sed '1{/^#!/d;}' "$1"; } >"$2"
 }
 
-install_program() {
-    STEP="installing $BIN"
+# Everything but the config and the sysctl drop-in is rendered into $STAGE
+# first, so an upgrade knows before touching anything whether it changes.
+prepare() {
     [ -n "$TMP" ] || TMP=$(mktemp -d /tmp/fimwatch-install.XXXXXX)
+    STAGE=$TMP/stage
+    rm -rf "$STAGE"; mkdir -p "$STAGE"
+    get_wheel
+    STEP="unpacking $INOTIFY_SIMPLE_WHEEL"
+    if [ -n "${WHEEL:-}" ]; then
+        "$PY" -m zipfile -e "$WHEEL" "$TMP/unzip" || fatal "cannot unpack $WHEEL"
+        [ -f "$TMP/unzip/inotify_simple.py" ] || fatal "$INOTIFY_SIMPLE_WHEEL has no inotify_simple.py"
+        cp "$TMP/unzip/inotify_simple.py" "$STAGE/inotify_simple.py"
+        for lic in "$TMP"/unzip/inotify_simple-*.dist-info/LICENSE*; do
+            [ -f "$lic" ] && cp "$lic" "$STAGE/inotify_simple.LICENSE"
+        done
+    fi
+    with_shebang "$SRC/fimwatch.py" "$STAGE/fimwatch"
+    with_shebang "$SRC/fimwatch-sendmail-relay" "$STAGE/sendmail-relay"
+    for u in $UNITS; do
+        cp "$SRC/$u" "$STAGE/$u"
+    done
+}
+
+# Lines of "STAGED DEST MODE" for every staged file.
+staged_files() {
+    echo "$STAGE/fimwatch $BIN 0755"
+    echo "$STAGE/sendmail-relay $RELAY 0755"
+    [ -f "$STAGE/inotify_simple.py" ] && echo "$STAGE/inotify_simple.py $LIBDIR/inotify_simple.py 0644"
+    [ -f "$STAGE/inotify_simple.LICENSE" ] && echo "$STAGE/inotify_simple.LICENSE $LIBDIR/inotify_simple.LICENSE 0644"
+    for u in $UNITS; do
+        echo "$STAGE/$u $UNITDIR/$u 0644"
+    done
+}
+
+pending_changes() {
+    # A new example beside an edited config counts as a change too.
+    if [ -f "$ROOT$CONF" ] && ! cmp -s "$SRC/fimwatch.conf.example" "$ROOT$CONF" \
+        && ! cmp -s "$SRC/fimwatch.conf.example" "$ROOT$CONF.new"; then
+        return 0
+    fi
+    staged_files | {
+        while read -r src dest mode; do
+            cmp -s "$src" "$ROOT$dest" || exit 0
+        done
+        exit 1
+    }
+}
+
+# An upgrade stops the daemon first: it would otherwise page about the
+# installer's own files. It takes them into its baseline before it starts again
+# (accept_own_files), and a clean stop/start leaves no unreported gap.
+stop_for_upgrade() {
+    [ -z "$ROOT" ] && [ "$HAVE_SYSTEMD" = 1 ] && [ "$NO_START" = 0 ] || return 0
+    systemctl is-active --quiet "$SERVICE" 2>/dev/null || return 0
+    pending_changes || return 0
+    STEP="stopping $SERVICE for the upgrade"
+    info "stopping $SERVICE to upgrade it"
+    run systemctl stop "$SERVICE"
+    STOPPED_FOR_UPGRADE=1
+}
+
+install_staged() {
+    STEP="installing the program, library and units"
     make_dir "$ROOT/usr/local/sbin" 0755
-    with_shebang "$SRC/fimwatch.py" "$TMP/fimwatch"
-    install_file "$TMP/fimwatch" "$ROOT$BIN" 0755 && CHANGED=1
     make_dir "$ROOT$LIBDIR" 0755
-    with_shebang "$SRC/fimwatch-sendmail-relay" "$TMP/sendmail-relay"
-    install_file "$TMP/sendmail-relay" "$ROOT$RELAY" 0755 && CHANGED=1
-    return 0
+    make_dir "$ROOT$UNITDIR" 0755
+    list=$(staged_files)
+    # A here-document, not a pipe: the loop must set variables in this shell.
+    while read -r src dest mode; do
+        if install_file "$src" "$ROOT$dest" "$mode"; then
+            CHANGED_PATHS="$CHANGED_PATHS $dest"
+            case $dest in *.service|*.socket) UNITS_CHANGED=1 ;; esac
+        fi
+    done <<EOT
+$list
+EOT
 }
 
 install_config() {
@@ -407,6 +459,7 @@ install_config() {
         else
             CONF_NOTE="yours, kept; the new example is $CONF.new"
             if install_file "$SRC/fimwatch.conf.example" "$ROOT$CONF.new" 0600; then
+                CHANGED_PATHS="$CHANGED_PATHS $CONF.new"
                 info "kept your $CONF; the new example is $CONF.new (diff -u $CONF $CONF.new)"
             fi
         fi
@@ -423,17 +476,6 @@ install_config() {
     fi
     make_dir "$ROOT$STATEDIR" 0700
     make_dir "$ROOT$LOGDIR" 0750
-}
-
-install_units() {
-    STEP="installing the systemd units"
-    make_dir "$ROOT$UNITDIR" 0755
-    for u in $UNITS; do
-        if install_file "$SRC/$u" "$ROOT$UNITDIR/$u" 0644; then
-            UNITS_CHANGED=1; CHANGED=1
-        fi
-    done
-    return 0
 }
 
 # --- inotify limits ----------------------------------------------------------------
@@ -505,7 +547,9 @@ setup_sysctl() {
         fi
     } >"$TMP/sysctl.conf"
     make_dir "$ROOT/etc/sysctl.d" 0755
-    install_file "$TMP/sysctl.conf" "$ROOT$SYSCTL_FILE" 0644 || true
+    if install_file "$TMP/sysctl.conf" "$ROOT$SYSCTL_FILE" 0644; then
+        CHANGED_PATHS="$CHANGED_PATHS $SYSCTL_FILE"
+    fi
     WATCH_LIMIT=$cur
     [ -n "$ROOT" ] && { WATCH_LIMIT=$want; return 0; }
     [ "$want" -gt "$cur" ] || [ "$cur_inst" -lt "$MIN_USER_INSTANCES" ] || return 0
@@ -560,30 +604,55 @@ build_baseline() {
     esac
 }
 
-start_service() {
+enable_service() {
     STEP="enabling the service"
     if [ "$UNITS_CHANGED" = 1 ] || [ "$DRY_RUN" = 1 ]; then
         run systemctl daemon-reload
     fi
-    run systemctl enable --quiet "$SOCKET" "$SERVICE"
+    # Before the baseline is built, so the enable symlinks are in it.
+    if ! systemctl is-enabled --quiet "$SERVICE" 2>/dev/null \
+        || ! systemctl is-enabled --quiet "$SOCKET" 2>/dev/null; then
+        run systemctl enable --quiet "$SOCKET" "$SERVICE"
+    fi
+}
+
+# Files this run changed inside the watched paths go into the baseline, so
+# the restarted daemon does not report the installer's own work.
+accept_own_files() {
+    [ -n "$CHANGED_PATHS" ] || return 0
+    [ -f "$STATEDIR/baseline.db" ] || return 0
+    STEP="taking the upgraded files into the baseline"
+    roots=$(watch_paths "$CONF")
+    set --
+    for p in $CHANGED_PATHS; do
+        for r in $roots; do
+            case $p in
+                "$r"|"$r"/*) set -- "$@" "$p"; break ;;
+            esac
+        done
+    done
+    [ $# -gt 0 ] || return 0
+    if [ "$DRY_RUN" = 1 ]; then
+        run "$BIN" accept "$@"
+    elif ! "$BIN" accept "$@" >/dev/null; then
+        warn "fimwatch accept $* failed: the daemon will report these files as changed"
+    fi
+}
+
+start_service() {
     if [ "$NO_START" = 1 ]; then
         info "--no-start: enabled, not started (systemctl start $SERVICE)"
         return 0
     fi
     STEP="starting the service"
     run systemctl start "$SOCKET"
-    if systemctl is-active --quiet "$SERVICE"; then
-        if [ "$CHANGED" = 1 ]; then
-            info "restarting $SERVICE (upgraded)"
-            run systemctl restart "$SERVICE" || service_failed
-        else
-            info "$SERVICE is running and nothing changed"
-        fi
-    else
-        run systemctl reset-failed "$SERVICE" 2>/dev/null || true
-        info "starting $SERVICE"
-        run systemctl start "$SERVICE" || service_failed
+    if [ "$STOPPED_FOR_UPGRADE" = 0 ] && systemctl is-active --quiet "$SERVICE"; then
+        info "$SERVICE is running and nothing changed"
+        return 0
     fi
+    run systemctl reset-failed "$SERVICE" 2>/dev/null || true
+    info "starting $SERVICE"
+    run systemctl start "$SERVICE" || service_failed
 }
 
 service_failed() {
@@ -681,14 +750,18 @@ main() {
     find_python
     locate_sources
     [ -f "$SRC/fimwatch.conf.example" ] || fatal "$SRC/fimwatch.conf.example is missing"
-    install_library
-    install_program
+    prepare
+    stop_for_upgrade
+    install_staged
     install_config
-    install_units
     setup_sysctl
     if [ -z "$ROOT" ]; then
         check_config
+        if [ "$HAVE_SYSTEMD" = 1 ]; then
+            enable_service
+        fi
         build_baseline
+        accept_own_files
         if [ "$HAVE_SYSTEMD" = 1 ]; then
             start_service
         fi
