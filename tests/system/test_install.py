@@ -726,6 +726,47 @@ def test_ct_kill9_restart_reports_gap(box):
     assert "not watching from" in r.stdout
 
 
+@pytest.mark.timeout(180)
+def test_ct_config_error_fails_once_and_alerts(box):
+    """A typo in the config: exit 2, no restart loop, the OnFailure= unit alerts."""
+    _require(box, "ready")
+    ct = box.ct
+    mailbox = _mailbox(box)
+    good = ct.read("/etc/fimwatch/fimwatch.conf")
+    try:
+        ct.sh(r"sed -i 's/^\[watch\]/[watch]\nno_such_key = 1/' /etc/fimwatch/fimwatch.conf")
+        r = ct.sh("systemctl restart fimwatch.service", check=False)
+        assert r.returncode != 0
+        def failed():
+            p = ct.show("fimwatch.service", "ActiveState", "Result", "ExecMainStatus",
+                        "NRestarts")
+            return p if p["ActiveState"] == "failed" else None
+        p = ct.wait_for("fimwatch.service failed", failed, 20)
+        assert p["ExecMainStatus"] == "2", p
+        time.sleep(3)   # RestartSec=2: a restart would have happened by now
+        p2 = ct.show("fimwatch.service", "ActiveState", "NRestarts")
+        assert p2 == {"ActiveState": "failed", "NRestarts": p["NRestarts"]}, (p, p2)
+
+        def journal():
+            r = ct.sh("journalctl -t fimwatch --no-pager -o cat", check=False)
+            return [ln for ln in r.stdout.splitlines()
+                    if "critical" in ln and "fimwatch.service failed" in ln]
+        ct.wait_for("the failure alert in the journal", journal, 30)
+
+        def mail():
+            text = ct.sh("cat %s" % mailbox).stdout
+            return [s for s in re.findall(r"^Subject: (.*)$", text, re.M)
+                    if "fimwatch.service failed" in s]
+        ct.wait_for("the failure alert mail", mail, 60)
+        # No retry timer for a config error: a typo cannot fix itself.
+        r = ct.sh("systemctl list-timers --all --no-pager --no-legend", check=False)
+        assert "systemctl restart" not in r.stdout and "run-" not in r.stdout, r.stdout
+    finally:
+        ct.sh("cat > /etc/fimwatch/fimwatch.conf", input=good)
+        ct.sh("systemctl reset-failed fimwatch.service; systemctl start fimwatch.service")
+    assert ct.show("fimwatch.service", "ActiveState")["ActiveState"] == "active"
+
+
 @pytest.mark.timeout(600)
 def test_ct_reinstall_upgrades_and_keeps_config(box):
     _require(box, "installed")
