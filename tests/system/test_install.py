@@ -592,6 +592,62 @@ def _started_events(box):
     return [e for e in box.ct.events() if e.get("event") == "started"]
 
 
+def _host_local_cas():
+    """The host's own CA additions (a TLS-inspecting proxy's, say): without them
+    a container on this host cannot reach the package registry over https."""
+    return sorted(glob.glob("/usr/local/share/ca-certificates/*.crt"))
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("distro", DISTROS)
+def test_ct_no_systemd_no_pip(distro, tmp_path):
+    """A host without systemd (nspawn without --boot: no /run/systemd/system)
+    and a fresh Debian without pip (PEP 668): the installer gets pip from apt
+    only to download the pinned wheel, installs the files, says plainly that no
+    service was set up, and how to run fimwatch in the foreground."""
+    reason = _container_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    rootfs = build_rootfs(distro)
+    runs = CACHE / "run"
+    runs.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="nosd-%s-" % distro, dir=runs))
+    served = make_served_dir(tmp_path / "served", with_wheel=False)
+    server = Server(served)
+    try:
+        root = work / "root"
+        subprocess.run(["cp", "-a", "--reflink=auto", str(rootfs), str(root)], check=True)
+        cadir = root / "usr/local/share/ca-certificates"
+        cadir.mkdir(parents=True, exist_ok=True)
+        for ca in _host_local_cas():
+            shutil.copy(ca, cadir)
+        script = ("test ! -e /run/systemd/system && test ! -x /usr/bin/pip3 && "
+                  "curl -fsSL {u}/install.sh | FIMWATCH_BASE_URL={u} sh && "
+                  "echo INSTALLED && ls /etc/systemd/system/multi-user.target.wants/ && "
+                  "fimwatch check-config >/dev/null && echo CONFIG-OK && "
+                  "! python3 -c 'import inotify_simple' 2>/dev/null && echo SITE-CLEAN"
+                  ).format(u=server.url)
+        t0 = time.monotonic()
+        r = subprocess.run(
+            ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit",
+             "--machine=fimwatch-nosd-%d" % os.getpid(), "-D", str(root), "--pipe",
+             "/usr/bin/env", "-i", "PATH=" + CT_PATH, "LANG=C.UTF-8", "HOME=/root",
+             "/bin/sh", "-c", script],
+            capture_output=True, text=True, timeout=800, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+        print("no-systemd, no-pip install took %.1fs" % (time.monotonic() - t0))
+    finally:
+        server.close()
+        shutil.rmtree(work, ignore_errors=True)
+    out = r.stdout + r.stderr
+    assert "INSTALLED" in r.stdout, out[-6000:]
+    assert "installing python3-pip" in r.stderr, out[-3000:]
+    assert "systemd is not running" in r.stderr, out[-3000:]
+    assert "No service was installed" in r.stderr and "/usr/local/sbin/fimwatch run" in r.stderr
+    assert "fimwatch.service" not in r.stdout, r.stdout
+    assert "CONFIG-OK" in r.stdout and "SITE-CLEAN" in r.stdout, out[-3000:]
+
+
 @pytest.mark.timeout(600)
 def test_ct_piped_install(box):
     ct = box.ct
