@@ -1328,6 +1328,15 @@ class Engine:
                        max(2 * (limit or 8192), 65536))))
 
     # -- walking: watch + compare in one pass --
+    def root_mode(self, root, mode):
+        """A path added to the config is baselined silently, like a first
+        start: its existing files are not news."""
+        return "build" if self.store.meta("root:" + esc(root)) is None else mode
+
+    def root_done(self, root):
+        if self.store.meta("root:" + esc(root)) is None:
+            self.store.set_meta("root:" + esc(root), time.time())
+
     def walk_root(self, root, mode, detected, watch=True, drain=None):
         """Generator over one configured path: a directory tree, or a single
         file (watched through its directory, events filtered to its name)."""
@@ -2583,15 +2592,18 @@ class Daemon:
         eng = self.eng = Engine(cfg, self.store, self.dispatch.emit, ino_mod,
                                 progress=_tty())
         for root in eng.roots:
-            for _ in eng.walk_root(root, mode, detected, drain=eng.read_events):
+            for _ in eng.walk_root(root, eng.root_mode(root, mode), detected,
+                                   drain=eng.read_events):
                 if self.stop:
                     break
                 eng.flush_due(budget=0.02)
                 self.keepalive()
+            eng.root_done(root)
             self.store.commit()
         for root in eng.scan_only:
-            for _ in eng.walk_root(root, mode, detected, watch=False):
-                pass
+            for _ in eng.walk_root(root, eng.root_mode(root, mode), detected, watch=False):
+                self.keepalive()
+            eng.root_done(root)
         self.store.commit()
         if eng.progress:
             sys.stderr.write("\r\x1b[K")
@@ -2742,8 +2754,9 @@ def cmd_scan(cfg, args):
     eng = _one_shot_engine(cfg, store, dispatch)
     mode = "build" if first else ("quick" if args.quick else "full")
     for root in eng.roots + eng.scan_only:
-        for _ in eng.walk_root(root, mode, "scan", watch=False):
+        for _ in eng.walk_root(root, eng.root_mode(root, mode), "scan", watch=False):
             pass
+        eng.root_done(root)
         store.commit()
     if eng.progress:
         sys.stderr.write("\r\x1b[K")
