@@ -780,6 +780,11 @@ def test_ct_kill9_restart_reports_gap(box):
     r = ct.sh("journalctl -t fimwatch --no-pager -o cat", check=False)
     assert "/etc/fimwatch-gap-test" in r.stdout
     assert "not watching from" in r.stdout
+    # systemd >= 25x runs OnFailure= on a crash it then restarts: that must not
+    # page "NOT watching" nor schedule a retry of a service already back.
+    assert "is NOT watching" not in r.stdout and "files are NOT being watched" not in r.stdout
+    r = ct.sh("systemctl list-timers --all --no-pager --no-legend", check=False)
+    assert "run-" not in r.stdout, r.stdout
 
 
 @pytest.mark.timeout(180)
