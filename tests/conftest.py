@@ -337,10 +337,10 @@ class Daemon:
 
     def _report(self, since):
         evs = self.env.events()[self.start_index if since is None else since:]
-        lines = "\n".join(json.dumps(e, sort_keys=True)[:400] for e in evs[-40:])
+        lines = "\n".join(json.dumps(e, sort_keys=True)[:300] for e in evs[-20:])
         state = "running" if self.alive() else "EXITED with %s" % self.proc.returncode
-        return "daemon %s\n--- events (last 40) ---\n%s\n--- daemon stderr ---\n%s" % (
-            state, lines, self.stderr()[-4000:])
+        return "daemon %s\n--- events (%d, last 20) ---\n%s\n--- daemon stderr ---\n%s" % (
+            state, len(evs), lines, self.stderr()[-4000:])
 
     def wait_for(self, pred, timeout=10.0, since=None, count=1):
         """Wait until `count` events matching pred exist after `since`; return the first."""

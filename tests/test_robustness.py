@@ -1,0 +1,178 @@
+"""No change unreported, under stress: storms with new dirs and deletions,
+kill -9 in the middle of a storm, changes made while the daemon is starting
+up, log rotation of the events file, a second instance on the same state."""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from conftest import control_file, is_event, needs_root, write
+
+FILE_EVENTS = {"created", "modified", "attributes", "deleted", "moved"}
+
+
+def scan_is_clean(fim):
+    r = fim.cli("scan", "--no-alert", "--json", timeout=120)
+    assert r.returncode == 0, "baseline out of date, the daemon missed:\n%s\n%s" % (
+        r.stdout[:3000], r.stderr[-2000:])
+
+
+@needs_root
+@pytest.mark.timeout(240)
+def test_overflow_with_new_dirs_and_deletions(fim, sysctl):
+    victims = [write(fim.root / ("old-%d.txt" % i)) for i in range(5)]
+    for i in range(20):
+        (fim.root / ("w%02d" % i)).mkdir()
+    restore = sysctl("fs.inotify.max_queued_events", 32)
+    d = fim.daemon()
+    restore()
+    os.kill(d.pid, signal.SIGSTOP)
+    try:
+        for i in range(20):             # events in watched dirs: these overflow the queue
+            for j in range(50):
+                write(fim.root / ("w%02d" % i) / ("s%02d" % j))
+        for i in range(40):             # new dirs, unknown to the daemon
+            sub = fim.root / "new" / ("d%02d" % i)
+            os.makedirs(sub)
+            for j in range(25):
+                write(sub / ("f%02d" % j))
+        for v in victims:
+            os.unlink(v)
+    finally:
+        os.kill(d.pid, signal.SIGCONT)
+    d.wait_for(is_event("rescan"), timeout=60)
+    for v in victims:
+        d.wait_for(is_event("deleted", v), timeout=60)
+    deep = fim.root / "new" / "d39" / "f24"
+    d.wait_for(is_event("created", deep), timeout=60)
+    # the directories found by the rescan are watched now
+    m = d.mark()
+    write(deep, "after the storm\n")
+    d.wait_for(is_event("modified", deep, detected="realtime"), since=m, timeout=20)
+    d.stop()
+    scan_is_clean(fim)
+
+
+@pytest.mark.timeout(240)
+def test_kill_9_in_a_storm_loses_nothing(fim):
+    for i in range(200):
+        write(fim.root / ("f%03d" % i), "v1\n")
+    d = fim.daemon()
+    stop = threading.Event()
+
+    def storm():
+        i = 0
+        while not stop.is_set():
+            write(fim.root / ("f%03d" % (i % 200)), "v2 %d\n" % i)
+            i += 1
+    t = threading.Thread(target=storm)
+    t.start()
+    time.sleep(1.0)
+    d.kill()
+    stop.set()
+    t.join()
+    d2 = fim.daemon(timeout=60)
+    assert d2.started.get("unclean") is True, d2.started
+    d2.assert_quiet(lambda e: False, since=d2.start_index, control=control_file())
+    d2.stop()
+    scan_is_clean(fim)
+
+
+@pytest.mark.timeout(240)
+def test_changes_during_startup_are_not_lost(fim):
+    n = 3000
+    for i in range(n):
+        if i % 100 == 0:
+            (fim.root / ("d%02d" % (i // 100))).mkdir()
+        write(fim.root / ("d%02d" % (i // 100)) / ("f%04d" % i), "v1\n")
+    fim.baseline()
+    changed = []
+    d = fim.daemon(wait=False)
+    # change files while the daemon compares the tree with the baseline and
+    # sets up its watches, until it says it started
+    deadline = time.monotonic() + 30
+    i = 0
+    while time.monotonic() < deadline:
+        p = fim.root / ("d%02d" % ((i * 37 % n) // 100)) / ("f%04d" % (i * 37 % n))
+        write(p, "v2 %d\n" % i)
+        changed.append(p)
+        i += 1
+        if [e for e in d.events() if e.get("event") == "started"]:
+            break
+        time.sleep(0.002)
+    d.wait_for(is_event("started"))
+    d.assert_quiet(lambda e: False, since=d.start_index, control=control_file())
+    reported = {e["path"] for e in d.events() if e.get("event") in ("modified", "created")}
+    missed = sorted({str(p) for p in changed} - reported)
+    assert not missed, "%d of %d files changed during start-up never reported: %s" % (
+        len(missed), len(set(changed)), missed[:5])
+    d.stop()
+    scan_is_clean(fim)
+
+
+def test_events_file_rotated_then_hup_writes_to_the_new_file(fim):
+    d = fim.daemon()
+    os.rename(fim.events_file, str(fim.events_file) + ".1")
+    d.hup()                                   # what logrotate's postrotate does
+    p = write(fim.root / "after-rotation.txt")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if fim.events_file.exists() and str(p) in fim.events_file.read_text():
+            break
+        time.sleep(0.05)
+    else:
+        old = open(str(fim.events_file) + ".1").read()
+        raise AssertionError("event not in the new events_file after rotation + HUP "
+                             "(in the rotated one: %s)\n%s" % (str(p) in old, d.stderr()))
+    d.stop()
+
+
+def test_events_file_rotated_without_hup_is_reopened(fim):
+    d = fim.daemon()
+    os.rename(fim.events_file, str(fim.events_file) + ".1")
+    p = write(fim.root / "after-rotation.txt")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if fim.events_file.exists() and str(p) in fim.events_file.read_text():
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("after the events file was moved away, events go to the "
+                             "rotated file, not a new %s" % fim.events_file)
+    d.stop()
+
+
+def test_directory_chmod_is_attributes(fim):
+    (fim.root / "dir").mkdir(mode=0o755)
+    os.chmod(fim.root / "dir", 0o755)
+    d = fim.daemon()
+    os.chmod(fim.root / "dir", 0o700)
+    e = d.wait_for(is_event("attributes", fim.root / "dir"))
+    assert e["kind"] == "dir" and e["changes"] == ["mode"], e
+    d.stop()
+
+
+def test_second_instance_on_the_same_state_refuses(fim):
+    d = fim.daemon()
+    r = fim.cli("run", timeout=20)
+    assert r.returncode != 0, "a second daemon ran on the same state_dir:\n" + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("fimwatch: error:"), r.stderr
+    p = write(fim.root / "still-alive.txt")
+    d.wait_for(is_event("created", p))
+    d.stop()
+
+
+def test_scan_while_the_daemon_runs_does_not_double_report(fim):
+    a = write(fim.root / "a.txt", "1\n")
+    d = fim.daemon()
+    write(a, "2\n")
+    d.wait_for(is_event("modified", a))
+    r = fim.cli("scan", "--no-alert", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not [json.loads(x) for x in r.stdout.splitlines() if x.strip()]
+    d.stop()
