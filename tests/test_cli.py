@@ -246,3 +246,30 @@ def test_status_after_kill_9_is_not_running(fim):
     d.kill()
     r = fim.cli("status")
     assert r.returncode == 1, describe(r)
+
+
+def test_missing_dependency_is_one_line_saying_how_to_install(fim):
+    if os.path.exists("/usr/local/lib/fimwatch/inotify_simple.py"):
+        pytest.skip("an installed private inotify_simple is on this machine")
+    # -S: no site-packages, so no inotify_simple
+    proc = subprocess.run([sys.executable, "-S", str(FIMWATCH), "--config", str(fim.conf), "run"],
+                          cwd=str(REPO), env=clean_env(), capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 2, describe(proc)
+    err = proc.stderr.strip()
+    assert err.startswith("fimwatch: error:") and "\n" not in err, describe(proc)
+    assert "inotify_simple" in err and ("pip" in err or "apt" in err), err
+
+
+@needs_root
+def test_missing_privilege_is_one_line(fim):
+    python = "/usr/bin/python3"
+    if not os.path.exists(python) or not os.path.exists("/usr/bin/setpriv"):
+        pytest.skip("needs /usr/bin/python3 and setpriv")
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           python, str(FIMWATCH), "--config", str(fim.conf), "check-config"],
+                          cwd="/", env=clean_env(), capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2, describe(proc)
+    err = proc.stderr.strip()
+    assert err.startswith("fimwatch: error:") and "\n" not in err, describe(proc)
+    assert str(fim.conf) in err, err

@@ -77,6 +77,9 @@ def test_state_dir_and_baseline_are_private(fim):
     db = fim.state_dir / "baseline.db"
     assert db.exists(), sorted(os.listdir(fim.state_dir))
     assert stat.S_IMODE(os.stat(db).st_mode) & 0o077 == 0, oct(os.stat(db).st_mode)
+    # the events file can hold diffs of config files: not for everyone to read
+    mode = stat.S_IMODE(os.stat(fim.events_file).st_mode)
+    assert mode & 0o007 == 0, "events_file is world-readable: %o" % mode
 
 
 # --- reload ------------------------------------------------------------------

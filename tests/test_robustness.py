@@ -176,3 +176,26 @@ def test_scan_while_the_daemon_runs_does_not_double_report(fim):
     assert r.returncode == 0, r.stdout + r.stderr
     assert not [json.loads(x) for x in r.stdout.splitlines() if x.strip()]
     d.stop()
+
+
+def test_tampering_that_restores_size_and_mtime_is_still_found(fim):
+    """An intruder edits a binary while fimwatch is down and puts the old mtime
+    back (touch -r). The ctime still moves; a start-up compare that trusts
+    size+mtime alone would miss it."""
+    p = write(fim.root / "ls", b"\x7fELF original code\n")
+    st = os.stat(p)
+    fim.baseline()
+    time.sleep(0.05)
+    with open(p, "r+b") as f:
+        f.write(b"\x7fELF backdoor code\n")
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(p).st_size == st.st_size and os.stat(p).st_mtime_ns == st.st_mtime_ns
+    d = fim.daemon()
+    e = d.wait_for(is_event("modified", p), since=d.start_index)
+    assert e["detected"] == "startup" and e["changes"] == ["content"], e
+    d.stop()
+    with open(p, "r+b") as f:
+        f.write(b"\x7fELF backdoor 2222\n")
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    r = fim.cli("scan", "--no-alert", "--json")
+    assert r.returncode == 1 and str(p) in r.stdout, r.stdout + r.stderr
