@@ -1358,6 +1358,47 @@ class Engine:
             return
         yield from self.walk(root, mode, detected, watch, drain)
 
+    def watch_root(self, root):
+        """Generator: add the watches for one configured path, no comparing."""
+        try:
+            st = os.lstat(root)
+        except OSError:
+            self.missing_roots.add(root)
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            parent, name = os.path.split(root)
+            if self.watch_dir(parent) not in (None, "limit"):
+                self.file_roots.setdefault(parent, set()).add(name)
+            return
+        stack, limited, n = [root], [], 0
+        excluded = self.exclude.match
+        while stack:
+            d = stack.pop()
+            wd = self.watch_dir(d)
+            if wd is None:
+                continue
+            if wd == "limit":
+                # The rest of this subtree is scanned every poll_interval.
+                limited.append(d)
+                self.unwatched.add(d)
+                continue
+            try:
+                with os.scandir(d) as it:
+                    for e in it:
+                        try:
+                            if e.is_dir(follow_symlinks=False) and not excluded(e.path, True):
+                                stack.append(e.path)
+                        except OSError:
+                            pass
+            except OSError as e:
+                if not isinstance(e, (FileNotFoundError, NotADirectoryError)):
+                    self.report_unreadable(d, e)
+            n += 1
+            if n % 256 == 0:
+                yield d
+        if limited:
+            self.report_limit(limited, "startup")
+
     def walk(self, top, mode, detected, watch=True, drain=None):
         """Generator: visit top and everything below it, one directory per step.
 
@@ -2588,12 +2629,24 @@ class Daemon:
         return EXIT_OK
 
     def start_engine(self, ino_mod, mode, detected):
+        """Watch every configured path. A path never baselined is baselined
+        now (silently, watch and hash in one pass). Paths with a baseline get
+        their watches first (a fast walk of directories only) and are compared
+        afterwards, in slices of the main loop: a change made meanwhile is
+        caught by inotify, and the daemon is watching within about a second
+        even on 100,000 directories."""
         cfg = self.cfg
         eng = self.eng = Engine(cfg, self.store, self.dispatch.emit, ino_mod,
                                 progress=_tty())
+        later = []
         for root in eng.roots:
-            for _ in eng.walk_root(root, eng.root_mode(root, mode), detected,
-                                   drain=eng.read_events):
+            rmode = eng.root_mode(root, mode)
+            if rmode == "build":
+                walker = eng.walk_root(root, rmode, detected, drain=eng.read_events)
+            else:
+                walker = eng.watch_root(root)
+                later.append(root)
+            for _ in walker:
                 if self.stop:
                     break
                 eng.flush_due(budget=0.02)
@@ -2601,12 +2654,18 @@ class Daemon:
             eng.root_done(root)
             self.store.commit()
         for root in eng.scan_only:
-            for _ in eng.walk_root(root, eng.root_mode(root, mode), detected, watch=False):
-                self.keepalive()
-            eng.root_done(root)
+            rmode = eng.root_mode(root, mode)
+            if rmode == "build":
+                for _ in eng.walk_root(root, rmode, detected, watch=False):
+                    self.keepalive()
+                eng.root_done(root)
+            else:
+                later.append(root)
         self.store.commit()
         if eng.progress:
             sys.stderr.write("\r\x1b[K")
+        for root in later:
+            eng.scans.append(eng.walk_root(root, mode, detected, watch=False))
         return eng
 
     def keepalive(self):
