@@ -160,7 +160,9 @@ install_file() {
     else
         info "installing $dest"
     fi
+    umask 077   # not readable by others before the chmod (the config)
     run cp "$src" "$dest.fimwatch-new"
+    umask 022
     run chmod "$mode" "$dest.fimwatch-new"
     if [ "$(id -u)" = 0 ]; then
         run chown 0:0 "$dest.fimwatch-new"

@@ -651,6 +651,14 @@ def test_ct_no_systemd_no_pip(distro, tmp_path):
 @pytest.mark.timeout(600)
 def test_ct_piped_install(box):
     ct = box.ct
+    # --dry-run first: it prints the plan and changes nothing.
+    r = box.pipe_install("--dry-run")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "+ systemctl enable" in r.stderr and "dry run" in r.stderr, r.stderr
+    for path in ["/usr/local/sbin/fimwatch", "/etc/fimwatch", "/var/lib/fimwatch",
+                 "/usr/local/lib/fimwatch", "/etc/systemd/system/fimwatch.service",
+                 "/etc/sysctl.d/60-fimwatch.conf"]:
+        assert not ct.exists(path), "--dry-run created " + path
     r = box.pipe_install()
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
