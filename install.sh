@@ -707,7 +707,7 @@ summary() {
         echo "  config     $CONF ($CONF_NOTE)" >&2
     fi
     echo "  state      $STATEDIR   events log: $LOGDIR/events.jsonl" >&2
-    echo "  limits     $SYSCTL_FILE: ${WATCH_DIRS:-?} directories to watch, limit ${WATCH_LIMIT:-?} watches" >&2
+    echo "  watches    about ${WATCH_DIRS:-?} needed (one per watched directory), kernel limit ${WATCH_LIMIT:-?} ($SYSCTL_FILE)" >&2
     if [ -n "$ROOT" ]; then
         echo "  units      $UNITDIR/ (staged; nothing was started)" >&2
         return 0
