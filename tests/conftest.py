@@ -248,21 +248,22 @@ class Env:
         return self.conf
 
     # -- commands -------------------------------------------------------------
-    def cli(self, *args, timeout=60, config=True, check=None):
+    def cli(self, *args, timeout=60, config=True, check=None, python=None, env=None):
         """Run one fimwatch command; returns CompletedProcess (text, captured)."""
-        argv = [sys.executable, str(FIMWATCH)]
+        argv = [python or sys.executable, str(FIMWATCH)]
         if config:
             argv += ["--config", str(self.conf)]
         argv += [str(a) for a in args]
-        proc = subprocess.run(argv, cwd=str(REPO), env=clean_env(), stdin=subprocess.DEVNULL,
+        proc = subprocess.run(argv, cwd=str(REPO), env=dict(clean_env(), **(env or {})),
+                              stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               timeout=timeout, errors="backslashreplace")
         if check is not None:
             assert proc.returncode == check, describe(proc)
         return proc
 
-    def daemon(self, wait=True, timeout=START_TIMEOUT):
-        d = Daemon(self)
+    def daemon(self, wait=True, timeout=START_TIMEOUT, python=None, env=None):
+        d = Daemon(self, python=python, extra_env=env)
         self.daemons.append(d)
         d.start(wait=wait, timeout=timeout)
         return d
@@ -289,8 +290,10 @@ def describe(proc):
 class Daemon:
     """A `fimwatch run` subprocess and a cursor over the events_file."""
 
-    def __init__(self, env):
+    def __init__(self, env, python=None, extra_env=None):
         self.env = env
+        self.python = python or sys.executable
+        self.extra_env = extra_env or {}
         self.proc = None
         self.start_index = 0
         self.out_path = env.base / ("daemon-%d.out" % len(env.daemons))
@@ -302,9 +305,10 @@ class Daemon:
 
     def start(self, wait=True, timeout=START_TIMEOUT):
         self.start_index = len(self.env.events())
-        argv = [sys.executable, str(FIMWATCH), "--config", str(self.env.conf), "run"]
+        argv = [self.python, str(FIMWATCH), "--config", str(self.env.conf), "run"]
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen(argv, cwd=str(REPO), env=clean_env(),
+            self.proc = subprocess.Popen(argv, cwd=str(REPO),
+                                         env=dict(clean_env(), **self.extra_env),
                                          stdin=subprocess.DEVNULL, stdout=out, stderr=err)
         if wait:
             self.started = self.wait_for(is_event("started"), timeout=timeout,
