@@ -263,7 +263,8 @@ find_python() {
             info "python: $PY ($("$PY" -c 'import platform; print(platform.python_version())'))"
             return 0
         fi
-        warn "$p is $("$p" -c 'import platform; print(platform.python_version())' 2>/dev/null || echo unusable), fimwatch needs >= $MIN_PYTHON"
+        v=$("$p" -c 'import platform; print(platform.python_version())' 2>/dev/null) || v=unusable
+        warn "$p is $v, fimwatch needs >= $MIN_PYTHON"
     done
     fatal "python3 >= $MIN_PYTHON is required: apt-get install python3 (or set PYTHON=/path/to/python3)"
 }

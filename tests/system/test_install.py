@@ -307,6 +307,27 @@ def test_dry_run_changes_nothing(tmp_path):
     assert "+ cp " in r.stderr and "dry run" in r.stderr
 
 
+def test_preflight_errors(tmp_path):
+    """Clear one-line errors: not root, python too old."""
+    if IS_ROOT and shutil.which("setpriv"):
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                            "sh", str(REPO / "install.sh")],
+                           capture_output=True, text=True, cwd="/")
+        assert r.returncode == 1 and "must run as root" in r.stderr, r.stderr
+    old = tmp_path / "python3.8"
+    old.write_text("#!/bin/sh\n"
+                   "case \"$*\" in *platform*) echo 3.8.10; exit 0 ;; esac\n"
+                   "exit 1\n")
+    old.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(old), NO_COLOR="1")
+    r = subprocess.run(["sh", str(REPO / "install.sh"), "--root", str(tmp_path / "root")],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 1, r.stderr
+    assert "3.8.10, fimwatch needs >= 3.9" in r.stderr, r.stderr
+    assert "python3 >= 3.9 is required" in r.stderr, r.stderr
+    assert not (tmp_path / "root").exists()
+
+
 def test_usage_errors(tmp_path):
     r = subprocess.run(["sh", str(REPO / "install.sh"), "--bogus"],
                        capture_output=True, text=True)
@@ -600,11 +621,12 @@ def _host_local_cas():
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("distro", DISTROS)
-def test_ct_no_systemd_no_pip(distro, tmp_path):
-    """A host without systemd (nspawn without --boot: no /run/systemd/system)
-    and a fresh Debian without pip (PEP 668): the installer gets pip from apt
-    only to download the pinned wheel, installs the files, says plainly that no
-    service was set up, and how to run fimwatch in the foreground."""
+def test_ct_no_systemd_no_pip_from_checkout(distro, tmp_path):
+    """`sh ./install.sh` from a checkout on a host without systemd (nspawn
+    without --boot: no /run/systemd/system) and without pip (fresh Debian,
+    PEP 668): the installer gets pip from apt only to download the pinned
+    wheel, installs the files, says plainly that no service was set up, and
+    how to run fimwatch in the foreground."""
     reason = _container_skip_reason()
     if reason:
         pytest.skip(reason)
@@ -612,21 +634,22 @@ def test_ct_no_systemd_no_pip(distro, tmp_path):
     runs = CACHE / "run"
     runs.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="nosd-%s-" % distro, dir=runs))
-    served = make_served_dir(tmp_path / "served", with_wheel=False)
-    server = Server(served)
     try:
         root = work / "root"
         subprocess.run(["cp", "-a", "--reflink=auto", str(rootfs), str(root)], check=True)
+        checkout = root / "root/fimwatch"
+        checkout.mkdir(parents=True)
+        for n in SERVED:
+            shutil.copy2(REPO / n, checkout / n)
         cadir = root / "usr/local/share/ca-certificates"
         cadir.mkdir(parents=True, exist_ok=True)
         for ca in _host_local_cas():
             shutil.copy(ca, cadir)
         script = ("test ! -e /run/systemd/system && test ! -x /usr/bin/pip3 && "
-                  "curl -fsSL {u}/install.sh | FIMWATCH_BASE_URL={u} sh && "
+                  "cd /tmp && sh /root/fimwatch/install.sh && "
                   "echo INSTALLED && ls /etc/systemd/system/multi-user.target.wants/ && "
                   "fimwatch check-config >/dev/null && echo CONFIG-OK && "
-                  "! python3 -c 'import inotify_simple' 2>/dev/null && echo SITE-CLEAN"
-                  ).format(u=server.url)
+                  "! python3 -c 'import inotify_simple' 2>/dev/null && echo SITE-CLEAN")
         t0 = time.monotonic()
         r = subprocess.run(
             ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit",
@@ -637,7 +660,6 @@ def test_ct_no_systemd_no_pip(distro, tmp_path):
             start_new_session=True)
         print("no-systemd, no-pip install took %.1fs" % (time.monotonic() - t0))
     finally:
-        server.close()
         shutil.rmtree(work, ignore_errors=True)
     out = r.stdout + r.stderr
     assert "INSTALLED" in r.stdout, out[-6000:]
