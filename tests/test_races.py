@@ -304,3 +304,42 @@ def test_status_json_counts_match_the_kernel(fim):
     text = json.dumps(st)
     assert str(kernel) in text, "status does not show the %d watches: %s" % (kernel, st)
     d.stop()
+
+
+def test_double_star_excluded_subtree_holds_no_watches(fim):
+    fim.write_config(watch={"exclude": "%s/**/cache/**" % fim.root})
+    for i in range(15):
+        (fim.root / "site" / "cache" / ("c%02d" % i) / "deeper").mkdir(parents=True)
+    d = fim.daemon()
+    n = inotify_watch_count(d.pid)
+    # tree, site, and at most cache itself (+1 for the root's parent)
+    assert n <= 4, "%d watches; the 30 directories under cache/ must get none" % n
+    d.stop()
+
+
+def test_concurrent_scans_while_the_daemon_is_busy(fim):
+    for i in range(50):
+        write(fim.root / ("f%02d" % i), "v0\n")
+    d = fim.daemon()
+    import threading
+    stop = threading.Event()
+
+    def churn():
+        i = 0
+        while not stop.is_set():
+            write(fim.root / ("f%02d" % (i % 50)), "v%d\n" % i)
+            i += 1
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        for _ in range(4):
+            for args in (("scan", "--no-alert"), ("status", "--json"), ("events", "--json")):
+                r = fim.cli(*args, timeout=60)
+                assert r.returncode in (0, 1), "%s: %s" % (args, r.stdout[-500:] + r.stderr)
+                assert "Traceback" not in r.stderr and "locked" not in r.stderr, r.stderr
+    finally:
+        stop.set()
+        t.join()
+    assert d.alive(), d.stderr()
+    assert "Traceback" not in d.stderr(), d.stderr()
+    d.stop()
