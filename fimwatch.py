@@ -1976,7 +1976,9 @@ def event_subject(ev):
                                            ev["host"])
     else:
         s = "[fimwatch] %s %s on %s" % (ev["severity"].upper(), ev["event"], ev["host"])
-    s = esc(s)
+    # The fields are escaped already (esc); only a control character that got
+    # in some other way is escaped here, so backslashes are not doubled.
+    s = "".join(esc(c) if not c.isprintable() else c for c in s)
     return s if len(s) <= 160 else s[:157] + "..."
 
 
@@ -2074,6 +2076,9 @@ def make_digest(events, host, reason="", limit=50, dropped=0):
     ev = new_event(host, "digest", top, "realtime", "", count=len(events), reason=reason,
                    by_severity={k: by_sev[k] for k in reversed(SEVERITIES) if k in by_sev},
                    by_directory=dirs, events=events[:limit])
+    # The same events make the same digest id, also when it is retried.
+    ev["id"] = uuid.uuid5(uuid.NAMESPACE_OID, ",".join(sorted(e.get("id", "") for e in events))
+                          ).hex
     if dropped:
         ev["dropped"] = dropped
     return ev
@@ -2184,11 +2189,29 @@ def _http_opener():
     return _opener
 
 
+def split_userinfo(url):
+    """(url without user:password@, 'Basic ...' header value or None)."""
+    p = urllib.parse.urlsplit(url)
+    if "@" not in p.netloc:
+        return url, None
+    userinfo, _, hostport = p.netloc.rpartition("@")
+    user, _, pw = userinfo.partition(":")
+    import base64
+    cred = base64.b64encode(("%s:%s" % (urllib.parse.unquote(user),
+                                        urllib.parse.unquote(pw))).encode()).decode()
+    return urllib.parse.urlunsplit((p.scheme, hostport, p.path, p.query, p.fragment)), \
+        "Basic " + cred
+
+
 def send_webhook(conf, ev):
+    import http.client
     import urllib.error
     import urllib.request
     body, ctype, headers = webhook_body(conf["format"], ev)
-    req = urllib.request.Request(conf["url"], data=body, method="POST")
+    url, auth = split_userinfo(conf["url"])
+    req = urllib.request.Request(url, data=body, method="POST")
+    if auth:
+        req.add_header("Authorization", auth)
     req.add_header("Content-Type", ctype)
     req.add_header("User-Agent", "fimwatch/" + __version__)
     req.add_header("X-Fimwatch-Event", ev["id"])
@@ -2206,10 +2229,19 @@ def send_webhook(conf, ev):
     except urllib.error.HTTPError as e:
         raise DeliveryError("%s answered HTTP %d" % (where, e.code))
     except urllib.error.URLError as e:
-        reason = getattr(e.reason, "strerror", None) or str(e.reason)
-        raise DeliveryError("%s: %s" % (where, esc(reason)[:200]))
-    except (OSError, ValueError) as e:          # timeouts, resets, bad URL
-        raise DeliveryError("%s: %s" % (where, esc(str(e) or type(e).__name__)[:200]))
+        reason = getattr(e.reason, "strerror", None) or type(e.reason).__name__
+        if isinstance(e.reason, socket.timeout):
+            reason = "timed out after %gs" % conf["timeout"]
+        raise DeliveryError("%s: %s" % (where, esc(str(reason))[:200]))
+    except (http.client.InvalidURL, ValueError):
+        # The exception text would quote the URL, and the URL may hold a token.
+        raise DeliveryError("%s: invalid URL" % where)
+    except http.client.HTTPException as e:      # garbage answers, cut-off replies
+        raise DeliveryError("%s: bad HTTP response (%s)" % (where, type(e).__name__))
+    except socket.timeout:
+        raise DeliveryError("%s: timed out after %gs" % (where, conf["timeout"]))
+    except OSError as e:                         # resets, refused
+        raise DeliveryError("%s: %s" % (where, esc(e.strerror or type(e).__name__)[:200]))
 
 
 class Channel:
@@ -2366,13 +2398,15 @@ class Channel:
         return 0.05 if len(rows) >= 5000 else max(0.2, min(wait_more, 60.0))
 
     def _failed(self, seq_list, err, rows, now):
+        # One retry time for the whole message, so a failed digest is retried
+        # as the same digest, not split up by per-row jitter.
         attempts = {r[0]: r[2] for r in rows}
+        a = max(attempts.get(s, 0) for s in seq_list) + 1
+        backoff = min(3600.0, self.conf["retry_min"] * 2 ** min(a - 1, 10)) \
+            * random.uniform(0.8, 1.2)
         with self.store.lock:
             self.store._w()
             for s in seq_list:
-                a = attempts.get(s, 0) + 1
-                backoff = min(3600.0, self.conf["retry_min"] * 2 ** min(a - 1, 10)) \
-                    * random.uniform(0.8, 1.2)
                 self.store.db.execute("UPDATE spool SET attempts=?, next_try=?, last_error=? "
                                       "WHERE seq=?", (a, now + backoff, err, s))
             self.store.commit()
