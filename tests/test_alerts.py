@@ -13,13 +13,11 @@ after the newest event, sends up to BURST = 3 events singly and more as one
 
 import hashlib
 import hmac
-import json
 import os
 import statistics
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -475,3 +473,198 @@ def test_subject_shows_the_event_path(fim, smtp):
     assert ev["path"] == str(f).replace("\n", "\\n")
     m = smtp.wait(mail_for(ev))[0]
     assert m.msg["Subject"] == "[fimwatch] WARNING created %s on testhost" % ev["path"]
+
+
+# ---------------------------------------------------------------------------
+# bursts and rate limits
+# ---------------------------------------------------------------------------
+
+def is_digest_mail(m):
+    return " changes on testhost" in m.msg["Subject"]
+
+
+@pytest.mark.timeout(120)
+def test_burst_of_500_is_one_digest_per_channel(fim, hook, smtp, capsys):
+    sm = msmtp_sendmail(fim.base / "mta", smtp.port)
+    deploy = fim.root / "deploy"
+    deploy.mkdir()
+    fim.write_config(email=email_section(sm), webhook=webhook_section(hook.url()))
+    d = fim.daemon()
+    t0 = time.time()
+    paths = [write(deploy / ("f%03d.php" % i), "<?php %d;\n" % i) for i in range(500)]
+    t_written = time.time() - t0
+    # every event still reaches events_file
+    d.wait_for(is_event("created"), count=500, timeout=30)
+    created = {e["path"] for e in file_events(d) if e["event"] == "created"}
+    assert created == {str(p) for p in paths}
+
+    def digested():
+        got = [r.json() for r in hook.received() if r.json()["event"] == "digest"]
+        return got if sum(b["count"] for b in got) >= 500 else None
+    poll(digested, timeout=30, interval=0.2, what="digests covering 500 events")
+    t_digest = max(r.t for r in hook.received()) - t0
+    poll(lambda: sum(int(m.msg["Subject"].split()[2]) for m in smtp.received()
+                     if is_digest_mail(m)) >= 500, timeout=30, what="digest mails")
+    # positive control: a later lone change comes through alone, so anything
+    # queued from the burst would have been sent before it
+    ctrl = write(fim.root / "control.txt", "c\n")
+    ctrl_ev = d.wait_for(is_event("created", ctrl))
+    hook.wait(body_is("created", path=str(ctrl)), timeout=15)
+    smtp.wait(mail_for(ctrl_ev), timeout=15)
+    reqs = [r.json() for r in hook.received()]
+    reqs = [b for b in reqs if b.get("id") != ctrl_ev["id"]]
+    assert all(b["event"] == "digest" for b in reqs), [b["event"] for b in reqs]
+    assert 1 <= len(reqs) <= 2 and sum(b["count"] for b in reqs) == 500, \
+        [b["count"] for b in reqs]
+    big = max(reqs, key=lambda b: b["count"])
+    assert big["by_severity"] == {"warning": big["count"]}
+    assert big["by_directory"][str(deploy)] == big["count"]
+    assert len(big["events"]) == min(50, big["count"])
+    assert {e["path"] for e in big["events"]} <= created
+    mails = [m for m in smtp.received() if m.msg["X-Fimwatch-Event"] != ctrl_ev["id"]]
+    assert all(is_digest_mail(m) for m in mails), mails
+    assert 1 <= len(mails) <= 2, mails
+    assert sum(int(m.msg["Subject"].split()[2]) for m in mails) == 500
+    body = max(mails, key=lambda m: len(m.raw)).body()
+    assert str(deploy) in body and "fimwatch accept" in body
+    with capsys.disabled():
+        sys.stdout.write("\nburst: 500 files written in %.2fs; webhook digests %s (counts %s), "
+                         "last digest %.2fs after the first write; mails %d\n"
+                         % (t_written, len(reqs), [b["count"] for b in reqs], t_digest,
+                            len(mails)))
+
+
+@pytest.mark.timeout(120)
+def test_max_per_hour_sends_the_rest_later_as_one_digest(fim, hook, smtp):
+    """max_per_hour = 2: 5 separate changes -> 2 single alerts, the other 3
+    held in the spool (status shows them), sent as one digest later (here: on
+    a clean stop, which flushes alerts)."""
+    sm = msmtp_sendmail(fim.base / "mta", smtp.port)
+    fim.write_config(email=email_section(sm, max_per_hour="2"),
+                     **{"webhook limited": webhook_section(hook.url("/limited"),
+                                                           max_per_hour="2"),
+                        "webhook all": webhook_section(hook.url("/all"), max_per_hour="100")})
+    d = fim.daemon()
+    evs = []
+    for i in range(5):
+        p = write(fim.root / ("change-%d.txt" % i), "x\n")
+        evs.append(d.wait_for(is_event("created", p)))
+        # positive control: the unlimited channel delivers each one, singly
+        hook.wait(body_is("created", path=str(p)), path="/all", timeout=15)
+    ids = [e["id"] for e in evs]
+    poll(lambda: channel(fim, "webhook:limited").get("spooled") == 3
+         and channel(fim, "email").get("spooled") == 3, timeout=10, interval=0.3,
+         what="3 alerts held on each limited channel")
+    time.sleep(GATHER + 0.5)
+    assert [b["id"] for b in hook.bodies("/limited")] == ids[:2]
+    assert [m.msg["X-Fimwatch-Event"] for m in smtp.received()] == ids[:2]
+    assert [b["id"] for b in hook.bodies("/all")] == ids
+    d.stop()
+    later = hook.bodies("/limited")[2:]
+    assert len(later) == 1 and later[0]["event"] == "digest", later
+    assert later[0]["count"] == 3
+    assert [e["id"] for e in later[0]["events"]] == ids[2:]
+    mails = smtp.received()[2:]
+    assert len(mails) == 1 and is_digest_mail(mails[0]), mails
+    assert channel(fim, "webhook:limited")["spooled"] == 0
+
+
+# ---------------------------------------------------------------------------
+# test-alert
+# ---------------------------------------------------------------------------
+
+def test_test_alert_all_ok(fim, hook, smtp):
+    sm = msmtp_sendmail(fim.base / "mta", smtp.port)
+    fim.write_config(email=email_section(sm), webhook=webhook_section(hook.url("/j")),
+                     **{"webhook chat": webhook_section(hook.url("/s"), format="slack")})
+    proc = fim.cli("test-alert")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for cid in ("email", "webhook:default", "webhook:chat"):
+        line = [ln for ln in proc.stdout.splitlines() if ln.split()[:1] == [cid]]
+        assert line and " OK" in line[0] and "FAILED" not in line[0], (cid, proc.stdout)
+    b = hook.wait(path="/j")[0].json()
+    assert b["event"] == "test" and b["host"] == "testhost"
+    assert "test" in hook.wait(path="/s")[0].json()["text"].lower()
+    m = smtp.wait()[0]
+    assert m.msg["Subject"] == "[fimwatch] INFO test on testhost"
+    assert m.rcpt_tos == [MAIL_TO]
+
+
+def test_test_alert_one_channel_failing(fim, hook, smtp):
+    sm = msmtp_sendmail(fim.base / "mta", smtp.port)
+    fim.write_config(email=email_section(sm), webhook=webhook_section(hook.url("/j")),
+                     **{"webhook dead": webhook_section("http://127.0.0.1:%d/x" % free_port())})
+    proc = fim.cli("test-alert")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    out = proc.stdout.splitlines()
+    dead = [ln for ln in out if ln.split()[:1] == ["webhook:dead"]]
+    assert dead and "FAILED" in dead[0] and "refused" in dead[0].lower(), proc.stdout
+    for cid in ("email", "webhook:default"):
+        assert any(ln.split()[:1] == [cid] and " OK" in ln for ln in out), proc.stdout
+    hook.wait(path="/j")
+    smtp.wait()
+
+
+# ---------------------------------------------------------------------------
+# pause / resume
+# ---------------------------------------------------------------------------
+
+@pytest.mark.timeout(120)
+def test_pause_holds_alerts_across_restart_and_resume_sends_one_digest(fim, hook):
+    fim.write_config(webhook=webhook_section(hook.url()))
+    d = fim.daemon()
+    c0 = write(fim.root / "before.txt", "x\n")
+    hook.wait(body_is("created", path=str(c0)))       # the channel works
+    proc = fim.cli("pause", "--for", "10m", "--reason", "deploy 42")
+    assert proc.returncode == 0, proc.stderr
+    st = status_json(fim)
+    assert st["paused_until"] and st["pause_reason"] == "deploy 42", st
+    paths = []
+    for i in range(2):
+        p = write(fim.root / ("maint-%d.txt" % i), "x\n")
+        d.wait_for(is_event("created", p))           # detected and recorded meanwhile
+        paths.append(p)
+        time.sleep(0.3)
+    poll(lambda: channel(fim, "webhook:default")["spooled"] == 2, timeout=10,
+         what="2 held alerts")
+    time.sleep(GATHER + 1.0)
+    assert len(hook.received()) == 1, hook.received()
+    # the pause survives a restart
+    d.stop()
+    d = fim.daemon()
+    assert status_json(fim)["paused_until"]
+    p = write(fim.root / "maint-2.txt", "x\n")
+    d.wait_for(is_event("created", p))
+    paths.append(p)
+    poll(lambda: channel(fim, "webhook:default")["spooled"] == 3, timeout=10,
+         what="3 held alerts")
+    time.sleep(GATHER + 1.0)
+    assert len(hook.received()) == 1, hook.received()
+    ids = {e["id"] for e in fim.events() if e.get("path") in {str(x) for x in paths}}
+    assert len(ids) == 3
+    proc = fim.cli("resume")
+    assert proc.returncode == 0, proc.stderr
+    dig = hook.wait(body_is("digest"), timeout=15)[0].json()
+    ctrl = write(fim.root / "after.txt", "x\n")
+    hook.wait(body_is("created", path=str(ctrl)), timeout=15)
+    bodies = [r.json() for r in hook.received()]
+    assert [b["event"] for b in bodies] == ["created", "digest", "created"], bodies
+    assert dig["count"] == 3 and {e["id"] for e in dig["events"]} == ids
+    assert "maintenance" in dig.get("reason", "")
+    assert status_json(fim)["paused_until"] is None
+
+
+def test_pause_window_end_sends_the_digest(fim, hook):
+    fim.write_config(webhook=webhook_section(hook.url()))
+    d = fim.daemon()
+    assert fim.cli("pause", "--for", "4s").returncode == 0
+    t_end = time.time() + 4
+    for i in range(2):
+        p = write(fim.root / ("w-%d.txt" % i), "x\n")
+        d.wait_for(is_event("created", p))
+    dig = hook.wait(timeout=20)[0]
+    assert dig.t >= t_end - 0.5, "sent %.1fs before the window ended" % (t_end - dig.t)
+    assert dig.json()["event"] == "digest" and dig.json()["count"] == 2
+    ctrl = write(fim.root / "after.txt", "x\n")
+    hook.wait(body_is("created", path=str(ctrl)), timeout=15)
+    assert len(hook.received()) == 2
