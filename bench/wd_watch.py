@@ -28,9 +28,12 @@ class OverflowNote(logging.Handler):
     def __init__(self, out):
         super().__init__(logging.WARNING)
         self.out = out
+        self.noted = False
 
     def emit(self, record):
-        if "overflow" in record.getMessage().lower():
+        # once: watchdog 7.1 can loop on overflows, re-logging each time
+        if not self.noted and "overflow" in record.getMessage().lower():
+            self.noted = True
             self.out.write("OVERFLOW\n")
 
 
