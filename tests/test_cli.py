@@ -273,3 +273,30 @@ def test_missing_privilege_is_one_line(fim):
     err = proc.stderr.strip()
     assert err.startswith("fimwatch: error:") and "\n" not in err, describe(proc)
     assert str(fim.conf) in err, err
+
+
+@pytest.mark.parametrize("args", [("events", "--since", "5parsecs"), ("pause", "--for", "xyz"),
+                                  ("scan", "--bogus"), ("status", "extra-arg")])
+def test_bad_options_are_exit_2_one_line(fim, args):
+    proc = fim.cli(*args)
+    assert proc.returncode == 2, describe(proc)
+    err = proc.stderr.strip()
+    assert "Traceback" not in err and err.startswith("fimwatch: error:"), describe(proc)
+    assert "\n" not in err, describe(proc)
+
+
+def test_accept_takes_relative_paths_directories_and_deleted_files(fim):
+    (fim.root / "sub").mkdir()
+    a = write(fim.root / "sub" / "a", "1\n")
+    b = write(fim.root / "b", "1\n")
+    c = write(fim.root / "sub" / "c", "1\n")
+    fim.baseline()
+    write(a, "2\n")
+    os.unlink(b)
+    write(c, "2\n")
+    proc = subprocess.run([sys.executable, str(FIMWATCH), "--config", str(fim.conf), "accept",
+                           "b", "sub"], cwd=str(fim.root), env=clean_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, describe(proc)
+    r = fim.cli("scan", "--no-alert")
+    assert r.returncode == 0, describe(r)

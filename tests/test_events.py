@@ -248,3 +248,19 @@ def test_events_are_reported_within_a_second(fim):
     elapsed = time.monotonic() - t0
     assert elapsed < 1.0 + SETTLE, "took %.2fs" % elapsed
     d.stop()
+
+
+def test_diff_for_text_files_never_for_no_diff_patterns(fim):
+    fim.write_config(fimwatch={"diff_paths": "%s/**" % fim.root, "no_diff": "**/*.key"})
+    conf = write(fim.root / "app.conf", "listen = 80\nuser = www\n")
+    key = write(fim.root / "tls.key", "SECRET-OLD\n")
+    d = fim.daemon()
+    write(conf, "listen = 8080\nuser = www\n")
+    write(key, "SECRET-NEW\n")
+    e = d.wait_for(is_event("modified", conf))
+    assert "diff" in e, e
+    assert "-listen = 80" in e["diff"] and "+listen = 8080" in e["diff"], e["diff"]
+    k = d.wait_for(is_event("modified", key))
+    assert "diff" not in k, k
+    assert "SECRET" not in fim.events_file.read_text(), "a no_diff file's content leaked"
+    d.stop()
