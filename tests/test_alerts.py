@@ -443,6 +443,7 @@ def test_hostile_names_cannot_inject_headers_or_commands(fim, smtp, hook):
         keys = {k.lower() for k in m.msg.keys()}
         assert keys <= HEADERS_ALLOWED, (ev["path"], m.msg.keys())
         head = m.raw.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0]
+        head.decode("ascii")               # non-ASCII names are RFC 2047-encoded
         for line in head.split(b"\n"):
             bad = (b"bcc:", b"x-injected:", b"content-type: multipart")
             assert not line.lower().startswith(bad), (ev["path"], line)
@@ -668,3 +669,109 @@ def test_pause_window_end_sends_the_digest(fim, hook):
     ctrl = write(fim.root / "after.txt", "x\n")
     hook.wait(body_is("created", path=str(ctrl)), timeout=15)
     assert len(hook.received()) == 2
+
+
+# ---------------------------------------------------------------------------
+# more channel behaviour: severity filter, flush on stop, 7-day expiry, CLI
+# ---------------------------------------------------------------------------
+
+def test_min_severity_per_channel_and_status(fim, hook):
+    for sub in ("critical", "info"):
+        (fim.root / sub).mkdir()
+    fim.write_config(**{"webhook crit": webhook_section(hook.url("/crit"),
+                                                        min_severity="critical"),
+                        "webhook warn": webhook_section(hook.url("/warn")),
+                        "webhook all": webhook_section(hook.url("/all"), min_severity="info")})
+    d = fim.daemon()
+    hook.wait(body_is("started"), path="/all")        # a notice: only "all" takes it
+    files = {"info": write(fim.root / "info" / "i.txt"), "warning": write(fim.root / "w.txt"),
+             "critical": write(fim.root / "critical" / "c.txt")}
+    for sev, f in files.items():
+        d.wait_for(is_event("created", f, severity=sev))
+    hook.wait(count=4, path="/all")                    # positive control: all three sent
+    hook.wait(count=1, path="/crit")
+    hook.wait(count=2, path="/warn")
+    time.sleep(GATHER + 0.5)
+    assert sorted(b["severity"] for b in hook.bodies("/all")[1:]) == \
+        ["critical", "info", "warning"]
+    assert [b["severity"] for b in hook.bodies("/crit")] == ["critical"]
+    assert sorted(b["severity"] for b in hook.bodies("/warn")) == ["critical", "warning"]
+    chans = status_json(fim)["channels"]
+    for cid in ("webhook:crit", "webhook:warn", "webhook:all"):
+        assert chans[cid]["spooled"] == 0 and chans[cid]["last_ok"], chans
+        assert chans[cid]["last_error"] is None, chans
+
+
+def test_sigterm_flushes_alerts_still_gathering(fim, hook):
+    """SPEC: SIGTERM stops cleanly, flushing alerts: a change seen just
+    before the stop (inside the 1 s gather window) is delivered before exit."""
+    fim.write_config(webhook=webhook_section(hook.url()))
+    d = fim.daemon()
+    p = write(fim.root / "last-words.txt", "x\n")
+    d.wait_for(is_event("created", p))
+    d.stop()
+    assert [b["path"] for b in hook.bodies() if b["event"] == "created"] == [str(p)]
+    assert channel(fim, "webhook:default")["spooled"] == 0
+
+
+def test_alerts_older_than_7_days_are_dropped_counted_and_reported(fim):
+    import sqlite3
+    srv = WebhookServer(port=free_port())
+    fim.write_config(webhook=webhook_section(srv.url()))
+    d = fim.daemon()
+    old = write(fim.root / "old.txt", "x\n")
+    d.wait_for(is_event("created", old))
+    wait_attempted(fim, "webhook:default")
+    d.stop()
+    # age the spooled alert by 8 days (the daemon is stopped; SQLite file in state_dir)
+    db = sqlite3.connect(str(fim.state_dir / "baseline.db"))
+    with db:
+        n = db.execute("UPDATE spool SET created = created - 8 * 86400").rowcount
+    db.close()
+    assert n >= 1
+    try:
+        srv.start()
+        d = fim.daemon()
+        new = write(fim.root / "new.txt", "x\n")
+        d.wait_for(is_event("created", new))
+        b = srv.wait(body_is("created", path=str(new)), timeout=15)[0].json()
+        assert b.get("dropped") == n, b
+        assert not [r for r in srv.bodies() if r.get("path") == str(old)]
+        assert channel(fim, "webhook:default")["dropped"] == n
+        assert "DROPPED" in fim.cli("status").stdout
+        # reported once: the next alert does not repeat it
+        again = write(fim.root / "again.txt", "x\n")
+        b2 = srv.wait(body_is("created", path=str(again)), timeout=15)[0].json()
+        assert "dropped" not in b2
+    finally:
+        srv.stop()
+
+
+def test_email_several_recipients(fim, smtp):
+    sm = msmtp_sendmail(fim.base / "mta", smtp.port)
+    fim.write_config(email=email_section(sm, to="admin@example.test ops@example.test"))
+    proc = fim.cli("test-alert")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    m = smtp.wait()[0]
+    assert sorted(m.rcpt_tos) == ["admin@example.test", "ops@example.test"]
+    assert m.msg["To"] == "admin@example.test, ops@example.test"
+
+
+def test_non_ascii_hostname_does_not_break_email(fim, smtp):
+    sm = msmtp_sendmail(fim.base / "mta", smtp.port)
+    fim.write_config(email=email_section(sm), fimwatch={"hostname": "h\u00f4te"})
+    proc = fim.cli("test-alert")
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    m = smtp.wait()[0]
+    assert m.msg["Subject"] == "[fimwatch] INFO test on h\u00f4te"
+    head = m.raw.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0]
+    head.decode("ascii")                   # RFC 2047-encoded, 7-bit headers
+
+
+@pytest.mark.parametrize("argv", [["pause", "--for", "0"], ["pause", "--for", "8d"],
+                                  ["pause", "--for", "soon"], ["pause"]])
+def test_pause_rejects_bad_durations(fim, argv):
+    proc = fim.cli(*argv)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
