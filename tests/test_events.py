@@ -264,3 +264,46 @@ def test_diff_for_text_files_never_for_no_diff_patterns(fim):
     assert "diff" not in k, k
     assert "SECRET" not in fim.events_file.read_text(), "a no_diff file's content leaked"
     d.stop()
+
+
+def test_move_then_edit_in_one_settle_window_reports_the_edit(fim):
+    a = write(fim.root / "a.txt", "one\n")
+    b = fim.root / "b.txt"
+    d = fim.daemon()
+    os.rename(a, b)
+    write(b, "two\n")
+    d.wait_for(lambda e: e.get("path") == str(b) and e.get("event") in ("moved", "modified",
+                                                                         "created"))
+    time.sleep(SETTLE * 5)
+    evs = d.matching(lambda e: e.get("path") == str(b))
+    assert any(e["event"] == "modified" or "content" in e.get("changes", [])
+               or e["event"] == "created" for e in evs), \
+        "the content change after the move was not reported: %s" % evs
+    assert any(e.get("sha256") == sha256(b"two\n") for e in evs), evs
+    assert d.matching(lambda e: e.get("path") == str(a) and e["event"] == "deleted")  \
+        or d.matching(lambda e: e.get("from") == str(a)), d.events()
+    d.stop()
+
+
+def test_rename_over_an_existing_file_reports_both_sides(fim):
+    a = write(fim.root / "new.conf", "new\n")
+    b = write(fim.root / "live.conf", "old\n")
+    d = fim.daemon()
+    os.rename(a, b)
+    e = d.wait_for(lambda e: e.get("path") == str(b) and e.get("event") in FILE_EVENTS)
+    assert e.get("sha256") == sha256(b"new\n"), e
+    assert e["event"] == "modified" or (e["event"] == "moved" and e.get("previous")), e
+    assert d.matching(lambda e: e.get("path") == str(a) and e["event"] == "deleted") \
+        or e.get("from") == str(a), d.events()
+    d.stop()
+
+
+def test_time_fields_are_utc(fim):
+    d = fim.daemon()
+    p = write(fim.root / "t.txt")
+    e = d.wait_for(is_event("created", p))
+    assert ISO_TIME.match(e["time"]), e
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", e["mtime"]), e
+    if os.getuid() == 0:
+        assert e["owner"] == "root" and e["group"] == "root", e
+    d.stop()
