@@ -174,3 +174,22 @@ def test_excluded_directories_get_no_watch(fim):
     d.assert_quiet(lambda e: "cachedir" in e.get("path", ""), since=m, control=control_file())
     assert inotify_watch_count(d.pid) == n + 3
     d.stop()
+
+
+def test_watched_root_moved_away_is_deleted_and_rewatched_when_back(fim):
+    (fim.root / "sub").mkdir()
+    f = write(fim.root / "sub" / "f.txt")
+    d = fim.daemon()
+    away = fim.outside / "tree.old"
+    os.rename(fim.root, away)
+    d.wait_for(is_event("deleted", f), timeout=20)
+    m = d.mark()
+    write(away / "sub" / "f.txt", "changed where nobody watches\n")
+    fim.root.mkdir()
+    p = write(fim.root / "new.txt")
+    d.wait_for(is_event("created", p), since=m, timeout=90)
+    assert not d.matching(lambda e: str(away) in e.get("path", "")), d.events()
+    m = d.mark()
+    write(p, "v2\n")
+    d.wait_for(is_event("modified", p), since=m)
+    d.stop()
