@@ -2,8 +2,8 @@
 # fimwatch installer.
 #
 #   sudo ./install.sh [OPTIONS]                       from a checkout
-#   curl -fsSL URL/install.sh | sudo sh               piped (set FIMWATCH_BASE_URL)
-#   curl -fsSL URL/install.sh | sudo sh -s -- --uninstall
+#   curl -fsSL URL/install.sh | sudo FIMWATCH_BASE_URL=URL sh      piped
+#   curl -fsSL URL/install.sh | sudo sh -s -- --uninstall           (no URL needed)
 #
 # Options:
 #   --dry-run      print what would be done, change nothing
@@ -96,7 +96,7 @@ usage_error() {
 usage() {
     cat <<'EOT'
 usage: install.sh [--dry-run] [--no-start] [--uninstall | --purge] [--root DIR]
-       curl -fsSL URL/install.sh | FIMWATCH_BASE_URL=URL sudo -E sh [-s -- OPTIONS]
+       curl -fsSL URL/install.sh | sudo FIMWATCH_BASE_URL=URL sh [-s -- OPTIONS]
 
 Installs fimwatch as /usr/local/sbin/fimwatch with its systemd service.
 
@@ -731,7 +731,13 @@ summary() {
     fi
     echo "Check it:          fimwatch status;  fimwatch test-alert" >&2
     echo "Change paths:      edit $CONF, then: fimwatch check-config && systemctl reload $SERVICE" >&2
-    echo "Uninstall:         sh install.sh --uninstall   (--purge also removes config, state, logs)" >&2
+    if [ -n "$TMP" ] && [ "${SRC#"$TMP"}" != "$SRC" ]; then
+        how="curl -fsSL ${FIMWATCH_BASE_URL%/}/install.sh | sudo sh -s -- --uninstall"
+    else
+        how="sudo sh $SRC/install.sh --uninstall"
+    fi
+    echo "Uninstall:         $how" >&2
+    echo "                   (--purge instead also removes config, state and logs)" >&2
 }
 
 # --- main ----------------------------------------------------------------------------
