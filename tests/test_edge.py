@@ -281,3 +281,52 @@ def test_write_through_a_hard_link_from_outside_is_found_by_the_periodic_scan(fi
     e = d.wait_for(is_event("modified", p), timeout=20)
     assert e["detected"] in ("scan", "realtime"), e
     d.stop()
+
+
+@needs_root
+@pytest.mark.timeout(240)
+def test_overflow_rescan_covers_single_file_paths(fim, sysctl):
+    """A file listed on its own in [watch] paths, changed after the queue overflowed."""
+    storm_dir = fim.root / "storm"
+    storm_dir.mkdir()
+    single = write(fim.root / "passwd", "root:x:0:0\n")
+    fim.write_config(watch={"paths": "%s %s" % (storm_dir, single)})
+    restore = sysctl("fs.inotify.max_queued_events", 32)
+    d = fim.daemon()
+    restore()
+    os.kill(d.pid, signal.SIGSTOP)
+    try:
+        for i in range(500):
+            write(storm_dir / ("f%03d" % i))
+        write(single, "root:x:0:0\nevil:x:0:0\n")
+    finally:
+        os.kill(d.pid, signal.SIGCONT)
+    d.wait_for(is_event("rescan"), timeout=60)
+    d.wait_for(is_event("modified", single), timeout=30)
+    d.stop()
+    scan_is_clean(fim)
+
+
+@needs_root
+@pytest.mark.timeout(240)
+def test_overflow_rescan_reports_a_root_deleted_during_the_storm(fim, sysctl):
+    a = fim.root / "a"
+    b = fim.root / "b"
+    a.mkdir()
+    b.mkdir()
+    gone = write(b / "f.txt")
+    fim.write_config(watch={"paths": "%s %s" % (a, b)})
+    restore = sysctl("fs.inotify.max_queued_events", 32)
+    d = fim.daemon()
+    restore()
+    os.kill(d.pid, signal.SIGSTOP)
+    try:
+        for i in range(500):
+            write(a / ("f%03d" % i))
+        os.unlink(gone)
+        os.rmdir(b)
+    finally:
+        os.kill(d.pid, signal.SIGCONT)
+    d.wait_for(is_event("rescan"), timeout=60)
+    d.wait_for(is_event("deleted", gone), timeout=30)
+    d.stop()
