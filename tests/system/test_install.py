@@ -798,6 +798,17 @@ def test_ct_passwd_change_reaches_journal_and_mail(box):
     assert any("CRITICAL" in s and "modified" in s for s in subjects), subjects
     box.notes["mail"] = True
 
+    # The sandboxed daemon reads root-only files: a change to /etc/shadow is
+    # reported with the new content's hash (never a diff: no_diff).
+    ct.sh("echo 'fimtest:!:20000:0:99999:7:::' >> /etc/shadow")
+
+    def shadow():
+        return [e for e in ct.events() if e.get("path") == "/etc/shadow"
+                and e.get("event") == "modified"]
+    ev = ct.wait_for("/etc/shadow modified", shadow, 30)[-1]
+    assert ev.get("sha256") and ev.get("previous", {}).get("sha256"), ev
+    assert "diff" not in ev, ev
+
 
 @pytest.mark.timeout(180)
 def test_ct_kill9_restart_reports_gap(box):
