@@ -330,3 +330,51 @@ def test_overflow_rescan_reports_a_root_deleted_during_the_storm(fim, sysctl):
     d.wait_for(is_event("rescan"), timeout=60)
     d.wait_for(is_event("deleted", gone), timeout=30)
     d.stop()
+
+
+def test_root_deleted_while_down_is_reported_at_startup_and_by_scan(fim):
+    a = fim.root / "a"
+    b = fim.root / "b"
+    (b / "sub").mkdir(parents=True)
+    a.mkdir()
+    files = [write(b / "f.txt"), write(b / "sub" / "g.txt")]
+    fim.write_config(watch={"paths": "%s %s" % (a, b)})
+    fim.baseline()
+    import shutil
+    shutil.rmtree(b)
+    r = fim.cli("scan", "--no-alert", "--json")
+    assert r.returncode == 1, r.stdout + r.stderr
+    for f in files:
+        assert str(f) in r.stdout, r.stdout
+    # and the same offline deletion seen by the daemon at start-up
+    (b / "sub").mkdir(parents=True)
+    files = [write(b / "f.txt"), write(b / "sub" / "g.txt")]
+    fim.baseline()
+    shutil.rmtree(b)
+    d = fim.daemon()
+    for f in files:
+        d.wait_for(is_event("deleted", f), since=d.start_index)
+    d.stop()
+
+
+@needs_root
+@pytest.mark.timeout(240)
+def test_unwatched_subtree_is_polled_by_the_daemon(fim, sysctl):
+    for i in range(40):
+        (fim.root / ("d%02d" % i)).mkdir()
+        write(fim.root / ("d%02d" % i) / "f.txt", "v1\n")
+    fim.write_config(watch={"poll_interval": "2s"})
+    restore = sysctl("fs.inotify.max_user_watches", user_watch_count(0) + 10)
+    try:
+        d = fim.daemon(timeout=40)
+        e = d.wait_for(is_event("watch_limit"), since=d.start_index, timeout=30)
+    finally:
+        restore()
+    subtrees = e.get("subtrees") or [e.get("path")]
+    victim = next(p for p in sorted(fim.root.rglob("f.txt"))
+                  if any(str(p).startswith(s + "/") for s in subtrees))
+    m = d.mark()
+    write(victim, "changed while unwatched\n")
+    e = d.wait_for(is_event("modified", victim), since=m, timeout=30)
+    assert e["detected"] == "scan", e
+    d.stop()
