@@ -307,3 +307,20 @@ def test_time_fields_are_utc(fim):
     if os.getuid() == 0:
         assert e["owner"] == "root" and e["group"] == "root", e
     d.stop()
+
+
+def test_severity_first_level_in_file_order_wins_and_basename_patterns(fim):
+    sections = fim.sections(severity={"critical": "*.php %s/both/**" % fim.root})
+    # write [severity] with info first: for a path both match, info wins
+    sections["severity"] = {"info": "%s/both/**" % fim.root,
+                            "critical": sections["severity"]["critical"]}
+    from conftest import render_config
+    fim.write_config(render_config(sections))
+    (fim.root / "both").mkdir()
+    (fim.root / "www" / "deep").mkdir(parents=True)
+    d = fim.daemon()
+    both = write(fim.root / "both" / "x.conf")
+    php = write(fim.root / "www" / "deep" / "shell.php")
+    assert d.wait_for(is_event("created", both))["severity"] == "info"
+    assert d.wait_for(is_event("created", php))["severity"] == "critical"
+    d.stop()
