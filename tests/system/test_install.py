@@ -892,6 +892,43 @@ def test_ct_config_error_fails_once_and_alerts(box):
     assert ct.show("fimwatch.service", "ActiveState")["ActiveState"] == "active"
 
 
+@pytest.mark.timeout(180)
+def test_ct_crash_loop_alerts_and_retries(box):
+    """A daemon that keeps dying: after the start limit (5 in 5 min) the unit
+    fails, the OnFailure= unit pages, and a retry is scheduled (never gone for good)."""
+    _require(box, "ready")
+    ct = box.ct
+    dropin = "/etc/systemd/system/fimwatch.service.d/zz-test-crash.conf"
+    ct.sh("mkdir -p %s && printf '[Service]\\nExecStart=\\nExecStart=/bin/sh -c \"exit 1\"\\n'"
+          " > %s && systemctl daemon-reload" % (dropin.rsplit("/", 1)[0], dropin))
+    try:
+        ct.sh("systemctl restart fimwatch.service", check=False)
+
+        def failed():
+            p = ct.show("fimwatch.service", "ActiveState", "NRestarts")
+            return p if p["ActiveState"] == "failed" else None
+        p = ct.wait_for("the start limit", failed, 60, interval=0.5)
+        assert int(p["NRestarts"]) >= 4, p
+
+        def paged():
+            r = ct.sh("journalctl -t fimwatch --no-pager -o cat", check=False)
+            return [ln for ln in r.stdout.splitlines() if "critical stopped" in ln
+                    and "NOT watching" in ln]
+        ct.wait_for("the failure alert", paged, 30)
+
+        def retry():
+            r = ct.sh("systemctl list-timers --all --no-pager --no-legend", check=False)
+            return [ln for ln in r.stdout.splitlines() if "run-" in ln]
+        ct.wait_for("a retry timer", retry, 10)
+    finally:
+        ct.sh("rm -f %s; systemctl daemon-reload; "
+              "for t in $(systemctl list-units --all --plain --no-legend 'run-*.timer' "
+              "| cut -d' ' -f1); do systemctl stop $t; done; "
+              "systemctl reset-failed fimwatch.service; systemctl start fimwatch.service"
+              % dropin, check=False)
+    assert ct.show("fimwatch.service", "ActiveState")["ActiveState"] == "active"
+
+
 @pytest.mark.timeout(600)
 def test_ct_reinstall_upgrades_and_keeps_config(box):
     _require(box, "installed")
@@ -961,3 +998,17 @@ def test_ct_purge_removes_everything(box):
                  "/etc/systemd/system/fimwatch-sendmail.socket",
                  "/etc/sysctl.d/60-fimwatch.conf"]:
         assert not ct.exists(path), path
+
+
+@pytest.mark.timeout(300)
+def test_ct_no_start(box):
+    """--no-start: installed and enabled, not started."""
+    _require(box, "installed")
+    ct = box.ct
+    r = box.pipe_install("--no-start")
+    assert r.returncode == 0, r.stdout + r.stderr
+    p = ct.show("fimwatch.service", "ActiveState", "UnitFileState")
+    assert p == {"ActiveState": "inactive", "UnitFileState": "enabled"}, p
+    assert "enabled, not started" in r.stderr
+    r = box.pipe_install("--purge")
+    assert r.returncode == 0, r.stdout + r.stderr
