@@ -775,3 +775,44 @@ def test_pause_rejects_bad_durations(fim, argv):
     proc = fim.cli(*argv)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_max_per_hour_survives_reload(fim, hook):
+    """The hourly cap is a promise to the inbox: a SIGHUP (config reload)
+    must not hand out a fresh allowance."""
+    fim.write_config(**{"webhook limited": webhook_section(hook.url("/limited"),
+                                                           max_per_hour="2"),
+                        "webhook all": webhook_section(hook.url("/all"), max_per_hour="100")})
+    d = fim.daemon()
+    paths = []
+    for i in range(3):
+        if i == 2:
+            mark = d.mark()
+            d.hup()
+            d.wait_for(is_event("started", reload=True), since=mark)
+        p = write(fim.root / ("c-%d.txt" % i), "x\n")
+        d.wait_for(is_event("created", p))
+        hook.wait(body_is("created", path=str(p)), path="/all", timeout=15)   # control
+        paths.append(p)
+    time.sleep(GATHER + 0.5)
+    assert [b["path"] for b in hook.bodies("/limited")] == [str(p) for p in paths[:2]]
+    assert channel(fim, "webhook:limited")["spooled"] == 1
+
+
+def test_stop_is_not_held_up_by_a_hung_receiver(fim, hook):
+    hook.delay = 30.0                       # longer than the 10 s default timeout
+    fim.write_config(webhook=webhook_section(hook.url(), timeout="10s"))
+    d = fim.daemon()
+    p = write(fim.root / "x.txt", "x\n")
+    ev = d.wait_for(is_event("created", p))
+    hook.wait(timeout=10)                   # the worker is inside the request now
+    t0 = time.monotonic()
+    d.stop(timeout=20)
+    took = time.monotonic() - t0
+    assert took < 8.0, "stop took %.1fs" % took
+    assert "Traceback" not in d.stderr(), d.stderr()
+    # not lost: it is delivered (again, same id) after the restart
+    hook.delay = 0
+    fim.daemon()
+    hook.wait(lambda r: r.code == 200 and r.headers["X-Fimwatch-Event"] == ev["id"],
+              timeout=20)
