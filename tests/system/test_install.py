@@ -57,6 +57,20 @@ CT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 EXPOSURE_MAX = 2.5
 
 IS_ROOT = os.geteuid() == 0
+# tests/conftest.py's machine-wide lock: tests that lower a kernel inotify
+# limit take it exclusively. A container's root is the host's uid 0 (no user
+# namespace), so its daemon counts against the same limits: hold it shared.
+MACHINE_LOCK = "/tmp/fimwatch-tests.lock"
+
+
+class _SharedMachineLock:
+    def __enter__(self):
+        self.fd = os.open(MACHINE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_SH)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
 
 
 def _missing_tools(*tools):
@@ -600,15 +614,16 @@ def box(request, tmp_path_factory):
     reason = _container_skip_reason()
     if reason:
         pytest.skip(reason)
-    ct = Container(request.param)
-    b = None
-    try:
-        b = Box(ct, tmp_path_factory.mktemp("served-" + request.param))
-        yield b
-    finally:
-        if b:
-            b.server.close()
-        ct.kill()
+    with _SharedMachineLock():
+        ct = Container(request.param)
+        b = None
+        try:
+            b = Box(ct, tmp_path_factory.mktemp("served-" + request.param))
+            yield b
+        finally:
+            if b:
+                b.server.close()
+            ct.kill()
 
 
 def _require(box, step):
@@ -662,13 +677,14 @@ def test_ct_no_systemd_no_pip_from_checkout(distro, tmp_path):
                   "fimwatch check-config >/dev/null && echo CONFIG-OK && "
                   "! python3 -c 'import inotify_simple' 2>/dev/null && echo SITE-CLEAN")
         t0 = time.monotonic()
-        r = subprocess.run(
-            ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit",
-             "--machine=fimwatch-nosd-%d" % os.getpid(), "-D", str(root), "--pipe",
-             "/usr/bin/env", "-i", "PATH=" + CT_PATH, "LANG=C.UTF-8", "HOME=/root",
-             "/bin/sh", "-c", script],
-            capture_output=True, text=True, timeout=800, stdin=subprocess.DEVNULL,
-            start_new_session=True)
+        with _SharedMachineLock():
+            r = subprocess.run(
+                ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit",
+                 "--machine=fimwatch-nosd-%d" % os.getpid(), "-D", str(root), "--pipe",
+                 "/usr/bin/env", "-i", "PATH=" + CT_PATH, "LANG=C.UTF-8", "HOME=/root",
+                 "/bin/sh", "-c", script],
+                capture_output=True, text=True, timeout=800, stdin=subprocess.DEVNULL,
+                start_new_session=True)
         print("no-systemd, no-pip install took %.1fs" % (time.monotonic() - t0))
     finally:
         shutil.rmtree(work, ignore_errors=True)
