@@ -697,6 +697,81 @@ def test_ct_no_systemd_no_pip_from_checkout(distro, tmp_path):
     assert "CONFIG-OK" in r.stdout and "SITE-CLEAN" in r.stdout, out[-3000:]
 
 
+def _read_proc(name):
+    with open("/proc/sys/" + name.replace(".", "/")) as f:
+        return int(f.read().split()[0])
+
+
+def _write_proc(name, value):
+    with open("/proc/sys/" + name.replace(".", "/"), "w") as f:
+        f.write(str(value))
+
+
+@pytest.mark.timeout(600)
+def test_ct_sysctl_raised_live_never_lowered(tmp_path):
+    """Where /proc/sys is writable, the installer raises the inotify limits
+    live to what the drop-in says, and never lowers a higher value. Runs the
+    installer in a non-booted container with a writable /proc/sys (the limits
+    are the host's: the suite's machine-wide lock is taken exclusively and the
+    old values are restored)."""
+    reason = _container_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    distro = DISTROS[0]
+    rootfs = build_rootfs(distro)
+    runs = CACHE / "run"
+    runs.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="sysctl-%s-" % distro, dir=runs))
+    root = work / "root"
+    subprocess.run(["cp", "-a", "--reflink=auto", str(rootfs), str(root)], check=True)
+    make_served_dir(root / "root/fimwatch")
+    if not (root / "root/fimwatch" / WHEEL).exists():
+        shutil.rmtree(work, ignore_errors=True)
+        pytest.skip("cannot fetch %s with pip" % WHEEL)
+    env = dict(os.environ, SYSTEMD_NSPAWN_API_VFS_WRITABLE="1")
+
+    def install():
+        return subprocess.run(
+            ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit",
+             "--machine=fimwatch-sysctl-%d" % os.getpid(), "-D", str(root), "--pipe",
+             "/usr/bin/env", "-i", "PATH=" + CT_PATH, "LANG=C.UTF-8", "HOME=/root",
+             "NO_COLOR=1", "/bin/sh", "/root/fimwatch/install.sh"],
+            capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+            start_new_session=True, env=env)
+
+    names = ("fs.inotify.max_user_watches", "fs.inotify.max_user_instances")
+    fd = os.open(MACHINE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    saved = {n: _read_proc(n) for n in names}
+    try:
+        _write_proc(names[0], 9000)
+        _write_proc(names[1], 200)
+        r = install()
+        out = r.stdout + r.stderr
+        assert r.returncode == 0, out[-4000:]
+        dropin = (root / "etc/sysctl.d/60-fimwatch.conf").read_text()
+        want = int(re.search(r"^fs\.inotify\.max_user_watches = (\d+)$", dropin, re.M).group(1))
+        assert want > 9000, dropin
+        assert "max_user_instances = 256" in dropin, dropin
+        assert _read_proc(names[0]) == want, out[-2000:]
+        assert _read_proc(names[1]) == 256
+        assert "raised fs.inotify.max_user_watches from 9000 to %d" % want in r.stderr
+
+        # A higher live value (set by the admin, or the kernel's RAM-based
+        # default) is left alone, and the drop-in does not pin a lower one.
+        _write_proc(names[0], want * 4)
+        r = install()
+        assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+        assert _read_proc(names[0]) == want * 4
+        dropin = (root / "etc/sysctl.d/60-fimwatch.conf").read_text()
+        assert not re.search(r"^fs\.inotify\.max_user_watches", dropin, re.M), dropin
+    finally:
+        for n, v in saved.items():
+            _write_proc(n, v)
+        os.close(fd)
+        shutil.rmtree(work, ignore_errors=True)
+
+
 @pytest.mark.timeout(600)
 def test_ct_piped_install(box):
     ct = box.ct
