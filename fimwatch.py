@@ -259,12 +259,16 @@ def _glob_to_re(pat):
             body = pat[i + 1:j]
             if body.startswith("!"):
                 body = "^" + body[1:]
-            out.append("[" + body.replace("\\", "\\\\") + "]")
+            out.append("[" + body.replace("\\", "\\\\").replace("[", "\\[") + "]")
             i = j
         else:
             out.append(re.escape(c))
         i += 1
     return "".join(out)
+
+
+def _glob_escape(path):
+    return re.sub(r"([*?\[])", r"[\1]", path)
 
 
 class PatternSet:
@@ -1092,9 +1096,17 @@ class PackageDB:
             self.index = self.loaded_mtime = None
 
 
+_SECRET_RE = re.compile(r"(?i)((?:pass(?:word|wd|phrase)?|secret|token|api[_-]?key|"
+                        r"credentials?|private[_-]?key|auth[_-]?key)\w*[\"']?\s*[:=]\s*)\S.*")
+
+
 def unified_diff(old, new, path):
-    """A unified diff of two small texts, or None if either is not text."""
+    """A unified diff of two small texts, or None if either is not text or
+    holds a private key. Values of password=/secret:/token= style lines are
+    replaced by [redacted]: alerts travel by email and chat."""
     if old is None or new is None or b"\0" in old or b"\0" in new:
+        return None
+    if b"PRIVATE KEY-----" in old or b"PRIVATE KEY-----" in new:
         return None
     a = old.decode("utf-8", "replace").splitlines(keepends=True)
     b = new.decode("utf-8", "replace").splitlines(keepends=True)
@@ -1102,6 +1114,7 @@ def unified_diff(old, new, path):
     if len(lines) > DIFF_MAX_LINES:
         lines = lines[:DIFF_MAX_LINES] + ["... (%d more lines)\n" % (len(lines) - DIFF_MAX_LINES)]
     # Escape control characters line by line but keep the newlines.
+    lines = [_SECRET_RE.sub(r"\1[redacted]", ln) for ln in lines]
     return "".join("\t".join(esc(part) for part in ln.rstrip("\n").split("\t")) + "\n"
                    for ln in lines) or None
 
@@ -1225,6 +1238,7 @@ class Engine:
         self.moves = {}              # dst -> src of a rename inside the tree
         self.last_from = None        # (cookie, path, isdir) of an unpaired MOVED_FROM
         self.unwatched = set()       # subtree roots that got no watch (limit)
+        self.recheck = deque()       # (when, dir): an early look at a new unwatched dir
         self.missing_roots = set()
         self.scans = deque()         # incremental walks in progress
         self.limit_event_for = set()
@@ -1243,7 +1257,12 @@ class Engine:
         self.roots = [r for r in roots if not any(r.startswith(o + "/") for o in roots if o != r)]
         self.scan_only = [r for r in cfg.scan_only
                           if not any(r == o or r.startswith(o + "/") for o in self.roots)]
-        self.exclude = cfg.exclude
+        # fimwatch's own files never watch themselves (a write to the events
+        # file would be an event, written to the events file...).
+        own = [_glob_escape(cfg.state_dir), _glob_escape(cfg.state_dir) + "/**"]
+        if cfg.events_file:
+            own.append(_glob_escape(cfg.events_file) + "*")
+        self.exclude = PatternSet(cfg.exclude.patterns + own)
         self.settle = cfg.settle
         self.max_delay = max(5.0, 10 * cfg.settle)
         # A root that is a file is watched through its directory, filtered.
@@ -1421,6 +1440,10 @@ class Engine:
                     if not parent_unwatched:
                         limited.append(d)
                         self.unwatched.add(d)
+                        if mode == "new":
+                            # Just created: its files are probably being written
+                            # now. Look again shortly, then every poll_interval.
+                            self.recheck.append((time.monotonic() + 2.0, d))
                 elif wd is not None:
                     self.unwatched.discard(d)
             try:
@@ -1506,7 +1529,12 @@ class Engine:
             if content:
                 if r is not None and r[0] == "modified" and not silent:
                     prev_text = store.get_content(p)
-                store.put_content(p, content[0] if b"\0" not in content[0] else None)
+                # A file others may not read is likely to hold secrets: its
+                # text is neither kept nor shown in a diff.
+                keep = b"\0" not in content[0] and new[1] & 0o004
+                store.put_content(p, content[0] if keep else None)
+                if not keep:
+                    prev_text = None
             elif content is not None and old is not None and new[0] == "file" \
                     and old[8] != new[8]:
                 store.put_content(p, None)
@@ -2092,6 +2120,11 @@ def send_email(conf, ev, host, sendmail=None, timeout=60):
     from email.message import EmailMessage
     from email.utils import formatdate, make_msgid
     msg = EmailMessage()
+    try:
+        ahost = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        ahost = re.sub(r"[^A-Za-z0-9.-]", "-", host.encode("ascii", "replace").decode())
+    host = ahost or "localhost"
     msg["Subject"] = event_subject(ev)
     msg["From"] = conf["from"] or "fimwatch@%s" % host
     msg["To"] = ", ".join(conf["to"].replace(",", " ").split())
@@ -2729,6 +2762,8 @@ class Daemon:
             waits = [t for t in timers.values() if t is not None]
             if nd is not None:
                 waits.append(nd)
+            if eng.recheck:
+                waits.append(eng.recheck[0][0])
             timeout = 0 if eng.scans else max(0.0, min(waits) - now)
             try:
                 poller.poll(min(timeout, 60.0) * 1000)
@@ -2761,6 +2796,8 @@ class Daemon:
                 if eng.pkgdb is not None:
                     eng.pkgdb.maybe_drop()
                 timers["beat"] = now + HEARTBEAT_EVERY
+            while eng.recheck and eng.recheck[0][0] <= now:
+                eng.scans.append(eng.walk(eng.recheck.popleft()[1], "quick", "scan"))
             if now >= timers["roots"]:
                 eng.check_missing_roots()
                 timers["roots"] = now + ROOT_RETRY_EVERY
@@ -3124,6 +3161,9 @@ def cmd_test_alert(cfg, args):
         except DeliveryError as e:
             ok = False
             print("%-22s FAILED: %s" % (c.id, e))
+        except Exception as e:         # a bug: still say which channel
+            ok = False
+            print("%-22s FAILED: internal error: %s" % (c.id, type(e).__name__))
     if not local.sinks and not chans:
         print("no alert channel is enabled in %s" % cfg.path)
         ok = False
