@@ -19,6 +19,7 @@ loop device under the work dir (disk-backed, not tmpfs; deleted in a second),
 the storm also runs on a tmpfs. Exit 0 when the run completed (targets missed
 or not), 2 on a set-up error.
 """
+
 import argparse
 import hashlib
 import json
@@ -44,6 +45,7 @@ INW_EVENTS = "create,modify,attrib,close_write,moved_from,moved_to,delete,delete
 
 
 # ---------------------------------------------------------------- helpers
+
 
 def log(msg):
     print("[%s] %s" % (time.strftime("%H:%M:%S"), msg), file=sys.stderr, flush=True)
@@ -154,6 +156,7 @@ def median(xs):
 
 # ---------------------------------------------------------------- bootstrap
 
+
 def bootstrap(argv):
     """Install the peers and the venv, then re-exec inside the venv."""
     if os.geteuid() != 0:
@@ -163,8 +166,11 @@ def bootstrap(argv):
         log("installing %s with apt-get" % " ".join(missing))
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         sh(["apt-get", "update", "-qq"], env=env)
-        sh(["apt-get", "install", "-y", "-q", "--no-install-recommends"] + missing, env=env,
-           stdout=subprocess.DEVNULL)
+        sh(
+            ["apt-get", "install", "-y", "-q", "--no-install-recommends"] + missing,
+            env=env,
+            stdout=subprocess.DEVNULL,
+        )
     with open(REQUIREMENTS, "rb") as f:
         want = hashlib.sha256(f.read() + sys.version.encode()).hexdigest()
     marker = os.path.join(VENV, ".bench-requirements")
@@ -176,8 +182,16 @@ def bootstrap(argv):
     if have != want:
         log("creating %s (pinned: %s)" % (VENV, ", ".join(open(REQUIREMENTS).read().split())))
         sh([sys.executable, "-m", "venv", "--clear", VENV])
-        sh([os.path.join(VENV, "bin", "pip"), "install", "-q", "--disable-pip-version-check",
-            "-r", REQUIREMENTS])
+        sh(
+            [
+                os.path.join(VENV, "bin", "pip"),
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "-r",
+                REQUIREMENTS,
+            ]
+        )
         with open(marker, "w") as f:
             f.write(want + "\n")
     if os.path.realpath(sys.prefix) != os.path.realpath(VENV):
@@ -186,6 +200,7 @@ def bootstrap(argv):
 
 
 # ---------------------------------------------------------------- workspace
+
 
 class Workspace:
     """Temp dir with a loop-mounted ext4 image (trees) and a tmpfs (storm)."""
@@ -205,8 +220,21 @@ class Workspace:
                 sh(["truncate", "-s", image_size, img])
                 # inline_data: tiny files live in the inode (fast to make and delete);
                 # many inodes: the 1M-file tree plus the storm trees.
-                sh(["mkfs.ext4", "-q", "-F", "-O", "inline_data", "-N", "4000000",
-                    "-E", "lazy_itable_init=1,nodiscard", img], stdout=subprocess.DEVNULL)
+                sh(
+                    [
+                        "mkfs.ext4",
+                        "-q",
+                        "-F",
+                        "-O",
+                        "inline_data",
+                        "-N",
+                        "4000000",
+                        "-E",
+                        "lazy_itable_init=1,nodiscard",
+                        img,
+                    ],
+                    stdout=subprocess.DEVNULL,
+                )
                 sh(["mount", "-o", "loop,noatime", img, self.fs])
                 self.mounts.append(self.fs)
                 self.fs_kind = "ext4 image on loop (backed by %s)" % fs_type(self.base)
@@ -218,8 +246,17 @@ class Workspace:
 
     def mount_tmpfs(self):
         if self.tmpfs not in self.mounts:
-            sh(["mount", "-t", "tmpfs", "-o", "size=2G,nr_inodes=1000000,mode=0700",
-                "fimwatch-bench", self.tmpfs])
+            sh(
+                [
+                    "mount",
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    "size=2G,nr_inodes=1000000,mode=0700",
+                    "fimwatch-bench",
+                    self.tmpfs,
+                ]
+            )
             self.mounts.append(self.tmpfs)
         return self.tmpfs
 
@@ -236,7 +273,9 @@ class Workspace:
 
 
 def fs_type(path):
-    r = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "-T", path], capture_output=True, text=True)
+    r = subprocess.run(
+        ["findmnt", "-n", "-o", "FSTYPE", "-T", path], capture_output=True, text=True
+    )
     return r.stdout.strip() or "?"
 
 
@@ -247,7 +286,10 @@ def build_tree(ws, name, ndirs, nfiles, groups=100):
     os.mkdir(root)
     t = mono()
     sh([ws.gen, "tree", root, str(groups), str(ndirs), str(nfiles)])
-    log("built %s: %d groups, %d dirs x %d files in %.1f s" % (name, groups, ndirs, nfiles, mono() - t))
+    log(
+        "built %s: %d groups, %d dirs x %d files in %.1f s"
+        % (name, groups, ndirs, nfiles, mono() - t)
+    )
     return root
 
 
@@ -263,16 +305,19 @@ def last_dir(root):
 
 # ---------------------------------------------------------------- tailing
 
+
 class Tail(threading.Thread):
     """Follow a line-oriented file with inotify; keep (monotonic time, line)."""
 
     def __init__(self, path):
         super().__init__(daemon=True)
         from inotify_simple import INotify, flags
+
         self.path = path
         self.ino = INotify()
-        self.ino.add_watch(os.path.dirname(path), flags.MODIFY | flags.CREATE
-                           | flags.CLOSE_WRITE | flags.MOVED_TO)
+        self.ino.add_watch(
+            os.path.dirname(path), flags.MODIFY | flags.CREATE | flags.CLOSE_WRITE | flags.MOVED_TO
+        )
         self.lines = []
         self.cond = threading.Condition()
         self.stopped = False
@@ -350,9 +395,11 @@ class LineWaiter(threading.Thread):
 
 # ---------------------------------------------------------------- tools
 
+
 class Tool:
     """One watcher process over one tree. Subclasses say how to start it,
     how it signals readiness and where its events go."""
+
     name = "?"
     ready_needle = "ready"
     ready_stream = "stdout"
@@ -369,8 +416,13 @@ class Tool:
     def start(self):
         self.tail = Tail(self.out)
         self.t0 = mono()
-        self.proc = subprocess.Popen(self.cmd(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.cmd(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         needles = {"stdout": None, "stderr": None}
         needles[self.ready_stream] = self.ready_needle
         self.w_out = LineWaiter(self.proc.stdout, needles["stdout"])
@@ -385,8 +437,10 @@ class Tool:
             if mono() > end:
                 raise BenchError("%s not ready after %ds" % (self.name, timeout))
         if w.t_match is None:
-            raise BenchError("%s exited (rc %s) before it was ready: %s"
-                             % (self.name, self.proc.poll(), self.stderr_text()))
+            raise BenchError(
+                "%s exited (rc %s) before it was ready: %s"
+                % (self.name, self.proc.poll(), self.stderr_text())
+            )
         return w.t_match - self.t0
 
     def stderr_text(self):
@@ -459,19 +513,32 @@ class Inotifywait(Tool):
     ready_stream = "stderr"
 
     def cmd(self):
-        return ["inotifywait", "-m", "-r", "-e", INW_EVENTS, "--format", "%w%f %e",
-                "-o", self.out, self.root]
+        return [
+            "inotifywait",
+            "-m",
+            "-r",
+            "-e",
+            INW_EVENTS,
+            "--format",
+            "%w%f %e",
+            "-o",
+            self.out,
+            self.root,
+        ]
 
 
 class WhileRead(Tool):
     """The shell script many admins write: inotifywait piped into a while-read loop."""
+
     name = "inotifywait|while read"
     ready_needle = "Watches established"
     ready_stream = "stderr"
 
     def cmd(self):
-        script = ('inotifywait -m -r -e %s --format "%%w%%f %%e" "$1" | '
-                  'while read -r path ev; do echo "$path $ev" >> "$2"; done') % INW_EVENTS
+        script = (
+            'inotifywait -m -r -e %s --format "%%w%%f %%e" "$1" | '
+            'while read -r path ev; do echo "$path $ev" >> "$2"; done'
+        ) % INW_EVENTS
         return ["bash", "-c", script, "bench", self.root, self.out]
 
     def cpu_ms(self):
@@ -486,6 +553,7 @@ class Floor(Tool):
 
     def classify(self, lines, storm_root, sentinel):
         from inotify_simple import flags
+
         created, seen, overflow = set(), False, False
         sb = sentinel.encode()
         for line in lines:
@@ -534,10 +602,12 @@ class Fimwatch(Tool):
         self.conf = os.path.join(conf_dir, "fimwatch.conf")
         fd = os.open(self.conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write("# written by bench/bench.py\n"
-                    "[fimwatch]\nstate_dir = %s\nhostname = bench\nsettle = %s\n\n"
-                    "[watch]\npaths = %s\n\n[syslog]\nenabled = no\n\n"
-                    "[log]\nevents_file = %s\n" % (self.state, settle, root, self.out))
+            f.write(
+                "# written by bench/bench.py\n"
+                "[fimwatch]\nstate_dir = %s\nhostname = bench\nsettle = %s\n\n"
+                "[watch]\npaths = %s\n\n[syslog]\nenabled = no\n\n"
+                "[log]\nevents_file = %s\n" % (self.state, settle, root, self.out)
+            )
 
     def cmd(self):
         return [sys.executable, self.ctx.fimwatch, "--config", self.conf, "run"]
@@ -545,12 +615,14 @@ class Fimwatch(Tool):
     def wait_ready(self, timeout=1800):
         end = mono() + timeout
         while True:
-            hit = self.tail.wait_for(lambda l: b'"started"' in l and is_event(l, "started"), 0.5)
+            hit = self.tail.wait_for(lambda ln: b'"started"' in ln and is_event(ln, "started"), 0.5)
             if hit:
                 return hit[0] - self.t0
             if self.proc.poll() is not None:
-                raise BenchError("fimwatch exited (rc %s) before 'started': %s"
-                                 % (self.proc.returncode, self.stderr_text()))
+                raise BenchError(
+                    "fimwatch exited (rc %s) before 'started': %s"
+                    % (self.proc.returncode, self.stderr_text())
+                )
             if mono() > end:
                 raise BenchError("fimwatch not started after %ds" % timeout)
 
@@ -573,7 +645,9 @@ class Fimwatch(Tool):
                 self.proc.kill()
                 self.proc.wait()
             if self.proc.returncode not in (0, -signal.SIGTERM):
-                log("fimwatch exited %s on SIGTERM: %s" % (self.proc.returncode, self.stderr_text()))
+                log(
+                    "fimwatch exited %s on SIGTERM: %s" % (self.proc.returncode, self.stderr_text())
+                )
         self.tail.close()
 
     def events(self):
@@ -606,11 +680,23 @@ class Fimwatch(Tool):
 
     def scan_missing(self):
         """Run `scan --no-alert --json`; count paths the baseline lacked."""
-        r = subprocess.run([sys.executable, self.ctx.fimwatch, "--config", self.conf, "scan",
-                            "--no-alert", "--json"], capture_output=True, timeout=1800)
+        r = subprocess.run(
+            [
+                sys.executable,
+                self.ctx.fimwatch,
+                "--config",
+                self.conf,
+                "scan",
+                "--no-alert",
+                "--json",
+            ],
+            capture_output=True,
+            timeout=1800,
+        )
         if r.returncode not in (0, 1):
-            raise BenchError("fimwatch scan failed (rc %d): %s"
-                             % (r.returncode, r.stderr.decode()[-500:]))
+            raise BenchError(
+                "fimwatch scan failed (rc %d): %s" % (r.returncode, r.stderr.decode()[-500:])
+            )
         missing = 0
         for line in r.stdout.splitlines():
             try:
@@ -633,16 +719,29 @@ PEERS = {"floor": Floor, "inotifywait": Inotifywait, "watchdog": Watchdog}
 
 # ---------------------------------------------------------------- results
 
+
 class Results:
     def __init__(self):
         self.rows = []
 
-    def add(self, bench, tool, values, unit, ratio=None, target=None, met=None, notes="",
-            fmt="%.2f"):
+    def add(
+        self, bench, tool, values, unit, ratio=None, target=None, met=None, notes="", fmt="%.2f"
+    ):
         vals = [v for v in values if v is not None]
-        self.rows.append(dict(bench=bench, tool=tool, values=vals, unit=unit,
-                              median=median(vals), ratio=ratio, target=target, met=met,
-                              notes=notes, fmt=fmt))
+        self.rows.append(
+            dict(
+                bench=bench,
+                tool=tool,
+                values=vals,
+                unit=unit,
+                median=median(vals),
+                ratio=ratio,
+                target=target,
+                met=met,
+                notes=notes,
+                fmt=fmt,
+            )
+        )
         r = self.rows[-1]
         log("RESULT %s | %s | %s" % (bench, tool, self.cells(r)[2:]))
 
@@ -658,17 +757,42 @@ class Results:
         return [r["bench"], r["tool"], med, rng, ratio, r["target"] or "", met, r["notes"]]
 
     def table(self):
-        head = ["benchmark", "tool", "median", "min–max", "fimwatch/peer", "target", "met?", "notes"]
+        head = [
+            "benchmark",
+            "tool",
+            "median",
+            "min–max",
+            "fimwatch/peer",
+            "target",
+            "met?",
+            "notes",
+        ]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self.rows:
-            lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in self.cells(r)) + " |")
+            lines.append(
+                "| " + " | ".join(str(c).replace("|", "\\|") for c in self.cells(r)) + " |"
+            )
         return "\n".join(lines)
 
 
-def ratio_row(res, bench, fim_vals, peer, peer_vals, unit, limit=None, target=None,
-              notes="", fmt="%.2f", higher_is_better=False):
+def ratio_row(
+    res,
+    bench,
+    fim_vals,
+    peer,
+    peer_vals,
+    unit,
+    limit=None,
+    target=None,
+    notes="",
+    fmt="%.2f",
+    higher_is_better=False,
+):
     """Add a peer row with ratio = median(fimwatch) / median(peer)."""
-    fm, pm = median([v for v in fim_vals if v is not None]), median([v for v in peer_vals if v is not None])
+    fm, pm = (
+        median([v for v in fim_vals if v is not None]),
+        median([v for v in peer_vals if v is not None]),
+    )
     ratio = (fm / pm) if (fm is not None and pm) else None
     met = None
     if limit is not None and ratio is not None:
@@ -678,12 +802,13 @@ def ratio_row(res, bench, fim_vals, peer, peer_vals, unit, limit=None, target=No
 
 # ---------------------------------------------------------------- benchmarks
 
+
 class Ctx:
     def __init__(self, args, ws, res):
         self.args, self.ws, self.res = args, ws, res
         self.fimwatch = args.fimwatch
         self.have_fimwatch = False
-        self.states = {}      # tree root -> fimwatch state dir with a baseline
+        self.states = {}  # tree root -> fimwatch state dir with a baseline
         self.usr_state = None
 
     def fim(self, root, **kw):
@@ -697,8 +822,10 @@ class Ctx:
             f.start()
             try:
                 f.wait_ready()
-                log("fimwatch first baseline of %s: %.1f s, VmHWM %s KiB"
-                    % (root, mono() - t, f.hwm_kib()))
+                log(
+                    "fimwatch first baseline of %s: %.1f s, VmHWM %s KiB"
+                    % (root, mono() - t, f.hwm_kib())
+                )
             finally:
                 f.stop()
             self.states[root] = f.state
@@ -710,8 +837,12 @@ def check_fimwatch(ctx):
         return "%s does not exist" % ctx.fimwatch
     d = ctx.ws.newdir("probe")
     f = Fimwatch(ctx, d)
-    r = subprocess.run([sys.executable, ctx.fimwatch, "--config", f.conf, "check-config"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, ctx.fimwatch, "--config", f.conf, "check-config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     f.tail.close() if hasattr(f, "tail") else None
     if r.returncode != 0:
         return "check-config exited %d: %s" % (r.returncode, (r.stderr or r.stdout).strip()[-300:])
@@ -746,7 +877,7 @@ def one_setup(ctx, tool, root, probe_dir, tag):
     try:
         ready = t.wait_ready()
         lat = t.confirm(os.path.join(probe_dir, "bench-%s" % tag))
-        if tool == "fimwatch":           # peers have no start-up comparison
+        if tool == "fimwatch":  # peers have no start-up comparison
             done = wait_busy_end(t.pid) - t.t0
         hwm = t.hwm_kib()
     finally:
@@ -771,17 +902,31 @@ def bench_setup(ctx, ndirs, label, reps):
             d["lat"].append(lat)
             d["hwm"].append(hwm)
             d["name"] = name
-            log("setup %s %s rep %d: ready %.2f s, change in last dir seen after %s, VmHWM %s KiB"
-                % (label, tool, rep, ready, "%.3f s" % lat if lat is not None else "NEVER", hwm))
+            log(
+                "setup %s %s rep %d: ready %.2f s, change in last dir seen after %s, VmHWM %s KiB"
+                % (label, tool, rep, ready, "%.3f s" % lat if lat is not None else "NEVER", hwm)
+            )
     bench = "watch set-up, %s dirs" % label
-    note = lambda d: "last-dir change seen %d/%d; VmHWM %.0f MiB" % (
-        sum(x is not None for x in d["lat"]), len(d["lat"]),
-        (median([h for h in d["hwm"] if h]) or 0) / 1024)
+
+    def note(d):
+        return "last-dir change seen %d/%d; VmHWM %.0f MiB" % (
+            sum(x is not None for x in d["lat"]),
+            len(d["lat"]),
+            (median([h for h in d["hwm"] if h]) or 0) / 1024,
+        )
+
     fim = data.get("fimwatch", {}).get("ready", [])
     if "fimwatch" in data:
-        ctx.res.add(bench, "fimwatch", fim, "s", notes="`started`, then the re-verify of %d files "
-                    "runs in the loop: done after %.2f s; " % (2 * ndirs, median(data["fimwatch"]["done"]))
-                    + note(data["fimwatch"]))
+        ctx.res.add(
+            bench,
+            "fimwatch",
+            fim,
+            "s",
+            notes="`started`, then the re-verify of %d files "
+            "runs in the loop: done after %.2f s; "
+            % (2 * ndirs, median(data["fimwatch"]["done"]))
+            + note(data["fimwatch"]),
+        )
     limits = {"floor": (1.2, "≤ 1.20×"), "watchdog": (1.0, "< 1.00×")}
     if ndirs >= 100000:
         limits["inotifywait"] = (1.3, "≤ 1.30×")
@@ -789,8 +934,17 @@ def bench_setup(ctx, ndirs, label, reps):
         if tool == "fimwatch":
             continue
         lim, tgt = limits.get(tool, (None, None))
-        ratio_row(ctx.res, bench, fim, data[tool]["name"], data[tool]["ready"], "s",
-                  limit=lim if fim else None, target=tgt, notes=note(data[tool]))
+        ratio_row(
+            ctx.res,
+            bench,
+            fim,
+            data[tool]["name"],
+            data[tool]["ready"],
+            "s",
+            limit=lim if fim else None,
+            target=tgt,
+            notes=note(data[tool]),
+        )
 
 
 def usr_stats(path):
@@ -821,18 +975,31 @@ def bench_baseline(ctx, reps, want_reverify):
     aide_dir = ctx.ws.newdir("aide")
     aide_conf = os.path.join(aide_dir, "aide.conf")
     with open(aide_conf, "w") as f:
-        f.write("database_out=file:%s/aide.db.new\ngzip_dbout=no\nreport_url=file:/dev/null\n"
-                "%s sha256\n" % (aide_dir, path))
+        f.write(
+            "database_out=file:%s/aide.db.new\ngzip_dbout=no\nreport_url=file:/dev/null\n"
+            "%s sha256\n" % (aide_dir, path)
+        )
     runs = {
-        "xargs": lambda: timed("find %s -type f -print0 | xargs -0 -P2 sha256sum >/dev/null" % path,
-                               shell=True, stderr=subprocess.DEVNULL),
+        "xargs": lambda: timed(
+            "find %s -type f -print0 | xargs -0 -P2 sha256sum >/dev/null" % path,
+            shell=True,
+            stderr=subprocess.DEVNULL,
+        ),
         "hashwalk": lambda: timed([sys.executable, os.path.join(HERE, "hashwalk.py"), path]),
-        "aide": lambda: timed(["aide", "--init", "--config=" + aide_conf], stderr=subprocess.DEVNULL),
+        "aide": lambda: timed(
+            ["aide", "--init", "--config=" + aide_conf], stderr=subprocess.DEVNULL
+        ),
     }
-    names = {"xargs": "find | xargs -0 -P2 sha256sum", "hashwalk": "python hashlib walk (1 thread)",
-             "aide": "aide --init (sha256 only)"}
-    data = {k: [] for k in ["fimwatch", "fimwatch-hwm", "reverify", "reverify-hwm", "reverify-started"]
-            + list(runs)}
+    names = {
+        "xargs": "find | xargs -0 -P2 sha256sum",
+        "hashwalk": "python hashlib walk (1 thread)",
+        "aide": "aide --init (sha256 only)",
+    }
+    data = {
+        k: []
+        for k in ["fimwatch", "fimwatch-hwm", "reverify", "reverify-hwm", "reverify-started"]
+        + list(runs)
+    }
     for rep in range(reps):
         if ctx.have_fimwatch:
             f = ctx.fim(path)
@@ -843,8 +1010,10 @@ def bench_baseline(ctx, reps, want_reverify):
                 data["fimwatch-hwm"].append(f.hwm_kib())
             finally:
                 f.stop()
-            log("baseline rep %d fimwatch: %.2f s (started after %.2f s)"
-                % (rep, data["fimwatch"][-1], started))
+            log(
+                "baseline rep %d fimwatch: %.2f s (started after %.2f s)"
+                % (rep, data["fimwatch"][-1], started)
+            )
             ctx.usr_state = f.state
             if want_reverify:
                 g = ctx.fim(path, state=f.state)
@@ -856,8 +1025,10 @@ def bench_baseline(ctx, reps, want_reverify):
                     data["reverify-hwm"].append(g.hwm_kib())
                 finally:
                     g.stop()
-                log("reverify rep %d fimwatch: %.2f s (started after %.2f s)"
-                    % (rep, data["reverify"][-1], started))
+                log(
+                    "reverify rep %d fimwatch: %.2f s (started after %.2f s)"
+                    % (rep, data["reverify"][-1], started)
+                )
         for k, fn in runs.items():
             if k == "aide" and rep >= ctx.args.aide_reps:
                 continue
@@ -865,25 +1036,73 @@ def bench_baseline(ctx, reps, want_reverify):
             log("baseline rep %d %s: %.2f s" % (rep, k, data[k][-1]))
     bench = "first baseline %s (%d files, %.2f GB)" % (path, files, size / 1e9)
     fim = data["fimwatch"]
-    tp = lambda vals: "%.0f MB/s" % (size / 1e6 / median(vals)) if vals else ""
+
+    def tp(vals):
+        return "%.0f MB/s" % (size / 1e6 / median(vals)) if vals else ""
+
     if fim:
-        ctx.res.add(bench, "fimwatch", fim, "s", notes="`run` until baseline built and busy "
-                    "work over; %s; VmHWM %.0f MiB"
-                    % (tp(fim), median(data["fimwatch-hwm"]) / 1024))
-    ratio_row(ctx.res, bench, fim, names["xargs"], data["xargs"], "s", limit=1 / 1.2,
-              target="≤ 0.83× (≥ 1.2× throughput)", notes=tp(data["xargs"]))
-    ratio_row(ctx.res, bench, fim, names["hashwalk"], data["hashwalk"], "s", limit=1.3,
-              target="≤ 1.30× (floor + 30%)", notes=tp(data["hashwalk"]))
-    ratio_row(ctx.res, bench, fim, names["aide"], data["aide"], "s", limit=0.35, target="≤ 0.35×",
-              notes=tp(data["aide"]))
+        ctx.res.add(
+            bench,
+            "fimwatch",
+            fim,
+            "s",
+            notes="`run` until baseline built and busy "
+            "work over; %s; VmHWM %.0f MiB" % (tp(fim), median(data["fimwatch-hwm"]) / 1024),
+        )
+    ratio_row(
+        ctx.res,
+        bench,
+        fim,
+        names["xargs"],
+        data["xargs"],
+        "s",
+        limit=1 / 1.2,
+        target="≤ 0.83× (≥ 1.2× throughput)",
+        notes=tp(data["xargs"]),
+    )
+    ratio_row(
+        ctx.res,
+        bench,
+        fim,
+        names["hashwalk"],
+        data["hashwalk"],
+        "s",
+        limit=1.3,
+        target="≤ 1.30× (floor + 30%)",
+        notes=tp(data["hashwalk"]),
+    )
+    ratio_row(
+        ctx.res,
+        bench,
+        fim,
+        names["aide"],
+        data["aide"],
+        "s",
+        limit=0.35,
+        target="≤ 0.35×",
+        notes=tp(data["aide"]),
+    )
     if want_reverify and data["reverify"]:
         b2 = "startup re-verify %s (nothing changed)" % path
-        ctx.res.add(b2, "fimwatch", data["reverify"], "s",
-                    notes="`run` until the start-up comparison ended (CPU quiet); `started` after "
-                    "%.2f s; VmHWM %.0f MiB" % (median(data["reverify-started"]),
-                                                median(data["reverify-hwm"]) / 1024))
-        ratio_row(ctx.res, b2, data["reverify"], "fimwatch first baseline", fim, "s", limit=0.5,
-                  target="≤ 0.50×")
+        ctx.res.add(
+            b2,
+            "fimwatch",
+            data["reverify"],
+            "s",
+            notes="`run` until the start-up comparison ended (CPU quiet); `started` after "
+            "%.2f s; VmHWM %.0f MiB"
+            % (median(data["reverify-started"]), median(data["reverify-hwm"]) / 1024),
+        )
+        ratio_row(
+            ctx.res,
+            b2,
+            data["reverify"],
+            "fimwatch first baseline",
+            fim,
+            "s",
+            limit=0.5,
+            target="≤ 0.50×",
+        )
 
 
 def wait_quiet(tool, quiet=2.0, limit=180, use_cpu=False):
@@ -933,8 +1152,12 @@ def one_storm(ctx, tool, under, nfiles, tag):
         t.wait_ready()
         time.sleep(0.5)
         cpu0 = t.cpu_ms()
-        g = subprocess.run([ctx.ws.gen, "storm", root, "100", str(nfiles), sentinel],
-                           capture_output=True, text=True, check=True)
+        g = subprocess.run(
+            [ctx.ws.gen, "storm", root, "100", str(nfiles), sentinel],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         gen_start = int(g.stdout.split("start_ns=")[1]) / 1e9
         fim = tool == "fimwatch"
         t_last = wait_quiet(t, quiet=3.0 if fim else 2.0, limit=180 if fim else 60, use_cpu=fim)
@@ -947,13 +1170,24 @@ def one_storm(ctx, tool, under, nfiles, tag):
         in_base = 100.0 * (nfiles - t.scan_missing()) / nfiles
     pct = 100.0 * len([p for p in created if b"/n" in p]) / nfiles
     dur = max(t_last - gen_start, 1e-3)
-    log("storm %s %s: gen %s; sentinel %s, seen %.1f%%, in baseline %s, overflow %s, "
+    log(
+        "storm %s %s: gen %s; sentinel %s, seen %.1f%%, in baseline %s, overflow %s, "
         "%d events in %.2f s, CPU %.0f ms"
-        % (tag, t.name, g.stdout.split(" sentinel")[0], seen, pct, in_base, overflow, n, dur, cpu))
+        % (tag, t.name, g.stdout.split(" sentinel")[0], seen, pct, in_base, overflow, n, dur, cpu)
+    )
     if under.startswith(ctx.ws.tmpfs):
         shutil.rmtree(root, ignore_errors=True)
-    return dict(name=t.name, seen=seen, pct=pct, in_base=in_base, overflow=overflow,
-                evps=nfiles * pct / 100.0 / dur, events=n, cpu=cpu, gen=g.stdout.strip())
+    return dict(
+        name=t.name,
+        seen=seen,
+        pct=pct,
+        in_base=in_base,
+        overflow=overflow,
+        evps=nfiles * pct / 100.0 / dur,
+        events=n,
+        cpu=cpu,
+        gen=g.stdout.strip(),
+    )
 
 
 def bench_storm(ctx, nfiles, reps):
@@ -963,26 +1197,55 @@ def bench_storm(ctx, nfiles, reps):
         data = {t: [] for t in tools}
         for rep in range(reps):
             for tool in tools:
-                data[tool].append(one_storm(ctx, tool, under, nfiles, "%s-%s-%d" % (fs_label, tool, rep)))
-        bench = "storm %dk files/100 dirs, %s" % (nfiles // 1000,
-                                                   "tmpfs" if fs_label == "tmpfs" else ctx.ws.fs_kind.split(" (")[0])
+                data[tool].append(
+                    one_storm(ctx, tool, under, nfiles, "%s-%s-%d" % (fs_label, tool, rep))
+                )
+        bench = "storm %dk files/100 dirs, %s" % (
+            nfiles // 1000,
+            "tmpfs" if fs_label == "tmpfs" else ctx.ws.fs_kind.split(" (")[0],
+        )
         fim = [d["evps"] for d in data.get("fimwatch", [])]
         for tool in tools:
             ds = data[tool]
-            notes = ("sentinel seen %d/%d; files seen %s%%; overflow %d/%d; %d output lines; "
-                     "CPU %.1f s; generator %s") % (
-                sum(d["seen"] for d in ds), len(ds), "/".join("%.0f" % d["pct"] for d in ds),
-                sum(d["overflow"] for d in ds), len(ds), median([d["events"] for d in ds]),
+            notes = (
+                "sentinel seen %d/%d; files seen %s%%; overflow %d/%d; %d output lines; "
+                "CPU %.1f s; generator %s"
+            ) % (
+                sum(d["seen"] for d in ds),
+                len(ds),
+                "/".join("%.0f" % d["pct"] for d in ds),
+                sum(d["overflow"] for d in ds),
+                len(ds),
+                median([d["events"] for d in ds]),
                 median([d["cpu"] for d in ds]) / 1000,
-                ds[0]["gen"].split("(")[1].split(")")[0] if "(" in ds[0]["gen"] else "")
+                ds[0]["gen"].split("(")[1].split(")")[0] if "(" in ds[0]["gen"] else "",
+            )
             if tool == "fimwatch":
                 ok = all(d["seen"] for d in ds) and all(d["in_base"] == 100.0 for d in ds)
-                notes += "; in baseline afterwards %s%%" % "/".join("%.2f" % d["in_base"] for d in ds)
-                ctx.res.add(bench, "fimwatch", [d["evps"] for d in ds], "files/s", fmt="%.0f",
-                            target="sentinel seen, 100% in baseline", met=ok, notes=notes)
+                notes += "; in baseline afterwards %s%%" % "/".join(
+                    "%.2f" % d["in_base"] for d in ds
+                )
+                ctx.res.add(
+                    bench,
+                    "fimwatch",
+                    [d["evps"] for d in ds],
+                    "files/s",
+                    fmt="%.0f",
+                    target="sentinel seen, 100% in baseline",
+                    met=ok,
+                    notes=notes,
+                )
             else:
-                ratio_row(ctx.res, bench, fim, ds[0]["name"], [d["evps"] for d in ds], "files/s",
-                          fmt="%.0f", notes=notes)
+                ratio_row(
+                    ctx.res,
+                    bench,
+                    fim,
+                    ds[0]["name"],
+                    [d["evps"] for d in ds],
+                    "files/s",
+                    fmt="%.0f",
+                    notes=notes,
+                )
 
 
 def latencies(writes, reported, nfiles):
@@ -999,7 +1262,9 @@ def latencies(writes, reported, nfiles):
         if not ws:
             continue
         i = pos[fi]
-        while i < len(ws) and ((seq is not None and ws[i][0] <= seq) or (seq is None and ws[i][1] <= t_seen)):
+        while i < len(ws) and (
+            (seq is not None and ws[i][0] <= seq) or (seq is None and ws[i][1] <= t_seen)
+        ):
             lats.append(t_seen - ws[i][1])
             i += 1
         pos[fi] = i
@@ -1018,8 +1283,12 @@ def run_load(ctx, t, d, nfiles, rate, secs, fim):
     n0 = len(t.tail.lines)
     logf = os.path.join(t.rundir, "writes-%d.log" % rate)
     cpu0 = t.cpu_ms()
-    g = subprocess.run([ctx.ws.gen, "modify", d, str(nfiles), str(rate), str(secs), logf],
-                       capture_output=True, text=True, check=True)
+    g = subprocess.run(
+        [ctx.ws.gen, "modify", d, str(nfiles), str(rate), str(secs), logf],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     achieved = g.stdout.split("(")[1].split(" ")[0]
     writes = []
     with open(logf) as f:
@@ -1053,17 +1322,25 @@ def run_load(ctx, t, d, nfiles, rate, secs, fim):
             p = ev.get("path", "")
             if p.startswith(d + "/m") and ev.get("event") in ("modified", "created"):
                 sha = ev.get("sha256")
-                reported.append((ts, int(p[len(d) + 2:]), seqs.get(sha) if sha else None))
+                reported.append((ts, int(p[len(d) + 2 :]), seqs.get(sha) if sha else None))
     else:
         for ts, line in lines:
             if b"OVERFLOW" in line:
                 overflow = True
             if line.startswith(prefix) and b"CLOSE_WRITE" in line:
-                reported.append((ts, int(line[len(prefix):].split(b" ")[0]), None))
+                reported.append((ts, int(line[len(prefix) :].split(b" ")[0]), None))
     lats, lost = latencies(writes, reported, nfiles)
-    return dict(rate=rate, achieved=float(achieved), p50=pct(lats, 50), p99=pct(lats, 99),
-                max=lats[-1] if lats else None, lost=lost, total=len(writes), overflow=overflow,
-                cpu_pct=cpu / 10.0 / secs)
+    return dict(
+        rate=rate,
+        achieved=float(achieved),
+        p50=pct(lats, 50),
+        p99=pct(lats, 99),
+        max=lats[-1] if lats else None,
+        lost=lost,
+        total=len(writes),
+        overflow=overflow,
+        cpu_pct=cpu / 10.0 / secs,
+    )
 
 
 def bench_sustained(ctx, secs, rate, ramp, ramp_secs):
@@ -1084,14 +1361,37 @@ def bench_sustained(ctx, secs, rate, ramp, ramp_secs):
             time.sleep(0.5)
             r = run_load(ctx, t, d, nfiles, rate, secs, tool == "fimwatch")
             log("sustained %s: %s" % (t.name, r))
-            ms = lambda x: "%.0f" % (x * 1000) if x is not None else "n/a"
+
+            def ms(x):
+                return "%.0f" % (x * 1000) if x is not None else "n/a"
+
             notes = "p50 %s ms, max %s ms; lost %d/%d; overflow %s; CPU %.0f%%; achieved %.0f/s" % (
-                ms(r["p50"]), ms(r["max"]), r["lost"], r["total"], r["overflow"], r["cpu_pct"], r["achieved"])
+                ms(r["p50"]),
+                ms(r["max"]),
+                r["lost"],
+                r["total"],
+                r["overflow"],
+                r["cpu_pct"],
+                r["achieved"],
+            )
             if tool == "fimwatch":
                 fim_p99 = [r["p99"] * 1000] if r["p99"] is not None else []
-                ok = (r["p99"] is not None and r["p99"] <= 0.1 + 0.1 and not r["overflow"] and r["lost"] == 0)
-                ctx.res.add(bench, "fimwatch", fim_p99, "ms p99", fmt="%.0f",
-                            target="≤ settle+100 ms (200 ms), no overflow, none lost", met=ok, notes=notes)
+                ok = (
+                    r["p99"] is not None
+                    and r["p99"] <= 0.1 + 0.1
+                    and not r["overflow"]
+                    and r["lost"] == 0
+                )
+                ctx.res.add(
+                    bench,
+                    "fimwatch",
+                    fim_p99,
+                    "ms p99",
+                    fmt="%.0f",
+                    target="≤ settle+100 ms (200 ms), no overflow, none lost",
+                    met=ok,
+                    notes=notes,
+                )
                 best = None
                 for rr in ramp:
                     x = run_load(ctx, t, d, nfiles, rr, ramp_secs, True)
@@ -1099,13 +1399,28 @@ def bench_sustained(ctx, secs, rate, ramp, ramp_secs):
                     if x["overflow"] or x["lost"]:
                         break
                     best = x
-                ctx.res.add("highest rate held (%ds steps %s/s)" % (ramp_secs, "/".join(str(x) for x in ramp)),
-                            "fimwatch", [best["achieved"]] if best else [], "mods/s", fmt="%.0f",
-                            notes=("p99 %s ms at that rate" % ms(best["p99"])) if best else
-                            "overflow or loss already at %d/s" % ramp[0])
+                ctx.res.add(
+                    "highest rate held (%ds steps %s/s)"
+                    % (ramp_secs, "/".join(str(x) for x in ramp)),
+                    "fimwatch",
+                    [best["achieved"]] if best else [],
+                    "mods/s",
+                    fmt="%.0f",
+                    notes=("p99 %s ms at that rate" % ms(best["p99"]))
+                    if best
+                    else "overflow or loss already at %d/s" % ramp[0],
+                )
             else:
-                ratio_row(ctx.res, bench, fim_p99, t.name, [r["p99"] * 1000] if r["p99"] is not None else [],
-                          "ms p99", fmt="%.0f", notes=notes + " (CLOSE_WRITE seen)")
+                ratio_row(
+                    ctx.res,
+                    bench,
+                    fim_p99,
+                    t.name,
+                    [r["p99"] * 1000] if r["p99"] is not None else [],
+                    "ms p99",
+                    fmt="%.0f",
+                    notes=notes + " (CLOSE_WRITE seen)",
+                )
         finally:
             t.stop()
 
@@ -1119,7 +1434,11 @@ def bench_idle(ctx, ndirs, secs):
         # one after the other, watchdog last: a walk by one tool makes open/close
         # events in the watches of another (watchdog asks for those)
         for tool in sorted(tools, key=lambda x: x == "watchdog"):
-            t = ctx.fim(root, state=ctx.fim_state(root)) if tool == "fimwatch" else PEERS[tool](ctx, root)
+            t = (
+                ctx.fim(root, state=ctx.fim_state(root))
+                if tool == "fimwatch"
+                else PEERS[tool](ctx, root)
+            )
             t.start()
             running.append(t)
             t.wait_ready()
@@ -1127,7 +1446,7 @@ def bench_idle(ctx, ndirs, secs):
         with open(path, "w") as f:
             f.write("idle\n")
         for t in running:
-            if t.tail.wait_for(lambda l, t=t: t.matches(l, path), 10) is None:
+            if t.tail.wait_for(lambda ln, t=t: t.matches(ln, path), 10) is None:
                 log("idle: %s did not report %s" % (t.name, path))
         time.sleep(3)
         c0 = {t: (t.cpu_ms(), t.wakeups()) for t in running}
@@ -1138,22 +1457,41 @@ def bench_idle(ctx, ndirs, secs):
         for t in running:
             t.stop()
     bench = "idle %dk dirs, %d s (tools side by side)" % (ndirs // 1000, secs)
-    per = {t.name: ((c1[t][0] - c0[t][0]) * 60.0 / secs, (c1[t][1] - c0[t][1]) / secs) for t in running}
+    per = {
+        t.name: ((c1[t][0] - c0[t][0]) * 60.0 / secs, (c1[t][1] - c0[t][1]) / secs) for t in running
+    }
     fimname = "fimwatch"
     for t in running:
         cpu, wk = per[t.name]
         notes = "%.2f wake-ups/s" % wk
         if t.name == fimname:
-            ctx.res.add(bench, fimname, [cpu], "ms CPU/min", fmt="%.1f", met=cpu <= 10 and wk <= 1,
-                        target="≤ 10 ms/min and ≤ 1 wake-up/s", notes=notes)
+            ctx.res.add(
+                bench,
+                fimname,
+                [cpu],
+                "ms CPU/min",
+                fmt="%.1f",
+                met=cpu <= 10 and wk <= 1,
+                target="≤ 10 ms/min and ≤ 1 wake-up/s",
+                notes=notes,
+            )
         else:
-            ratio_row(ctx.res, bench, [per[fimname][0]] if fimname in per else [], t.name, [cpu],
-                      "ms CPU/min", fmt="%.1f", notes=notes)
+            ratio_row(
+                ctx.res,
+                bench,
+                [per[fimname][0]] if fimname in per else [],
+                t.name,
+                [cpu],
+                "ms CPU/min",
+                fmt="%.1f",
+                notes=notes,
+            )
 
 
 def bench_memory(ctx, ndirs, nfiles, label, limit_mib):
-    root = build_tree(ctx.ws, "tree-%d-%d" % (ndirs, nfiles) if nfiles != 2 else "tree-%d" % ndirs,
-                      ndirs, nfiles)
+    root = build_tree(
+        ctx.ws, "tree-%d-%d" % (ndirs, nfiles) if nfiles != 2 else "tree-%d" % ndirs, ndirs, nfiles
+    )
     probe = last_dir(root)
     bench = "peak RSS, %s" % label
     tools = tools_for(ctx, ["floor", "inotifywait", "watchdog"] if nfiles == 2 else ["floor"])
@@ -1172,26 +1510,50 @@ def bench_memory(ctx, ndirs, nfiles, label, limit_mib):
             finally:
                 f.stop()
             ctx.states[root] = f.state
-            ctx.res.add(bench + ", first start (builds baseline)", "fimwatch", [first_hwm], "MiB",
-                        fmt="%.0f", target="≤ %d MiB" % limit_mib, met=first_hwm <= limit_mib,
-                        notes="baseline of %d files took %.1f s" % (ndirs * nfiles, first))
+            ctx.res.add(
+                bench + ", first start (builds baseline)",
+                "fimwatch",
+                [first_hwm],
+                "MiB",
+                fmt="%.0f",
+                target="≤ %d MiB" % limit_mib,
+                met=first_hwm <= limit_mib,
+                notes="baseline of %d files took %.1f s" % (ndirs * nfiles, first),
+            )
         ready, lat, h, names[tool], done = one_setup(ctx, tool, root, probe, "mem-" + tool)
         hwm[tool] = h / 1024
         if tool == "fimwatch":
             redo = done
-        log("memory %s %s: %.1f MiB (ready %.2f s, quiet after %s s)" % (label, tool, hwm[tool], ready, done))
+        log(
+            "memory %s %s: %.1f MiB (ready %.2f s, quiet after %s s)"
+            % (label, tool, hwm[tool], ready, done)
+        )
     if "fimwatch" in hwm:
-        ctx.res.add(bench + ", restart (re-verify)" if nfiles != 2 else bench, "fimwatch",
-                    [hwm["fimwatch"]], "MiB", fmt="%.0f", target="≤ %d MiB" % limit_mib,
-                    met=hwm["fimwatch"] <= limit_mib,
-                    notes="read once the start-up comparison ended (%.1f s)" % redo)
+        ctx.res.add(
+            bench + ", restart (re-verify)" if nfiles != 2 else bench,
+            "fimwatch",
+            [hwm["fimwatch"]],
+            "MiB",
+            fmt="%.0f",
+            target="≤ %d MiB" % limit_mib,
+            met=hwm["fimwatch"] <= limit_mib,
+            notes="read once the start-up comparison ended (%.1f s)" % redo,
+        )
     for tool in tools:
         if tool != "fimwatch":
-            ratio_row(ctx.res, bench, [hwm["fimwatch"]] if "fimwatch" in hwm else [], names[tool],
-                      [hwm[tool]], "MiB", fmt="%.0f")
+            ratio_row(
+                ctx.res,
+                bench,
+                [hwm["fimwatch"]] if "fimwatch" in hwm else [],
+                names[tool],
+                [hwm[tool]],
+                "MiB",
+                fmt="%.0f",
+            )
 
 
 # ---------------------------------------------------------------- profile
+
 
 def collapsed_summary(path, out, top=35):
     """Self and inclusive time per function from py-spy's raw (collapsed) output."""
@@ -1221,11 +1583,27 @@ def profile_run(ctx, f, name, outdir, profiler):
     base = [sys.executable, ctx.fimwatch, "--config", f.conf, "run"]
     if profiler == "py-spy":
         raw = os.path.join(outdir, name + ".collapsed.txt")
-        f.cmd = lambda: [os.path.join(VENV, "bin", "py-spy"), "record", "--rate", "250", "--subprocesses",
-                         "--format", "raw", "--full-filenames", "-o", raw, "--"] + base
+        f.cmd = lambda: (
+            [
+                os.path.join(VENV, "bin", "py-spy"),
+                "record",
+                "--rate",
+                "250",
+                "--subprocesses",
+                "--format",
+                "raw",
+                "--full-filenames",
+                "-o",
+                raw,
+                "--",
+            ]
+            + base
+        )
     else:
         raw = os.path.join(outdir, name + ".pyinstrument.txt")
-        f.cmd = lambda: [sys.executable, "-m", "pyinstrument", "-r", "text", "--show-all", "-o", raw] + base[1:]
+        f.cmd = lambda: (
+            [sys.executable, "-m", "pyinstrument", "-r", "text", "--show-all", "-o", raw] + base[1:]
+        )
     f.start()
     try:
         secs = f.wait_ready()
@@ -1273,28 +1651,50 @@ def cmd_profile(ctx):
 
 # ---------------------------------------------------------------- main
 
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="benchmarks: " + ", ".join(ALL))
-    p.add_argument("benchmarks", nargs="*", help="benchmarks to run (default: all but memory-big "
-                   "in --quick), or 'profile' followed by setup/baseline")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="benchmarks: " + ", ".join(ALL),
+    )
+    p.add_argument(
+        "benchmarks",
+        nargs="*",
+        help="benchmarks to run (default: all but memory-big "
+        "in --quick), or 'profile' followed by setup/baseline",
+    )
     p.add_argument("--quick", action="store_true", help="small sizes, one repetition (~2 min)")
     p.add_argument("--reps", type=int, help="repetitions (default 3, --quick 1)")
     p.add_argument("--aide-reps", type=int, help="repetitions of aide --init (default 2)")
-    p.add_argument("--fimwatch", default=os.path.join(REPO, "fimwatch.py"), help="script to benchmark")
-    p.add_argument("--peers", default="floor,inotifywait,while-read,watchdog",
-                   help="comma-separated peers to run (default: all)")
-    p.add_argument("--baseline-path", help="tree for the baseline benchmarks (default /usr, --quick /usr/share)")
-    p.add_argument("--big-files", type=int, help="files in the memory-big tree (default 1000000, "
-                   "--quick 100000); 100,000 dirs (10,000 with --quick)")
+    p.add_argument(
+        "--fimwatch", default=os.path.join(REPO, "fimwatch.py"), help="script to benchmark"
+    )
+    p.add_argument(
+        "--peers",
+        default="floor,inotifywait,while-read,watchdog",
+        help="comma-separated peers to run (default: all)",
+    )
+    p.add_argument(
+        "--baseline-path",
+        help="tree for the baseline benchmarks (default /usr, --quick /usr/share)",
+    )
+    p.add_argument(
+        "--big-files",
+        type=int,
+        help="files in the memory-big tree (default 1000000, "
+        "--quick 100000); 100,000 dirs (10,000 with --quick)",
+    )
     p.add_argument("--idle-secs", type=int, help="idle window (default 60, --quick 10)")
-    p.add_argument("--workdir", default="/var/tmp", help="where the temp dir goes (default /var/tmp)")
+    p.add_argument(
+        "--workdir", default="/var/tmp", help="where the temp dir goes (default /var/tmp)"
+    )
     p.add_argument("--no-loop", action="store_true", help="no loop-mounted ext4 image; plain dir")
     p.add_argument("--profiler", choices=["py-spy", "pyinstrument"], default="py-spy")
     p.add_argument("--profile-dir", default=os.path.join(HERE, "profiles"))
-    p.add_argument("--results", default=os.path.join(HERE, "results"),
-                   help="where latest.md / latest.json go")
+    p.add_argument(
+        "--results", default=os.path.join(HERE, "results"), help="where latest.md / latest.json go"
+    )
     p.add_argument("--list", action="store_true", help="list benchmarks and exit")
     return p
 
@@ -1314,7 +1714,10 @@ def main(argv=None):
         args.benchmarks = args.benchmarks[1:]
     bad = [b for b in args.benchmarks if b not in ALL]
     if bad:
-        print("bench: unknown benchmark %s (have: %s)" % (", ".join(bad), ", ".join(ALL)), file=sys.stderr)
+        print(
+            "bench: unknown benchmark %s (have: %s)" % (", ".join(bad), ", ".join(ALL)),
+            file=sys.stderr,
+        )
         return 2
     try:
         bootstrap(argv)
@@ -1355,16 +1758,26 @@ def main(argv=None):
         if "storm" in selected:
             bench_storm(ctx, 20000 if q else 100000, 1 if q else min(args.reps, 2))
         if "sustained" in selected:
-            bench_sustained(ctx, 5 if q else 30, 5000, [10000, 20000] if q else [10000, 20000, 40000, 80000],
-                            2 if q else 5)
+            bench_sustained(
+                ctx,
+                5 if q else 30,
+                5000,
+                [10000, 20000] if q else [10000, 20000, 40000, 80000],
+                2 if q else 5,
+            )
         if "idle" in selected:
             bench_idle(ctx, small, args.idle_secs)
         if "memory" in selected:
             bench_memory(ctx, 5000 if q else 50000, 2, "%dk dirs" % (5 if q else 50), 30)
         if "memory-big" in selected and not (q and not args.benchmarks):
             nd = 10000 if q else 100000
-            bench_memory(ctx, nd, max(1, args.big_files // nd),
-                         "%dk dirs / %dk files" % (nd // 1000, args.big_files // 1000), 50)
+            bench_memory(
+                ctx,
+                nd,
+                max(1, args.big_files // nd),
+                "%dk dirs / %dk files" % (nd // 1000, args.big_files // 1000),
+                50,
+            )
     except BenchError as e:
         log("error: %s" % e)
         return 2
@@ -1385,14 +1798,31 @@ def report(args, res, took, ws):
             return subprocess.run(cmd, capture_output=True, text=True).stdout.split("\n")[0].strip()
         except OSError:
             return "?"
-    info = ("%s; %d cores; %.0f GiB RAM; kernel %s; Python %s; %s; %s; watchdog %s; trees on %s; "
-            "max_queued_events %s; run took %.0f s (%s)" % (
-                time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), os.cpu_count(),
-                os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, platform.release(),
-                platform.python_version(), ver(["inotifywait", "--help"]), ver(["aide", "--version"]),
-                ver([sys.executable, "-c", "import importlib.metadata as m; print(m.version('watchdog'))"]),
-                ws.fs_kind, open("/proc/sys/fs/inotify/max_queued_events").read().strip(), took,
-                "quick" if args.quick else "full"))
+
+    info = (
+        "%s; %d cores; %.0f GiB RAM; kernel %s; Python %s; %s; %s; watchdog %s; trees on %s; "
+        "max_queued_events %s; run took %.0f s (%s)"
+        % (
+            time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            os.cpu_count(),
+            os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
+            platform.release(),
+            platform.python_version(),
+            ver(["inotifywait", "--help"]),
+            ver(["aide", "--version"]),
+            ver(
+                [
+                    sys.executable,
+                    "-c",
+                    "import importlib.metadata as m; print(m.version('watchdog'))",
+                ]
+            ),
+            ws.fs_kind,
+            open("/proc/sys/fs/inotify/max_queued_events").read().strip(),
+            took,
+            "quick" if args.quick else "full",
+        )
+    )
     text = res.table() + "\n\n" + info + "\n"
     print("\n" + text)
     os.makedirs(args.results, exist_ok=True)

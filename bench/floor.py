@@ -7,15 +7,26 @@ baseline, no wd->path bookkeeping beyond one dict, no new-directory handling.
 Prints "ready N" on stdout once every directory is watched, then appends one
 line per event ("PATH MASK") to OUTFILE until SIGTERM.
 """
+
 import os
 import signal
 import sys
 
 from inotify_simple import INotify, flags
 
-MASK = (flags.CREATE | flags.DELETE | flags.MODIFY | flags.ATTRIB
-        | flags.MOVED_FROM | flags.MOVED_TO | flags.CLOSE_WRITE
-        | flags.DELETE_SELF | flags.MOVE_SELF | flags.ONLYDIR | flags.DONT_FOLLOW)
+MASK = (
+    flags.CREATE
+    | flags.DELETE
+    | flags.MODIFY
+    | flags.ATTRIB
+    | flags.MOVED_FROM
+    | flags.MOVED_TO
+    | flags.CLOSE_WRITE
+    | flags.DELETE_SELF
+    | flags.MOVE_SELF
+    | flags.ONLYDIR
+    | flags.DONT_FOLLOW
+)
 
 
 def main():

@@ -5,6 +5,7 @@ sha256-hashes every regular file under ROOT (no database, no bookkeeping).
 
 Prints "FILES BYTES" when done.
 """
+
 import hashlib
 import os
 import stat
@@ -13,7 +14,7 @@ import sys
 
 def digest(path):
     with open(path, "rb", buffering=0) as f:
-        if hasattr(hashlib, "file_digest"):          # Python >= 3.11
+        if hasattr(hashlib, "file_digest"):  # Python >= 3.11
             return hashlib.file_digest(f, "sha256").hexdigest()
         h = hashlib.sha256()
         for block in iter(lambda: f.read(1 << 20), b""):

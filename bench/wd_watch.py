@@ -7,6 +7,7 @@ watches synchronously inside start()), then prints "ready" on stdout and
 appends "EVENT_TYPE SRC_PATH" per event to OUTFILE until SIGTERM. A queue
 overflow (watchdog logs it as a warning) becomes an "OVERFLOW" line.
 """
+
 import logging
 import signal
 import sys
