@@ -40,6 +40,7 @@ VENV = os.environ.get("FIMWATCH_BENCH_VENV", os.path.join(HERE, ".venv"))
 REQUIREMENTS = os.path.join(HERE, "requirements.txt")
 APT = {"inotifywait": "inotify-tools", "aide": "aide", "cc": "gcc", "mkfs.ext4": "e2fsprogs"}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+BACKGROUND = None
 ALL = ["setup", "baseline", "reverify", "storm", "sustained", "idle", "memory", "memory-big"]
 INW_EVENTS = "create,modify,attrib,close_write,moved_from,moved_to,delete,delete_self,move_self"
 
@@ -148,6 +149,54 @@ def wait_busy_end(pid, quiet=1.0, limit=900, step=0.1, busy=0.1):
             return last_busy
     log("pid %d still busy after %ds" % (pid, limit))
     return last_busy
+
+
+class Background(threading.Thread):
+    """Estimate CPU used by processes that are not this harness or its
+    children (other jobs on the machine skew a benchmark): every 2 s, busy
+    jiffies from /proc/stat minus the CPU of our own process tree."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.samples = []
+        self.start()
+
+    @staticmethod
+    def busy():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return (sum(v) - v[3] - v[4]) * 1000.0 / CLK_TCK, sum(v) * 1000.0 / CLK_TCK
+
+    @staticmethod
+    def ours():
+        total = 0.0
+        for p in [os.getpid()] + descendants(os.getpid()):
+            try:
+                with open("/proc/%d/stat" % p) as f:
+                    x = f.read().rsplit(")", 1)[1].split()
+                total += sum(int(y) for y in x[11:15]) * 1000.0 / CLK_TCK
+            except (OSError, IndexError):
+                pass
+        return total
+
+    def run(self):
+        b0, t0 = self.busy()
+        o0 = self.ours()
+        while True:
+            time.sleep(2)
+            b1, t1 = self.busy()
+            o1 = self.ours()
+            if t1 > t0:
+                self.samples.append(max(0.0, (b1 - b0) - max(0.0, o1 - o0)) / (t1 - t0))
+            b0, t0, o0 = b1, t1, o1
+
+    def summary(self):
+        if not self.samples:
+            return "n/a"
+        return "mean %.0f%%, max %.0f%% of the machine" % (
+            100 * statistics.mean(self.samples),
+            100 * max(self.samples),
+        )
 
 
 def median(xs):
@@ -1734,6 +1783,8 @@ def main(argv=None):
     args.fimwatch = os.path.abspath(args.fimwatch)
     selected = args.benchmarks or ALL
     res = Results()
+    global BACKGROUND
+    BACKGROUND = Background()
     t_start = mono()
     ws = Workspace(args.workdir, loop=not args.no_loop)
     signal.signal(signal.SIGTERM, on_sigterm)
@@ -1801,7 +1852,8 @@ def report(args, res, took, ws):
 
     info = (
         "%s; %d cores; %.0f GiB RAM; kernel %s; Python %s; %s; %s; watchdog %s; trees on %s; "
-        "max_queued_events %s; run took %.0f s (%s)"
+        "max_queued_events %s; run took %.0f s (%s); CPU used by other processes during "
+        "the run: %s"
         % (
             time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             os.cpu_count(),
@@ -1821,6 +1873,7 @@ def report(args, res, took, ws):
             open("/proc/sys/fs/inotify/max_queued_events").read().strip(),
             took,
             "quick" if args.quick else "full",
+            BACKGROUND.summary() if BACKGROUND else "n/a",
         )
     )
     text = res.table() + "\n\n" + info + "\n"
