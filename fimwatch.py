@@ -1820,9 +1820,7 @@ class Rescan:
         seen_dirs = 0
         changes_before = eng.stats["changes"]
         for root in eng.roots:
-            if not os.path.isdir(root):
-                continue
-            for d in eng.walk(root, "quick", "scan"):
+            for d in eng.walk_root(root, "quick", "scan"):
                 seen_dirs += 1
                 yield
         live = {wd for wd, p in eng.wd2path.items() if os.path.isdir(p)}
@@ -2289,7 +2287,13 @@ class Channel:
         self.id = kind if kind == "email" else "webhook:" + name
         self.min_rank = SEV_RANK[conf["min_severity"]]
         self.max_per_hour = conf.get("max_per_hour") or 0
-        self.sent = deque()
+        # Send times of the last hour, kept in the database so that a reload
+        # or a restart does not hand out a fresh max_per_hour allowance.
+        try:
+            self.sent = deque(float(t) for t in json.loads(
+                store.meta(self._meta_key("sent"), "[]")) if time.time() - float(t) < 3600)
+        except (ValueError, TypeError):
+            self.sent = deque()
         self.wake = threading.Event()
         self.stopping = False
         self.flush_now = False
@@ -2417,8 +2421,11 @@ class Channel:
                 self._failed(seq_list, "internal error: %s" % e, rows, now)
                 return 1.0
             self.sent.append(time.time())
+            while self.sent and time.time() - self.sent[0] > 3600:
+                self.sent.popleft()
             with store.lock:
                 store._w()
+                store.set_meta(self._meta_key("sent"), json.dumps(list(self.sent)))
                 store.db.executemany("DELETE FROM spool WHERE seq=?", [(s,) for s in seq_list])
                 store.set_meta(self._meta_key("last_ok"), time.time())
                 if ev.get("dropped"):
