@@ -257,7 +257,11 @@ def failing_sendmail(path, code=75, message="queue full, try later"):
 def status_json(fim):
     proc = fim.cli("status", "--json")
     assert proc.returncode in (0, 1), "status failed: %s %s" % (proc.stdout, proc.stderr)
-    return json.loads(proc.stdout)
+    try:
+        return json.loads(proc.stdout)
+    except ValueError as e:
+        raise AssertionError("status --json printed no JSON (%s), exit %s:\n%s\n--- stderr ---\n%s"
+                             % (e, proc.returncode, proc.stdout, proc.stderr))
 
 
 def channel(fim, cid):
