@@ -2960,6 +2960,25 @@ def channel_status(store, chan_ids):
     return out
 
 
+def inotify_watches_of(pid, proc="/proc"):
+    """Watches held by one process, counted from /proc/PID/fdinfo."""
+    n = 0
+    fd_dir = "%s/%d/fd" % (proc, pid)
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            if os.readlink("%s/%s" % (fd_dir, fd)) != "anon_inode:inotify":
+                continue
+            with open("%s/%d/fdinfo/%s" % (proc, pid, fd)) as f:
+                n += sum(1 for ln in f if ln.startswith("inotify wd:"))
+        except OSError:
+            continue
+    return n
+
+
 def inotify_usage(proc="/proc", top=8):
     """[(watches, pid, command)] of the processes holding inotify watches,
     most first: what to look at when the watch limit is reached."""
@@ -2969,19 +2988,7 @@ def inotify_usage(proc="/proc", top=8):
     except OSError:
         return out
     for pid in pids:
-        fd_dir = "%s/%s/fd" % (proc, pid)
-        n = 0
-        try:
-            for fd in os.listdir(fd_dir):
-                try:
-                    if os.readlink("%s/%s" % (fd_dir, fd)) != "anon_inode:inotify":
-                        continue
-                    with open("%s/%s/fdinfo/%s" % (proc, pid, fd)) as f:
-                        n += sum(1 for ln in f if ln.startswith("inotify wd:"))
-                except OSError:
-                    continue
-        except OSError:
-            continue
+        n = inotify_watches_of(int(pid), proc)
         if n:
             try:
                 with open("%s/%s/comm" % (proc, pid)) as f:
@@ -3006,7 +3013,8 @@ def cmd_status(cfg, args):
         now = time.time()
         built = store.meta("built")
         st.update({
-            "watches": int(store.meta("watches", 0) or 0) if running else 0,
+            "watches": (inotify_watches_of(pid) or int(store.meta("watches", 0) or 0))
+            if running and pid > 0 else 0,
             "unwatched_subtrees": int(store.meta("unwatched", 0) or 0) if running else 0,
             "baseline_entries": store.count(),
             "baseline_built": iso_s(float(built)) if built else None,
