@@ -2766,7 +2766,10 @@ class Daemon:
             eng = self.eng
             now = time.monotonic()
             nd = eng.next_due()
-            waits = [t for t in timers.values() if t is not None]
+            # An idle daemon sleeps until the next timer: the root check only
+            # runs while a watched root is missing.
+            waits = [t for k, t in timers.items() if t is not None
+                     and (k != "roots" or eng.missing_roots)]
             if nd is not None:
                 waits.append(nd)
             if eng.recheck:
