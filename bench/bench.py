@@ -17,7 +17,7 @@ inotify_simple, py-spy, pyinstrument) pinned in bench/requirements.txt into
 bench/.venv. Synthetic trees live on a throw-away ext4 image mounted through a
 loop device under the work dir (disk-backed, not tmpfs; deleted in a second),
 the storm also runs on a tmpfs. Exit 0 when the run completed (targets missed
-or not), 2 on a set-up error.
+or not), 1 when a benchmark failed (the others still run), 2 on a set-up error.
 """
 
 import argparse
@@ -364,9 +364,15 @@ class Tail(threading.Thread):
 
         self.path = path
         self.ino = INotify()
-        self.ino.add_watch(
-            os.path.dirname(path), flags.MODIFY | flags.CREATE | flags.CLOSE_WRITE | flags.MOVED_TO
-        )
+        try:
+            self.ino.add_watch(
+                os.path.dirname(path),
+                flags.MODIFY | flags.CREATE | flags.CLOSE_WRITE | flags.MOVED_TO,
+            )
+        except OSError as e:  # e.g. another job used up max_user_watches
+            log("tail %s: inotify failed (%s); polling every 10 ms" % (path, e))
+            self.ino.close()
+            self.ino = None
         self.lines = []
         self.cond = threading.Condition()
         self.stopped = False
@@ -376,7 +382,10 @@ class Tail(threading.Thread):
 
     def run(self):
         while not self.stopped:
-            self.ino.read(timeout=200)
+            if self.ino is None:
+                time.sleep(0.01)
+            else:
+                self.ino.read(timeout=200)
             self.drain()
 
     def drain(self):
@@ -415,7 +424,8 @@ class Tail(threading.Thread):
         self.stopped = True
         self.join(2)
         self.drain()
-        self.ino.close()
+        if self.ino is not None:
+            self.ino.close()
         if self.f:
             self.f.close()
 
@@ -1801,34 +1811,55 @@ def main(argv=None):
             return 0
         log("work dir %s; trees on %s" % (ws.base, ws.fs_kind))
         small, large = (2000, 10000) if q else (20000, 100000)
+        plan = []
         if "setup" in selected:
-            bench_setup(ctx, small, "%dk" % (small // 1000), args.reps)
-            bench_setup(ctx, large, "%dk" % (large // 1000), args.reps)
+            plan.append(
+                ("setup", lambda: bench_setup(ctx, small, "%dk" % (small // 1000), args.reps))
+            )
+            plan.append(
+                ("setup", lambda: bench_setup(ctx, large, "%dk" % (large // 1000), args.reps))
+            )
         if "baseline" in selected or "reverify" in selected:
-            bench_baseline(ctx, args.reps, "reverify" in selected)
+            plan.append(
+                ("baseline", lambda: bench_baseline(ctx, args.reps, "reverify" in selected))
+            )
         if "storm" in selected:
-            bench_storm(ctx, 20000 if q else 100000, 1 if q else min(args.reps, 2))
+            plan.append(
+                (
+                    "storm",
+                    lambda: bench_storm(ctx, 20000 if q else 100000, 1 if q else min(args.reps, 2)),
+                )
+            )
         if "sustained" in selected:
-            bench_sustained(
-                ctx,
-                5 if q else 30,
-                5000,
-                [10000, 20000] if q else [10000, 20000, 40000, 80000],
-                2 if q else 5,
+            ramp = [10000, 20000] if q else [10000, 20000, 40000, 80000]
+            plan.append(
+                (
+                    "sustained",
+                    lambda: bench_sustained(ctx, 5 if q else 30, 5000, ramp, 2 if q else 5),
+                )
             )
         if "idle" in selected:
-            bench_idle(ctx, small, args.idle_secs)
+            plan.append(("idle", lambda: bench_idle(ctx, small, args.idle_secs)))
         if "memory" in selected:
-            bench_memory(ctx, 5000 if q else 50000, 2, "%dk dirs" % (5 if q else 50), 30)
+            nd = 5000 if q else 50000
+            plan.append(("memory", lambda: bench_memory(ctx, nd, 2, "%dk dirs" % (nd // 1000), 30)))
         if "memory-big" in selected and not (q and not args.benchmarks):
-            nd = 10000 if q else 100000
-            bench_memory(
-                ctx,
-                nd,
-                max(1, args.big_files // nd),
-                "%dk dirs / %dk files" % (nd // 1000, args.big_files // 1000),
-                50,
-            )
+            nb = 10000 if q else 100000
+            per = max(1, args.big_files // nb)
+            label = "%dk dirs / %dk files" % (nb // 1000, nb * per // 1000)
+            plan.append(("memory-big", lambda: bench_memory(ctx, nb, per, label, 50)))
+        failed = 0
+        for name, fn in plan:
+            try:
+                fn()
+            except (BenchError, OSError, subprocess.SubprocessError, ValueError) as e:
+                # one broken benchmark (e.g. another job took every inotify
+                # watch) must not lose the others' results
+                failed += 1
+                log("benchmark %s failed: %s" % (name, e))
+                res.add(name, "(failed)", [], "", notes=str(e)[:200])
+        if failed:
+            return 1
     except BenchError as e:
         log("error: %s" % e)
         return 2
