@@ -199,3 +199,32 @@ def test_tampering_that_restores_size_and_mtime_is_still_found(fim):
     os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
     r = fim.cli("scan", "--no-alert", "--json")
     assert r.returncode == 1 and str(p) in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.timeout(240)
+def test_stop_during_the_startup_comparison_loses_nothing(fim):
+    n = 4000
+    files = []
+    for i in range(n):
+        if i % 200 == 0:
+            (fim.root / ("d%02d" % (i // 200))).mkdir()
+        files.append(write(fim.root / ("d%02d" % (i // 200)) / ("f%04d" % i), "v1\n"))
+    fim.baseline()
+    for f in files:
+        write(f, "v2 changed offline\n")
+    d = fim.daemon()
+    t0 = time.monotonic()
+    d.stop()                                  # possibly in the middle of the comparison
+    assert time.monotonic() - t0 < 10, "SIGTERM waited %.1fs" % (time.monotonic() - t0)
+    d2 = fim.daemon()
+    want = {str(f) for f in files}
+
+    def reported():
+        return {e["path"] for e in fim.events() if e.get("event") == "modified"} & want
+    deadline = time.monotonic() + 120
+    while len(reported()) < n and time.monotonic() < deadline and d2.alive():
+        time.sleep(0.2)
+    missed = sorted(want - reported())
+    assert not missed, "%d offline changes never reported, e.g. %s" % (len(missed), missed[:3])
+    d2.stop()
+    scan_is_clean(fim)
