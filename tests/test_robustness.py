@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import control_file, is_event, needs_root, write
+from conftest import Daemon, control_file, is_event, needs_root, write
 
 FILE_EVENTS = {"created", "modified", "attributes", "deleted", "moved"}
 
@@ -228,3 +228,53 @@ def test_stop_during_the_startup_comparison_loses_nothing(fim):
     assert not missed, "%d offline changes never reported, e.g. %s" % (len(missed), missed[:3])
     d2.stop()
     scan_is_clean(fim)
+
+
+def test_torn_last_line_of_the_events_file_does_not_swallow_the_next_event(fim):
+    """After a crash mid-write the file may end without a newline; the next
+    event must still be a line of its own."""
+    d = fim.daemon()
+    d.kill()
+    with open(fim.events_file, "ab") as f:
+        f.write(b'{"id": "torn-by-a-crash", "event": "mod')
+    p = write(fim.root / "after-crash.txt")
+    d2 = Daemon(fim)
+    d2.start(wait=False)
+    fim.daemons.append(d2)
+    deadline = time.monotonic() + 20
+    lines = []
+    while time.monotonic() < deadline:
+        lines = fim.events_file.read_bytes().splitlines()
+        good = []
+        for raw in lines:
+            try:
+                good.append(json.loads(raw))
+            except ValueError:
+                pass
+        if any(e.get("path") == str(p) for e in good):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the event after the torn line is not a line of its own:\n%r"
+                             % lines[-3:])
+    bad = [raw for raw in lines if raw != b'{"id": "torn-by-a-crash", "event": "mod'
+           and not _parses(raw)]
+    assert not bad, "events glued to the torn line: %r" % bad
+    started = [e for e in map(_parses_to, lines) if e and e.get("event") == "started"]
+    assert len(started) == 2 and started[-1].get("unclean") is True, started
+    d2.kill()
+
+
+def _parses_to(raw):
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def _parses(raw):
+    try:
+        json.loads(raw)
+        return True
+    except ValueError:
+        return False
