@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import is_event, write
+from conftest import Daemon, is_event, write
 
 FACILITY = {"authpriv": 10, "local3": 19, "daemon": 3}
 SEVERITY = {"critical": 2, "warning": 4, "notice": 5, "info": 6}
@@ -105,4 +105,55 @@ def test_dead_syslog_socket_does_not_stall_detection(fim, tmp_path):
     for i in range(5):
         p = write(fim.root / ("f%d" % i))
         d.wait_for(is_event("created", p))
+    d.stop()
+
+
+def test_events_file_write_errors_do_not_stop_the_daemon(fim, unix_syslog):
+    """events_file on a full disk (/dev/full: every write fails with ENOSPC):
+    the daemon keeps detecting and still reports through syslog."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    sock, address = unix_syslog
+    fim.write_config(syslog={"enabled": "yes", "address": address},
+                     log={"events_file": "/dev/full"})
+    d = Daemon(fim)
+    fim.daemons.append(d)
+    d.start(wait=False)
+    receive(sock, b"started", timeout=20)
+    for i in range(3):
+        p = write(fim.root / ("disk-full-%d.txt" % i))
+        receive(sock, os.fsencode(str(p)))
+    assert d.alive(), d.stderr()
+    d.proc.terminate()
+    assert d.proc.wait(timeout=20) == 0, d.stderr()
+
+
+def test_syslog_reconnects_after_the_syslog_daemon_restarts(fim, tmp_path):
+    path = str(tmp_path / "devlog2")
+    s1 = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s1.bind(path)
+    fim.write_config(syslog={"enabled": "yes", "address": path})
+    d = fim.daemon()
+    p = write(fim.root / "before.txt")
+    receive(s1, os.fsencode(str(p)))
+    s1.close()
+    os.unlink(path)                      # rsyslog / journald restarts
+    gap = write(fim.root / "during.txt")
+    d.wait_for(is_event("created", gap))
+    s2 = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s2.bind(path)
+    try:
+        deadline = time.monotonic() + 20
+        got = None
+        i = 0
+        while time.monotonic() < deadline and got is None:
+            q = write(fim.root / ("after-%d.txt" % i))
+            i += 1
+            try:
+                got = receive(s2, os.fsencode(str(q)), timeout=1.0)
+            except AssertionError:
+                continue
+        assert got, "no syslog message after the socket came back\n" + d.stderr()
+    finally:
+        s2.close()
     d.stop()
