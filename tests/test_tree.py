@@ -193,3 +193,28 @@ def test_watched_root_moved_away_is_deleted_and_rewatched_when_back(fim):
     write(p, "v2\n")
     d.wait_for(is_event("modified", p), since=m)
     d.stop()
+
+
+def test_configured_path_that_is_a_symlink_to_a_directory(fim):
+    """Debian 12 has merged /usr: /bin -> usr/bin. An admin who lists /bin must get
+    /usr/bin watched (the configured path is resolved once; symlinks inside the
+    tree are still never followed)."""
+    real = fim.root / "usr-bin"
+    real.mkdir()
+    tool = write(real / "ls", "ELF v1\n")
+    link = fim.base / "bin"
+    os.symlink(str(real), link)
+    fim.write_config(watch={"paths": str(link)})
+    r = fim.cli("check-config")
+    assert r.returncode == 0, r.stderr
+    warned = "symlink" in (r.stdout + r.stderr).lower()
+    d = fim.daemon()
+    write(tool, "ELF trojan\n")
+    try:
+        d.wait_for(lambda e: e.get("event") == "modified"
+                   and e.get("path") in (str(tool), str(link / "ls")), timeout=5)
+    except AssertionError:
+        raise AssertionError("paths = %s (a symlink to a directory): a change inside is "
+                             "never reported%s" % (link, "" if warned else
+                                                   ", and check-config says nothing"))
+    d.stop()
