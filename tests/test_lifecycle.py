@@ -222,3 +222,27 @@ def test_scan_interval_catches_what_inotify_cannot_see(fim):
     finally:
         mm.close()
     d.stop()
+
+
+def test_signal_storms(fim):
+    d = fim.daemon()
+    for _ in range(25):
+        d.hup()
+    p = write(fim.root / "after-hups.txt")
+    d.wait_for(is_event("created", p))
+    assert d.alive(), d.stderr()
+    assert "Traceback" not in d.stderr(), d.stderr()
+    # two SIGTERMs in a row still end in a clean stop
+    d.proc.send_signal(signal.SIGTERM)
+    d.stop()
+
+
+def test_sighup_with_the_config_file_gone_keeps_running(fim):
+    d = fim.daemon()
+    os.rename(fim.conf, str(fim.conf) + ".moved")
+    d.hup()
+    time.sleep(0.5)
+    p = write(fim.root / "still-watching.txt")
+    d.wait_for(is_event("created", p))
+    assert "Traceback" not in d.stderr(), d.stderr()
+    d.stop()
