@@ -343,3 +343,29 @@ def test_concurrent_scans_while_the_daemon_is_busy(fim):
     assert d.alive(), d.stderr()
     assert "Traceback" not in d.stderr(), d.stderr()
     d.stop()
+
+
+def test_exclude_of_a_directory_path_drops_its_whole_subtree(fim):
+    fim.write_config(watch={"exclude": "%s/build" % fim.root})
+    (fim.root / "build" / "obj").mkdir(parents=True)
+    (fim.root / "src").mkdir()
+    d = fim.daemon()
+    assert inotify_watch_count(d.pid) <= 3, inotify_watch_count(d.pid)
+    m = d.mark()
+    write(fim.root / "build" / "obj" / "a.o")
+    write(fim.root / "build" / "top.o")
+    d.assert_quiet(lambda e: "/build" in e.get("path", ""), since=m, control=control_file())
+    d.stop()
+
+
+def test_single_star_stays_in_one_component(fim):
+    fim.write_config(watch={"exclude": "%s/*/tmp" % fim.root})
+    for sub in ("a/tmp", "a/b/tmp"):
+        (fim.root / sub).mkdir(parents=True)
+    d = fim.daemon()
+    m = d.mark()
+    skip = write(fim.root / "a" / "tmp" / "x")
+    keep = write(fim.root / "a" / "b" / "tmp" / "y")
+    d.wait_for(is_event("created", keep), since=m)
+    d.assert_quiet(lambda e: e.get("path") == str(skip), since=m, control=control_file())
+    d.stop()
