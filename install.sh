@@ -371,6 +371,32 @@ with_shebang() { # SRC OUT
     { printf '#!%s\n' "$PY"; sed '1{/^#!/d;}' "$1"; } >"$2"
 }
 
+write_launcher() { # OUT
+    cat >"$1" <<EOT
+#!$PY
+# fimwatch launcher, written by install.sh: the program is
+# $LIBDIR/fimwatch.py, byte-compiled at install time.
+import sys
+sys.path.insert(0, "$LIBDIR")
+import fimwatch  # noqa: E402
+sys.exit(fimwatch.main())
+EOT
+}
+
+# Byte-compile the installed module (the daemon's sandbox cannot write a
+# __pycache__ itself, and PYTHONDONTWRITEBYTECODE may be set).
+compile_module() {
+    case " $CHANGED_PATHS " in
+        *" $LIBDIR/fimwatch.py "*) ;;
+        *) for pyc in "$ROOT$LIBDIR"/__pycache__/fimwatch.*.pyc; do
+               [ -f "$pyc" ] && return 0     # unchanged module, compiled before
+           done ;;
+    esac
+    STEP="byte-compiling $LIBDIR/fimwatch.py"
+    run "$PY" -m py_compile "$ROOT$LIBDIR/fimwatch.py" \
+        || warn "could not byte-compile $LIBDIR/fimwatch.py: fimwatch still runs, compiling it at each start"
+}
+
 # Everything but the config and the sysctl drop-in is rendered into $STAGE
 # first, so an upgrade knows before touching anything whether it changes.
 prepare() {
@@ -387,7 +413,12 @@ prepare() {
             [ -f "$lic" ] && cp "$lic" "$STAGE/inotify_simple.LICENSE"
         done
     fi
-    with_shebang "$SRC/fimwatch.py" "$STAGE/fimwatch"
+    # The program lives in $LIBDIR as a module, byte-compiled at install;
+    # $BIN is a launcher. CPython never caches the compiled form of the script
+    # it runs: compiling fimwatch.py at every start costs ~0.1 s and ~8 MB of
+    # peak memory for the life of the daemon.
+    cp "$SRC/fimwatch.py" "$STAGE/fimwatch.py"
+    write_launcher "$STAGE/fimwatch"
     with_shebang "$SRC/fimwatch-sendmail-relay" "$STAGE/sendmail-relay"
     for u in $UNITS; do
         cp "$SRC/$u" "$STAGE/$u"
@@ -397,6 +428,7 @@ prepare() {
 # Lines of "STAGED DEST MODE" for every staged file.
 staged_files() {
     echo "$STAGE/fimwatch $BIN 0755"
+    echo "$STAGE/fimwatch.py $LIBDIR/fimwatch.py 0644"
     echo "$STAGE/sendmail-relay $RELAY 0755"
     [ -f "$STAGE/inotify_simple.py" ] && echo "$STAGE/inotify_simple.py $LIBDIR/inotify_simple.py 0644"
     [ -f "$STAGE/inotify_simple.LICENSE" ] && echo "$STAGE/inotify_simple.LICENSE $LIBDIR/inotify_simple.LICENSE 0644"
@@ -762,6 +794,7 @@ main() {
     prepare
     stop_for_upgrade
     install_staged
+    compile_module
     install_config
     setup_sysctl
     if [ -z "$ROOT" ]; then

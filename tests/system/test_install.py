@@ -249,9 +249,14 @@ def test_root_staging_layout(tmp_path):
     assert _mode(binary) == 0o755
     first = binary.read_text().splitlines()[0]
     assert first.startswith("#!/") and "python3" in first
-    assert binary.read_text().splitlines()[1:] == \
-        (src / "fimwatch.py").read_text().splitlines()[1:]
     lib = root / "usr/local/lib/fimwatch"
+    # the launcher runs the module, byte-compiled for the installed python
+    assert 'sys.path.insert(0, "/usr/local/lib/fimwatch")' in binary.read_text()
+    assert (lib / "fimwatch.py").read_text() == (src / "fimwatch.py").read_text()
+    assert list((lib / "__pycache__").glob("fimwatch.*.pyc")), list(lib.iterdir())
+    r2 = subprocess.run([first[2:], str(binary), "--version"], capture_output=True, text=True,
+                        env=dict(os.environ, PYTHONPATH=str(lib)))
+    assert r2.returncode == 0 and "fimwatch" in r2.stdout, r2.stdout + r2.stderr
     assert (lib / "inotify_simple.py").is_file()
     assert _mode(lib / "sendmail-relay") == 0o755
     assert _mode(root / "etc/fimwatch") == 0o700
@@ -290,7 +295,7 @@ def test_root_staging_is_idempotent_and_keeps_config(tmp_path):
     new = root / "etc/fimwatch/fimwatch.conf.new"
     assert new.read_text() == (src2 / "fimwatch.conf.example").read_text()
     assert _mode(new) == 0o600
-    assert (root / "usr/local/sbin/fimwatch").read_text().endswith("# upgrade marker\n")
+    assert (root / "usr/local/lib/fimwatch/fimwatch.py").read_text().endswith("# upgrade marker\n")
     assert "updating" in r.stderr
 
 
@@ -1044,7 +1049,7 @@ def test_ct_reinstall_upgrades_and_keeps_config(box):
     finally:
         server2.close()
     assert r.returncode == 0, r.stdout + r.stderr
-    assert ct.read("/usr/local/sbin/fimwatch").endswith("# fimwatch upgrade marker\n")
+    assert ct.read("/usr/local/lib/fimwatch/fimwatch.py").endswith("# fimwatch upgrade marker\n")
     assert ct.sh("sha256sum /etc/fimwatch/fimwatch.conf").stdout.split()[0] == conf_before
     if box.notes.get("edited_conf"):
         assert conf_before == box.notes["edited_conf"]
