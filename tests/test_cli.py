@@ -300,3 +300,26 @@ def test_accept_takes_relative_paths_directories_and_deleted_files(fim):
     assert proc.returncode == 0, describe(proc)
     r = fim.cli("scan", "--no-alert")
     assert r.returncode == 0, describe(r)
+
+
+def test_status_json_reports_what_spec_lists(fim):
+    """watches vs the kernel limit, baseline entries and age, events in the last
+    24 h by severity."""
+    (fim.root / "sub").mkdir()
+    for i in range(5):
+        write(fim.root / "sub" / ("f%d" % i))
+    d = fim.daemon()
+    p = write(fim.root / "new.txt")
+    d.wait_for(is_event("created", p))
+    st = json.loads(fim.cli("status", "--json", check=0).stdout)
+    assert st.get("running") is True, st
+    assert st.get("pid") == d.pid, st
+    assert st.get("watches") == 2, st
+    with open("/proc/sys/fs/inotify/max_user_watches") as f:
+        assert st.get("watch_limit") == int(f.read()), st
+    assert st.get("baseline_entries") == 8, st      # tree, sub, 5 files, new.txt
+    assert isinstance(st.get("baseline_age_seconds"), (int, float)), st
+    ev = st.get("events_24h", {})
+    assert set(ev) >= {"critical", "warning", "notice", "info"}, st
+    assert ev["warning"] >= 1, st
+    d.stop()
