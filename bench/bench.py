@@ -1689,7 +1689,7 @@ def profile_run(ctx, f, name, outdir, profiler):
 def cmd_profile(ctx):
     outdir = ctx.args.profile_dir
     os.makedirs(outdir, exist_ok=True)
-    what = ctx.args.benchmarks or ["setup", "baseline"]
+    what = ctx.args.benchmarks or ["setup", "baseline", "sustained"]
     prof = ctx.args.profiler
     ndirs = 20000 if ctx.args.quick else 100000
     if "setup" in what:
@@ -1705,7 +1705,55 @@ def cmd_profile(ctx):
         profile_run(ctx, f, "baseline-" + tag, outdir, prof)
         g = ctx.fim(path, state=f.state)
         profile_run(ctx, g, "reverify-" + tag, outdir, prof)
+    if "sustained" in what:
+        profile_sustained(ctx, outdir)
     print("profiles in %s" % outdir)
+
+
+def profile_sustained(ctx, outdir, rate=5000, secs=15):
+    """py-spy attached to a running daemon while gen modify writes at `rate`/s."""
+    d = os.path.join(ctx.ws.fs, "sustained-profile")
+    os.mkdir(d)
+    for i in range(1000):
+        with open(os.path.join(d, "m%04d" % i), "w") as f:
+            f.write("init\n")
+    f = ctx.fim(d)
+    f.start()
+    raw = os.path.join(outdir, "sustained-%d.collapsed.txt" % rate)
+    try:
+        f.wait_ready()
+        spy = subprocess.Popen(
+            [
+                os.path.join(VENV, "bin", "py-spy"),
+                "record",
+                "--rate",
+                "250",
+                "--pid",
+                str(f.pid),
+                "--format",
+                "raw",
+                "--full-filenames",
+                "--duration",
+                str(secs),
+                "-o",
+                raw,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(1)
+        logf = os.path.join(f.rundir, "writes.log")
+        subprocess.run(
+            [ctx.ws.gen, "modify", d, "1000", str(rate), str(secs - 2), logf],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        spy.wait(60)
+    finally:
+        f.stop()
+    if os.path.exists(raw):
+        collapsed_summary(raw, raw.replace(".collapsed.txt", ".top.txt"))
+        log("profile sustained: %s" % raw)
 
 
 # ---------------------------------------------------------------- main
