@@ -75,6 +75,23 @@ def proc_cpu_ms(pid):
         return None
 
 
+def proc_run_ms(pid):
+    """CPU time of all live threads from /proc/PID/task/*/schedstat (ns
+    resolution; /proc/PID/stat counts in 10-ms ticks)."""
+    total = 0
+    try:
+        tids = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open("/proc/%d/task/%s/schedstat" % (pid, tid)) as f:
+                total += int(f.read().split()[0])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / 1e6
+
+
 def proc_status(pid, key):
     try:
         with open("/proc/%d/status" % pid) as f:
@@ -941,6 +958,10 @@ def one_setup(ctx, tool, root, probe_dir, tag):
         hwm = t.hwm_kib()
     finally:
         t.stop()
+    if tool == "fimwatch" and any(b'"watch_limit"' in ln for ln in t.out_lines()):
+        # another job on the machine held the inotify watches: not a set-up time
+        log("fimwatch reported watch_limit (max_user_watches used up by someone); rep dropped")
+        ready = None
     return ready, lat, hwm, t.name, done
 
 
@@ -962,8 +983,15 @@ def bench_setup(ctx, ndirs, label, reps):
             d["hwm"].append(hwm)
             d["name"] = name
             log(
-                "setup %s %s rep %d: ready %.2f s, change in last dir seen after %s, VmHWM %s KiB"
-                % (label, tool, rep, ready, "%.3f s" % lat if lat is not None else "NEVER", hwm)
+                "setup %s %s rep %d: ready %s s, change in last dir seen after %s, VmHWM %s KiB"
+                % (
+                    label,
+                    tool,
+                    rep,
+                    "%.2f" % ready if ready is not None else "(dropped)",
+                    "%.3f s" % lat if lat is not None else "NEVER",
+                    hwm,
+                )
             )
     bench = "watch set-up, %s dirs" % label
 
@@ -1508,21 +1536,29 @@ def bench_idle(ctx, ndirs, secs):
             if t.tail.wait_for(lambda ln, t=t: t.matches(ln, path), 10) is None:
                 log("idle: %s did not report %s" % (t.name, path))
         time.sleep(3)
-        c0 = {t: (t.cpu_ms(), t.wakeups()) for t in running}
+        c0 = {t: (t.cpu_ms(), t.wakeups(), proc_run_ms(t.pid)) for t in running}
         log("idle: %d tools watching %s; sleeping %d s" % (len(running), root, secs))
         time.sleep(secs)
-        c1 = {t: (t.cpu_ms(), t.wakeups()) for t in running}
+        c1 = {t: (t.cpu_ms(), t.wakeups(), proc_run_ms(t.pid)) for t in running}
     finally:
         for t in running:
             t.stop()
-    bench = "idle %dk dirs, %d s (tools side by side)" % (ndirs // 1000, secs)
+    bench = "idle %dk dirs, %d s (tools side by side; CPU from schedstat)" % (ndirs // 1000, secs)
     per = {
-        t.name: ((c1[t][0] - c0[t][0]) * 60.0 / secs, (c1[t][1] - c0[t][1]) / secs) for t in running
+        t.name: (
+            (c1[t][0] - c0[t][0]) * 60.0 / secs,
+            (c1[t][1] - c0[t][1]) / secs,
+            ((c1[t][2] or 0) - (c0[t][2] or 0)) * 60.0 / secs,
+        )
+        for t in running
     }
     fimname = "fimwatch"
     for t in running:
-        cpu, wk = per[t.name]
-        notes = "%.2f wake-ups/s" % wk
+        ticks, wk, cpu = per[t.name]
+        notes = "%.2f wake-ups/s; /proc/PID/stat utime+stime %.0f ms/min (10-ms ticks)" % (
+            wk,
+            ticks,
+        )
         if t.name == fimname:
             ctx.res.add(
                 bench,
@@ -1538,7 +1574,7 @@ def bench_idle(ctx, ndirs, secs):
             ratio_row(
                 ctx.res,
                 bench,
-                [per[fimname][0]] if fimname in per else [],
+                [per[fimname][2]] if fimname in per else [],
                 t.name,
                 [cpu],
                 "ms CPU/min",
