@@ -100,7 +100,8 @@ ROOT_RETRY_EVERY = 2.0           # a deleted watched root is looked for this oft
 DIFF_MAX_LINES = 200
 
 # Where package managers install files; only these are checked against them.
-PACKAGE_PREFIXES = ("/usr/", "/etc/", "/bin/", "/sbin/", "/lib", "/boot/", "/opt/")
+PACKAGE_PREFIXES = ("/usr/", "/etc/", "/bin/", "/sbin/", "/lib/", "/lib32/", "/lib64/",
+                    "/libx32/", "/boot/", "/opt/")
 DEFAULT_NO_DIFF = "/etc/shadow /etc/gshadow /etc/ssh/*_key **/*.key **/*.pem"
 
 # ---------------------------------------------------------------------------
@@ -277,9 +278,12 @@ class PatternSet:
 
     def __init__(self, patterns):
         self.patterns = list(patterns)
-        base, full = [], []
+        base, full, dirbase = [], [], []
         for p in self.patterns:
-            if "/" in p:
+            if p.endswith("/") and "/" not in p[:-1]:
+                # 'node_modules/': a directory name anywhere (as in .gitignore)
+                dirbase.append(_glob_to_re(p[:-1]))
+            elif "/" in p:
                 if not (p.startswith("/") or p.startswith("**")):
                     raise ValueError("pattern %r has a '/' but is not absolute "
                                      "(start it with / or **)" % p)
@@ -288,12 +292,17 @@ class PatternSet:
                 base.append(_glob_to_re(p))
         self._base = re.compile("(?:%s)\\Z" % "|".join(base), re.S) if base else None
         self._full = re.compile("(?:%s)\\Z" % "|".join(full), re.S) if full else None
+        self._dirbase = re.compile("(?:%s)\\Z" % "|".join(dirbase), re.S) if dirbase else None
 
     def __bool__(self):
         return bool(self.patterns)
 
-    def match(self, path, is_dir=False):
-        if self._base is not None and self._base.match(path, path.rfind("/") + 1):
+    def match(self, path, is_dir=False, dirs_by_name=True):
+        if self._base is not None and (dirs_by_name or not is_dir) \
+                and self._base.match(path, path.rfind("/") + 1):
+            return True
+        if is_dir and self._dirbase is not None \
+                and self._dirbase.match(path, path.rfind("/") + 1):
             return True
         if self._full is not None:
             if self._full.match(path):
@@ -401,6 +410,16 @@ class Config:
                 return level
         return "warning"
 
+    def resolved_roots(self):
+        """[(configured, watched)]: a configured path that is a symlink is
+        resolved once (on merged-/usr systems /bin is a link to usr/bin);
+        symlinks inside the trees are never followed."""
+        out = []
+        for p in self.paths:
+            r = os.path.realpath(p) if os.path.islink(p) else p
+            out.append((p, r))
+        return out
+
     def all_roots(self):
         return list(self.paths) + [p for p in self.scan_only if p not in self.paths]
 
@@ -476,13 +495,26 @@ def check_config_perms(path):
     """Like sshd's StrictModes: as root, refuse a config that others can change."""
     if os.geteuid() != 0:
         return
-    for p in (path, os.path.dirname(os.path.abspath(path))):
-        st = os.stat(p)
-        if st.st_uid != 0 or st.st_mode & 0o022:
+    # The link (if any), the directory it is in, the real file and its
+    # directory: whoever can change any of them can change the config.
+    ap = os.path.abspath(path)
+    real = os.path.realpath(ap)
+    checks = [(ap, True), (os.path.dirname(ap), False)]
+    if real != ap:
+        checks += [(real, False), (os.path.dirname(real), False)]
+    for p, is_link in checks:
+        st = os.lstat(p) if is_link else os.stat(p)
+        if st.st_uid != 0 or (st.st_mode & 0o022 and not stat.S_ISLNK(st.st_mode)):
+            if stat.S_ISDIR(st.st_mode):
+                fix = "keep the config in a directory only root can write, such as " \
+                      "/etc/fimwatch" if st.st_mode & 0o1000 or st.st_uid != 0 else \
+                      "chmod go-w %s" % p
+            else:
+                fix = ("chown root %s; " % p if st.st_uid else "") + "chmod go-w %s" % p
             raise ConfigError("%s: %s is %s and mode %04o; it must be owned by root and not "
-                              "writable by group or others (chown root %s; chmod go-w %s)"
+                              "writable by group or others (%s)"
                               % (path, p, "owned by uid %d" % st.st_uid if st.st_uid else
-                                 "owned by root", stat.S_IMODE(st.st_mode), p, p))
+                                 "owned by root", stat.S_IMODE(st.st_mode), fix))
 
 
 def load_config(path, check_perms=True):
@@ -516,7 +548,9 @@ def load_config(path, check_perms=True):
         raise ConfigError("%s:%s: text before the first [section]" % (path, e.lineno))
     except configparser.ParsingError as e:
         lineno, line = e.errors[0] if e.errors else ("?", "")
-        raise ConfigError("%s:%s: cannot parse line %s" % (path, lineno, line.strip()[:60]))
+        raise ConfigError("%s:%s: cannot parse %s: expected `key = value`, an indented "
+                          "continuation line, or `[section]`"
+                          % (path, lineno, esc(str(line).strip().strip("'\"").rstrip("\\n"))[:60]))
     keys, sections = _line_map(text)
     values, webhooks = {}, []
     for sect in cp.sections():
@@ -562,6 +596,35 @@ def load_config(path, check_perms=True):
                                   % (path, keys.get((sect, "url"), sections.get(sect, "?")),
                                      sect))
         webhooks.append((m.group(1) or "default", hook))
+    for sect, key, lo, hi, what in (
+            ("fimwatch", "settle", 0.0, 60.0, "between 0 and 60s"),
+            ("watch", "poll_interval", 1.0, 7 * 86400, "between 1s and 7d"),
+            ("fimwatch", "hash_max_size", 1, 1 << 50, "more than 0"),
+            ("email", "retry_min", 0.1, 3600, "between 100ms and 1h"),
+            ("email", "max_per_hour", 1, 100000, "at least 1")):
+        v = values[(sect, key)]
+        if not lo <= v <= hi:
+            raise ConfigError("%s:%s: [%s] %s: must be %s" % (path, keys.get((sect, key), "?"),
+                                                             sect, key, what))
+    si = values[("fimwatch", "scan_interval")]
+    if si and si < 1:
+        raise ConfigError("%s:%s: [fimwatch] scan_interval: 0 (never) or at least 1s"
+                          % (path, keys.get(("fimwatch", "scan_interval"), "?")))
+    for name, hook in webhooks:
+        sect = "webhook" if name == "default" else "webhook " + name
+        for key, lo, hi, what in (("timeout", 0.5, 300, "between 500ms and 5m"),
+                                  ("retry_min", 0.1, 3600, "between 100ms and 1h"),
+                                  ("max_per_hour", 1, 100000, "at least 1")):
+            if not lo <= hook[key] <= hi:
+                raise ConfigError("%s:%s: [%s] %s: must be %s"
+                                  % (path, keys.get((sect, key), "?"), sect, key, what))
+    sd = values[("fimwatch", "state_dir")]
+    if os.path.exists(sd) and not os.path.isdir(sd):
+        raise ConfigError("%s:%s: [fimwatch] state_dir: %s exists and is not a directory"
+                          % (path, keys.get(("fimwatch", "state_dir"), "?"), sd))
+    if sd.startswith(("/proc/", "/sys/", "/dev/")):
+        raise ConfigError("%s:%s: [fimwatch] state_dir: %s is not a place for files"
+                          % (path, keys.get(("fimwatch", "state_dir"), "?"), sd))
     if not values[("watch", "paths")] and not values[("watch", "scan_only")]:
         raise ConfigError("%s:%s: [watch] paths: nothing to watch"
                           % (path, keys.get(("watch", "paths"), "?")))
@@ -819,6 +882,7 @@ class Store:
         finally:
             os.umask(old_umask)
         self.lock = threading.RLock()
+        self.on_commit = []            # called after each commit (wakes alert workers)
         self._tx = False
         self._writes = 0
 
@@ -839,6 +903,8 @@ class Store:
                 self.db.execute("COMMIT")
                 self._tx = False
                 self._writes = 0
+        for cb in self.on_commit:
+            cb()
 
     def close(self):
         self.commit()
@@ -892,7 +958,17 @@ class Store:
         """Move src and everything below it to dst in the baseline."""
         rec = self.get(src)
         items = self.descendants(src)
+        b, lo, hi = _desc_range(src)
+        with self.lock:
+            texts = self.db.execute("SELECT path, data FROM content WHERE path=? OR "
+                                    "(path>=? AND path<?)", (b, lo, hi)).fetchall()
         self.delete_tree(src)
+        db = os.fsencode(dst)
+        for pth, data in texts:
+            with self.lock:
+                self._w()
+                self.db.execute("INSERT OR REPLACE INTO content VALUES (?,?)",
+                                (db + pth[len(b):], data))
         if rec is not None:
             self.put(dst, rec)
         n = len(src)
@@ -1198,9 +1274,10 @@ def import_inotify():
     try:
         import inotify_simple
     except ImportError:
-        raise FimwatchError("the Python module inotify_simple is missing: run install.sh, "
-                            "or `pip install inotify_simple` (Debian: apt install "
-                            "python3-inotify-simple)")
+        raise FimwatchError("the Python module inotify_simple is missing: install fimwatch "
+                            "with install.sh, or from a checkout: python3 -m venv venv && "
+                            "venv/bin/pip install inotify_simple && venv/bin/python "
+                            "fimwatch.py ...")
     return inotify_simple
 
 
@@ -1237,6 +1314,7 @@ class Engine:
         self.due = deque()           # (deadline, path), in arrival order
         self.moves = {}              # dst -> src of a rename inside the tree
         self.last_from = None        # (cookie, path, isdir) of an unpaired MOVED_FROM
+        self.last_from_reads = 0
         self.unwatched = set()       # subtree roots that got no watch (limit)
         self.recheck = deque()       # (when, dir): an early look at a new unwatched dir
         self.missing_roots = set()
@@ -1245,6 +1323,7 @@ class Engine:
         self.unreadable = set()
         self.progress = progress
         self.overflows = 0
+        self.rescan_state = None
         self.pkgdb = PackageDB() if cfg.package_check else None
         self.deferred = {}           # path -> first deferral (dpkg running)
         self._users, self._users_at = [], -10.0
@@ -1252,7 +1331,7 @@ class Engine:
         self._set_roots(cfg)
 
     def _set_roots(self, cfg):
-        roots = sorted(set(cfg.paths))
+        roots = sorted(set(r for _, r in cfg.resolved_roots()))
         # A root inside another root is covered by it.
         self.roots = [r for r in roots if not any(r.startswith(o + "/") for o in roots if o != r)]
         self.scan_only = [r for r in cfg.scan_only
@@ -1274,7 +1353,9 @@ class Engine:
         self._emit(ev)
 
     def excluded(self, path, is_dir=False):
-        return self.exclude.match(path, is_dir)
+        # Base-name patterns (*.swp, *~, 4913) are for editors' files: they
+        # never hide a directory, or `mkdir 4913` would hide a whole tree.
+        return self.exclude.match(path, is_dir, dirs_by_name=False)
 
     def watches(self):
         return len(self.wd2path)
@@ -1320,6 +1401,17 @@ class Engine:
         for wd, p in self.wd2path.items():
             if p == src or p.startswith(pre):
                 self.wd2path[wd] = dst + p[n:]
+
+    def internal_error(self, what, e):
+        import traceback
+        sys.stderr.write("fimwatch: internal error on %s: %s\n%s" % (
+            esc(str(what))[:300], esc(repr(e))[:300], traceback.format_exc()))
+        self.errors = getattr(self, "errors", 0) + 1
+        if self.errors <= 10:
+            self.emit_cb(new_event(self.cfg.hostname, "error", "warning", "realtime", "",
+                                   message="internal error on %s: %s (please report; "
+                                           "the next scan re-checks it)"
+                                           % (esc(str(what))[:200], type(e).__name__)))
 
     def report_unreadable(self, d, e):
         if d in self.unreadable:
@@ -1390,7 +1482,7 @@ class Engine:
                 self.file_roots.setdefault(parent, set()).add(name)
             return
         stack, limited, n = [root], [], 0
-        excluded = self.exclude.match
+        excluded = self.excluded
         while stack:
             d = stack.pop()
             wd = self.watch_dir(d)
@@ -1509,47 +1601,63 @@ class Engine:
         self.apply(p, old, new, detected, silent=(mode == "build"), content=out)
 
     def apply(self, p, old, new, detected, silent=False, content=None, moved_from=None):
-        """Record new as the baseline of p and emit the event, if any."""
+        """Emit the event, if any, then record new as the baseline of p. The
+        event is stored first: a crash in between repeats it at the next
+        start instead of losing it."""
         store = self.store
         r = compare(old, new)
-        if new is None:
-            if old is not None:
-                desc = store.descendants(p) if old[0] == "dir" else []
-                store.delete_tree(p) if old[0] == "dir" else store.delete(p)
+        if old is not None and old[0] == "dir" and (new is None or new[0] != "dir"):
+            # A directory gone or replaced by a file or symlink: everything
+            # that was in it is gone too.
+            desc = store.descendants(p)
+            if new is None:
                 if silent:
                     self.stats["silent"] += 1
                 else:
                     self.emit_change("deleted", p, detected, old, None, [])
-                    for dp, drec in desc:
-                        self.emit_change("deleted", dp, detected, drec, None, [])
+            for dp, drec in desc:
+                if not silent:
+                    self.emit_change("deleted", dp, detected, drec, None, [])
+            store.delete_tree(p)
+            if new is None:
+                return
+            old_for_event = old
+        elif new is None:
+            if old is not None:
+                if silent:
+                    self.stats["silent"] += 1
+                else:
+                    self.emit_change("deleted", p, detected, old, None, [])
+                store.delete(p)
             return
+        else:
+            old_for_event = old
+        if r is not None and silent:
+            self.stats["silent"] += 1
         prev_text = None
+        keep_text = None
+        if content:
+            # A file others may not read is likely to hold secrets: its text
+            # is neither kept nor shown in a diff.
+            keep_text = content[0] if (b"\0" not in content[0] and new[1] & 0o004) else None
+            if keep_text is not None and r is not None and r[0] == "modified" and not silent:
+                prev_text = store.get_content(p)
+        if r is not None and not silent:
+            event, changes = r
+            extra = {}
+            if prev_text is not None:
+                d = unified_diff(prev_text, keep_text, esc(p))
+                if d:
+                    extra["diff"] = d
+            self.emit_change(event, p, detected,
+                             old_for_event if event != "created" else None, new, changes, **extra)
         if new != old:
             store.put(p, new)
             if content:
-                if r is not None and r[0] == "modified" and not silent:
-                    prev_text = store.get_content(p)
-                # A file others may not read is likely to hold secrets: its
-                # text is neither kept nor shown in a diff.
-                keep = b"\0" not in content[0] and new[1] & 0o004
-                store.put_content(p, content[0] if keep else None)
-                if not keep:
-                    prev_text = None
+                store.put_content(p, keep_text)
             elif content is not None and old is not None and new[0] == "file" \
                     and old[8] != new[8]:
                 store.put_content(p, None)
-        if r is not None and silent:
-            self.stats["silent"] += 1
-        if r is None or silent:
-            return
-        event, changes = r
-        extra = {}
-        if prev_text is not None and content:
-            d = unified_diff(prev_text, content[0], esc(p))
-            if d:
-                extra["diff"] = d
-        self.emit_change(event, p, detected, old if event != "created" else None, new,
-                         changes, **extra)
 
     def emit_change(self, event, p, detected, old, new, changes, **extra):
         cfg = self.cfg
@@ -1611,10 +1719,20 @@ class Engine:
             evs = self.parse(data)
             n += len(evs)
             for ev in evs:
-                self.handle(*ev)
+                try:
+                    self.handle(*ev)
+                except Exception as e:   # one bad name must not end the watching
+                    self.internal_error("event %r" % (ev,), e)
             if n > 200000:            # let the rest of the loop breathe
                 break
-        self.finish_moves()
+        # A MOVED_FROM whose MOVED_TO may be in the next read: wait one turn
+        # (the touched path makes that turn come within settle).
+        if self.last_from is not None and n:
+            self.last_from_reads += 1
+            if self.last_from_reads > 1:
+                self.finish_moves()
+        else:
+            self.finish_moves()
         self.stats["raw"] += n
         return n
 
@@ -1627,20 +1745,31 @@ class Engine:
         if d is None:
             return
         if mask & IN_IGNORED:
+            # We drop our own wds from the map before removing them, so this
+            # is the kernel's doing: the directory was deleted, or unmounted.
             if self.wd2path.get(wd) == d:
                 del self.wd2path[wd]
-            if d in self.roots and not os.path.isdir(d):
+            if d in self.file_roots:
+                self.file_root_dir_lost(d)
+            elif d in self.roots and not os.path.isdir(d):
                 self.root_lost(d)
+            elif os.path.isdir(d) and not os.path.islink(d) and \
+                    (d in self.roots or os.path.dirname(d) in self.wd2path.values()):
+                # Still there (an unmount): watch it again and compare.
+                self.scans.append(self.walk(d, "quick", "realtime"))
             return
         if self.last_from is not None and not (mask & IN_MOVED_TO
                                                and cookie == self.last_from[0]):
             self.finish_moves()
         if mask & (IN_DELETE_SELF | IN_MOVE_SELF):
-            if d in self.roots:
+            if d in self.file_roots:
+                self.file_root_dir_lost(d)
+            elif d in self.roots:
                 self.root_lost(d)
             return
         if not name:                     # the directory itself (e.g. chmod)
-            self.touch(d)
+            if d not in self.file_roots:
+                self.touch(d)
             return
         p = d + "/" + name
         names = self.file_roots.get(d)
@@ -1651,6 +1780,7 @@ class Engine:
             return
         if mask & IN_MOVED_FROM:
             self.last_from = (cookie, p, isdir)
+            self.last_from_reads = 0
             self.touch(p)
             return
         if mask & IN_MOVED_TO:
@@ -1665,13 +1795,13 @@ class Engine:
                 self.moves[p] = src
                 self.touch(p)
                 return
+            self.touch(p)
             if isdir:                    # a tree moved in from outside
                 self.walk_now(p, "new")
-            self.touch(p)
             return
+        self.touch(p)                    # the directory first, then what is in it
         if isdir and mask & IN_CREATE:
             self.walk_now(p, "new")
-        self.touch(p)
 
     def finish_moves(self):
         """An unpaired MOVED_FROM: the entry left the tree (or an excluded part)."""
@@ -1696,7 +1826,10 @@ class Engine:
             self.touch(dst)
             return
         self.store.rename_tree(src, dst)
-        new = snapshot(dst, self.cfg.hash_max_size)
+        try:
+            new = snapshot(dst, self.cfg.hash_max_size)
+        except OSError:
+            new = None
         if new is not None:
             self.store.put(dst, new)
         ch = compare(old, new)
@@ -1704,6 +1837,21 @@ class Engine:
                          moved_from=src)
         # Anything that changed inside while we were not looking at the new name:
         self.scans.append(self.walk(dst, "quick", "realtime"))
+
+    def file_root_dir_lost(self, d):
+        """The directory of a single watched file was deleted or moved: each
+        of its files is missing now and is watched for again."""
+        for wd, p in list(self.wd2path.items()):
+            if p == d:
+                del self.wd2path[wd]
+                try:
+                    self.ino.rm_watch(wd)
+                except OSError:
+                    pass
+        for name in self.file_roots.pop(d, ()):
+            root = d + "/" + name
+            self.missing_roots.add(root)
+            self.touch(root)
 
     def root_lost(self, root):
         self.unwatch_tree(root)
@@ -1718,12 +1866,15 @@ class Engine:
 
     def overflow(self):
         self.overflows += 1
-        self.rescan_started = time.monotonic()
+        if self.rescan_state:
+            # One rescan runs; it starts over once more when it ends.
+            self.rescan_state = "again"
+            return
+        self.rescan_state = "running"
         self.emit_cb(new_event(self.cfg.hostname, "error", "notice", "realtime", "",
                                message="inotify queue overflowed; rescanning the watched "
                                        "trees so no change is lost"))
-        rs = Rescan(self)
-        self.scans.append(rs.run())
+        self.scans.append(Rescan(self).run())
 
     # -- settling --
     def next_due(self):
@@ -1751,7 +1902,10 @@ class Engine:
                 due.append((ent[0], p))
                 continue
             del pending[p]
-            self.flush(p)
+            try:
+                self.flush(p)
+            except Exception as e:
+                self.internal_error(esc(p), e)
             n += 1
             if n % 32 == 0 and time.monotonic() > end and not force:
                 break
@@ -1766,6 +1920,8 @@ class Engine:
         if first is None:
             if not self.pkgdb.busy():
                 return False
+            if self.pkgdb.lookup(p) is None and not p.endswith((".dpkg-new", ".dpkg-tmp")):
+                return False             # not dpkg's: report it now
             self.deferred[p] = now
             return True
         if now - first > 1800 or not self.pkgdb.busy():
@@ -1784,9 +1940,12 @@ class Engine:
     def try_move(self, src, dst):
         store = self.store
         old_src = store.get(src)
-        if old_src is None or store.get(dst) is not None or os.path.lexists(src):
+        try:
+            if old_src is None or store.get(dst) is not None or os.path.lexists(src):
+                return False
+            new = snapshot(dst, self.cfg.hash_max_size)
+        except OSError:                  # e.g. a name beyond PATH_MAX
             return False
-        new = snapshot(dst, self.cfg.hash_max_size)
         if new is None or new[0] != old_src[0] or (new[0] == "file" and new[8] != old_src[8]):
             return False
         content = store.get_content(src)
@@ -1825,7 +1984,15 @@ class Rescan:
                 yield
         live = {wd for wd, p in eng.wd2path.items() if os.path.isdir(p)}
         for wd in before - live:
-            eng.wd2path.pop(wd, None)
+            if eng.wd2path.pop(wd, None) is not None:
+                try:
+                    eng.ino.rm_watch(wd)
+                except OSError:
+                    pass
+        again = eng.rescan_state == "again"
+        eng.rescan_state = None
+        if again:
+            eng.overflow()
         eng.emit_cb(new_event(eng.cfg.hostname, "rescan", "notice", "scan", "",
                               directories=seen_dirs, watches=eng.watches(),
                               changes=eng.stats["changes"] - changes_before,
@@ -1897,8 +2064,16 @@ class EventsFileSink:
         d = os.path.dirname(self.path)
         if not os.path.isdir(d):
             os.makedirs(d, mode=0o750, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
                      | os.O_NOFOLLOW, 0o640)
+        # A crash or a full disk can leave a torn last line: end it, so the
+        # next event (often the one saying we were gone) stays readable.
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                os.write(fd, b"\n")
+        except OSError:
+            pass
         self.f = os.fdopen(fd, "a", encoding="utf-8")
 
     def send(self, ev, line):
@@ -2275,6 +2450,9 @@ def send_webhook(conf, ev):
         raise DeliveryError("%s: %s" % (where, esc(e.strerror or type(e).__name__)[:200]))
 
 
+_PUMP_LOCKS = {}
+
+
 class Channel:
     """One email or webhook destination: spool + worker thread + digests."""
 
@@ -2283,7 +2461,14 @@ class Channel:
     DIGEST_LIMIT = 50
 
     def __init__(self, kind, name, conf, cfg, store):
-        self.kind, self.name, self.conf, self.cfg, self.store = kind, name, conf, cfg, store
+        self.kind, self.name, self.conf, self.cfg = kind, name, conf, cfg
+        # send() runs in the main thread and writes through its connection;
+        # the worker uses a connection of its own, so it never commits half
+        # of the main thread's batch (a baseline row without its event).
+        self.main_store = store
+        self._wstore = None
+        self._spooled = False
+        store.on_commit.append(self._kick)
         self.id = kind if kind == "email" else "webhook:" + name
         self.min_rank = SEV_RANK[conf["min_severity"]]
         self.max_per_hour = conf.get("max_per_hour") or 0
@@ -2291,7 +2476,8 @@ class Channel:
         # or a restart does not hand out a fresh max_per_hour allowance.
         try:
             self.sent = deque(float(t) for t in json.loads(
-                store.meta(self._meta_key("sent"), "[]")) if time.time() - float(t) < 3600)
+                store.meta(self._meta_key("sent"), "[]") or "[]")
+                if time.time() - float(t) < 3600)
         except (ValueError, TypeError):
             self.sent = deque()
         self.wake = threading.Event()
@@ -2310,6 +2496,12 @@ class Channel:
         return "webhook %s (%s, %s)" % (self.name, self.conf["format"],
                                         redact_url(self.conf["url"]))
 
+    @property
+    def store(self):
+        if self._wstore is None:
+            self._wstore = Store(self.cfg.state_dir, create=False)
+        return self._wstore
+
     def deliver(self, ev):
         if self.kind == "email":
             send_email(self.conf, ev, self.cfg.hostname)
@@ -2320,11 +2512,17 @@ class Channel:
     def send(self, ev, line):
         """Spool the event (durable before any delivery attempt) and wake the worker."""
         now = time.time()
-        with self.store.lock:
-            self.store._w()
-            self.store.db.execute("INSERT INTO spool (channel, created, next_try, payload) "
-                                  "VALUES (?,?,?,?)", (self.id, now, now, line))
-        self.wake.set()
+        ms = self.main_store
+        with ms.lock:
+            ms._w()
+            ms.db.execute("INSERT INTO spool (channel, created, next_try, payload) "
+                          "VALUES (?,?,?,?)", (self.id, now, now, line))
+        self._spooled = True             # the worker is woken once this is committed
+
+    def _kick(self):
+        if self._spooled:
+            self._spooled = False
+            self.wake.set()
 
     def start(self):
         self.thread = threading.Thread(target=self._run, name=self.id, daemon=True)
@@ -2332,9 +2530,16 @@ class Channel:
 
     def close(self, deadline):
         self.stopping = self.flush_now = True
+        if self._kick in self.main_store.on_commit:
+            self.main_store.on_commit.remove(self._kick)
         self.wake.set()
         if self.thread is not None:
             self.thread.join(max(0.0, deadline - time.monotonic()))
+            if self.thread.is_alive():
+                return                   # still delivering: it closes its own store
+        if self._wstore is not None:
+            self._wstore.close()
+            self._wstore = None
 
     # -- worker side --
     def _meta_key(self, what):
@@ -2353,7 +2558,14 @@ class Channel:
             self.wake.clear()
 
     def pump(self, now=None):
-        """Deliver what is due; returns seconds until there may be more work."""
+        """Deliver what is due; returns seconds until there may be more work.
+        One pump per channel id at a time, also across a reload (the old
+        worker may still be in a slow delivery): no alert goes out twice."""
+        lock = _PUMP_LOCKS.setdefault(self.id, threading.Lock())
+        with lock:
+            return self._pump(now)
+
+    def _pump(self, now=None):
         store = self.store
         now = now or time.time()
         self._expire(now)
@@ -2895,7 +3107,7 @@ def cmd_scan(cfg, args):
     mode = "build" if first else ("quick" if args.quick else "full")
     for root in eng.roots + eng.scan_only:
         for _ in eng.walk_root(root, eng.root_mode(root, mode), "scan", watch=False):
-            pass
+            store.commit()               # short transactions: the daemon writes too
         eng.root_done(root)
         store.commit()
     if eng.progress:
@@ -2916,7 +3128,7 @@ def cmd_scan(cfg, args):
 
 
 def _under_roots(cfg, path):
-    for r in cfg.all_roots():
+    for r in cfg.all_roots() + [w for _, w in cfg.resolved_roots()]:
         if path == r or path.startswith(r + "/"):
             return True
     return False
@@ -2935,12 +3147,17 @@ def cmd_accept(cfg, args):
     for p in paths:
         if os.path.isdir(p) and not os.path.islink(p):
             for _ in eng.walk(p, "build", "scan", watch=False):
-                pass
+                store.commit()
         else:
             eng.visit(p, store.get(p), "scan", "build")
     store.set_meta("built", store.meta("built") or time.time())
+    n = eng.stats["silent"]
+    if n:
+        audit(cfg, store, "accepted", "%d change(s) taken into the baseline by %s under %s"
+              % (n, who(), " ".join(esc(p) for p in paths[:10])), changes=n,
+              paths=[esc(p) for p in paths[:50]])
     store.commit()
-    print("fimwatch: accepted %d change(s) into the baseline" % eng.stats["silent"])
+    print("fimwatch: accepted %d change(s) into the baseline" % n)
     return EXIT_OK
 
 
@@ -3058,9 +3275,12 @@ def cmd_status(cfg, args):
                     print("  WARNING:    %d subtree(s) without watches (limit reached), "
                           "scanned every %s" % (st["unwatched_subtrees"],
                                                 fmt_duration(cfg.poll_interval)))
-            print("  baseline:   %d entries, built %s (%s ago)" % (
-                st["baseline_entries"], st["baseline_built"],
-                fmt_duration(st["baseline_age_seconds"] or 0)))
+            if st["baseline_built"]:
+                print("  baseline:   %d entries, built %s (%s ago)" % (
+                    st["baseline_entries"], st["baseline_built"],
+                    fmt_duration(st["baseline_age_seconds"] or 0)))
+            else:
+                print("  baseline:   not built yet (start the daemon or run fimwatch scan)")
             if st["paused_until"]:
                 print("  PAUSED:     until %s (%s)" % (st["paused_until"], st["pause_reason"]))
             print("  events 24h: " + ", ".join("%s %d" % kv for kv in st["events_24h"].items()))
@@ -3084,7 +3304,7 @@ def estimate_dirs(cfg, limit=2000000):
     """Directories the watch paths need (excluded ones get no watch)."""
     n = 0
     ex = cfg.exclude
-    for root in cfg.paths:
+    for _, root in cfg.resolved_roots():
         stack = [root]
         while stack and n < limit:
             d = stack.pop()
@@ -3093,7 +3313,8 @@ def estimate_dirs(cfg, limit=2000000):
                 with os.scandir(d) as it:
                     for e in it:
                         try:
-                            if e.is_dir(follow_symlinks=False) and not ex.match(e.path, True):
+                            if e.is_dir(follow_symlinks=False) and \
+                                    not ex.match(e.path, True, dirs_by_name=False):
                                 stack.append(e.path)
                         except OSError:
                             pass
@@ -3126,6 +3347,10 @@ def cmd_check_config(cfg, args):
     if limit is not None and need > limit * 0.9:
         print("# WARNING: raise it: sysctl -w fs.inotify.max_user_watches=%d (install.sh does)"
               % (need * 2 + 8192))
+    for p, r in cfg.resolved_roots():
+        if p != r:
+            print("# note: %s is a symlink: %s is watched (and reported under that name)"
+                  % (p, r))
     for p in cfg.all_roots():
         if not os.path.lexists(p):
             print("# note: %s does not exist (it is watched for when it appears)" % p)
@@ -3140,6 +3365,8 @@ def _show(typ, v):
     if isinstance(v, bool):
         return "yes" if v else "no"
     if typ == "duration":
+        if v == 0:
+            return "0"
         return ("%gms" % (v * 1000)) if v < 1 else "%gs" % v
     return str(v)
 
@@ -3189,6 +3416,27 @@ def cmd_test_alert(cfg, args):
     return EXIT_OK if ok else EXIT_CHANGES
 
 
+def who():
+    """The admin behind a command: sudo's user, else the login name."""
+    u = os.environ.get("SUDO_USER")
+    if not u:
+        try:
+            u = os.getlogin()
+        except OSError:
+            u = user_name(os.getuid())
+    return esc(u)
+
+
+def audit(cfg, store, event, message, **fields):
+    """Record an admin action (accept, pause, resume) in the event log,
+    events_file and syslog: who silenced what, and when."""
+    ev = new_event(cfg.hostname, event, "notice", "realtime", "", by=who(),
+                   message=message, **fields)
+    d = Dispatcher(cfg, store, channels=False)
+    d.emit(ev)
+    d.close(timeout=0)
+
+
 def cmd_notify_failure(cfg, args):
     """Run by fimwatch-failure@.service when the unit failed: a critical alert
     through every channel, synchronously (the daemon is not there to do it)."""
@@ -3215,7 +3463,12 @@ def cmd_pause(cfg, args):
     until = time.time() + dur
     store.set_meta("pause_until", until)
     store.set_meta("pause_reason", esc(args.reason or ""))
+    audit(cfg, store, "paused", "alerts paused by %s until %s%s" % (
+        who(), iso_s(until), ": " + esc(args.reason) if args.reason else ""),
+        until=iso_s(until), reason=esc(args.reason or ""))
     store.commit()
+    if StateLock(cfg.state_dir).holder() is None:
+        print("fimwatch: note: the daemon is not running; the pause applies when it runs")
     print("fimwatch: alerts paused until %s; changes are still recorded and sent as one "
           "digest when the window ends (fimwatch resume ends it early)" % iso_s(until))
     return EXIT_OK
@@ -3223,9 +3476,13 @@ def cmd_pause(cfg, args):
 
 def cmd_resume(cfg, args):
     store = Store(cfg.state_dir)
+    if float(store.meta("pause_until", 0) or 0) <= time.time():
+        print("fimwatch: alerts were not paused")
+        return EXIT_OK
     store.set_meta("pause_until", 0)
+    audit(cfg, store, "resumed", "alerts resumed by %s" % who())
     store.commit()
-    print("fimwatch: alerts resumed")
+    print("fimwatch: alerts resumed; what changed in the window goes out as one digest")
     return EXIT_OK
 
 
@@ -3255,23 +3512,29 @@ def build_parser():
     sp.add_argument("--quick", action="store_true",
                     help="trust files whose size, mtime, ctime and inode are unchanged")
     sp = sub.add_parser("accept", help="take the current state into the baseline")
-    sp.add_argument("paths", nargs="*", metavar="PATH")
-    sp = sub.add_parser("status", help="is the daemon running; watches; baseline; alerts")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("paths", nargs="*", metavar="PATH",
+                    help="files or directories under a watched path (default: all)")
+    sp = sub.add_parser("status", help="is the daemon running; watches; baseline; alerts",
+                        epilog="exit 0 running, 1 not running, 2 config error")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("test-alert", help="send a test alert through every channel")
     sub.add_parser("check-config", help="validate the config, print effective settings")
     sp = sub.add_parser("pause", help="maintenance window: summarise alerts until it ends")
-    sp.add_argument("--for", dest="duration", required=True, metavar="DURATION")
-    sp.add_argument("--reason", metavar="TEXT")
+    sp.add_argument("--for", dest="duration", required=True, metavar="DURATION",
+                    help="e.g. 30m, 2h, 1d (a bare number is seconds; at most 7d)")
+    sp.add_argument("--reason", metavar="TEXT", help="shown in status and in the digest")
     sub.add_parser("resume", help="end a maintenance window now")
     sp = sub.add_parser("notify-failure", help="alert that the service failed (for the "
                         "OnFailure= unit)")
     sp.add_argument("unit", metavar="UNIT")
     sp.add_argument("--result", metavar="TEXT", help="e.g. exit-code, watchdog, start-limit-hit")
     sp = sub.add_parser("events", help="recent events from the state database")
-    sp.add_argument("--since", default="24h", metavar="DURATION")
-    sp.add_argument("--path", metavar="GLOB")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--since", default="24h", metavar="DURATION",
+                    help="how far back (default 24h; e.g. 30m, 7d)")
+    sp.add_argument("--path", metavar="GLOB",
+                    help="only these paths: '*.php' matches a base name anywhere, "
+                         "'/var/www/**' a whole tree (config pattern rules)")
+    sp.add_argument("--json", action="store_true", help="JSON lines")
     return p
 
 
@@ -3285,7 +3548,8 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
-        parser.print_help(sys.stderr)
+        parser.print_usage(sys.stderr)
+        sys.stderr.write("fimwatch: error: no command given (see fimwatch --help)\n")
         return EXIT_ERROR
     path = args.config or os.environ.get("FIMWATCH_CONFIG") or DEFAULT_CONFIG
     try:

@@ -153,7 +153,7 @@ def test_symlink_to_outside_is_never_followed(fim):
 
 
 def test_excluded_directories_get_no_watch(fim):
-    fim.write_config(watch={"exclude": "*.swp cachedir"})
+    fim.write_config(watch={"exclude": "*.swp cachedir/"})
     for i in range(20):
         (fim.root / "cachedir" / ("c%d" % i)).mkdir(parents=True)
     (fim.root / "keep" / "a").mkdir(parents=True)
