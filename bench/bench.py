@@ -1474,7 +1474,7 @@ def bench_sustained(ctx, secs, rate, ramp, ramp_secs):
                     "fimwatch",
                     fim_p99,
                     "ms p99",
-                    fmt="%.0f",
+                    fmt="%.1f",
                     target="≤ settle+100 ms (200 ms), no overflow, none lost",
                     met=ok,
                     notes=notes,
@@ -1516,7 +1516,7 @@ def bench_sustained(ctx, secs, rate, ramp, ramp_secs):
                     t.name,
                     [r["p99"] * 1000] if r["p99"] is not None else [],
                     "ms p99",
-                    fmt="%.0f",
+                    fmt="%.1f",
                     notes=notes + " (CLOSE_WRITE seen)",
                 )
         finally:
@@ -1969,6 +1969,19 @@ def main(argv=None):
     return 0
 
 
+def fimwatch_version(path):
+    """Commit of the benchmarked script, '+edits' when it differs from it."""
+    d = os.path.dirname(path)
+    try:
+        h = subprocess.run(
+            ["git", "-C", d, "log", "-1", "--format=%h", "--", path], capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "-C", d, "diff", "--quiet", "HEAD", "--", path]).returncode
+    except OSError:
+        return "?"
+    return (h or "?") + ("+edits" if dirty else "")
+
+
 def report(args, res, took, ws):
     def ver(cmd):
         try:
@@ -1977,10 +1990,12 @@ def report(args, res, took, ws):
             return "?"
 
     info = (
-        "%s; %d cores; %.0f GiB RAM; kernel %s; Python %s; %s; %s; watchdog %s; trees on %s; "
+        "fimwatch %s; %s; %d cores; %.0f GiB RAM; kernel %s; Python %s; %s; %s; watchdog %s; "
+        "trees on %s; "
         "max_queued_events %s; run took %.0f s (%s); CPU used by other processes during "
         "the run: %s"
         % (
+            fimwatch_version(args.fimwatch),
             time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             os.cpu_count(),
             os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
