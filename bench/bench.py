@@ -228,6 +228,14 @@ def bootstrap(argv):
     if os.geteuid() != 0:
         raise BenchError("run as root (apt, loop/tmpfs mounts, fimwatch's root-owned config)")
     missing = sorted({pkg for binary, pkg in APT.items() if not shutil.which(binary)})
+    in_venv = os.path.realpath(sys.prefix) == os.path.realpath(VENV)
+    if (
+        not in_venv
+        and subprocess.run(
+            [sys.executable, "-c", "import ensurepip"], stderr=subprocess.DEVNULL
+        ).returncode
+    ):
+        missing.append("python3-venv")  # Debian's python3 has no venv/ensurepip without it
     if missing:
         log("installing %s with apt-get" % " ".join(missing))
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
