@@ -678,7 +678,7 @@ _O_NOATIME = getattr(os, "O_NOATIME", 0)
 _hash_buf = threading.local()
 
 
-def hash_file(path, st, keep=0):
+def hash_file(path, st, keep=0, dir_fd=None):
     """sha256 of the regular file that lstat saw as st. Opens with O_NOFOLLOW
     and O_NONBLOCK, so a symlink swapped in or a FIFO is never followed or
     waited on, and checks with fstat that it is still the same regular file.
@@ -687,9 +687,10 @@ def hash_file(path, st, keep=0):
     keep bytes, else None. Raises OSError for other failures (e.g. EACCES)."""
     try:
         try:
-            fd = os.open(path, _O_HASH | _O_NOATIME)
+            fd = os.open(path, _O_HASH | _O_NOATIME, dir_fd=dir_fd)
         except PermissionError:
-            fd = os.open(path, _O_HASH)          # O_NOATIME needs ownership or CAP_FOWNER
+            # O_NOATIME needs ownership or CAP_FOWNER
+            fd = os.open(path, _O_HASH, dir_fd=dir_fd)
     except (FileNotFoundError, NotADirectoryError):
         return None, None, None
     except OSError as e:
@@ -722,17 +723,22 @@ def hash_file(path, st, keep=0):
         os.close(fd)
 
 
-def snapshot(path, max_size, old=None, trust=False, st=None, keep=0, out=None):
+def snapshot(path, max_size, old=None, trust=False, st=None, keep=0, out=None, dir_fd=None,
+             name=None):
     """Current state of path as a Rec, or None if it does not exist.
 
     trust=True reuses the baseline hash when size, mtime, ctime and inode are
     all unchanged (ctime cannot be set from user space); scans that must
     re-read every byte pass trust=False. With keep > 0 and a list as out, the
-    content of a file of at most keep bytes is appended to out."""
+    content of a file of at most keep bytes is appended to out. With dir_fd,
+    name is looked up in that directory (a walk's open directory) instead of
+    following path."""
+    if dir_fd is not None:
+        path = name
     for _ in range(3):
         if st is None:
             try:
-                st = os.lstat(path)
+                st = os.lstat(path, dir_fd=dir_fd)
             except (FileNotFoundError, NotADirectoryError):
                 return None
         mode = st.st_mode
@@ -749,7 +755,7 @@ def snapshot(path, max_size, old=None, trust=False, st=None, keep=0, out=None):
                 sha = old[8]
             else:
                 try:
-                    sha, fst, data = hash_file(path, st, keep)
+                    sha, fst, data = hash_file(path, st, keep, dir_fd)
                 except OSError:
                     # Unreadable even as root (FUSE, root-squashed NFS): keep
                     # the metadata and say so; skipped=2 marks it.
@@ -763,7 +769,7 @@ def snapshot(path, max_size, old=None, trust=False, st=None, keep=0, out=None):
                 size = st.st_size
         elif kind == "symlink":
             try:
-                target = os.readlink(path)
+                target = os.readlink(path, dir_fd=dir_fd)
             except (FileNotFoundError, OSError):
                 st = None
                 continue
@@ -1519,67 +1525,33 @@ class Engine:
         store = self.store
         if mode != "new":
             self.visit(top, store.get(top), detected, mode)
-        stack = [(top, False)]
+        stack = [(top, False, None)]
         limited = []
         count = 0
         while stack:
-            d, parent_unwatched = stack.pop()
-            unwatched = parent_unwatched
-            if watch:
-                wd = self.watch_dir(d) if not parent_unwatched else "limit"
-                if wd == "limit":
-                    unwatched = True
-                    if not parent_unwatched:
-                        limited.append(d)
-                        self.unwatched.add(d)
-                        if mode == "new":
-                            # Just created: its files are probably being written
-                            # now. Look again shortly, then every poll_interval.
-                            self.recheck.append((time.monotonic() + 2.0, d))
-                elif wd is not None:
-                    self.unwatched.discard(d)
+            d, parent_unwatched, ident = stack.pop()
+            # The directory is opened without following a symlink and checked
+            # to be the one seen from its parent: a user who swaps a directory
+            # (or one above it) for a symlink between two steps of the walk
+            # must not lead us out of the tree. Entries are then read through
+            # this fd, never through the path.
             try:
-                it = os.scandir(d)
+                dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+                              | os.O_NONBLOCK)
             except (FileNotFoundError, NotADirectoryError):
                 continue
             except OSError as e:
-                self.report_unreadable(d, e)
+                if e.errno != errno.ELOOP:
+                    self.report_unreadable(d, e)
                 continue
-            old_children = store.children(d) if mode != "new" else {}
-            with it:
-                for e in it:
-                    name = e.name
-                    p = d + "/" + name if d != "/" else "/" + name
-                    try:
-                        isdir = e.is_dir(follow_symlinks=False)
-                    except OSError:
-                        isdir = False
-                    if self.excluded(p, isdir):
-                        continue
-                    if len(p) >= 4000 and len(os.fsencode(p)) >= PATH_MAX:
-                        # Beyond PATH_MAX no path-based call works: say so once.
-                        old_children.pop(name, None)
-                        self.report_unreadable(d, OSError(errno.ENAMETOOLONG,
-                                               "entries deeper than PATH_MAX (%d bytes) are "
-                                               "not monitored" % PATH_MAX))
-                        continue
-                    if mode == "new":
-                        self.touch(p)
-                    else:
-                        old = old_children.pop(name, None)
-                        try:
-                            st = e.stat(follow_symlinks=False)
-                        except OSError:
-                            st = None
-                        self.visit(p, old, detected, mode, st)
-                    if isdir:
-                        stack.append((p, unwatched))
-            for name, old in old_children.items():
-                p = d + "/" + name
-                if self.excluded(p, old[0] == "dir"):
-                    store.delete_tree(p) if old[0] == "dir" else store.delete(p)
-                else:
-                    self.apply(p, old, None, detected, silent=(mode == "build"))
+            try:
+                if ident is not None:
+                    fst = os.fstat(dfd)
+                    if (fst.st_dev, fst.st_ino) != ident:
+                        continue         # replaced under us: the events tell the rest
+                self._walk_dir(d, dfd, mode, detected, watch, parent_unwatched, limited, stack)
+            finally:
+                os.close(dfd)
             count += 1
             if drain is not None and count % 64 == 0:
                 drain()
@@ -1591,13 +1563,72 @@ class Engine:
         if limited:
             self.report_limit(limited, detected)
 
-    def visit(self, p, old, detected, mode, st=None):
+    def _walk_dir(self, d, dfd, mode, detected, watch, parent_unwatched, limited, stack):
+        """One directory of walk(), read through its fd dfd."""
+        store = self.store
+        unwatched = parent_unwatched
+        if watch:
+            wd = self.watch_dir(d) if not parent_unwatched else "limit"
+            if wd == "limit":
+                unwatched = True
+                if not parent_unwatched:
+                    limited.append(d)
+                    self.unwatched.add(d)
+                    if mode == "new":
+                        # Just created: its files are probably being written
+                        # now. Look again shortly, then every poll_interval.
+                        self.recheck.append((time.monotonic() + 2.0, d))
+            elif wd is not None:
+                self.unwatched.discard(d)
+        try:
+            it = os.scandir(dfd)
+        except OSError as e:
+            self.report_unreadable(d, e)
+            return
+        old_children = store.children(d) if mode != "new" else {}
+        with it:
+            for e in it:
+                name = e.name
+                p = d + "/" + name if d != "/" else "/" + name
+                try:
+                    isdir = e.is_dir(follow_symlinks=False)
+                except OSError:
+                    isdir = False
+                if self.excluded(p, isdir):
+                    continue
+                if len(p) >= 4000 and len(os.fsencode(p)) >= PATH_MAX:
+                    # Beyond PATH_MAX no path-based call works: say so once.
+                    old_children.pop(name, None)
+                    self.report_unreadable(d, OSError(errno.ENAMETOOLONG,
+                                           "entries deeper than PATH_MAX (%d bytes) are "
+                                           "not monitored" % PATH_MAX))
+                    continue
+                try:
+                    st = e.stat(follow_symlinks=False) if (isdir or mode != "new") \
+                        else None
+                except OSError:
+                    st = None
+                if mode == "new":
+                    self.touch(p)
+                else:
+                    old = old_children.pop(name, None)
+                    self.visit(p, old, detected, mode, st, dir_fd=dfd, name=name)
+                if isdir and st is not None:
+                    stack.append((p, unwatched, (st.st_dev, st.st_ino)))
+        for name, old in old_children.items():
+            p = d + "/" + name
+            if self.excluded(p, old[0] == "dir"):
+                store.delete_tree(p) if old[0] == "dir" else store.delete(p)
+            else:
+                self.apply(p, old, None, detected, silent=(mode == "build"))
+
+    def visit(self, p, old, detected, mode, st=None, dir_fd=None, name=None):
         keep, out = 0, None
         if self.cfg.diff_max_size and self.cfg.diff_paths.match(p) \
                 and not self.cfg.no_diff.match(p):
             keep, out = self.cfg.diff_max_size, []
         new = snapshot(p, self.cfg.hash_max_size, old, trust=(mode == "quick"), st=st,
-                       keep=keep, out=out)
+                       keep=keep, out=out, dir_fd=dir_fd, name=name)
         self.apply(p, old, new, detected, silent=(mode == "build"), content=out)
 
     def apply(self, p, old, new, detected, silent=False, content=None, moved_from=None):
