@@ -2602,9 +2602,11 @@ class Channel:
         self._expire(now)
         with store.lock:
             store.commit()
+            # next_try beyond any backoff means the clock was set back: due now.
             rows = store.db.execute(
                 "SELECT seq, created, attempts, payload FROM spool WHERE channel=? AND "
-                "next_try<=? ORDER BY seq LIMIT 5000", (self.id, now)).fetchall()
+                "(next_try<=? OR next_try>?) ORDER BY seq LIMIT 5000",
+                (self.id, now, now + 3600 * 1.25)).fetchall()
             nxt = store.db.execute("SELECT min(next_try) FROM spool WHERE channel=? AND "
                                    "next_try>?", (self.id, now)).fetchone()[0]
         wait_more = (nxt - now) if nxt else 60.0
