@@ -1896,6 +1896,7 @@ def main(argv=None):
     args.fimwatch = os.path.abspath(args.fimwatch)
     selected = args.benchmarks or ALL
     res = Results()
+    args.fimwatch_version_at_start = fimwatch_version(args.fimwatch)
     global BACKGROUND
     BACKGROUND = Background()
     t_start = mono()
@@ -2003,7 +2004,13 @@ def report(args, res, took, ws):
         "max_queued_events %s; run took %.0f s (%s); CPU used by other processes during "
         "the run: %s"
         % (
-            fimwatch_version(args.fimwatch),
+            args.fimwatch_version_at_start
+            + (
+                ""
+                if fimwatch_version(args.fimwatch) == args.fimwatch_version_at_start
+                else " at the start, %s at the end (it changed during the run)"
+                % fimwatch_version(args.fimwatch)
+            ),
             time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             os.cpu_count(),
             os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
