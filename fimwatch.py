@@ -31,6 +31,7 @@ import difflib
 import errno
 import fcntl
 import hashlib
+import heapq
 import hmac
 import json
 import os
@@ -1317,7 +1318,7 @@ class Engine:
         self.parse = ino_mod.parse_events if ino_mod else None
         self.wd2path = {}
         self.pending = {}            # path -> [deadline, first seen]
-        self.due = deque()           # (deadline, path), in arrival order
+        self.due = []                # heap of (deadline, path); stale entries skipped
         self.moves = {}              # dst -> src of a rename inside the tree
         self.last_from = None        # (cookie, path, isdir) of an unpaired MOVED_FROM
         self.last_from_reads = 0
@@ -1730,7 +1731,7 @@ class Engine:
         ent = self.pending.get(p)
         if ent is None:
             self.pending[p] = [now + self.settle, now]
-            self.due.append((now + self.settle, p))
+            heapq.heappush(self.due, (now + self.settle, p))
         else:
             ent[0] = min(now + self.settle, ent[1] + self.max_delay)
 
@@ -1850,7 +1851,7 @@ class Engine:
         for p in [p for p in self.pending if p == src or p.startswith(pre)]:
             ent = self.pending.pop(p)
             self.pending[dst + p[n:]] = ent
-            self.due.append((ent[0], dst + p[n:]))
+            heapq.heappush(self.due, (ent[0], dst + p[n:]))
         old = self.store.get(src)
         if old is None:
             self.walk_now(dst, "new")
@@ -1916,21 +1917,23 @@ class Engine:
         end = time.monotonic() + budget
         due, pending = self.due, self.pending
         n = 0
+        # A heap ordered by deadline: a path re-armed by a later write goes
+        # back in at its new deadline and never holds up the ones behind it.
         while due:
             now = time.monotonic()
             t, p = due[0]
             if not force and t > now:
                 break
-            due.popleft()
+            heapq.heappop(due)
             ent = pending.get(p)
             if ent is None:
                 continue
             if ent[0] > now and not force:
-                due.append((ent[0], p))    # re-armed by a later event
+                heapq.heappush(due, (ent[0], p))    # re-armed by a later event
                 continue
             if self.defer_for_dpkg(p, now) and not force:
                 ent[0] = now + 2.0
-                due.append((ent[0], p))
+                heapq.heappush(due, (ent[0], p))
                 continue
             del pending[p]
             try:
@@ -2087,6 +2090,7 @@ class EventsFileSink:
         self.path = path
         self.f = None
         self.checked = 0.0
+        self.dirty = False
 
     def wants(self, ev):
         return True
@@ -2119,11 +2123,18 @@ class EventsFileSink:
         if self.f is None:
             self._open()
         self.f.write(line + "\n")
-        self.f.flush()
+        self.dirty = True
+
+    def flush(self):
+        """Once per main-loop turn (and at close), not once per event."""
+        if self.f is not None and self.dirty:
+            self.dirty = False
+            self.f.flush()
 
     def close(self):
         if self.f is not None:
             try:
+                self.f.flush()
                 self.f.close()
             except OSError:
                 pass
@@ -2770,6 +2781,14 @@ class Dispatcher:
         for c in self.channels:
             c.start()
 
+    def flush(self):
+        for s in self.sinks:
+            if isinstance(s, EventsFileSink):
+                try:
+                    s.flush()
+                except OSError as e:
+                    sys.stderr.write("fimwatch: events_file: %s\n" % esc(str(e))[:300])
+
     def close(self, timeout=5.0):
         self.store.commit()
         deadline = time.monotonic() + timeout
@@ -2924,6 +2943,7 @@ class Daemon:
             if unclean:
                 sev = "warning"
         self.dispatch.emit(new_event(cfg.hostname, "started", sev, "realtime", "", **extra))
+        self.dispatch.flush()
         store.commit()
         self.log("watching %d directories, %d baseline entries (%.1fs)"
                  % (eng.watches(), extra["baseline_entries"], extra["seconds"]))
@@ -2983,9 +3003,24 @@ class Daemon:
         self.store.commit()
         if eng.progress:
             sys.stderr.write("\r\x1b[K")
-        for root in later:
-            eng.scans.append(eng.walk_root(root, mode, detected, watch=False))
+        if later:
+            eng.scans.append(self.compare_later(eng, later, mode, detected))
         return eng
+
+    def compare_later(self, eng, roots, mode, detected):
+        """The start-up comparison, in slices of the main loop; its end is an
+        event, so an admin (or a benchmark) knows when coverage is complete."""
+        t0, c0, n = time.monotonic(), eng.stats["changes"], 0
+        for root in roots:
+            for _ in eng.walk_root(root, mode, detected, watch=False):
+                n += 1
+                yield
+        changes = eng.stats["changes"] - c0
+        eng.emit_cb(new_event(
+            self.cfg.hostname, "verified", "info", "scan", "", directories=n, changes=changes,
+            seconds=round(time.monotonic() - t0, 3),
+            message="comparison with the baseline done: %d directories, %d change(s) in %.1fs"
+                    % (n, changes, time.monotonic() - t0)))
 
     def keepalive(self):
         """During a long start-up walk: keep systemd's start timeout and
@@ -3070,6 +3105,7 @@ class Daemon:
             if now >= timers["prune"]:
                 store.prune_events()
                 timers["prune"] = now + 3600
+            self.dispatch.flush()
             store.commit()
             if self.reload:
                 self.reload = False
