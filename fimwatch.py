@@ -1463,10 +1463,8 @@ class Engine:
         except OSError:
             st = None
         if st is not None and not stat.S_ISDIR(st.st_mode):
-            parent, name = os.path.split(root)
-            if watch and parent not in self.wd2path.values():
-                if self.watch_dir(parent) not in (None, "limit"):
-                    self.file_roots.setdefault(parent, set()).add(name)
+            if watch:
+                self.watch_file_root(root)
             self.visit(root, self.store.get(root), detected, mode, st)
             return
         if st is None:
@@ -1476,6 +1474,13 @@ class Engine:
             return
         yield from self.walk(root, mode, detected, watch, drain)
 
+    def watch_file_root(self, root):
+        """A configured single file: watch its directory (add_watch on an
+        already watched one returns the same wd), events filtered to its name."""
+        parent, name = os.path.split(root)
+        if self.watch_dir(parent) not in (None, "limit"):
+            self.file_roots.setdefault(parent, set()).add(name)
+
     def watch_root(self, root):
         """Generator: add the watches for one configured path, no comparing."""
         try:
@@ -1484,9 +1489,7 @@ class Engine:
             self.missing_roots.add(root)
             return
         if not stat.S_ISDIR(st.st_mode):
-            parent, name = os.path.split(root)
-            if self.watch_dir(parent) not in (None, "limit"):
-                self.file_roots.setdefault(parent, set()).add(name)
+            self.watch_file_root(root)
             return
         stack, limited, n = [root], [], 0
         excluded = self.excluded
