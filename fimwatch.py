@@ -50,6 +50,7 @@ import time
 import urllib.parse
 import uuid
 from collections import deque
+from typing import NamedTuple, Optional
 
 # urllib.request (which loads ssl) and email are imported where they are used:
 # together they would add ~8 MB to the resident size of every daemon, also of
@@ -643,25 +644,23 @@ def load_config(path, check_perms=True):
 # File state: lstat + sha256, never following, never blocking
 # ---------------------------------------------------------------------------
 
-# One baseline entry. 'sha256' is None for non-files, unreadable or skipped
-# files; 'skipped' is 1 when the file was over hash_max_size.
-FIELDS = ("kind", "mode", "uid", "gid", "size", "mtime_ns", "ctime_ns", "ino",
-          "sha256", "target", "skipped")
+class Rec(NamedTuple):
+    """One baseline entry: what lstat (and, for files, sha256) saw of a path.
+    A new field is added here, in SCHEMA_SQL's files table and in snapshot()."""
+    kind: str                   # file, dir, symlink, other
+    mode: int                   # permission bits (S_IMODE)
+    uid: int
+    gid: int
+    size: int                   # 0 for directories (their size is noise)
+    mtime_ns: int               # 0 for directories
+    ctime_ns: int               # 0 for directories
+    ino: int
+    sha256: Optional[str]       # None: not a file, unreadable, or over hash_max_size
+    target: Optional[str]       # a symlink's target
+    skipped: int                # 1 over hash_max_size, 2 unreadable even as root
 
 
-class Rec(tuple):
-    __slots__ = ()
-    kind = property(lambda s: s[0])
-    mode = property(lambda s: s[1])
-    uid = property(lambda s: s[2])
-    gid = property(lambda s: s[3])
-    size = property(lambda s: s[4])
-    mtime_ns = property(lambda s: s[5])
-    ctime_ns = property(lambda s: s[6])
-    ino = property(lambda s: s[7])
-    sha256 = property(lambda s: s[8])
-    target = property(lambda s: s[9])
-    skipped = property(lambda s: s[10])
+FIELDS = Rec._fields
 
 
 def kind_of(st_mode):
@@ -750,10 +749,10 @@ def snapshot(path, max_size, old=None, trust=False, st=None, keep=0, out=None, d
         if kind == "file":
             if size > max_size:
                 skipped = 1
-            elif (trust and old is not None and old[0] == "file" and old[8] is not None
-                  and old[4] == size and old[5] == st.st_mtime_ns
-                  and old[6] == st.st_ctime_ns and old[7] == st.st_ino):
-                sha = old[8]
+            elif (trust and old is not None and old.kind == "file" and old.sha256 is not None
+                  and old.size == size and old.mtime_ns == st.st_mtime_ns
+                  and old.ctime_ns == st.st_ctime_ns and old.ino == st.st_ino):
+                sha = old.sha256
             else:
                 try:
                     sha, fst, data = hash_file(path, st, keep, dir_fd)
@@ -776,10 +775,11 @@ def snapshot(path, max_size, old=None, trust=False, st=None, keep=0, out=None, d
                 continue
         elif kind == "dir":
             size = 0                              # a directory's size is noise
-        return Rec((kind, stat.S_IMODE(mode), st.st_uid, st.st_gid, size,
-                    st.st_mtime_ns if kind != "dir" else 0,
-                    st.st_ctime_ns if kind != "dir" else 0,
-                    st.st_ino, sha, target, skipped))
+        isdir = kind == "dir"
+        return Rec(kind=kind, mode=stat.S_IMODE(mode), uid=st.st_uid, gid=st.st_gid, size=size,
+                   mtime_ns=0 if isdir else st.st_mtime_ns,
+                   ctime_ns=0 if isdir else st.st_ctime_ns,
+                   ino=st.st_ino, sha256=sha, target=target, skipped=skipped)
     return None
 
 
@@ -793,21 +793,21 @@ def compare(old, new):
     if new is None:
         return "deleted", []
     changes = []
-    if old[0] != new[0]:
+    if old.kind != new.kind:
         changes.append("type")
-    elif new[0] == "file":
-        if old[10] or new[10]:
-            if old[4] != new[4] or old[5] != new[5] or old[10] != new[10]:
+    elif new.kind == "file":
+        if old.skipped or new.skipped:
+            if old.size != new.size or old.mtime_ns != new.mtime_ns or old.skipped != new.skipped:
                 changes.append("content")
-        elif old[8] != new[8]:
+        elif old.sha256 != new.sha256:
             changes.append("content")
-    elif new[0] == "symlink" and old[9] != new[9]:
+    elif new.kind == "symlink" and old.target != new.target:
         changes.append("target")
-    if old[1] != new[1]:
+    if old.mode != new.mode:
         changes.append("mode")
-    if old[2] != new[2]:
+    if old.uid != new.uid:
         changes.append("owner")
-    if old[3] != new[3]:
+    if old.gid != new.gid:
         changes.append("group")
     if not changes:
         return None
@@ -836,7 +836,9 @@ CREATE TABLE IF NOT EXISTS spool (
 CREATE INDEX IF NOT EXISTS spool_channel ON spool(channel, next_try);
 """
 
-_REC_COLS = "kind, mode, uid, gid, size, mtime_ns, ctime_ns, ino, sha256, target, skipped"
+_REC_COLS = ", ".join(Rec._fields)
+_PUT_FILE = "INSERT OR REPLACE INTO files (parent, name, %s) VALUES (%s)" % (
+    _REC_COLS, ",".join("?" * (2 + len(Rec._fields))))
 EVENTS_KEEP = 200000
 
 
@@ -922,20 +924,19 @@ class Store:
         with self.lock:
             row = self.db.execute("SELECT %s FROM files WHERE parent=? AND name=?" % _REC_COLS,
                                   _split(path)).fetchone()
-        return Rec(row) if row else None
+        return Rec(*row) if row else None
 
     def children(self, dirpath):
         """{name (str): Rec} of the baseline entries directly in dirpath."""
         with self.lock:
             rows = self.db.execute("SELECT name, %s FROM files WHERE parent=?" % _REC_COLS,
                                    (os.fsencode(dirpath),)).fetchall()
-        return {os.fsdecode(r[0]): Rec(r[1:]) for r in rows}
+        return {os.fsdecode(r[0]): Rec(*r[1:]) for r in rows}
 
     def put(self, path, rec):
         with self.lock:
             self._w()
-            self.db.execute("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                            _split(path) + tuple(rec))
+            self.db.execute(_PUT_FILE, _split(path) + rec)
 
     def delete(self, path):
         with self.lock:
@@ -950,7 +951,7 @@ class Store:
             rows = self.db.execute(
                 "SELECT parent, name, %s FROM files WHERE parent=? OR (parent>=? AND parent<?)"
                 " ORDER BY parent, name" % _REC_COLS, (b, lo, hi)).fetchall()
-        return [(_join(r[0], r[1]), Rec(r[2:])) for r in rows]
+        return [(_join(r[0], r[1]), Rec(*r[2:])) for r in rows]
 
     def delete_tree(self, path):
         b, lo, hi = _desc_range(path)
@@ -1217,20 +1218,20 @@ def new_event(host, event, severity, detected="realtime", path="", **fields):
 
 
 def rec_fields(rec, prefix_mtime=True):
-    d = {"size": rec[4], "mode": "%04o" % rec[1], "uid": rec[2], "owner": user_name(rec[2]),
-         "gid": rec[3], "group": group_name(rec[3])}
-    if rec[0] == "file":
-        if rec[8]:
-            d["sha256"] = rec[8]
-        if rec[10] == 1:
+    d = {"size": rec.size, "mode": "%04o" % rec.mode, "uid": rec.uid, "owner": user_name(rec.uid),
+         "gid": rec.gid, "group": group_name(rec.gid)}
+    if rec.kind == "file":
+        if rec.sha256:
+            d["sha256"] = rec.sha256
+        if rec.skipped == 1:
             d["hash_skipped"] = True
-        elif rec[10] == 2:
+        elif rec.skipped == 2:
             d["unreadable"] = True
-        if prefix_mtime and rec[5]:
-            d["mtime"] = iso_s(rec[5] / 1e9)
-    elif rec[0] == "symlink":
-        d["target"] = esc(rec[9] or "")
-    if rec[0] == "dir":
+        if prefix_mtime and rec.mtime_ns:
+            d["mtime"] = iso_s(rec.mtime_ns / 1e9)
+    elif rec.kind == "symlink":
+        d["target"] = esc(rec.target or "")
+    if rec.kind == "dir":
         del d["size"]
     return d
 
@@ -1621,8 +1622,8 @@ class Engine:
                     stack.append((p, unwatched, (st.st_dev, st.st_ino)))
         for name, old in old_children.items():
             p = d + "/" + name
-            if self.excluded(p, old[0] == "dir"):
-                store.delete_tree(p) if old[0] == "dir" else store.delete(p)
+            if self.excluded(p, old.kind == "dir"):
+                store.delete_tree(p) if old.kind == "dir" else store.delete(p)
             else:
                 self.apply(p, old, None, detected, silent=(mode == "build"))
 
@@ -1641,7 +1642,7 @@ class Engine:
         start instead of losing it."""
         store = self.store
         r = compare(old, new)
-        if old is not None and old[0] == "dir" and (new is None or new[0] != "dir"):
+        if old is not None and old.kind == "dir" and (new is None or new.kind != "dir"):
             # A directory gone or replaced by a file or symlink: everything
             # that was in it is gone too.
             desc = store.descendants(p)
@@ -1674,7 +1675,7 @@ class Engine:
         if content:
             # A file others may not read is likely to hold secrets: its text
             # is neither kept nor shown in a diff.
-            keep_text = content[0] if (b"\0" not in content[0] and new[1] & 0o004) else None
+            keep_text = content[0] if (b"\0" not in content[0] and new.mode & 0o004) else None
             if keep_text is not None and r is not None and r[0] == "modified" and not silent:
                 prev_text = store.get_content(p)
         if r is not None and not silent:
@@ -1690,8 +1691,8 @@ class Engine:
             store.put(p, new)
             if content:
                 store.put_content(p, keep_text)
-            elif content is not None and old is not None and new[0] == "file" \
-                    and old[8] != new[8]:
+            elif content is not None and old is not None and new.kind == "file" \
+                    and old.sha256 != new.sha256:
                 store.put_content(p, None)
 
     def emit_change(self, event, p, detected, old, new, changes, **extra):
@@ -1983,7 +1984,8 @@ class Engine:
             new = snapshot(dst, self.cfg.hash_max_size)
         except OSError:                  # e.g. a name beyond PATH_MAX
             return False
-        if new is None or new[0] != old_src[0] or (new[0] == "file" and new[8] != old_src[8]):
+        if new is None or new.kind != old_src.kind or \
+                (new.kind == "file" and new.sha256 != old_src.sha256):
             return False
         content = store.get_content(src)
         store.delete(src)
