@@ -49,6 +49,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+import collections
 from collections import deque
 from typing import NamedTuple, Optional
 
@@ -836,6 +837,8 @@ CREATE TABLE IF NOT EXISTS spool (
 CREATE INDEX IF NOT EXISTS spool_channel ON spool(channel, next_try);
 """
 
+SPOOL_BATCH = 5000
+SpoolRow = collections.namedtuple("SpoolRow", "seq created attempts payload")
 _REC_COLS = ", ".join(Rec._fields)
 _PUT_FILE = "INSERT OR REPLACE INTO files (parent, name, %s) VALUES (%s)" % (
     _REC_COLS, ",".join("?" * (2 + len(Rec._fields))))
@@ -918,6 +921,20 @@ class Store:
     def close(self):
         self.commit()
         self.db.close()
+
+    # -- commit points, named after the rule each one keeps --
+    def commit_turn(self):
+        """End of a main-loop turn or of a slice of a walk: the turn's events
+        and the baseline rows they explain become durable together. Engine.apply
+        writes each event row before its baseline row, so a crash (or the
+        20,000-write split in _w) can repeat a change at the next start,
+        never lose it."""
+        self.commit()
+
+    def commit_delivered(self):
+        """An alert leaves the spool only once it was delivered: a crash
+        before this sends it again (same event id), never drops it."""
+        self.commit()
 
     # -- baseline --
     def get(self, path):
@@ -1020,7 +1037,7 @@ class Store:
             self._w()
             self.db.execute("INSERT INTO events (id, t, severity, event, path, json) "
                             "VALUES (?,?,?,?,?,?)",
-                            (ev["id"], ev["_t"], ev["severity"], ev["event"],
+                            (ev["id"], event_epoch(ev), ev["severity"], ev["event"],
                              ev.get("path", ""), line))
 
     def prune_events(self):
@@ -1033,6 +1050,68 @@ class Store:
         with self.lock:
             return [r[0] for r in self.db.execute(
                 "SELECT json FROM events WHERE t>=? ORDER BY seq", (t,))]
+
+    def events_by_severity(self, since):
+        with self.lock:
+            return dict(self.db.execute("SELECT severity, count(*) FROM events WHERE t>=? "
+                                        "GROUP BY severity", (since,)).fetchall())
+
+    # -- alert spool: one row per event and channel, deleted once delivered --
+    def spool_add(self, channel, payload, now):
+        with self.lock:
+            self._w()
+            self.db.execute("INSERT INTO spool (channel, created, next_try, payload) "
+                            "VALUES (?,?,?,?)", (channel, now, now, payload))
+
+    def spool_due(self, channel, now, limit=SPOOL_BATCH):
+        """([SpoolRow] due now, the next later next_try or None). A next_try
+        beyond any backoff means the clock was set back: due now."""
+        with self.lock:
+            self.commit()
+            rows = self.db.execute(
+                "SELECT seq, created, attempts, payload FROM spool WHERE channel=? AND "
+                "(next_try<=? OR next_try>?) ORDER BY seq LIMIT ?",
+                (channel, now, now + 3600 * 1.25, limit)).fetchall()
+            nxt = self.db.execute("SELECT min(next_try) FROM spool WHERE channel=? AND "
+                                  "next_try>?", (channel, now)).fetchone()[0]
+        return [SpoolRow(*r) for r in rows], nxt
+
+    def spool_count_due(self, channel, now):
+        with self.lock:
+            return self.db.execute("SELECT count(*) FROM spool WHERE channel=? AND next_try<=?",
+                                   (channel, now)).fetchone()[0]
+
+    def spool_done(self, seqs):
+        with self.lock:
+            self._w()
+            self.db.executemany("DELETE FROM spool WHERE seq=?", [(s,) for s in seqs])
+
+    def spool_retry(self, seqs, attempts, next_try, error):
+        with self.lock:
+            self._w()
+            self.db.executemany("UPDATE spool SET attempts=?, next_try=?, last_error=? "
+                                "WHERE seq=?", [(attempts, next_try, error, s) for s in seqs])
+
+    def spool_expire(self, channel, before):
+        """Delete the rows of channel created before `before`; their number."""
+        with self.lock:
+            n = self.db.execute("SELECT count(*) FROM spool WHERE channel=? AND created<?",
+                                (channel, before)).fetchone()[0]
+            if n:
+                self._w()
+                self.db.execute("DELETE FROM spool WHERE channel=? AND created<?",
+                                (channel, before))
+        return n
+
+    def spool_summary(self, channel):
+        """(rows, oldest created or None, most attempts) of one channel."""
+        with self.lock:
+            return self.db.execute("SELECT count(*), min(created), max(attempts) FROM spool "
+                                   "WHERE channel=?", (channel,)).fetchone()
+
+    def spool_channels(self):
+        with self.lock:
+            return [r[0] for r in self.db.execute("SELECT DISTINCT channel FROM spool")]
 
 
 # ---------------------------------------------------------------------------
@@ -1209,12 +1288,23 @@ def unified_diff(old, new, path):
 
 
 def new_event(host, event, severity, detected="realtime", path="", **fields):
-    now = time.time()
-    ev = {"id": uuid.uuid4().hex, "time": iso_ms(now), "host": host, "event": event,
+    """A new event: a plain dict of the SPEC's fields, never changed once
+    emitted (sinks that need more make a copy)."""
+    ev = {"id": uuid.uuid4().hex, "time": iso_ms(time.time()), "host": host, "event": event,
           "severity": severity, "detected": detected, "path": path}
     ev.update(fields)
-    ev["_t"] = now
     return ev
+
+
+def event_epoch(ev):
+    """The event's time as a Unix timestamp (from its 'time' field)."""
+    s = ev.get("time") or ""
+    try:
+        return datetime.datetime(int(s[0:4]), int(s[5:7]), int(s[8:10]), int(s[11:13]),
+                                 int(s[14:16]), int(s[17:19]), int(s[20:23] or 0) * 1000,
+                                 datetime.timezone.utc).timestamp()
+    except ValueError:
+        return time.time()
 
 
 def rec_fields(rec, prefix_mtime=True):
@@ -1261,13 +1351,8 @@ def group_name(gid):
     return _names[k]
 
 
-def public_event(ev):
-    """The event as the SPEC shows it (internal '_' keys removed)."""
-    return {k: v for k, v in ev.items() if not k.startswith("_")}
-
-
 def event_json(ev):
-    return json.dumps(public_event(ev), ensure_ascii=False, separators=(", ", ": "))
+    return json.dumps(ev, ensure_ascii=False, separators=(", ", ": "))
 
 
 # ---------------------------------------------------------------------------
@@ -2178,7 +2263,7 @@ class SyslogSink:
 
     def send(self, ev, line=None):
         pri = self.facility * 8 + SYSLOG_PRI.get(ev["severity"], 6)
-        stamp = time.strftime("%b %d %H:%M:%S", time.localtime(ev.get("_t", time.time())))
+        stamp = time.strftime("%b %d %H:%M:%S", time.localtime(event_epoch(ev)))
         host = (" " + ev.get("host", "")) if self.address[:1] != "/" else ""
         data = ("<%d>%s%s fimwatch[%d]: %s" % (pri, stamp, host, self.pid,
                                                syslog_message(ev))).encode("utf-8", "replace")
@@ -2404,7 +2489,7 @@ _NTFY_PRIO = {"info": "2", "notice": "3", "warning": "4", "critical": "5"}
 def webhook_body(fmt, ev):
     """(body bytes, content type, extra headers) for one webhook format."""
     if fmt == "json":
-        return (json.dumps(public_event(ev), ensure_ascii=False).encode("utf-8"),
+        return (json.dumps(ev, ensure_ascii=False).encode("utf-8"),
                 "application/json", {})
     text = chat_text(ev)
     if fmt in ("slack", "mattermost"):
@@ -2557,14 +2642,10 @@ class Channel:
 
     # -- main thread side --
     def send(self, ev, line):
-        """Spool the event (durable before any delivery attempt) and wake the worker."""
-        now = time.time()
-        ms = self.main_store
-        with ms.lock:
-            ms._w()
-            ms.db.execute("INSERT INTO spool (channel, created, next_try, payload) "
-                          "VALUES (?,?,?,?)", (self.id, now, now, line))
-        self._spooled = True             # the worker is woken once this is committed
+        """Spool the event (durable before any delivery attempt); the worker
+        is woken once the main thread's batch is committed."""
+        self.main_store.spool_add(self.id, line, time.time())
+        self._spooled = True
 
     def _kick(self):
         if self._spooled:
@@ -2610,130 +2691,130 @@ class Channel:
         worker may still be in a slow delivery): no alert goes out twice."""
         lock = _PUMP_LOCKS.setdefault(self.id, threading.Lock())
         with lock:
-            return self._pump(now)
+            return self._pump(now or time.time())
 
-    def _pump(self, now=None):
+    def _pump(self, now):
         store = self.store
-        now = now or time.time()
         self._expire(now)
-        with store.lock:
-            store.commit()
-            # next_try beyond any backoff means the clock was set back: due now.
-            rows = store.db.execute(
-                "SELECT seq, created, attempts, payload FROM spool WHERE channel=? AND "
-                "(next_try<=? OR next_try>?) ORDER BY seq LIMIT 5000",
-                (self.id, now, now + 3600 * 1.25)).fetchall()
-            nxt = store.db.execute("SELECT min(next_try) FROM spool WHERE channel=? AND "
-                                   "next_try>?", (self.id, now)).fetchone()[0]
-        wait_more = (nxt - now) if nxt else 60.0
+        rows, nxt = store.spool_due(self.id, now)
+        idle = max(0.2, min((nxt - now) if nxt else 60.0, 60.0))
         if not rows:
-            return max(0.2, min(wait_more, 60.0))
-        newest = max(r[1] for r in rows)
-        # Gather: a burst keeps arriving; wait until it has been quiet briefly.
-        if not self.flush_now and now - newest < self.GATHER and len(rows) < 5000:
+            return idle
+        wait = self._hold(rows, now)
+        if wait is not None:
+            return wait
+        was_paused = bool(store.meta(self._meta_key("held_for_pause")))
+        for seqs, ev in self._messages(rows, was_paused):
+            if not self._deliver_one(seqs, ev, rows, now):
+                return 1.0
+        if was_paused:
+            store.set_meta(self._meta_key("held_for_pause"), "")
+            store.commit()
+        return 0.05 if len(rows) >= SPOOL_BATCH else idle
+
+    def _hold(self, rows, now):
+        """Seconds to wait before sending, or None to send now: a burst is
+        still arriving, a maintenance window is on, or max_per_hour is used up."""
+        newest = max(r.created for r in rows)
+        if not self.flush_now and now - newest < self.GATHER and len(rows) < SPOOL_BATCH:
             return self.GATHER - (now - newest) + 0.05
+        store = self.store
         pause_until = float(store.meta("pause_until", 0) or 0)
         if pause_until > now:
             # Maintenance window: keep everything for one digest at its end.
             if not store.meta(self._meta_key("held_for_pause")):
-                with store.lock:
-                    self.hold_for_pause()
-                    store.commit()
+                store.set_meta(self._meta_key("held_for_pause"), "1")
+                store.commit()
             return min(pause_until - now, 5.0)
-        was_paused = store.meta(self._meta_key("held_for_pause"))
         if self.max_per_hour:
-            while self.sent and now - self.sent[0] > 3600:
-                self.sent.popleft()
+            self._forget_sends(now)
             if len(self.sent) >= self.max_per_hour and not self.stopping:
                 return min(3600 - (now - self.sent[0]) + 0.1, 60.0)
+        return None
+
+    def _messages(self, rows, was_paused):
+        """[(spool seqs, event to send)]: one digest for a burst, after a pause
+        or past max_per_hour, else one message per event. Queued events are
+        never changed: a note about dropped alerts goes on a copy."""
         events = []
         for r in rows:
             try:
-                events.append(json.loads(r[3]))
+                events.append((r.seq, json.loads(r.payload)))
             except ValueError:
-                events.append(None)
-        seqs = [r[0] for r in rows]
-        dropped = int(store.meta(self._meta_key("dropped_unreported"), 0) or 0)
-        valid = [e for e in events if e is not None]
-        if len(valid) > self.BURST or (was_paused and valid) \
-                or (self.max_per_hour and len(self.sent) + len(valid) > self.max_per_hour):
+                events.append((r.seq, None))     # unreadable: dropped with the next send
+        valid = [e for _, e in events if e is not None]
+        dropped = int(self.store.meta(self._meta_key("dropped_unreported"), 0) or 0)
+        cap = self.max_per_hour
+        if len(valid) > self.BURST or (was_paused and valid) or \
+                (cap and len(self.sent) + len(valid) > cap):
             reason = "maintenance window ended" if was_paused else \
-                "burst of changes" if len(self.sent) < self.max_per_hour or \
-                not self.max_per_hour else "more than %d alerts this hour" % self.max_per_hour
-            msgs = [(seqs, make_digest(valid, self.cfg.hostname, reason, self.DIGEST_LIMIT,
-                                       dropped))]
-        else:
-            msgs = []
-            for seq, e in zip(seqs, events):
-                if e is None:
-                    continue
-                e["_t"] = 0
-                if dropped:
-                    e["dropped"] = dropped
-                    dropped = 0
-                msgs.append(([seq], e))
-        for seq_list, ev in msgs:
-            try:
-                self.deliver(ev)
-            except DeliveryError as e:
-                self._failed(seq_list, str(e), rows, now)
-                return 1.0
-            except Exception as e:       # a bug must not lose the alert either
-                self._failed(seq_list, "internal error: %s" % e, rows, now)
-                return 1.0
-            self.sent.append(time.time())
-            while self.sent and time.time() - self.sent[0] > 3600:
-                self.sent.popleft()
-            with store.lock:
-                store._w()
-                store.set_meta(self._meta_key("sent"), json.dumps(list(self.sent)))
-                store.db.executemany("DELETE FROM spool WHERE seq=?", [(s,) for s in seq_list])
-                store.set_meta(self._meta_key("last_ok"), time.time())
-                if ev.get("dropped"):
-                    store.set_meta(self._meta_key("dropped_unreported"), 0)
-                store.commit()
-        with store.lock:
-            if was_paused:
-                store.set_meta(self._meta_key("held_for_pause"), "")
-            store.commit()
-        return 0.05 if len(rows) >= 5000 else max(0.2, min(wait_more, 60.0))
+                "more than %d alerts this hour" % cap if cap and len(self.sent) >= cap else \
+                "burst of changes"
+            return [([r.seq for r in rows], make_digest(valid, self.cfg.hostname, reason,
+                                                         self.DIGEST_LIMIT, dropped))]
+        out, bad = [], []
+        for seq, e in events:
+            if e is None:
+                bad.append(seq)
+                continue
+            if dropped:
+                e, dropped = dict(e, dropped=dropped), 0
+            out.append((bad + [seq], e))
+            bad = []
+        return out
 
-    def _failed(self, seq_list, err, rows, now):
+    def _deliver_one(self, seqs, ev, rows, now):
+        """Send one message; its spool rows go only once it was delivered."""
+        try:
+            self.deliver(ev)
+        except DeliveryError as e:
+            self._failed(seqs, str(e), rows, now)
+            return False
+        except Exception as e:           # a bug must not lose the alert either
+            self._failed(seqs, "internal error: %s" % e, rows, now)
+            return False
+        t = time.time()
+        self.sent.append(t)
+        self._forget_sends(t)
+        store = self.store
+        with store.lock:
+            store.set_meta(self._meta_key("sent"), json.dumps(list(self.sent)))
+            store.spool_done(seqs)
+            store.set_meta(self._meta_key("last_ok"), t)
+            if ev.get("dropped"):
+                store.set_meta(self._meta_key("dropped_unreported"), 0)
+            store.commit_delivered()
+        return True
+
+    def _forget_sends(self, now):
+        while self.sent and now - self.sent[0] > 3600:
+            self.sent.popleft()
+
+    def _failed(self, seqs, err, rows, now):
         # One retry time for the whole message, so a failed digest is retried
         # as the same digest, not split up by per-row jitter.
-        attempts = {r[0]: r[2] for r in rows}
-        a = max(attempts.get(s, 0) for s in seq_list) + 1
+        attempts = {r.seq: r.attempts for r in rows}
+        a = max(attempts.get(s, 0) for s in seqs) + 1
         backoff = min(3600.0, self.conf["retry_min"] * 2 ** min(a - 1, 10)) \
             * random.uniform(0.8, 1.2)
-        with self.store.lock:
-            self.store._w()
-            for s in seq_list:
-                self.store.db.execute("UPDATE spool SET attempts=?, next_try=?, last_error=? "
-                                      "WHERE seq=?", (a, now + backoff, err, s))
-            self.store.commit()
+        self.store.spool_retry(seqs, a, now + backoff, err)
+        self.store.commit()
         self._note_error(err)
 
     def _note_error(self, err):
-        with self.store.lock:
-            self.store.set_meta(self._meta_key("last_error"), "%s %s" % (iso_s(time.time()), err))
-            self.store.commit()
+        self.store.set_meta(self._meta_key("last_error"), "%s %s" % (iso_s(time.time()), err))
+        self.store.commit()
         sys.stderr.write("fimwatch: %s: delivery failed, will retry: %s\n" % (self.id, err))
 
     def _expire(self, now):
-        with self.store.lock:
-            n = self.store.db.execute("SELECT count(*) FROM spool WHERE channel=? AND created<?",
-                                      (self.id, now - SPOOL_MAX_AGE)).fetchone()[0]
+        store = self.store
+        with store.lock:
+            n = store.spool_expire(self.id, now - SPOOL_MAX_AGE)
             if n:
-                self.store._w()
-                self.store.db.execute("DELETE FROM spool WHERE channel=? AND created<?",
-                                      (self.id, now - SPOOL_MAX_AGE))
                 for key in ("dropped_total", "dropped_unreported"):
                     k = self._meta_key(key)
-                    self.store.set_meta(k, int(self.store.meta(k, 0) or 0) + n)
-                self.store.commit()
-
-    def hold_for_pause(self):
-        self.store.set_meta(self._meta_key("held_for_pause"), "1")
+                    store.set_meta(k, int(store.meta(k, 0) or 0) + n)
+                store.commit()
 
 
 def build_channels(cfg, store):
@@ -2811,13 +2892,8 @@ class Dispatcher:
             return
         for c in self.channels:
             c.flush_now = c.stopping = True
-            while time.monotonic() < deadline:
-                with self.store.lock:
-                    left = self.store.db.execute(
-                        "SELECT count(*) FROM spool WHERE channel=? AND next_try<=?",
-                        (c.id, time.time())).fetchone()[0]
-                if not left:
-                    break
+            while time.monotonic() < deadline and \
+                    self.store.spool_count_due(c.id, time.time()):
                 c.pump()
 
 
@@ -3239,8 +3315,7 @@ def channel_status(store, chan_ids):
     out = {}
     now = time.time()
     for cid in chan_ids:
-        row = store.db.execute("SELECT count(*), min(created), max(attempts) FROM spool "
-                               "WHERE channel=?", (cid,)).fetchone()
+        row = store.spool_summary(cid)
         out[cid] = {
             "spooled": row[0], "oldest": iso_s(row[1]) if row[1] else None,
             "max_attempts": row[2] or 0,
@@ -3326,14 +3401,12 @@ def cmd_status(cfg, args):
         if running and st["watches"] == 0:
             # Just started: the heartbeat has not written its numbers yet.
             pass
-        sev = dict(store.db.execute("SELECT severity, count(*) FROM events WHERE t>=? "
-                                    "GROUP BY severity", (now - 86400,)).fetchall())
+        sev = store.events_by_severity(now - 86400)
         st["events_24h"] = {s: sev.get(s, 0) for s in reversed(SEVERITIES)}
         ids = [c.id for c in build_channels(cfg, store)]
-        ids += [r[0] for r in store.db.execute("SELECT DISTINCT channel FROM spool")
-                if r[0] not in ids]
+        ids += [c for c in store.spool_channels() if c not in ids]
         st["channels"] = channel_status(store, ids)
-        store.db.close()
+        store.close()
     st["inotify_watches_by_process"] = [{"pid": p, "command": c, "watches": n}
                                         for n, p, c in inotify_usage()]
     if args.json:
@@ -3453,7 +3526,6 @@ def cmd_events(cfg, args):
         ev = json.loads(line)
         if pat is not None and not pat.match(ev.get("path") or ""):
             continue
-        ev["_t"] = 0
         print_event(ev, args.json)
     return EXIT_OK
 
