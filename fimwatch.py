@@ -1382,6 +1382,176 @@ def read_sysctl(name, base=INOTIFY_SYSCTL):
         return None
 
 
+# -- Watcher backends ---------------------------------------------------------
+#
+# A backend turns the kernel's raw notifications into a few backend-neutral
+# calls on the Engine, which owns everything after that (settle queue,
+# comparison, events). inotify is the one backend today; a fanotify backend
+# implements the same calls:
+#
+#   eng.changed(path, is_dir)   something at path changed: queue it (settle)
+#   eng.dir_created(path)       a directory appeared (created or moved in)
+#   eng.moved(src, dst, is_dir) a rename inside the watched trees
+#   eng.moved_out(path, is_dir) an entry left the trees (an unpaired rename)
+#   eng.dir_gone(d)             a watched directory itself was deleted or moved
+#   eng.watch_lost(d)           the kernel dropped a watch (deleted, unmounted)
+#   eng.overflow()              notifications were lost: rescan
+#   eng.wanted(path, is_dir)    False: ignore this entry (excluded, filtered)
+#
+# and offers the Engine: fileno(), read(eng), watch(d) (raises OSError:
+# ENOSPC at the limit), unwatch_tree(top), unwatch(d), rename(src, dst),
+# watching(d), prune_gone(), count(), close().
+
+
+class InotifyBackend:
+    """inotify(7): one watch per directory, the wd -> path map, and the
+    pairing of MOVED_FROM with MOVED_TO (same cookie: a rename inside the
+    trees; a MOVED_FROM with no partner in this read or the next: the entry
+    left the trees). IN_Q_OVERFLOW means records were lost."""
+    name = "inotify"
+
+    def __init__(self, ino_mod):
+        self.ino = ino_mod.INotify(nonblocking=True)
+        self.parse = ino_mod.parse_events
+        self.wd2path = {}
+        self.last_from = None        # (cookie, path, isdir) of an unpaired MOVED_FROM
+        self.last_from_reads = 0
+
+    def fileno(self):
+        return self.ino.fileno()
+
+    def close(self):
+        try:
+            self.ino.close()
+        except OSError:
+            pass
+
+    def count(self):
+        return len(self.wd2path)
+
+    def watch(self, d):
+        """Add (or refresh) the watch on directory d; OSError on failure."""
+        wd = self.ino.add_watch(d, WATCH_MASK)
+        if self.wd2path.get(wd) != d:
+            self.wd2path[wd] = d
+
+    def _rm(self, wd):
+        del self.wd2path[wd]
+        try:
+            self.ino.rm_watch(wd)
+        except OSError:
+            pass
+
+    def unwatch(self, d):
+        for wd in [wd for wd, p in self.wd2path.items() if p == d]:
+            self._rm(wd)
+
+    def unwatch_tree(self, top):
+        pre = top + "/"
+        for wd in [wd for wd, p in self.wd2path.items() if p == top or p.startswith(pre)]:
+            self._rm(wd)
+
+    def rename(self, src, dst):
+        pre, n = src + "/", len(src)
+        for wd, p in self.wd2path.items():
+            if p == src or p.startswith(pre):
+                self.wd2path[wd] = dst + p[n:]
+
+    def watching(self, d):
+        return d in self.wd2path.values()
+
+    def prune_gone(self):
+        """Drop the watches of directories that no longer exist (after a rescan)."""
+        for wd in [wd for wd, p in self.wd2path.items() if not os.path.isdir(p)]:
+            self._rm(wd)
+
+    def read(self, eng):
+        """Drain the inotify queue into eng; returns the number of records."""
+        n = 0
+        fd = self.ino.fileno()
+        while True:
+            try:
+                data = os.read(fd, 1 << 18)
+            except BlockingIOError:
+                break
+            except InterruptedError:
+                continue
+            if not data:
+                break
+            evs = self.parse(data)
+            n += len(evs)
+            for ev in evs:
+                try:
+                    self._one(eng, *ev)
+                except Exception as e:   # one bad name must not end the watching
+                    eng.internal_error("event %r" % (ev,), e)
+            if n > 200000:            # let the rest of the loop breathe
+                break
+        # A MOVED_FROM whose MOVED_TO may be in the next read: wait one turn
+        # (the path was queued, so that turn comes within settle).
+        if self.last_from is not None and n:
+            self.last_from_reads += 1
+            if self.last_from_reads > 1:
+                self._finish_move(eng)
+        else:
+            self._finish_move(eng)
+        return n
+
+    def _finish_move(self, eng):
+        lf, self.last_from = self.last_from, None
+        if lf is not None:
+            eng.moved_out(lf[1], lf[2])
+
+    def _one(self, eng, wd, mask, cookie, name):
+        if mask & IN_Q_OVERFLOW:
+            self._finish_move(eng)
+            eng.overflow()
+            return
+        d = self.wd2path.get(wd)
+        if d is None:
+            return
+        if mask & IN_IGNORED:
+            # We drop our own wds from the map before removing them, so this
+            # is the kernel's doing: the directory was deleted, or unmounted.
+            del self.wd2path[wd]
+            eng.watch_lost(d)
+            return
+        if self.last_from is not None and not (mask & IN_MOVED_TO
+                                               and cookie == self.last_from[0]):
+            self._finish_move(eng)
+        if mask & (IN_DELETE_SELF | IN_MOVE_SELF):
+            eng.dir_gone(d)
+            return
+        if not name:                     # the directory itself (e.g. chmod)
+            eng.changed(d, True)
+            return
+        p = d + "/" + name
+        isdir = bool(mask & IN_ISDIR)
+        if not eng.wanted(p, isdir):
+            return
+        if mask & IN_MOVED_FROM:
+            self.last_from = (cookie, p, isdir)
+            self.last_from_reads = 0
+            eng.changed(p, isdir)
+            return
+        if mask & IN_MOVED_TO:
+            lf = self.last_from
+            if lf is not None and lf[0] == cookie:
+                self.last_from = None
+                eng.moved(lf[1], p, isdir and lf[2])
+                return
+            eng.changed(p, isdir)
+            if isdir:                    # a tree moved in from outside
+                eng.dir_created(p)
+            return
+        eng.changed(p, isdir)            # the directory first, then what is in it
+        if isdir and mask & IN_CREATE:
+            eng.dir_created(p)
+
+
+# -- Engine: roots, walks and the comparison with the baseline -----------------
+
+
 class Engine:
     """Recursive inotify watches, the wd->path map, the per-path settle window,
     and the comparison with the baseline that turns raw events into one
@@ -1397,17 +1567,13 @@ class Engine:
       of that subtree is covered by periodic scans until watches are free.
     """
 
-    def __init__(self, cfg, store, emit, ino_mod, progress=False):
+    def __init__(self, cfg, store, emit, backend=None, progress=False):
         self.cfg, self.store, self._emit = cfg, store, emit
-        # Without an inotify module (scan, accept) the walks only compare.
-        self.ino = ino_mod.INotify(nonblocking=True) if ino_mod else None
-        self.parse = ino_mod.parse_events if ino_mod else None
-        self.wd2path = {}
+        # Without a backend (scan, accept) the walks only compare.
+        self.backend = backend
         self.pending = {}            # path -> [deadline, first seen]
         self.due = []                # heap of (deadline, path); stale entries skipped
         self.moves = {}              # dst -> src of a rename inside the tree
-        self.last_from = None        # (cookie, path, isdir) of an unpaired MOVED_FROM
-        self.last_from_reads = 0
         self.unwatched = set()       # subtree roots that got no watch (limit)
         self.recheck = deque()       # (when, dir): an early look at a new unwatched dir
         self.missing_roots = set()
@@ -1421,6 +1587,10 @@ class Engine:
         self.deferred = {}           # path -> first deferral (dpkg running)
         self._users, self._users_at = [], -10.0
         self.stats = {"events": 0, "changes": 0, "raw": 0, "silent": 0}
+        self.errors = 0
+        now = time.monotonic()
+        self.timers = {"poll": now + cfg.poll_interval, "roots": now + ROOT_RETRY_EVERY,
+                       "scan": now + cfg.scan_interval if cfg.scan_interval else None}
         self._set_roots(cfg)
 
     def _set_roots(self, cfg):
@@ -1451,55 +1621,33 @@ class Engine:
         return self.exclude.match(path, is_dir, dirs_by_name=False)
 
     def watches(self):
-        return len(self.wd2path)
+        return self.backend.count() if self.backend is not None else 0
 
     def fileno(self):
-        return self.ino.fileno()
+        return self.backend.fileno()
 
     def close(self):
-        if self.ino is not None:
-            try:
-                self.ino.close()
-            except OSError:
-                pass
+        if self.backend is not None:
+            self.backend.close()
 
     # -- watch management --
-    def watch_dir(self, d, filtered=False):
-        """Add (or refresh) the watch on directory d. Returns the wd or None."""
+    def watch_dir(self, d):
+        """Watch directory d: True, None (cannot: reported), or "limit"."""
         try:
-            wd = self.ino.add_watch(d, WATCH_MASK)
+            self.backend.watch(d)
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 return "limit"
             if e.errno in (errno.EACCES, errno.EPERM):
                 self.report_unreadable(d, e)
             return None
-        old = self.wd2path.get(wd)
-        if old != d:
-            self.wd2path[wd] = d
-        return wd
-
-    def unwatch_tree(self, top):
-        pre = top + "/"
-        for wd, p in list(self.wd2path.items()):
-            if p == top or p.startswith(pre):
-                del self.wd2path[wd]
-                try:
-                    self.ino.rm_watch(wd)
-                except OSError:
-                    pass
-
-    def rename_watches(self, src, dst):
-        pre, n = src + "/", len(src)
-        for wd, p in self.wd2path.items():
-            if p == src or p.startswith(pre):
-                self.wd2path[wd] = dst + p[n:]
+        return True
 
     def internal_error(self, what, e):
         import traceback
         sys.stderr.write("fimwatch: internal error on %s: %s\n%s" % (
             esc(str(what))[:300], esc(repr(e))[:300], traceback.format_exc()))
-        self.errors = getattr(self, "errors", 0) + 1
+        self.errors += 1
         if self.errors <= 10:
             self.emit_cb(new_event(self.cfg.hostname, "error", "warning", "realtime", "",
                                    message="internal error on %s: %s (please report; "
@@ -1825,117 +1973,61 @@ class Engine:
             ent[0] = min(now + self.settle, ent[1] + self.max_delay)
 
     def read_events(self):
-        """Drain the inotify queue; returns the number of raw events."""
-        n = 0
-        fd = self.ino.fileno()
-        while True:
-            try:
-                data = os.read(fd, 1 << 18)
-            except BlockingIOError:
-                break
-            except InterruptedError:
-                continue
-            if not data:
-                break
-            evs = self.parse(data)
-            n += len(evs)
-            for ev in evs:
-                try:
-                    self.handle(*ev)
-                except Exception as e:   # one bad name must not end the watching
-                    self.internal_error("event %r" % (ev,), e)
-            if n > 200000:            # let the rest of the loop breathe
-                break
-        # A MOVED_FROM whose MOVED_TO may be in the next read: wait one turn
-        # (the touched path makes that turn come within settle).
-        if self.last_from is not None and n:
-            self.last_from_reads += 1
-            if self.last_from_reads > 1:
-                self.finish_moves()
-        else:
-            self.finish_moves()
+        """Take what the backend has; returns the number of raw records."""
+        n = self.backend.read(self)
         self.stats["raw"] += n
         return n
 
-    def handle(self, wd, mask, cookie, name):
-        if mask & IN_Q_OVERFLOW:
-            self.finish_moves()
-            self.overflow()
-            return
-        d = self.wd2path.get(wd)
-        if d is None:
-            return
-        if mask & IN_IGNORED:
-            # We drop our own wds from the map before removing them, so this
-            # is the kernel's doing: the directory was deleted, or unmounted.
-            if self.wd2path.get(wd) == d:
-                del self.wd2path[wd]
-            if d in self.file_roots:
-                self.file_root_dir_lost(d)
-            elif d in self.roots and not os.path.isdir(d):
-                self.root_lost(d)
-            elif os.path.isdir(d) and not os.path.islink(d) and \
-                    (d in self.roots or os.path.dirname(d) in self.wd2path.values()):
-                # Still there (an unmount): watch it again and compare.
-                self.scans.append(self.walk(d, "quick", "realtime"))
-            return
-        if self.last_from is not None and not (mask & IN_MOVED_TO
-                                               and cookie == self.last_from[0]):
-            self.finish_moves()
-        if mask & (IN_DELETE_SELF | IN_MOVE_SELF):
-            if d in self.file_roots:
-                self.file_root_dir_lost(d)
-            elif d in self.roots:
-                self.root_lost(d)
-            return
-        if not name:                     # the directory itself (e.g. chmod)
-            if d not in self.file_roots:
-                self.touch(d)
-            return
-        p = d + "/" + name
-        names = self.file_roots.get(d)
-        if names is not None and name not in names:
-            return
-        isdir = bool(mask & IN_ISDIR)
-        if self.excluded(p, isdir):
-            return
-        if mask & IN_MOVED_FROM:
-            self.last_from = (cookie, p, isdir)
-            self.last_from_reads = 0
-            self.touch(p)
-            return
-        if mask & IN_MOVED_TO:
-            lf = self.last_from
-            if lf is not None and lf[0] == cookie:
-                self.last_from = None
-                src = lf[1]
-                if isdir and lf[2]:
-                    self.dir_renamed(src, p)
-                    return
-                self.pending.pop(src, None)
-                self.moves[p] = src
-                self.touch(p)
-                return
-            self.touch(p)
-            if isdir:                    # a tree moved in from outside
-                self.walk_now(p, "new")
-            return
-        self.touch(p)                    # the directory first, then what is in it
-        if isdir and mask & IN_CREATE:
-            self.walk_now(p, "new")
+    # -- the backend's calls (see "Watcher backends") --
+    def wanted(self, p, isdir):
+        names = self.file_roots.get(os.path.dirname(p))
+        if names is not None and os.path.basename(p) not in names:
+            return False
+        return not self.excluded(p, isdir)
 
-    def finish_moves(self):
-        """An unpaired MOVED_FROM: the entry left the tree (or an excluded part)."""
-        lf, self.last_from = self.last_from, None
-        if lf is not None and lf[2]:
-            self.unwatch_tree(lf[1])
+    def changed(self, p, isdir):
+        if not (isdir and p in self.file_roots):     # a file root's directory itself
+            self.touch(p)
+
+    def dir_created(self, p):
+        self.walk_now(p, "new")
+
+    def moved(self, src, dst, isdir):
+        if isdir:
+            self.dir_renamed(src, dst)
+            return
+        self.pending.pop(src, None)
+        self.moves[dst] = src
+        self.touch(dst)
+
+    def moved_out(self, p, isdir):
+        """The entry left the trees (or went to an excluded name); its path
+        was queued when it left, so the flush reports it gone."""
+        if isdir:
+            self.backend.unwatch_tree(p)
+
+    def dir_gone(self, d):
+        if d in self.file_roots:
+            self.file_root_dir_lost(d)
+        elif d in self.roots:
+            self.root_lost(d)
+
+    def watch_lost(self, d):
+        if d in self.file_roots:
+            self.file_root_dir_lost(d)
+        elif d in self.roots and not os.path.isdir(d):
+            self.root_lost(d)
+        elif os.path.isdir(d) and not os.path.islink(d) and \
+                (d in self.roots or self.backend.watching(os.path.dirname(d))):
+            # Still there (an unmount): watch it again and compare.
+            self.scans.append(self.walk(d, "quick", "realtime"))
 
     def walk_now(self, top, mode, detected="realtime"):
         for _ in self.walk(top, mode, detected):
             pass
 
     def dir_renamed(self, src, dst):
-        self.rename_watches(src, dst)
+        self.backend.rename(src, dst)
         pre, n = src + "/", len(src)
         for p in [p for p in self.pending if p == src or p.startswith(pre)]:
             ent = self.pending.pop(p)
@@ -1962,20 +2054,14 @@ class Engine:
     def file_root_dir_lost(self, d):
         """The directory of a single watched file was deleted or moved: each
         of its files is missing now and is watched for again."""
-        for wd, p in list(self.wd2path.items()):
-            if p == d:
-                del self.wd2path[wd]
-                try:
-                    self.ino.rm_watch(wd)
-                except OSError:
-                    pass
+        self.backend.unwatch(d)
         for name in self.file_roots.pop(d, ()):
             root = d + "/" + name
             self.missing_roots.add(root)
             self.touch(root)
 
     def root_lost(self, root):
-        self.unwatch_tree(root)
+        self.backend.unwatch_tree(root)
         self.missing_roots.add(root)
         self.touch(root)
 
@@ -1995,7 +2081,131 @@ class Engine:
         self.emit_cb(new_event(self.cfg.hostname, "error", "notice", "realtime", "",
                                message="inotify queue overflowed; rescanning the watched "
                                        "trees so no change is lost"))
-        self.scans.append(Rescan(self).run())
+        self.scans.append(self._rescan())
+
+    # -- background walks: rescans, start-up comparison, scheduled scans --
+    def _rescan(self):
+        """After an overflow: walk every root again (quick compare), refreshing
+        every watch, then drop the watches of directories that are gone."""
+        t0 = time.monotonic()
+        seen_dirs = 0
+        changes_before = self.stats["changes"]
+        for root in self.roots:
+            for _ in self.walk_root(root, "quick", "scan"):
+                seen_dirs += 1
+                yield
+        self.backend.prune_gone()
+        again = self.rescan_state == "again"
+        self.rescan_state = None
+        if again:
+            self.overflow()
+        n = self.stats["changes"] - changes_before
+        self.emit_cb(new_event(self.cfg.hostname, "rescan", "notice", "scan", "",
+                               directories=seen_dirs, watches=self.watches(), changes=n,
+                               seconds=round(time.monotonic() - t0, 3),
+                               message="rescanned %d directories after an inotify queue "
+                                       "overflow; %d change(s) found" % (seen_dirs, n)))
+
+    def start(self, mode, detected, keepalive=lambda: None, stopping=lambda: False):
+        """Watch every configured path. A path never baselined is baselined
+        now (silently, watch and hash in one pass). Paths with a baseline get
+        their watches first (a fast walk of directories only) and are compared
+        afterwards, in slices of tick(): a change made meanwhile is caught by
+        the backend, and the daemon is watching within about a second even on
+        100,000 directories."""
+        later = []
+        for root in self.roots:
+            rmode = self.root_mode(root, mode)
+            if rmode == "build":
+                walker = self.walk_root(root, rmode, detected, drain=self.read_events)
+            else:
+                walker = self.watch_root(root)
+                later.append(root)
+            for _ in walker:
+                if stopping():
+                    break
+                self.flush_due(budget=0.02)
+                keepalive()
+            self.root_done(root)
+            self.store.commit_turn()
+        for root in self.scan_only:
+            if self.root_mode(root, mode) == "build":
+                for _ in self.walk_root(root, "build", detected, watch=False):
+                    keepalive()
+                self.root_done(root)
+            else:
+                later.append(root)
+        self.store.commit_turn()
+        if self.progress:
+            sys.stderr.write("\r\x1b[K")
+        if later:
+            self.scans.append(self._verify(later, mode, detected))
+
+    def _verify(self, roots, mode, detected):
+        """The start-up comparison, in slices of tick(); its end is an event,
+        so an admin (or a benchmark) knows when coverage is complete."""
+        t0, c0, n = time.monotonic(), self.stats["changes"], 0
+        for root in roots:
+            for _ in self.walk_root(root, mode, detected, watch=False):
+                n += 1
+                yield
+        changes = self.stats["changes"] - c0
+        self.emit_cb(new_event(
+            self.cfg.hostname, "verified", "info", "scan", "", directories=n, changes=changes,
+            seconds=round(time.monotonic() - t0, 3),
+            message="comparison with the baseline done: %d directories, %d change(s) in %.1fs"
+                    % (n, changes, time.monotonic() - t0)))
+
+    # -- the engine's turn in the main loop --
+    def next_wakeup(self, now):
+        """Monotonic time of the engine's next work (now while a walk runs)."""
+        if self.scans:
+            return now
+        t = self.timers
+        waits = [t["poll"]]
+        if t["scan"] is not None:
+            waits.append(t["scan"])
+        if self.missing_roots:           # an idle daemon does not poll for roots
+            waits.append(t["roots"])
+        if self.due:
+            waits.append(self.due[0][0])
+        if self.recheck:
+            waits.append(self.recheck[0][0])
+        return min(waits)
+
+    def tick(self, now):
+        """Compare what has settled, advance background walks by a slice,
+        start what the timers say is due."""
+        self.flush_due(budget=0.1)
+        end = time.monotonic() + 0.1
+        while self.scans and time.monotonic() < end:
+            try:
+                next(self.scans[0])
+            except StopIteration:
+                self.scans.popleft()
+            if len(self.pending) > 1000:     # let the settle queue drain first
+                break
+        now = time.monotonic()
+        t = self.timers
+        while self.recheck and self.recheck[0][0] <= now:
+            self.scans.append(self.walk(self.recheck.popleft()[1], "quick", "scan"))
+        if now >= t["roots"]:
+            self.check_missing_roots()
+            t["roots"] = now + ROOT_RETRY_EVERY
+        if now >= t["poll"]:
+            # Subtrees left without watches (the limit) are scanned instead.
+            for top in sorted(self.unwatched):
+                if not any(top.startswith(o + "/") for o in self.unwatched):
+                    self.scans.append(self.walk(top, "quick", "scan"))
+            if self.pkgdb is not None:
+                self.pkgdb.maybe_drop()
+            t["poll"] = now + self.cfg.poll_interval
+        if t["scan"] is not None and now >= t["scan"]:
+            for root in self.roots:
+                self.scans.append(self.walk_root(root, "full", "scan"))
+            for root in self.scan_only:
+                self.scans.append(self.walk_root(root, "full", "scan", watch=False))
+            t["scan"] = now + self.cfg.scan_interval
 
     # -- settling --
     def next_due(self):
@@ -2088,42 +2298,6 @@ class Engine:
         except OSError as e:
             self.report_unreadable(p, e)
 
-
-class Rescan:
-    """After IN_Q_OVERFLOW: walk every root again (quick compare), refreshing
-    every watch, then drop the watches of directories that are gone."""
-
-    def __init__(self, eng):
-        self.eng = eng
-
-    def run(self):
-        eng = self.eng
-        t0 = time.monotonic()
-        before = set(eng.wd2path)
-        seen_dirs = 0
-        changes_before = eng.stats["changes"]
-        for root in eng.roots:
-            for d in eng.walk_root(root, "quick", "scan"):
-                seen_dirs += 1
-                yield
-        live = {wd for wd, p in eng.wd2path.items() if os.path.isdir(p)}
-        for wd in before - live:
-            if eng.wd2path.pop(wd, None) is not None:
-                try:
-                    eng.ino.rm_watch(wd)
-                except OSError:
-                    pass
-        again = eng.rescan_state == "again"
-        eng.rescan_state = None
-        if again:
-            eng.overflow()
-        eng.emit_cb(new_event(eng.cfg.hostname, "rescan", "notice", "scan", "",
-                              directories=seen_dirs, watches=eng.watches(),
-                              changes=eng.stats["changes"] - changes_before,
-                              seconds=round(time.monotonic() - t0, 3),
-                              message="rescanned %d directories after an inotify queue "
-                                      "overflow; %d change(s) found"
-                                      % (seen_dirs, eng.stats["changes"] - changes_before)))
 
 
 # ---------------------------------------------------------------------------
@@ -3048,60 +3222,14 @@ class Daemon:
             store.close()
         return EXIT_OK
 
-    def start_engine(self, ino_mod, mode, detected):
-        """Watch every configured path. A path never baselined is baselined
-        now (silently, watch and hash in one pass). Paths with a baseline get
-        their watches first (a fast walk of directories only) and are compared
-        afterwards, in slices of the main loop: a change made meanwhile is
-        caught by inotify, and the daemon is watching within about a second
-        even on 100,000 directories."""
+    def start_engine(self, ino_mod, mode, detected, prev=None):
         cfg = self.cfg
-        eng = self.eng = Engine(cfg, self.store, self.dispatch.emit, ino_mod,
+        eng = self.eng = Engine(cfg, self.store, self.dispatch.emit, InotifyBackend(ino_mod),
                                 progress=_tty())
-        later = []
-        for root in eng.roots:
-            rmode = eng.root_mode(root, mode)
-            if rmode == "build":
-                walker = eng.walk_root(root, rmode, detected, drain=eng.read_events)
-            else:
-                walker = eng.watch_root(root)
-                later.append(root)
-            for _ in walker:
-                if self.stop:
-                    break
-                eng.flush_due(budget=0.02)
-                self.keepalive()
-            eng.root_done(root)
-            self.store.commit()
-        for root in eng.scan_only:
-            rmode = eng.root_mode(root, mode)
-            if rmode == "build":
-                for _ in eng.walk_root(root, rmode, detected, watch=False):
-                    self.keepalive()
-                eng.root_done(root)
-            else:
-                later.append(root)
-        self.store.commit()
-        if eng.progress:
-            sys.stderr.write("\r\x1b[K")
-        if later:
-            eng.scans.append(self.compare_later(eng, later, mode, detected))
+        if prev is not None and cfg.scan_interval == prev.cfg.scan_interval:
+            eng.timers["scan"] = prev.timers["scan"]     # a reload does not postpone it
+        eng.start(mode, detected, keepalive=self.keepalive, stopping=lambda: self.stop)
         return eng
-
-    def compare_later(self, eng, roots, mode, detected):
-        """The start-up comparison, in slices of the main loop; its end is an
-        event, so an admin (or a benchmark) knows when coverage is complete."""
-        t0, c0, n = time.monotonic(), eng.stats["changes"], 0
-        for root in roots:
-            for _ in eng.walk_root(root, mode, detected, watch=False):
-                n += 1
-                yield
-        changes = eng.stats["changes"] - c0
-        eng.emit_cb(new_event(
-            self.cfg.hostname, "verified", "info", "scan", "", directories=n, changes=changes,
-            seconds=round(time.monotonic() - t0, 3),
-            message="comparison with the baseline done: %d directories, %d change(s) in %.1fs"
-                    % (n, changes, time.monotonic() - t0)))
 
     def keepalive(self):
         """During a long start-up walk: keep systemd's start timeout and
@@ -3112,86 +3240,55 @@ class Daemon:
             sd_notify("WATCHDOG=1\nEXTEND_TIMEOUT_USEC=60000000")
 
     def loop(self):
-        cfg, store = self.cfg, self.store
+        """poll -> read -> tick -> timers, until a signal says stop."""
         poller = select.poll()
         poller.register(self.eng.fileno(), select.POLLIN)
         poller.register(self.wake_r, select.POLLIN)
         wd_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
         wd_every = wd_usec / 3e6 if wd_usec else None
         now = time.monotonic()
-        timers = {"beat": now + HEARTBEAT_EVERY, "poll": now + cfg.poll_interval,
-                  "roots": now + ROOT_RETRY_EVERY,
-                  "scan": now + cfg.scan_interval if cfg.scan_interval else None,
-                  "dog": now if wd_every else None, "prune": now + 3600}
+        self.timers = {"beat": now + HEARTBEAT_EVERY, "prune": now + 3600,
+                       "dog": now if wd_every else None}
         while not self.stop:
-            eng = self.eng
             now = time.monotonic()
-            nd = eng.next_due()
-            # An idle daemon sleeps until the next timer: the root check only
-            # runs while a watched root is missing.
-            waits = [t for k, t in timers.items() if t is not None
-                     and (k != "roots" or eng.missing_roots)]
-            if nd is not None:
-                waits.append(nd)
-            if eng.recheck:
-                waits.append(eng.recheck[0][0])
-            timeout = 0 if eng.scans else max(0.0, min(waits) - now)
+            wake = min([self.eng.next_wakeup(now)]
+                       + [t for t in self.timers.values() if t is not None])
             try:
-                poller.poll(min(timeout, 60.0) * 1000)
+                poller.poll(min(max(0.0, wake - now), 60.0) * 1000)
             except InterruptedError:
                 pass
-            try:
-                while os.read(self.wake_r, 512):
-                    pass
-            except (BlockingIOError, InterruptedError):
-                pass
-            eng.read_events()
-            eng.flush_due(budget=0.1)
-            if eng.scans:
-                end = time.monotonic() + 0.1
-                while eng.scans and time.monotonic() < end:
-                    try:
-                        next(eng.scans[0])
-                    except StopIteration:
-                        eng.scans.popleft()
-                    if len(eng.pending) > 1000:
-                        break
-            now = time.monotonic()
-            if timers["dog"] is not None and now >= timers["dog"]:
-                sd_notify("WATCHDOG=1")
-                timers["dog"] = now + wd_every
-            if now >= timers["beat"]:
-                store.set_meta("heartbeat", time.time())
-                store.set_meta("watches", eng.watches())
-                store.set_meta("unwatched", len(eng.unwatched))
-                if eng.pkgdb is not None:
-                    eng.pkgdb.maybe_drop()
-                timers["beat"] = now + HEARTBEAT_EVERY
-            while eng.recheck and eng.recheck[0][0] <= now:
-                eng.scans.append(eng.walk(eng.recheck.popleft()[1], "quick", "scan"))
-            if now >= timers["roots"]:
-                eng.check_missing_roots()
-                timers["roots"] = now + ROOT_RETRY_EVERY
-            if now >= timers["poll"]:
-                for top in sorted(eng.unwatched):
-                    if not any(top.startswith(o + "/") for o in eng.unwatched):
-                        eng.scans.append(eng.walk(top, "quick", "scan"))
-                timers["poll"] = now + cfg.poll_interval
-            if timers["scan"] is not None and now >= timers["scan"]:
-                for root in eng.roots:
-                    eng.scans.append(eng.walk_root(root, "full", "scan"))
-                for root in eng.scan_only:
-                    eng.scans.append(eng.walk_root(root, "full", "scan", watch=False))
-                timers["scan"] = now + cfg.scan_interval
-            if now >= timers["prune"]:
-                store.prune_events()
-                timers["prune"] = now + 3600
+            self._drain_wakeup()
+            self.eng.read_events()
+            self.eng.tick(now)
+            self._timers(time.monotonic(), wd_every)
             self.dispatch.flush()
-            store.commit()
+            self.store.commit_turn()
             if self.reload:
                 self.reload = False
                 self.do_reload(poller)
         return EXIT_OK
+
+    def _drain_wakeup(self):
+        try:
+            while os.read(self.wake_r, 512):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def _timers(self, now, wd_every):
+        """The daemon's own timers: watchdog, heartbeat, event pruning."""
+        t, store, eng = self.timers, self.store, self.eng
+        if t["dog"] is not None and now >= t["dog"]:
+            sd_notify("WATCHDOG=1")
+            t["dog"] = now + wd_every
+        if now >= t["beat"]:
+            store.set_meta("heartbeat", time.time())
+            store.set_meta("watches", eng.watches())
+            store.set_meta("unwatched", len(eng.unwatched))
+            t["beat"] = now + HEARTBEAT_EVERY
+        if now >= t["prune"]:
+            store.prune_events()
+            t["prune"] = now + 3600
 
     def do_reload(self, poller):
         try:
@@ -3213,8 +3310,7 @@ class Daemon:
         self.cfg = new
         self.dispatch = Dispatcher(new, self.store)
         self.dispatch.start()
-        ino_mod = import_inotify()
-        eng = self.start_engine(ino_mod, "quick", "scan")
+        eng = self.start_engine(import_inotify(), "quick", "scan", prev=old_eng)
         poller.register(eng.fileno(), select.POLLIN)
         self.dispatch.emit(new_event(new.hostname, "started", "notice", "realtime", "",
                                      reload=True, watches=eng.watches(),
