@@ -470,10 +470,11 @@ class Daemon:
 # fixtures
 # ---------------------------------------------------------------------------
 
-# Nothing here changes a kernel limit on the host any more. Older checkouts
-# of this suite lowered fs.inotify.* machine-wide while holding this lock
-# exclusively; taking it shared keeps a run of this suite from overlapping
-# with such a run on the same machine.
+# Nothing here changes a kernel limit on the host. The one test that does,
+# the opt-in tests/system test_ct_sysctl_raised_live_never_lowered
+# (FIMWATCH_TEST_HOST_SYSCTL=1), takes this lock exclusively (so did older
+# checkouts' limit tests); every daemon test takes it shared, so they never
+# overlap on one machine.
 MACHINE_LOCK = "/tmp/fimwatch-tests.lock"
 
 
