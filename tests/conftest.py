@@ -513,4 +513,16 @@ def control_file(name="control.txt"):
     return control
 
 
+def assert_scan_finds(fim, d, victim):
+    """Change victim (a file in a subtree without inotify watches); then
+    `scan` must report it, unless the daemon's own fallback scan already did."""
+    m = d.mark()
+    write(victim, "changed while unwatched\n")
+    r = fim.cli("scan", "--no-alert", "--json", timeout=60)
+    if r.returncode == 0:
+        assert d.matching(is_event("modified", victim), since=m), r.stdout + r.stderr
+    else:
+        assert r.returncode == 1 and str(victim) in r.stdout, r.stdout + r.stderr
+
+
 ISO_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import Daemon, control_file, flood_queue, is_event, write
+from conftest import Daemon, control_file, flood_queue, is_event, wait_until, write
 
 FILE_EVENTS = {"created", "modified", "attributes", "deleted", "moved"}
 
@@ -114,30 +114,25 @@ def test_events_file_rotated_then_hup_writes_to_the_new_file(fim):
     os.rename(fim.events_file, str(fim.events_file) + ".1")
     d.hup()                                   # what logrotate's postrotate does
     p = write(fim.root / "after-rotation.txt")
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if fim.events_file.exists() and str(p) in fim.events_file.read_text():
-            break
-        time.sleep(0.05)
-    else:
+    try:
+        wait_until(lambda: in_new_events_file(fim, p), what="%s in a new events_file" % p)
+    except AssertionError:
         old = open(str(fim.events_file) + ".1").read()
         raise AssertionError("event not in the new events_file after rotation + HUP "
                              "(in the rotated one: %s)\n%s" % (str(p) in old, d.stderr()))
     d.stop()
 
 
+def in_new_events_file(fim, p):
+    return fim.events_file.exists() and str(p) in fim.events_file.read_text()
+
+
 def test_events_file_rotated_without_hup_is_reopened(fim):
     d = fim.daemon()
     os.rename(fim.events_file, str(fim.events_file) + ".1")
     p = write(fim.root / "after-rotation.txt")
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if fim.events_file.exists() and str(p) in fim.events_file.read_text():
-            break
-        time.sleep(0.05)
-    else:
-        raise AssertionError("after the events file was moved away, events go to the "
-                             "rotated file, not a new %s" % fim.events_file)
+    wait_until(lambda: in_new_events_file(fim, p),
+               what="the event in a new %s (not in the rotated file)" % fim.events_file)
     d.stop()
 
 
