@@ -13,6 +13,7 @@
   ``/usr/bin/msmtp -C CONF "$@"`` (a real sendmail-compatible MTA client).
 * :func:`failing_sendmail`: a sendmail that exits 75 (EX_TEMPFAIL).
 * :func:`status_json`, :func:`channel`: ``fimwatch status --json`` helpers.
+* ``poll`` is conftest's ``wait_until`` (re-exported for test_alerts).
 """
 
 import email
@@ -25,6 +26,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from conftest import wait_until as poll   # one polling loop for the whole suite
+
 MSMTP = "/usr/bin/msmtp"
 
 
@@ -34,17 +37,6 @@ def free_port():
     port = s.getsockname()[1]
     s.close()
     return port
-
-
-def poll(predicate, timeout=10.0, interval=0.05, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, what))
-        time.sleep(interval)
 
 
 # ---------------------------------------------------------------------------

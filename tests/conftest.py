@@ -14,9 +14,14 @@ Main pieces:
   ``run`` and waits for its ``started`` event.
 * :class:`Daemon`: ``wait_for(pred)``, ``events()``, ``mark()``, ``stop()``,
   ``hup()``, ``kill()``, ``assert_quiet(...)``; always killed at teardown.
-* ``sysctl`` (fixture): set /proc/sys values for one test, restored after.
+* Kernel limits are never changed on the host: ``fim.daemon(watch_limit=N)``
+  runs the daemon in a user namespace of its own where the inotify watch
+  limit is N (``d.set_watch_limit(N)`` changes it later), and
+  :func:`flood_queue` overflows the inotify queue at the host's own
+  ``max_queued_events``.
 """
 
+import contextlib
 import fcntl
 import json
 import os
@@ -141,19 +146,43 @@ def inotify_watch_count(pid):
     return total
 
 
-def user_watch_count(uid=0):
-    """inotify watches held by all processes of uid (what max_user_watches limits)."""
-    total = 0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            if os.stat("/proc/" + pid).st_uid != uid:
-                continue
-            total += inotify_watch_count(int(pid))
-        except OSError:
-            continue
-    return total
+# --- kernel limits, without touching the host's --------------------------------
+#
+# inotify watch limits are per user namespace (/proc/sys/user/max_inotify_watches,
+# counted hierarchically: a watch counts in its namespace and in every parent),
+# so a daemon started in a user namespace of its own (root mapped to root) can
+# be given a tiny limit while fs.inotify.max_user_watches on the host stays as
+# it is. fs.inotify.max_queued_events has no per-namespace copy: the queue
+# tests overflow it at its real value instead (flood_queue).
+
+USERNS_LIMIT = "/proc/sys/user/max_inotify_watches"
+# argv prefix: a new user namespace, root -> root, whose watch limit is $0.
+USERNS_PREFIX = ["unshare", "--user", "--map-root-user", "--", "sh", "-c",
+                 'echo "$0" > %s && exec "$@"' % USERNS_LIMIT]
+
+
+def userns_prefix(watch_limit):
+    """argv prefix that runs a command (same pid: no fork) in a new user
+    namespace whose inotify watch limit is watch_limit."""
+    if not IS_ROOT:
+        pytest.skip("needs root: the daemon must run as root inside its namespace")
+    return USERNS_PREFIX + [str(int(watch_limit))]
+
+
+def flood_queue(a, b, minimum=None):
+    """Queue more inotify events than fs.inotify.max_queued_events on two
+    watched files a and b (IN_ATTRIB each, alternating so none merge), then
+    restore their times: the daemon must be SIGSTOPped, and finds no change."""
+    with open("/proc/sys/fs/inotify/max_queued_events") as f:
+        limit = int(f.read())
+    n = max(limit + 64, minimum or 0)
+    if n > 5000000:
+        pytest.skip("fs.inotify.max_queued_events=%d: too many events to overflow" % limit)
+    sa, sb = os.stat(a), os.stat(b)
+    for i in range(n // 2 + 1):
+        os.utime(a, ns=(sa.st_atime_ns, sa.st_mtime_ns))
+        os.utime(b, ns=(sb.st_atime_ns, sb.st_mtime_ns))
+    return n
 
 
 def clean_env():
@@ -262,8 +291,11 @@ class Env:
             assert proc.returncode == check, describe(proc)
         return proc
 
-    def daemon(self, wait=True, timeout=START_TIMEOUT, python=None, env=None):
-        d = Daemon(self, python=python, extra_env=env)
+    def daemon(self, wait=True, timeout=START_TIMEOUT, python=None, env=None,
+               watch_limit=None):
+        """Start `run`. watch_limit=N: in a user namespace of its own whose
+        inotify watch limit is N (the host's limit is not touched)."""
+        d = Daemon(self, python=python, extra_env=env, watch_limit=watch_limit)
         self.daemons.append(d)
         d.start(wait=wait, timeout=timeout)
         return d
@@ -290,8 +322,9 @@ def describe(proc):
 class Daemon:
     """A `fimwatch run` subprocess and a cursor over the events_file."""
 
-    def __init__(self, env, python=None, extra_env=None):
+    def __init__(self, env, python=None, extra_env=None, watch_limit=None):
         self.env = env
+        self.watch_limit = watch_limit
         self.python = python or sys.executable
         self.extra_env = extra_env or {}
         self.proc = None
@@ -306,6 +339,8 @@ class Daemon:
     def start(self, wait=True, timeout=START_TIMEOUT):
         self.start_index = len(self.env.events())
         argv = [self.python, str(FIMWATCH), "--config", str(self.env.conf), "run"]
+        if self.watch_limit is not None:
+            argv = userns_prefix(self.watch_limit) + argv
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(argv, cwd=str(REPO),
                                          env=dict(clean_env(), **self.extra_env),
@@ -375,7 +410,27 @@ class Daemon:
         bad = [e for e in self.events(since) if pred(e)]
         assert not bad, "unexpected events: %s\n%s" % (bad, self._report(since))
 
+    def set_watch_limit(self, n):
+        """Change the inotify watch limit of this daemon's user namespace
+        (started with watch_limit=...). Returns the old value."""
+        assert self.watch_limit is not None, "daemon not started with watch_limit="
+        r = subprocess.run(["nsenter", "--user", "--target", str(self.pid), "--",
+                            "sh", "-c", 'cat %s; echo "$0" > %s' % (USERNS_LIMIT, USERNS_LIMIT),
+                            str(int(n))], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, timeout=10)
+        assert r.returncode == 0, "nsenter failed: %s" % r.stderr
+        return int(r.stdout)
+
     # -- signals ------------------------------------------------------------
+    @contextlib.contextmanager
+    def paused(self):
+        """SIGSTOP the daemon for the block (its inotify queue fills up), SIGCONT after."""
+        os.kill(self.pid, signal.SIGSTOP)
+        try:
+            yield self
+        finally:
+            os.kill(self.pid, signal.SIGCONT)
+
     def hup(self):
         self.proc.send_signal(signal.SIGHUP)
 
@@ -415,54 +470,24 @@ class Daemon:
 # fixtures
 # ---------------------------------------------------------------------------
 
-# Tests that lower a kernel limit (sysctl fixture) change it for the whole
-# machine, so they must not overlap with a daemon of another test run (a second
-# pytest on the same machine): they take this lock exclusively, every other
-# daemon test takes it shared.
+# Nothing here changes a kernel limit on the host. The one test that does,
+# the opt-in tests/system test_ct_sysctl_raised_live_never_lowered
+# (FIMWATCH_TEST_HOST_SYSCTL=1), takes this lock exclusively (so did older
+# checkouts' limit tests); every daemon test takes it shared, so they never
+# overlap on one machine.
 MACHINE_LOCK = "/tmp/fimwatch-tests.lock"
 
 
 @pytest.fixture
-def fim(tmp_path, request):
-    exclusive = "sysctl" in request.fixturenames
+def fim(tmp_path):
     fd = os.open(MACHINE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    fcntl.flock(fd, fcntl.LOCK_SH)
     try:
         env = Env(tmp_path)
         yield env
         env.cleanup()
     finally:
         os.close(fd)
-
-
-@pytest.fixture
-def sysctl():
-    """set(name, value): write /proc/sys/NAME for this test; restored at teardown.
-
-    Returns a setter; the setter returns a restore() that can be called early."""
-    saved = []
-
-    def restore_one(path, old):
-        with open(path, "w") as f:
-            f.write(old)
-
-    def setter(name, value):
-        if not IS_ROOT:
-            pytest.skip("needs root to change /proc/sys/%s" % name)
-        path = "/proc/sys/" + name.replace(".", "/")
-        with open(path) as f:
-            old = f.read().strip()
-        saved.append((path, old))
-        with open(path, "w") as f:
-            f.write(str(value))
-
-        def restore():
-            restore_one(path, old)
-        return restore
-
-    yield setter
-    for path, old in reversed(saved):
-        restore_one(path, old)
 
 
 # ---------------------------------------------------------------------------
@@ -486,6 +511,18 @@ def control_file(name="control.txt"):
         write(p, "control\n")
         return is_event("created", p)
     return control
+
+
+def assert_scan_finds(fim, d, victim):
+    """Change victim (a file in a subtree without inotify watches); then
+    `scan` must report it, unless the daemon's own fallback scan already did."""
+    m = d.mark()
+    write(victim, "changed while unwatched\n")
+    r = fim.cli("scan", "--no-alert", "--json", timeout=60)
+    if r.returncode == 0:
+        assert d.matching(is_event("modified", victim), since=m), r.stdout + r.stderr
+    else:
+        assert r.returncode == 1 and str(victim) in r.stdout, r.stdout + r.stderr
 
 
 ISO_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")

@@ -4,13 +4,12 @@ up, log rotation of the events file, a second instance on the same state."""
 
 import json
 import os
-import signal
 import threading
 import time
 
 import pytest
 
-from conftest import Daemon, control_file, is_event, needs_root, write
+from conftest import Daemon, control_file, flood_queue, is_event, wait_until, write
 
 FILE_EVENTS = {"created", "modified", "attributes", "deleted", "moved"}
 
@@ -21,17 +20,15 @@ def scan_is_clean(fim):
         r.stdout[:3000], r.stderr[-2000:])
 
 
-@needs_root
 @pytest.mark.timeout(240)
-def test_overflow_with_new_dirs_and_deletions(fim, sysctl):
+def test_overflow_with_new_dirs_and_deletions(fim):
     victims = [write(fim.root / ("old-%d.txt" % i)) for i in range(5)]
     for i in range(20):
         (fim.root / ("w%02d" % i)).mkdir()
-    restore = sysctl("fs.inotify.max_queued_events", 32)
+    fill = [write(fim.root / "fill-a"), write(fim.root / "fill-b")]
     d = fim.daemon()
-    restore()
-    os.kill(d.pid, signal.SIGSTOP)
-    try:
+    with d.paused():
+        flood_queue(*fill)
         for i in range(20):             # events in watched dirs: these overflow the queue
             for j in range(50):
                 write(fim.root / ("w%02d" % i) / ("s%02d" % j))
@@ -42,8 +39,6 @@ def test_overflow_with_new_dirs_and_deletions(fim, sysctl):
                 write(sub / ("f%02d" % j))
         for v in victims:
             os.unlink(v)
-    finally:
-        os.kill(d.pid, signal.SIGCONT)
     d.wait_for(is_event("rescan"), timeout=60)
     for v in victims:
         d.wait_for(is_event("deleted", v), timeout=60)
@@ -119,30 +114,25 @@ def test_events_file_rotated_then_hup_writes_to_the_new_file(fim):
     os.rename(fim.events_file, str(fim.events_file) + ".1")
     d.hup()                                   # what logrotate's postrotate does
     p = write(fim.root / "after-rotation.txt")
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if fim.events_file.exists() and str(p) in fim.events_file.read_text():
-            break
-        time.sleep(0.05)
-    else:
+    try:
+        wait_until(lambda: in_new_events_file(fim, p), what="%s in a new events_file" % p)
+    except AssertionError:
         old = open(str(fim.events_file) + ".1").read()
         raise AssertionError("event not in the new events_file after rotation + HUP "
                              "(in the rotated one: %s)\n%s" % (str(p) in old, d.stderr()))
     d.stop()
 
 
+def in_new_events_file(fim, p):
+    return fim.events_file.exists() and str(p) in fim.events_file.read_text()
+
+
 def test_events_file_rotated_without_hup_is_reopened(fim):
     d = fim.daemon()
     os.rename(fim.events_file, str(fim.events_file) + ".1")
     p = write(fim.root / "after-rotation.txt")
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if fim.events_file.exists() and str(p) in fim.events_file.read_text():
-            break
-        time.sleep(0.05)
-    else:
-        raise AssertionError("after the events file was moved away, events go to the "
-                             "rotated file, not a new %s" % fim.events_file)
+    wait_until(lambda: in_new_events_file(fim, p),
+               what="the event in a new %s (not in the rotated file)" % fim.events_file)
     d.stop()
 
 

@@ -1,0 +1,214 @@
+"""Unit tests of fimwatch's pure functions, in-process, no daemon (< 1 s).
+
+compare() on baseline records, SPEC patterns, durations/sizes/booleans, the
+escaping of untrusted names (esc, syslog's logfmt), email subjects, URL and
+diff redaction. Every assertion here states one rule of SPEC.md, so breaking
+the rule in fimwatch.py fails the test."""
+
+import os
+
+import pytest
+
+import fimwatch
+
+
+def rec(**kw):
+    """A baseline record; unnamed fields default to a 0644 root file."""
+    fields = dict(kind="file", mode=0o644, uid=0, gid=0, size=3, mtime_ns=1, ctime_ns=1,
+                  ino=1, sha256="a" * 64, target=None, skipped=0)
+    fields.update(kw)
+    if hasattr(fimwatch.Rec, "_fields"):            # typing.NamedTuple
+        return fimwatch.Rec(**fields)
+    return fimwatch.Rec(tuple(fields[f] for f in fimwatch.FIELDS))
+
+
+# --- compare -------------------------------------------------------------------
+
+def test_compare_created_deleted_and_nothing():
+    assert fimwatch.compare(None, rec()) == ("created", [])
+    assert fimwatch.compare(rec(), None) == ("deleted", [])
+    assert fimwatch.compare(None, None) is None
+
+
+def test_compare_touch_and_identical_rewrite_are_not_changes():
+    assert fimwatch.compare(rec(), rec(mtime_ns=99, ctime_ns=99)) is None
+    assert fimwatch.compare(rec(), rec(ino=7, mtime_ns=5)) is None     # rename-over save
+
+
+def test_compare_content_and_attributes():
+    assert fimwatch.compare(rec(), rec(sha256="b" * 64)) == ("modified", ["content"])
+    assert fimwatch.compare(rec(), rec(mode=0o600)) == ("attributes", ["mode"])
+    assert fimwatch.compare(rec(), rec(uid=1, gid=1)) == ("attributes", ["owner", "group"])
+    assert fimwatch.compare(rec(), rec(sha256="b" * 64, mode=0o755)) == \
+        ("modified", ["content", "mode"])
+
+
+def test_compare_type_and_symlink_target():
+    link = rec(kind="symlink", mode=0o777, sha256=None, target="/a")
+    assert fimwatch.compare(link, rec(kind="symlink", mode=0o777, sha256=None, target="/b")) \
+        == ("attributes", ["target"])
+    assert fimwatch.compare(rec(), link)[1][0] == "type"
+
+
+def test_compare_files_over_hash_max_size_use_size_and_mtime():
+    big = rec(sha256=None, skipped=1, size=10)
+    assert fimwatch.compare(big, rec(sha256=None, skipped=1, size=10)) is None
+    assert fimwatch.compare(big, rec(sha256=None, skipped=1, size=11)) == \
+        ("modified", ["content"])
+    assert fimwatch.compare(big, rec(sha256=None, skipped=1, size=10, mtime_ns=2)) == \
+        ("modified", ["content"])
+
+
+def test_compare_on_snapshots_of_a_real_file(tmp_path):
+    p = tmp_path / "f"
+    p.write_bytes(b"one\n")
+    before = fimwatch.snapshot(str(p), 1 << 20)
+    os.utime(p, ns=(5, 5))
+    assert fimwatch.compare(before, fimwatch.snapshot(str(p), 1 << 20)) is None
+    p.write_bytes(b"two\n")
+    assert fimwatch.compare(before, fimwatch.snapshot(str(p), 1 << 20)) == \
+        ("modified", ["content"])
+
+
+# --- patterns ------------------------------------------------------------------
+
+def test_pattern_without_slash_matches_a_base_name_anywhere():
+    ps = fimwatch.PatternSet(["*.swp", "4913"])
+    assert ps.match("/etc/.passwd.swp") and ps.match("/a/b/4913")
+    assert not ps.match("/etc/passwd") and not ps.match("/etc/x.swp.bak")
+
+
+def test_pattern_with_slash_star_stays_in_one_component():
+    ps = fimwatch.PatternSet(["/etc/*.conf"])
+    assert ps.match("/etc/a.conf")
+    assert not ps.match("/etc/sub/a.conf")
+
+
+def test_pattern_double_star_crosses_components_and_covers_the_dir():
+    ps = fimwatch.PatternSet(["/var/www/**/cache/**"])
+    assert ps.match("/var/www/site/cache/x") and ps.match("/var/www/a/b/cache/c/d")
+    assert ps.match("/var/www/site/cache", is_dir=True)      # no watch for the dir itself
+    assert not ps.match("/var/www/site/cachex/y") and not ps.match("/var/www/index.html")
+
+
+def test_relative_pattern_with_slash_is_rejected():
+    with pytest.raises(ValueError):
+        fimwatch.PatternSet(["etc/*.conf"])
+
+
+# --- durations, sizes, booleans ----------------------------------------------
+
+@pytest.mark.parametrize("text,sec", [("500ms", 0.5), ("30s", 30), ("5m", 300),
+                                      ("24h", 86400), ("7d", 604800), ("0", 0), ("2", 2)])
+def test_parse_duration(text, sec):
+    assert fimwatch.parse_duration(text) == sec
+
+
+@pytest.mark.parametrize("text", ["", "5x", "-1s", "s", "1 2s"])
+def test_parse_duration_rejects(text):
+    with pytest.raises(ValueError):
+        fimwatch.parse_duration(text)
+
+
+@pytest.mark.parametrize("text,n", [("512K", 512 << 10), ("64M", 64 << 20), ("1G", 1 << 30),
+                                    ("100", 100), ("1g", 1 << 30)])
+def test_parse_size(text, n):
+    assert fimwatch.parse_size(text) == n
+
+
+def test_parse_size_and_bool_reject_garbage():
+    for bad in ("", "1.5M", "12Q"):
+        with pytest.raises(ValueError):
+            fimwatch.parse_size(bad)
+    with pytest.raises(ValueError):
+        fimwatch.parse_bool("maybe")
+
+
+def test_parse_bool():
+    assert [fimwatch.parse_bool(t) for t in ("yes", "True", "on", "1")] == [True] * 4
+    assert [fimwatch.parse_bool(t) for t in ("no", "FALSE", "off", "0")] == [False] * 4
+
+
+@pytest.mark.parametrize("sec,text", [(45, "45s"), (720, "12m"), (3 * 3600 + 300, "3h 5m"),
+                                      (2 * 86400 + 4 * 3600, "2d 4h")])
+def test_fmt_duration(sec, text):
+    assert fimwatch.fmt_duration(sec) == text
+
+
+# --- escaping of untrusted names ---------------------------------------------
+
+def test_esc_control_characters_bytes_and_backslash():
+    assert fimwatch.esc("/etc/passwd") == "/etc/passwd"
+    assert fimwatch.esc("a\nb\tc\rd") == "a\\nb\\tc\\rd"
+    assert fimwatch.esc("x\x1b[31my") == "x\\x1b[31my"
+    assert fimwatch.esc(os.fsdecode(b"caf\xe9")) == "caf\\xe9"        # not UTF-8
+    assert fimwatch.esc("a\\nb") == "a\\\\nb"                          # cannot be forged
+    assert fimwatch.esc("evil\u202etxt.exe") == "evil\\u202etxt.exe"    # bidi override
+
+
+def test_logfmt_value_quotes_and_escapes():
+    assert fimwatch.logfmt_value("plain") == "plain"
+    assert fimwatch.logfmt_value("two words") == '"two words"'
+    assert fimwatch.logfmt_value('a="b"') == '"a=\\"b\\""'
+    assert fimwatch.logfmt_value("") == '""'
+    assert "\n" not in fimwatch.logfmt_value("x\ny")
+
+
+def _event(**kw):
+    ev = fimwatch.new_event("web1", "modified", "critical", "realtime", "/etc/passwd",
+                            kind="file", changes=["content", "mode"], mode="0644",
+                            previous={"mode": "0600"})
+    ev.update(kw)
+    return ev
+
+
+def test_syslog_message_format():
+    ev = _event()
+    msg = fimwatch.syslog_message(ev)
+    assert msg.startswith("critical modified /etc/passwd detected=realtime "), msg
+    assert "changes=content,mode" in msg and "prev_mode=0600" in msg, msg
+    assert msg.endswith("id=" + ev["id"]), msg
+
+
+def test_syslog_message_is_one_line_whatever_the_name():
+    ev = _event(path="/etc/evil\nfimwatch[1]: info deleted /etc/shadow", message="a\rb")
+    msg = fimwatch.syslog_message(ev)
+    assert "\n" not in msg and "\r" not in msg, msg
+    assert '"/etc/evil\\nfimwatch[1]: info deleted /etc/shadow"' in msg, msg
+
+
+# --- email subjects -------------------------------------------------------------
+
+def test_event_subject():
+    assert fimwatch.event_subject(_event()) == \
+        "[fimwatch] CRITICAL modified /etc/passwd on web1"
+    dig = fimwatch.new_event("web1", "digest", "warning", "realtime", "", count=7)
+    assert fimwatch.event_subject(dig) == "[fimwatch] WARNING 7 changes on web1"
+
+
+def test_event_subject_no_header_injection_and_bounded():
+    s = fimwatch.event_subject(_event(path="/tmp/x\r\nBcc: victim@example.com"))
+    assert "\r" not in s and "\n" not in s, s
+    assert len(fimwatch.event_subject(_event(path="/" + "a" * 500))) <= 160
+
+
+# --- secrets ---------------------------------------------------------------------
+
+def test_redact_url_hides_credentials_path_and_query():
+    r = fimwatch.redact_url("https://user:pw@hooks.example.com:8443/T0K3N/x?key=SECRET")
+    assert r == "https://hooks.example.com:8443/…", r
+    assert "pw" not in r and "T0K3N" not in r and "SECRET" not in r
+
+
+def test_unified_diff_redacts_secrets_and_keeps_the_rest():
+    d = fimwatch.unified_diff(b"listen = 80\npassword = hunter2\n",
+                              b"listen = 8080\npassword = swordfish\n", "/etc/app.conf")
+    assert "-listen = 80\n" in d and "+listen = 8080\n" in d, d
+    assert "hunter2" not in d and "swordfish" not in d, d
+    assert "password = [redacted]" in d, d
+
+
+def test_unified_diff_none_for_binary_and_private_keys():
+    assert fimwatch.unified_diff(b"a\0b", b"a\0c", "/bin/x") is None
+    key = b"-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n"
+    assert fimwatch.unified_diff(b"x\n", key, "/root/k") is None
