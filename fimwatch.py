@@ -113,12 +113,18 @@ DEFAULT_NO_DIFF = "/etc/shadow /etc/gshadow /etc/ssh/*_key **/*.key **/*.pem"
 
 
 class FimwatchError(Exception):
-    """An error the user can act on; main() prints it as one line, exit 2."""
+    """The root of fimwatch's own exceptions: an error the user can act on.
+    Raised to main(), it is printed as one line and the exit code is
+    exit_code (2: usage, config, missing dependency or privilege)."""
     exit_code = EXIT_ERROR
 
 
 class ConfigError(FimwatchError):
-    pass
+    """The config (or a command-line value) is wrong: `FILE:LINE: [section] key: ...`."""
+
+
+class DeliveryError(FimwatchError):
+    """An alert could not be delivered; the spool retries it. Never reaches main()."""
 
 
 # ---------------------------------------------------------------------------
@@ -166,12 +172,19 @@ _DUR_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$", re.I)
 _DUR_MULT = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
+DURATION_MAX = 366 * 86400
+
+
 def parse_duration(text):
-    """'500ms', '30s', '5m', '24h', '7d' (a bare number is seconds) -> seconds."""
+    """'500ms', '30s', '5m', '24h', '7d' (a bare number is seconds) -> seconds,
+    at most a year (a typo of many digits must not mean 'never')."""
     m = _DUR_RE.match(text or "")
     if not m:
         raise ValueError("not a duration: %r (use e.g. 500ms, 30s, 5m, 24h, 7d)" % text)
-    return float(m.group(1)) * _DUR_MULT[(m.group(2) or "s").lower()]
+    sec = float(m.group(1)) * _DUR_MULT[(m.group(2) or "s").lower()]
+    if sec > DURATION_MAX:
+        raise ValueError("%r is more than a year" % text.strip())
+    return sec
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.I)
@@ -427,53 +440,87 @@ class Config:
         return list(self.paths) + [p for p in self.scan_only if p not in self.paths]
 
 
+# Range limits of numeric keys: (section, key) -> (lowest, highest); "webhook"
+# stands for every [webhook NAME] section. scan_interval also takes 0 (never).
+LIMITS = {
+    ("fimwatch", "settle"): (0.0, 60.0),
+    ("fimwatch", "scan_interval"): (1.0, DURATION_MAX),
+    ("fimwatch", "hash_max_size"): (1, 1 << 50),
+    ("watch", "poll_interval"): (1.0, 7 * 86400),
+    ("email", "retry_min"): (0.1, 3600),
+    ("email", "max_per_hour"): (1, 100000),
+    ("webhook", "timeout"): (0.5, 300),
+    ("webhook", "retry_min"): (0.1, 3600),
+    ("webhook", "max_per_hour"): (1, 100000),
+}
+
+
+def _convert_path(raw):
+    if not raw.startswith("/"):
+        raise ValueError("must be an absolute path, got %r" % raw)
+    return "/" + os.path.normpath(raw).lstrip("/")     # '//x' is '/x'
+
+
+def _convert_paths(raw):
+    out = []
+    for p in raw.split():
+        if not p.startswith("/"):
+            raise ValueError("paths must be absolute, got %r" % p)
+        p = _convert_path(p)
+        if p == "/":
+            raise ValueError("watching / is not supported; list the directories")
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def _convert_int(raw):
+    if not re.match(r"^\d+$", raw):
+        raise ValueError("not a whole number: %r" % raw)
+    return int(raw)
+
+
+def _convert_word(words, what):
+    def conv(raw):
+        if raw.lower() not in words:
+            raise ValueError("not %s: %r (one of %s)" % (what, raw, ", ".join(words)))
+        return raw.lower()
+    return conv
+
+
+_CONVERTERS = {
+    "str": str, "secret": str,
+    "path": _convert_path,
+    "pathorempty": lambda raw: _convert_path(raw) if raw else "",
+    "paths": _convert_paths,
+    "patterns": lambda raw: PatternSet(raw.split()),
+    "duration": parse_duration,
+    "size": parse_size,
+    "bool": parse_bool,
+    "int": _convert_int,
+    "severity": _convert_word(SEVERITIES, "a severity"),
+    "facility": _convert_word(list(FACILITIES), "a syslog facility"),
+}
+
+
 def _convert(typ, raw):
+    """The value of a config string of type typ; ValueError says what is wrong."""
     raw = raw.strip()
-    if typ in ("str", "secret"):
-        return raw
-    if typ == "path" or typ == "pathorempty":
-        if not raw and typ == "pathorempty":
-            return ""
-        if not raw.startswith("/"):
-            raise ValueError("must be an absolute path, got %r" % raw)
-        return os.path.normpath(raw)
-    if typ == "paths":
-        out = []
-        for p in raw.split():
-            if not p.startswith("/"):
-                raise ValueError("paths must be absolute, got %r" % p)
-            p = os.path.normpath(p)
-            if p == "/":
-                raise ValueError("watching / is not supported; list the directories")
-            if p not in out:
-                out.append(p)
-        return out
-    if typ == "patterns":
-        return PatternSet(raw.split())
-    if typ == "duration":
-        return parse_duration(raw)
-    if typ == "size":
-        return parse_size(raw)
-    if typ == "bool":
-        return parse_bool(raw)
-    if typ == "int":
-        if not re.match(r"^\d+$", raw):
-            raise ValueError("not a whole number: %r" % raw)
-        return int(raw)
-    if typ == "severity":
-        if raw.lower() not in SEV_RANK:
-            raise ValueError("not a severity: %r (one of %s)" % (raw, ", ".join(SEVERITIES)))
-        return raw.lower()
-    if typ == "facility":
-        if raw.lower() not in FACILITIES:
-            raise ValueError("not a syslog facility: %r" % raw)
-        return raw.lower()
     if typ.startswith("choice:"):
-        choices = typ[7:].split("|")
-        if raw.lower() not in choices:
-            raise ValueError("must be one of %s, got %r" % (", ".join(choices), raw))
-        return raw.lower()
-    raise AssertionError(typ)
+        return _convert_word(typ[7:].split("|"), "a choice")(raw)
+    return _CONVERTERS[typ](raw)
+
+
+def _check_limit(sect, key, v):
+    lim = LIMITS.get(("webhook" if sect.startswith("webhook") else sect, key))
+    if lim is None or lim[0] <= v <= lim[1] or (key == "scan_interval" and v == 0):
+        return
+    typ = SCHEMA["webhook" if sect.startswith("webhook") else sect][key][0]
+    lo, hi = (_show(typ, x) for x in lim)
+    if key == "scan_interval":
+        raise ValueError("0 (never) or between %s and %s" % (lo, hi))
+    raise ValueError("must be between %s and %s" % (lo, hi) if lim[1] < 100000 or
+                     typ == "duration" else "must be at least %s" % lo)
 
 
 def _line_map(text):
@@ -520,8 +567,32 @@ def check_config_perms(path):
                                  "owned by root", stat.S_IMODE(st.st_mode), fix))
 
 
-def load_config(path, check_perms=True):
-    """Read and strictly validate the config; ConfigError names file, line, key."""
+class _ConfigFile:
+    """One config file being read: where each key is, and the one way to say
+    what is wrong with it: `FILE:LINE: [section] key: message`."""
+
+    def __init__(self, path, text):
+        self.path = path
+        self.keys, self.sections = _line_map(text)
+
+    def error(self, sect=None, key=None, message="", line=None):
+        if line is None:
+            line = self.keys.get((sect, key)) if key else self.sections.get(sect)
+        where = "%s:%s" % (self.path, line or "?")
+        if sect is None:
+            return ConfigError("%s: %s" % (where, message))
+        return ConfigError("%s: [%s]%s: %s" % (where, sect, " " + key if key else "", message))
+
+    def value(self, sect, key, typ, raw):
+        try:
+            v = _convert(typ, raw)
+            _check_limit(sect, key, v)
+            return v
+        except ValueError as e:
+            raise self.error(sect, key, str(e))
+
+
+def _read_config(path, check_perms):
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -536,109 +607,101 @@ def load_config(path, check_perms=True):
         raise ConfigError("%s: not UTF-8 text (byte %d)" % (path, e.start))
     if check_perms:
         check_config_perms(path)
+    return text
+
+
+def _parse_ini(cf, text):
     cp = configparser.ConfigParser(interpolation=None, strict=True,
                                    comment_prefixes=("#", ";"),
                                    inline_comment_prefixes=("#", ";"),
                                    empty_lines_in_values=False,
                                    default_section="\x00none")
     try:
-        cp.read_string(text, source=path)
+        cp.read_string(text, source=cf.path)
     except configparser.DuplicateOptionError as e:
-        raise ConfigError("%s:%s: [%s] %s: key given twice" % (path, e.lineno, e.section, e.option))
+        raise cf.error(e.section, e.option, "key given twice", line=e.lineno)
     except configparser.DuplicateSectionError as e:
-        raise ConfigError("%s:%s: [%s]: section given twice" % (path, e.lineno, e.section))
+        raise cf.error(e.section, None, "section given twice", line=e.lineno)
     except configparser.MissingSectionHeaderError as e:
-        raise ConfigError("%s:%s: text before the first [section]" % (path, e.lineno))
+        raise cf.error(None, None, "text before the first [section]", line=e.lineno)
     except configparser.ParsingError as e:
         lineno, line = e.errors[0] if e.errors else ("?", "")
-        raise ConfigError("%s:%s: cannot parse %s: expected `key = value`, an indented "
-                          "continuation line, or `[section]`"
-                          % (path, lineno, esc(str(line).strip().strip("'\"").rstrip("\\n"))[:60]))
-    keys, sections = _line_map(text)
-    values, webhooks = {}, []
+        raise cf.error(None, None, "cannot parse %s: expected `key = value`, an indented "
+                       "continuation line, or `[section]`"
+                       % esc(str(line).strip().strip("'\"").rstrip("\\n"))[:60], line=lineno)
+    return cp
+
+
+_WEBHOOK_RE = re.compile(r"^webhook(?:\s+([A-Za-z0-9_.-]+))?$")
+
+
+def _check_names(cf, cp):
+    """Every section and key is one the SCHEMA knows."""
     for sect in cp.sections():
-        where = "%s:%s" % (path, sections.get(sect, "?"))
-        m = re.match(r"^webhook(?:\s+([A-Za-z0-9_.-]+))?$", sect)
-        base = "webhook" if m else sect
+        base = "webhook" if _WEBHOOK_RE.match(sect) else sect
         if base not in SCHEMA:
             if sect.startswith("webhook"):
-                raise ConfigError("%s: [%s]: a webhook name may use letters, digits, _ . -"
-                                  % (where, sect))
-            raise ConfigError("%s: [%s]: unknown section (known: %s)"
-                              % (where, sect, ", ".join(SCHEMA)))
+                raise cf.error(sect, None, "a webhook name may use letters, digits, _ . -")
+            raise cf.error(sect, None, "unknown section (known: %s)" % ", ".join(SCHEMA))
         for key in cp[sect]:
             if key not in SCHEMA[base]:
-                raise ConfigError("%s:%s: [%s] %s: unknown key (known: %s)" % (
-                    path, keys.get((sect, key), "?"), sect, key, ", ".join(SCHEMA[base])))
-    for sect, spec in SCHEMA.items():
-        if sect == "webhook":
-            continue
-        for key, (typ, default) in spec.items():
-            raw = cp.get(sect, key, fallback=None) if cp.has_section(sect) else None
-            try:
-                values[(sect, key)] = _convert(typ, default if raw is None else raw)
-            except ValueError as e:
-                raise ConfigError("%s:%s: [%s] %s: %s" % (path, keys.get((sect, key), "?"),
-                                                          sect, key, e))
+                raise cf.error(sect, key, "unknown key (known: %s)" % ", ".join(SCHEMA[base]))
+
+
+def _section_values(cf, cp, sect, base):
+    """{key: value} of one section, defaults filled in."""
+    out = {}
+    for key, (typ, default) in SCHEMA[base].items():
+        raw = cp.get(sect, key, fallback=None) if cp.has_section(sect) else None
+        out[key] = cf.value(sect, key, typ, default if raw is None else raw)
+    return out
+
+
+def _webhooks(cf, cp):
+    hooks = []
     for sect in cp.sections():
-        m = re.match(r"^webhook(?:\s+(\S+))?$", sect)
+        m = _WEBHOOK_RE.match(sect)
         if not m:
             continue
-        hook = {}
-        for key, (typ, default) in SCHEMA["webhook"].items():
-            raw = cp[sect].get(key)
-            try:
-                hook[key] = _convert(typ, default if raw is None else raw)
-            except ValueError as e:
-                raise ConfigError("%s:%s: [%s] %s: %s" % (path, keys.get((sect, key), "?"),
-                                                          sect, key, e))
+        hook = _section_values(cf, cp, sect, "webhook")
         if hook["enabled"]:
             u = urllib.parse.urlsplit(hook["url"])
             if u.scheme not in ("http", "https") or not u.hostname:
-                raise ConfigError("%s:%s: [%s] url: must be an http:// or https:// URL"
-                                  % (path, keys.get((sect, "url"), sections.get(sect, "?")),
-                                     sect))
-        webhooks.append((m.group(1) or "default", hook))
-    for sect, key, lo, hi, what in (
-            ("fimwatch", "settle", 0.0, 60.0, "between 0 and 60s"),
-            ("watch", "poll_interval", 1.0, 7 * 86400, "between 1s and 7d"),
-            ("fimwatch", "hash_max_size", 1, 1 << 50, "more than 0"),
-            ("email", "retry_min", 0.1, 3600, "between 100ms and 1h"),
-            ("email", "max_per_hour", 1, 100000, "at least 1")):
-        v = values[(sect, key)]
-        if not lo <= v <= hi:
-            raise ConfigError("%s:%s: [%s] %s: must be %s" % (path, keys.get((sect, key), "?"),
-                                                             sect, key, what))
-    si = values[("fimwatch", "scan_interval")]
-    if si and si < 1:
-        raise ConfigError("%s:%s: [fimwatch] scan_interval: 0 (never) or at least 1s"
-                          % (path, keys.get(("fimwatch", "scan_interval"), "?")))
-    for name, hook in webhooks:
-        sect = "webhook" if name == "default" else "webhook " + name
-        for key, lo, hi, what in (("timeout", 0.5, 300, "between 500ms and 5m"),
-                                  ("retry_min", 0.1, 3600, "between 100ms and 1h"),
-                                  ("max_per_hour", 1, 100000, "at least 1")):
-            if not lo <= hook[key] <= hi:
-                raise ConfigError("%s:%s: [%s] %s: must be %s"
-                                  % (path, keys.get((sect, key), "?"), sect, key, what))
+                raise cf.error(sect, "url", "must be an http:// or https:// URL",
+                               line=cf.keys.get((sect, "url"), cf.sections.get(sect)))
+        hooks.append((m.group(1) or "default", hook))
+    return hooks
+
+
+def _check_whole(cf, values):
+    """Rules that involve more than one key, or the filesystem."""
     sd = values[("fimwatch", "state_dir")]
     if os.path.exists(sd) and not os.path.isdir(sd):
-        raise ConfigError("%s:%s: [fimwatch] state_dir: %s exists and is not a directory"
-                          % (path, keys.get(("fimwatch", "state_dir"), "?"), sd))
+        raise cf.error("fimwatch", "state_dir", "%s exists and is not a directory" % sd)
     if sd.startswith(("/proc/", "/sys/", "/dev/")):
-        raise ConfigError("%s:%s: [fimwatch] state_dir: %s is not a place for files"
-                          % (path, keys.get(("fimwatch", "state_dir"), "?"), sd))
+        raise cf.error("fimwatch", "state_dir", "%s is not a place for files" % sd)
     if not values[("watch", "paths")] and not values[("watch", "scan_only")]:
-        raise ConfigError("%s:%s: [watch] paths: nothing to watch"
-                          % (path, keys.get(("watch", "paths"), "?")))
+        raise cf.error("watch", "paths", "nothing to watch")
     if values[("email", "enabled")] and not values[("email", "to")]:
-        raise ConfigError("%s:%s: [email] to: empty" % (path, keys.get(("email", "to"), "?")))
+        raise cf.error("email", "to", "empty")
     for key in ("to", "from"):
-        v = values[("email", key)]
-        if any(c in v for c in "\r\n\0"):
-            raise ConfigError("%s:%s: [email] %s: contains a control character"
-                              % (path, keys.get(("email", key), "?"), key))
-    return Config(path, values, keys, webhooks)
+        if any(c in values[("email", key)] for c in "\r\n\0"):
+            raise cf.error("email", key, "contains a control character")
+
+
+def load_config(path, check_perms=True):
+    """Read and strictly validate the config; ConfigError names file, line, key."""
+    text = _read_config(path, check_perms)
+    cf = _ConfigFile(path, text)
+    cp = _parse_ini(cf, text)
+    _check_names(cf, cp)
+    values = {}
+    for sect in SCHEMA:
+        if sect != "webhook":
+            values.update(((sect, k), v) for k, v in _section_values(cf, cp, sect, sect).items())
+    webhooks = _webhooks(cf, cp)
+    _check_whole(cf, values)
+    return Config(path, values, cf.keys, webhooks)
 
 
 # ---------------------------------------------------------------------------
@@ -1329,26 +1392,25 @@ def rec_fields(rec, prefix_mtime=True):
 _names = {}
 
 
-def user_name(uid):
-    k = ("u", uid)
+def _id_name(db, num):
+    """The name of a uid (db 'pwd') or gid ('grp'), cached; the number if none."""
+    k = (db, num)
     if k not in _names:
         try:
-            import pwd
-            _names[k] = esc(pwd.getpwuid(uid).pw_name)
+            mod = __import__(db)
+            ent = mod.getpwuid(num).pw_name if db == "pwd" else mod.getgrgid(num).gr_name
+            _names[k] = esc(ent)
         except (KeyError, ImportError):
-            _names[k] = str(uid)
+            _names[k] = str(num)
     return _names[k]
+
+
+def user_name(uid):
+    return _id_name("pwd", uid)
 
 
 def group_name(gid):
-    k = ("g", gid)
-    if k not in _names:
-        try:
-            import grp
-            _names[k] = esc(grp.getgrgid(gid).gr_name)
-        except (KeyError, ImportError):
-            _names[k] = str(gid)
-    return _names[k]
+    return _id_name("grp", gid)
 
 
 def event_json(ev):
@@ -1380,6 +1442,16 @@ def read_sysctl(name, base=INOTIFY_SYSCTL):
             return int(f.read().strip())
     except (OSError, ValueError):
         return None
+
+
+def watch_limit():
+    """The inotify watch limit in force for us: fs.inotify.max_user_watches,
+    or the user namespace's own user.max_inotify_watches when that is lower
+    (a container's limit is the smaller of the two)."""
+    limits = [v for v in (read_sysctl("max_user_watches"),
+                          read_sysctl("max_inotify_watches", "/proc/sys/user"))
+              if v is not None]
+    return min(limits) if limits else None
 
 
 # -- Watcher backends ---------------------------------------------------------
@@ -1667,7 +1739,7 @@ class Engine:
         if not new:
             return
         self.limit_event_for.update(new)
-        limit = read_sysctl("max_user_watches")
+        limit = watch_limit()
         self.emit_cb(new_event(
             self.cfg.hostname, "watch_limit", "warning", detected, esc(new[0]),
             subtrees=[esc(r) for r in new[:20]], subtrees_total=len(new),
@@ -2589,10 +2661,6 @@ def make_digest(events, host, reason="", limit=50, dropped=0):
     if dropped:
         ev["dropped"] = dropped
     return ev
-
-
-class DeliveryError(Exception):
-    pass
 
 
 def send_email(conf, ev, host, sendmail=None, timeout=60):
@@ -3610,13 +3678,18 @@ def _show(typ, v):
     if typ == "duration":
         if v == 0:
             return "0"
-        return ("%gms" % (v * 1000)) if v < 1 else "%gs" % v
+        if v < 1:
+            return "%gms" % (v * 1000)
+        for unit in ("d", "h", "m"):
+            if v % _DUR_MULT[unit] == 0:
+                return "%d%s" % (v // _DUR_MULT[unit], unit)
+        return "%gs" % v
     return str(v)
 
 
 def cmd_events(cfg, args):
     store = Store(cfg.state_dir, create=False)
-    since = time.time() - parse_duration(args.since)
+    since = time.time() - args.since
     pat = PatternSet([args.path]) if args.path else None
     for line in store.events_since(since):
         ev = json.loads(line)
@@ -3698,9 +3771,7 @@ def cmd_notify_failure(cfg, args):
 
 
 def cmd_pause(cfg, args):
-    dur = parse_duration(args.duration)
-    if dur <= 0 or dur > 7 * 86400:
-        raise FimwatchError("--for must be between 1s and 7d")
+    dur = args.duration
     store = Store(cfg.state_dir)
     until = time.time() + dur
     store.set_meta("pause_until", until)
@@ -3731,6 +3802,21 @@ def cmd_resume(cfg, args):
 # ---------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------
+
+def _arg_duration(lo=0.0, hi=DURATION_MAX):
+    """argparse type= for a duration between lo and hi seconds."""
+    def conv(text):
+        try:
+            v = parse_duration(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e))
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError("must be between %s and %s"
+                                             % (_show("duration", lo), _show("duration", hi)))
+        return v
+    conv.__name__ = "duration"
+    return conv
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
@@ -3763,6 +3849,7 @@ def build_parser():
     sub.add_parser("check-config", help="validate the config, print effective settings")
     sp = sub.add_parser("pause", help="maintenance window: summarise alerts until it ends")
     sp.add_argument("--for", dest="duration", required=True, metavar="DURATION",
+                    type=_arg_duration(1, 7 * 86400),
                     help="e.g. 30m, 2h, 1d (a bare number is seconds; at most 7d)")
     sp.add_argument("--reason", metavar="TEXT", help="shown in status and in the digest")
     sub.add_parser("resume", help="end a maintenance window now")
@@ -3771,7 +3858,7 @@ def build_parser():
     sp.add_argument("unit", metavar="UNIT")
     sp.add_argument("--result", metavar="TEXT", help="e.g. exit-code, watchdog, start-limit-hit")
     sp = sub.add_parser("events", help="recent events from the state database")
-    sp.add_argument("--since", default="24h", metavar="DURATION",
+    sp.add_argument("--since", default=86400.0, metavar="DURATION", type=_arg_duration(),
                     help="how far back (default 24h; e.g. 30m, 7d)")
     sp.add_argument("--path", metavar="GLOB",
                     help="only these paths: '*.php' matches a base name anywhere, "
@@ -3795,16 +3882,6 @@ def main(argv=None):
         return EXIT_ERROR
     path = args.config or os.environ.get("FIMWATCH_CONFIG") or DEFAULT_CONFIG
     try:
-        if getattr(args, "since", None):
-            try:
-                parse_duration(args.since)
-            except ValueError as e:
-                raise FimwatchError("--since: %s" % e)
-        if args.command == "pause":
-            try:
-                parse_duration(args.duration)
-            except ValueError as e:
-                raise FimwatchError("--for: %s" % e)
         cfg = load_config(path)
         return COMMANDS[args.command](cfg, args)
     except FimwatchError as e:
