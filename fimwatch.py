@@ -1875,62 +1875,71 @@ class Engine:
 
     def _walk_dir(self, d, dfd, mode, detected, watch, parent_unwatched, limited, stack):
         """One directory of walk(), read through its fd dfd."""
-        store = self.store
         unwatched = parent_unwatched
         if watch:
-            wd = self.watch_dir(d) if not parent_unwatched else "limit"
-            if wd == "limit":
-                unwatched = True
-                if not parent_unwatched:
-                    limited.append(d)
-                    self.unwatched.add(d)
-                    if mode == "new":
-                        # Just created: its files are probably being written
-                        # now. Look again shortly, then every poll_interval.
-                        self.recheck.append((time.monotonic() + 2.0, d))
-            elif wd is not None:
-                self.unwatched.discard(d)
+            unwatched = self._watch_in_walk(d, mode, parent_unwatched, limited)
         try:
             it = os.scandir(dfd)
         except OSError as e:
             self.report_unreadable(d, e)
             return
-        old_children = store.children(d) if mode != "new" else {}
+        old_children = self.store.children(d) if mode != "new" else {}
         with it:
             for e in it:
-                name = e.name
-                p = d + "/" + name if d != "/" else "/" + name
-                try:
-                    isdir = e.is_dir(follow_symlinks=False)
-                except OSError:
-                    isdir = False
-                if self.excluded(p, isdir):
-                    continue
-                if len(p) >= 4000 and len(os.fsencode(p)) >= PATH_MAX:
-                    # Beyond PATH_MAX no path-based call works: say so once.
-                    old_children.pop(name, None)
-                    self.report_unreadable(d, OSError(errno.ENAMETOOLONG,
-                                           "entries deeper than PATH_MAX (%d bytes) are "
-                                           "not monitored" % PATH_MAX))
-                    continue
-                try:
-                    st = e.stat(follow_symlinks=False) if (isdir or mode != "new") \
-                        else None
-                except OSError:
-                    st = None
-                if mode == "new":
-                    self.touch(p)
-                else:
-                    old = old_children.pop(name, None)
-                    self.visit(p, old, detected, mode, st, dir_fd=dfd, name=name)
-                if isdir and st is not None:
+                p, st = self._walk_entry(d, dfd, e, mode, detected, old_children)
+                if st is not None and stat.S_ISDIR(st.st_mode):
                     stack.append((p, unwatched, (st.st_dev, st.st_ino)))
-        for name, old in old_children.items():
-            p = d + "/" + name
+        for name, old in old_children.items():      # in the baseline, not on disk
+            p = d + "/" + name if d != "/" else "/" + name
             if self.excluded(p, old.kind == "dir"):
-                store.delete_tree(p) if old.kind == "dir" else store.delete(p)
+                self.store.delete_tree(p) if old.kind == "dir" else self.store.delete(p)
             else:
                 self.apply(p, old, None, detected, silent=(mode == "build"))
+
+    def _watch_in_walk(self, d, mode, parent_unwatched, limited):
+        """Watch d during a walk; True when d (and so its subtree) has no watch."""
+        if parent_unwatched:
+            return True
+        wd = self.watch_dir(d)
+        if wd != "limit":
+            if wd is not None:
+                self.unwatched.discard(d)
+            return False
+        limited.append(d)
+        self.unwatched.add(d)
+        if mode == "new":
+            # Just created: its files are probably being written now. Look
+            # again shortly, then every poll_interval.
+            self.recheck.append((time.monotonic() + 2.0, d))
+        return True
+
+    def _walk_entry(self, d, dfd, e, mode, detected, old_children):
+        """Visit one entry of a walked directory: (its path, lstat result or None)."""
+        name = e.name
+        p = d + "/" + name if d != "/" else "/" + name
+        try:
+            isdir = e.is_dir(follow_symlinks=False)
+        except OSError:
+            isdir = False
+        if self.excluded(p, isdir):
+            return p, None
+        if len(p) >= 4000 and len(os.fsencode(p)) >= PATH_MAX:
+            # Beyond PATH_MAX no path-based call works: say so once.
+            old_children.pop(name, None)
+            self.report_unreadable(d, OSError(errno.ENAMETOOLONG,
+                                   "entries deeper than PATH_MAX (%d bytes) are not monitored"
+                                   % PATH_MAX))
+            return p, None
+        try:
+            st = e.stat(follow_symlinks=False) if (isdir or mode != "new") else None
+        except OSError:
+            st = None
+        if mode == "new":
+            self.touch(p)
+        else:
+            self.visit(p, old_children.pop(name, None), detected, mode, st, dir_fd=dfd,
+                       name=name)
+        return p, st
 
     def visit(self, p, old, detected, mode, st=None, dir_fd=None, name=None):
         keep, out = 0, None
@@ -1941,64 +1950,74 @@ class Engine:
                        keep=keep, out=out, dir_fd=dir_fd, name=name)
         self.apply(p, old, new, detected, silent=(mode == "build"), content=out)
 
-    def apply(self, p, old, new, detected, silent=False, content=None, moved_from=None):
+    def apply(self, p, old, new, detected, silent=False, content=None):
         """Emit the event, if any, then record new as the baseline of p. The
-        event is stored first: a crash in between repeats it at the next
-        start instead of losing it."""
-        store = self.store
-        r = compare(old, new)
+        event row is written first, in the same transaction: a crash in
+        between repeats it at the next start instead of losing it. silent:
+        record only (a baseline being built or accepted)."""
         if old is not None and old.kind == "dir" and (new is None or new.kind != "dir"):
-            # A directory gone or replaced by a file or symlink: everything
-            # that was in it is gone too.
-            desc = store.descendants(p)
-            if new is None:
-                if silent:
-                    self.stats["silent"] += 1
-                else:
-                    self.emit_change("deleted", p, detected, old, None, [])
-            for dp, drec in desc:
-                if not silent:
-                    self.emit_change("deleted", dp, detected, drec, None, [])
-            store.delete_tree(p)
+            self._tree_gone(p, old, new, detected, silent)
             if new is None:
                 return
-            old_for_event = old
         elif new is None:
             if old is not None:
-                if silent:
-                    self.stats["silent"] += 1
-                else:
-                    self.emit_change("deleted", p, detected, old, None, [])
-                store.delete(p)
+                self._report_gone(p, old, detected, silent)
+                self.store.delete(p)
             return
-        else:
-            old_for_event = old
-        if r is not None and silent:
+        r = compare(old, new)
+        keep_text = self._text_to_keep(new, content)
+        if r is not None:
+            if silent:
+                self.stats["silent"] += 1
+            else:
+                self._report(p, old, new, r, detected, keep_text)
+        self._record(p, old, new, content, keep_text)
+
+    def _tree_gone(self, p, old, new, detected, silent):
+        """A directory gone or replaced by a file or symlink: everything that
+        was in it is gone too."""
+        desc = self.store.descendants(p)
+        if new is None:
+            self._report_gone(p, old, detected, silent)
+        if not silent:
+            for dp, drec in desc:
+                self.emit_change("deleted", dp, detected, drec, None, [])
+        self.store.delete_tree(p)
+
+    def _report_gone(self, p, old, detected, silent):
+        if silent:
             self.stats["silent"] += 1
-        prev_text = None
-        keep_text = None
+        else:
+            self.emit_change("deleted", p, detected, old, None, [])
+
+    @staticmethod
+    def _text_to_keep(new, content):
+        """The text to keep for the next diff: not a binary, and not a file
+        others may not read (likely to hold secrets: never kept or shown)."""
+        if content and b"\0" not in content[0] and new.mode & 0o004:
+            return content[0]
+        return None
+
+    def _report(self, p, old, new, r, detected, keep_text):
+        event, changes = r
+        extra = {}
+        if keep_text is not None and event == "modified":
+            prev_text = self.store.get_content(p)
+            d = unified_diff(prev_text, keep_text, esc(p)) if prev_text is not None else None
+            if d:
+                extra["diff"] = d
+        self.emit_change(event, p, detected, old if event != "created" else None, new, changes,
+                         **extra)
+
+    def _record(self, p, old, new, content, keep_text):
+        if new == old:
+            return
+        self.store.put(p, new)
         if content:
-            # A file others may not read is likely to hold secrets: its text
-            # is neither kept nor shown in a diff.
-            keep_text = content[0] if (b"\0" not in content[0] and new.mode & 0o004) else None
-            if keep_text is not None and r is not None and r[0] == "modified" and not silent:
-                prev_text = store.get_content(p)
-        if r is not None and not silent:
-            event, changes = r
-            extra = {}
-            if prev_text is not None:
-                d = unified_diff(prev_text, keep_text, esc(p))
-                if d:
-                    extra["diff"] = d
-            self.emit_change(event, p, detected,
-                             old_for_event if event != "created" else None, new, changes, **extra)
-        if new != old:
-            store.put(p, new)
-            if content:
-                store.put_content(p, keep_text)
-            elif content is not None and old is not None and new.kind == "file" \
-                    and old.sha256 != new.sha256:
-                store.put_content(p, None)
+            self.store.put_content(p, keep_text)
+        elif content is not None and old is not None and new.kind == "file" \
+                and old.sha256 != new.sha256:
+            self.store.put_content(p, None)         # the kept text is stale
 
     def emit_change(self, event, p, detected, old, new, changes, **extra):
         cfg = self.cfg
