@@ -1060,9 +1060,10 @@ def upgrade_notice(store, host):
     store.set_meta(UPGRADE_META, "")
     return new_event(host, "baseline_upgraded", "notice", "startup", "",
                      fields=cols.split(","),
-                     message="baseline upgraded: the new fields (%s) were recorded silently "
-                             "from the current state of the watched files; changes to them "
-                             "are reported from now on" % cols.replace(",", ", "))
+                     message="baseline upgraded: the new fields (%s) are filled in silently "
+                             "from the current state of the watched files by this start-up "
+                             "check; changes to them are reported from then on"
+                             % cols.replace(",", ", "))
 
 
 _REC_COLS = ", ".join(Rec._fields)
