@@ -722,6 +722,15 @@ class Rec(NamedTuple):
     sha256: Optional[str]       # None: not a file, unreadable, or over hash_max_size
     target: Optional[str]       # a symlink's target
     skipped: int                # 1 over hash_max_size, 2 unreadable even as root
+    # Security metadata (read_meta). None: not known -- an entry from before
+    # these fields existed, or a filesystem that could not say; compare()
+    # never reports a change against None.
+    xattrs: Optional[str] = None      # JSON {name: sha256[:16] of value}; "" none
+    capability: Optional[str] = None  # security.capability decoded ("cap_setuid=ep"); "" none
+    acl: Optional[str] = None         # POSIX ACLs, access then default ("u:1000:r--,..."); "" none
+    flags: Optional[str] = None       # inode flags as lsattr letters ("ia"); "" none
+    rdev: Optional[int] = None        # device number of a char/block device node
+    links: Optional[int] = None       # hard-link count of a regular file
 
 
 FIELDS = Rec._fields
@@ -742,13 +751,148 @@ _O_NOATIME = getattr(os, "O_NOATIME", 0)
 _hash_buf = threading.local()
 
 
-def hash_file(path, st, keep=0, dir_fd=None):
+# -- security metadata: xattrs, file capabilities, POSIX ACLs, inode flags --
+
+_ACL_NAMES = ("system.posix_acl_access", "system.posix_acl_default")
+_CAP_NAME = "security.capability"
+_CAP_NAMES = (
+    "chown dac_override dac_read_search fowner fsetid kill setgid setuid setpcap "
+    "linux_immutable net_bind_service net_broadcast net_admin net_raw ipc_lock ipc_owner "
+    "sys_module sys_rawio sys_chroot sys_ptrace sys_pacct sys_admin sys_boot sys_nice "
+    "sys_resource sys_time sys_tty_config mknod lease audit_write audit_control setfcap "
+    "mac_override mac_admin syslog wake_alarm block_suspend audit_read perfmon bpf "
+    "checkpoint_restore").split()
+# FS_IOC_GETFLAGS = _IOR('f', 1, long); the kernel writes an int.
+FS_IOC_GETFLAGS = 0x80006601 | (struct.calcsize("l") << 16)
+# The inode flags an admin sets with chattr (lsattr letters). Flags the
+# filesystem sets by itself (extents, htree index, inline data) are left out:
+# they are not news.
+_FLAG_LETTERS = ((0x1, "s"), (0x2, "u"), (0x8, "S"), (0x10000, "D"), (0x10, "i"),
+                 (0x20, "a"), (0x40, "d"), (0x80, "A"), (0x4, "c"), (0x400, "m"),
+                 (0x4000, "j"), (0x8000, "t"), (0x20000, "T"), (0x800000, "C"),
+                 (0x2000000, "x"), (0x20000000, "P"), (0x40000000, "F"), (0x100000, "V"))
+# Filesystems (st_dev) that said they have no xattrs or no inode flags at
+# all: not asked again, so a walk over procfs-like or FUSE trees costs no
+# extra syscalls per file.
+_NO_XATTR_DEV = set()
+_NO_FLAGS_DEV = set()
+_UNSUPPORTED = (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS, errno.EINVAL)
+
+
+def cap_text(v):
+    """security.capability (struct vfs_cap_data, v1-v3) as 'cap_a,cap_b=eip'."""
+    if len(v) < 12:
+        return "sha256:" + hashlib.sha256(v).hexdigest()[:16]
+    magic = struct.unpack_from("<I", v)[0]
+    words = struct.unpack_from("<%dI" % ((min(len(v), 20) - 4) // 4), v, 4)
+    perm = words[0] | ((words[2] << 32) if len(words) > 2 else 0)
+    inh = words[1] | ((words[3] << 32) if len(words) > 3 else 0)
+    eff = "e" if magic & 1 else ""
+    groups = {}
+    for n in range(64):
+        bit = 1 << n
+        fl = eff + ("i" if inh & bit else "") + ("p" if perm & bit else "")
+        if perm & bit or inh & bit:
+            name = "cap_" + _CAP_NAMES[n] if n < len(_CAP_NAMES) else "cap_%d" % n
+            groups.setdefault(fl, []).append(name)
+    text = " ".join("%s=%s" % (",".join(names), fl) for fl, names in sorted(groups.items()))
+    if magic >> 24 == 3 and len(v) >= 24:
+        rootid = struct.unpack_from("<I", v, 20)[0]
+        if rootid:
+            text += " rootid=%d" % rootid
+    return text or "="
+
+
+def acl_text(v, prefix=""):
+    """A system.posix_acl_* value as getfacl's short form 'u::rw-,u:1000:r--,...'."""
+    if len(v) < 4 or (len(v) - 4) % 8:
+        return prefix + "sha256:" + hashlib.sha256(v).hexdigest()[:16]
+    out = []
+    for off in range(4, len(v), 8):
+        tag, perm, qid = struct.unpack_from("<HHI", v, off)
+        t = {1: "u", 2: "u", 4: "g", 8: "g", 0x10: "m", 0x20: "o"}.get(tag, "?%d" % tag)
+        out.append("%s%s:%s:%s%s%s" % (prefix, t, qid if tag in (2, 8) else "",
+                                      "r" if perm & 4 else "-", "w" if perm & 2 else "-",
+                                      "x" if perm & 1 else "-"))
+    return ",".join(out)
+
+
+def read_meta(target, st, fd_ok):
+    """(xattrs, capability, acl, flags) of one inode; see Rec. target is an
+    open fd (fd_ok: inode flags can be read too) or a path, which is never
+    followed. Never raises: what cannot be read is None (unknown)."""
+    dev = st.st_dev
+    xattrs = cap = acl = ""
+    nofollow = isinstance(target, int)      # an fd: follow_symlinks must be True
+    if dev not in _NO_XATTR_DEV:
+        try:
+            names = os.listxattr(target, follow_symlinks=nofollow)
+        except OSError as e:
+            if e.errno in _UNSUPPORTED:
+                _NO_XATTR_DEV.add(dev)
+            else:
+                xattrs = cap = acl = None
+            names = []
+        d, acls = {}, []
+        for name in sorted(names or ()):
+            try:
+                v = os.getxattr(target, name, follow_symlinks=nofollow)
+            except OSError:
+                continue                     # removed meanwhile
+            if name == _CAP_NAME:
+                cap = cap_text(v)
+            elif name in _ACL_NAMES:
+                acls.append(acl_text(v, "d:" if name.endswith("default") else ""))
+            else:
+                d[name] = hashlib.sha256(v).hexdigest()[:16]
+        if names:
+            xattrs = json.dumps(d, sort_keys=True, separators=(",", ":")) if d else ""
+            acl = ",".join(acls)
+    flags = None
+    if fd_ok and dev not in _NO_FLAGS_DEV:
+        try:
+            raw = struct.unpack_from("=I", fcntl.ioctl(target, FS_IOC_GETFLAGS, bytes(8)))[0]
+            flags = "".join(c for bit, c in _FLAG_LETTERS if raw & bit)
+        except OSError as e:
+            if e.errno in _UNSUPPORTED:
+                _NO_FLAGS_DEV.add(dev)
+    return xattrs, cap, acl, flags
+
+
+def meta_of(path, st, kind, dir_fd=None):
+    """read_meta for a path (a name in dir_fd). Files and directories are
+    opened (O_NOFOLLOW, O_NONBLOCK, checked to be the inode st saw) so the
+    inode flags can be read too; device nodes are never opened (an open can
+    have side effects), nor symlinks: their xattrs are read without following."""
+    if kind in ("file", "dir"):
+        try:
+            fd = os.open(path, _O_HASH, dir_fd=dir_fd)
+        except OSError:
+            return None, None, None, None
+        try:
+            fst = os.fstat(fd)
+            if (fst.st_ino, fst.st_dev) != (st.st_ino, st.st_dev):
+                return None, None, None, None
+            return read_meta(fd, fst, True)
+        finally:
+            os.close(fd)
+    if dir_fd is not None:
+        # os.listxattr takes no dir_fd: name the entry through the open
+        # directory, so a directory swapped above it cannot redirect us.
+        if not os.path.isdir("/proc/self/fd"):
+            return None, None, None, None
+        path = "/proc/self/fd/%d/%s" % (dir_fd, path)
+    return read_meta(path, st, False)
+
+
+def hash_file(path, st, keep=0, dir_fd=None, meta=None):
     """sha256 of the regular file that lstat saw as st. Opens with O_NOFOLLOW
     and O_NONBLOCK, so a symlink swapped in or a FIFO is never followed or
     waited on, and checks with fstat that it is still the same regular file.
     Returns (hexdigest, fstat result, data) or (None, None, None) if it
     vanished or changed kind; data is the content when the file is at most
-    keep bytes, else None. Raises OSError for other failures (e.g. EACCES)."""
+    keep bytes, else None. With a list as meta, read_meta() of the open file
+    is appended to it. Raises OSError for other failures (e.g. EACCES)."""
     try:
         try:
             fd = os.open(path, _O_HASH | _O_NOATIME, dir_fd=dir_fd)
@@ -765,6 +909,8 @@ def hash_file(path, st, keep=0, dir_fd=None):
         fst = os.fstat(fd)
         if not stat.S_ISREG(fst.st_mode) or fst.st_ino != st.st_ino:
             return None, None, None
+        if meta is not None:
+            meta.append(read_meta(fd, fst, True))
         if fst.st_size <= keep:
             data = os.read(fd, keep + 1)
             if len(data) <= keep:
@@ -796,7 +942,11 @@ def snapshot(path, max_size, old=None, trust=False, st=None, keep=0, out=None, d
     re-read every byte pass trust=False. With keep > 0 and a list as out, the
     content of a file of at most keep bytes is appended to out. With dir_fd,
     name is looked up in that directory (a walk's open directory) instead of
-    following path."""
+    following path.
+
+    The security metadata (read_meta) comes through the fd hash_file opens;
+    with trust, from the baseline when inode and ctime are unchanged (every
+    xattr, ACL, chattr or link change moves ctime)."""
     if dir_fd is not None:
         path = name
     for _ in range(3):
@@ -810,6 +960,11 @@ def snapshot(path, max_size, old=None, trust=False, st=None, keep=0, out=None, d
         sha = target = None
         skipped = 0
         size = st.st_size
+        meta = []
+        if (trust and old is not None and old.kind == kind and kind != "dir"
+                and old.xattrs is not None and old.ino == st.st_ino
+                and old.ctime_ns == st.st_ctime_ns):
+            meta.append((old.xattrs, old.capability, old.acl, old.flags))
         if kind == "file":
             if size > max_size:
                 skipped = 1
@@ -819,7 +974,8 @@ def snapshot(path, max_size, old=None, trust=False, st=None, keep=0, out=None, d
                 sha = old.sha256
             else:
                 try:
-                    sha, fst, data = hash_file(path, st, keep, dir_fd)
+                    sha, fst, data = hash_file(path, st, keep, dir_fd,
+                                                meta if not meta else None)
                 except OSError:
                     # Unreadable even as root (FUSE, root-squashed NFS): keep
                     # the metadata and say so; skipped=2 marks it.
@@ -840,10 +996,16 @@ def snapshot(path, max_size, old=None, trust=False, st=None, keep=0, out=None, d
         elif kind == "dir":
             size = 0                              # a directory's size is noise
         isdir = kind == "dir"
+        if not meta:
+            meta.append(meta_of(path, st, kind, dir_fd))
+        xattrs, cap, acl, flags = meta[0]
         return Rec(kind=kind, mode=stat.S_IMODE(mode), uid=st.st_uid, gid=st.st_gid, size=size,
                    mtime_ns=0 if isdir else st.st_mtime_ns,
                    ctime_ns=0 if isdir else st.st_ctime_ns,
-                   ino=st.st_ino, sha256=sha, target=target, skipped=skipped)
+                   ino=st.st_ino, sha256=sha, target=target, skipped=skipped,
+                   xattrs=xattrs, capability=cap, acl=acl, flags=flags,
+                   rdev=st.st_rdev if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else None,
+                   links=st.st_nlink if kind == "file" else None)
     return None
 
 
@@ -860,10 +1022,11 @@ def compare(old, new):
     if old.kind != new.kind:
         changes.append("type")
     elif new.kind == "file":
-        if old.skipped or new.skipped:
-            if old.size != new.size or old.mtime_ns != new.mtime_ns or old.skipped != new.skipped:
+        if not (old.skipped or new.skipped):
+            if old.sha256 != new.sha256:
                 changes.append("content")
-        elif old.sha256 != new.sha256:
+        elif (old.size != new.size or old.mtime_ns != new.mtime_ns or old.ino != new.ino
+              or old.skipped != new.skipped):
             changes.append("content")
     elif new.kind == "symlink" and old.target != new.target:
         changes.append("target")
@@ -873,9 +1036,31 @@ def compare(old, new):
         changes.append("owner")
     if old.gid != new.gid:
         changes.append("group")
+    if old.kind == new.kind:
+        changes += meta_changes(old, new)
+        if (new.kind == "file" and (old.skipped or new.skipped) and not changes
+                and old.ctime_ns != new.ctime_ns):
+            # Not hashed (over hash_max_size): a ctime that moved with no
+            # other change to explain it is a write whose mtime was put back.
+            changes.append("content")
     if not changes:
         return None
     return ("modified" if "content" in changes else "attributes"), changes
+
+
+def meta_changes(old, new):
+    """The `changes` names of the security metadata that differs between two
+    Recs of the same kind; a field unknown on either side (None) is not
+    compared, so a baseline from before these fields never alerts on them."""
+    out = []
+    for names, change in ((("xattrs", "capability"), "xattr"), (("acl",), "acl"),
+                          (("flags",), "flags"), (("rdev",), "rdev"), (("links",), "links")):
+        for n in names:
+            a, b = getattr(old, n), getattr(new, n)
+            if a is not None and b is not None and a != b:
+                out.append(change)
+                break
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -886,7 +1071,8 @@ SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS files (
     parent BLOB NOT NULL, name BLOB NOT NULL, kind TEXT, mode INT, uid INT,
     gid INT, size INT, mtime_ns INT, ctime_ns INT, ino INT, sha256 TEXT,
-    target TEXT, skipped INT, PRIMARY KEY (parent, name)) WITHOUT ROWID;
+    target TEXT, skipped INT, xattrs TEXT, capability TEXT, acl TEXT, flags TEXT,
+    rdev INT, links INT, PRIMARY KEY (parent, name)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS content (path BLOB PRIMARY KEY, data BLOB) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL, t REAL NOT NULL,
@@ -902,6 +1088,29 @@ CREATE INDEX IF NOT EXISTS spool_channel ON spool(channel, next_try);
 
 SPOOL_BATCH = 5000
 SpoolRow = collections.namedtuple("SpoolRow", "seq created attempts payload")
+
+# Columns added to the files table after its first release, added to an
+# existing database by Store._upgrade_files_table().
+FILES_ADDED_COLUMNS = (("xattrs", "TEXT"), ("capability", "TEXT"), ("acl", "TEXT"),
+                       ("flags", "TEXT"), ("rdev", "INT"), ("links", "INT"))
+UPGRADE_META = "baseline_upgraded"       # meta key: the columns added, until announced
+
+
+def upgrade_notice(store, host):
+    """The one `notice` event after Store._upgrade_files_table() on a baseline with
+    entries, or None. Clears the flag (the caller commits)."""
+    cols = store.meta(UPGRADE_META)
+    if not cols:
+        return None
+    store.set_meta(UPGRADE_META, "")
+    return new_event(host, "baseline_upgraded", "notice", "startup", "",
+                     fields=cols.split(","),
+                     message="baseline upgraded: the new fields (%s) are filled in silently "
+                             "from the current state of the watched files by this start-up "
+                             "check; changes to them are reported from then on"
+                             % cols.replace(",", ", "))
+
+
 _REC_COLS = ", ".join(Rec._fields)
 _PUT_FILE = "INSERT OR REPLACE INTO files (parent, name, %s) VALUES (%s)" % (
     _REC_COLS, ",".join("?" * (2 + len(Rec._fields))))
@@ -952,6 +1161,7 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA_SQL)
+            self._upgrade_files_table()
         except sqlite3.Error as e:
             raise FimwatchError("baseline database %s: %s" % (self.path, e))
         finally:
@@ -984,6 +1194,27 @@ class Store:
     def close(self):
         self.commit()
         self.db.close()
+
+    def _upgrade_files_table(self):
+        """Add the missing FILES_ADDED_COLUMNS to an older baseline. Their values
+        stay NULL (unknown: compare() ignores them) until the next walk fills
+        them in silently; a baseline that had entries is flagged in meta so the
+        daemon says once that it was upgraded (upgrade_notice)."""
+        have = {r[1] for r in self.db.execute("PRAGMA table_info(files)")}
+        missing = [(n, t) for n, t in FILES_ADDED_COLUMNS if n not in have]
+        if not missing:
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for n, t in missing:
+                self.db.execute("ALTER TABLE files ADD COLUMN %s %s" % (n, t))
+            if self.db.execute("SELECT 1 FROM files LIMIT 1").fetchone():
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES (?,?)",
+                                (UPGRADE_META, ",".join(n for n, _ in missing)))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
 
     # -- commit points, named after the rule each one keeps --
     def commit_turn(self):
@@ -1370,9 +1601,13 @@ def event_epoch(ev):
         return time.time()
 
 
-def rec_fields(rec, prefix_mtime=True):
+def rec_fields(rec, prefix_mtime=True, changes=()):
+    """The event fields of a Rec. The security metadata appears only when
+    there is some (a capability, an ACL, flags, a device number, more than
+    one link), or when `changes` names it, so `previous` shows both sides."""
     d = {"size": rec.size, "mode": "%04o" % rec.mode, "uid": rec.uid, "owner": user_name(rec.uid),
          "gid": rec.gid, "group": group_name(rec.gid)}
+    meta_fields(d, rec, changes)
     if rec.kind == "file":
         if rec.sha256:
             d["sha256"] = rec.sha256
@@ -1387,6 +1622,22 @@ def rec_fields(rec, prefix_mtime=True):
     if rec.kind == "dir":
         del d["size"]
     return d
+
+
+def meta_fields(d, rec, changes=()):
+    xa = "xattr" in changes
+    if rec.xattrs is not None and (rec.xattrs or xa):
+        d["xattrs"] = json.loads(rec.xattrs) if rec.xattrs else {}
+    if rec.capability is not None and (rec.capability or xa):
+        d["capability"] = rec.capability
+    for k in ("acl", "flags"):
+        v = getattr(rec, k)
+        if v is not None and (v or k in changes):
+            d[k] = v
+    if rec.rdev is not None:
+        d["rdev"] = "%d:%d" % (os.major(rec.rdev), os.minor(rec.rdev))
+    if rec.links is not None and (rec.links > 1 or "links" in changes):
+        d["links"] = rec.links
 
 
 _names = {}
@@ -2028,9 +2279,9 @@ class Engine:
         if changes:
             ev["changes"] = changes
         if new is not None:
-            ev.update(rec_fields(new))
+            ev.update(rec_fields(new, changes=changes))
         if old is not None and event != "created":
-            prev = rec_fields(old, prefix_mtime=False)
+            prev = rec_fields(old, prefix_mtime=False, changes=changes)
             ev["previous"] = prev
         if extra.get("moved_from") is not None:
             ev["from"] = esc(extra.pop("moved_from"))
@@ -2410,17 +2661,20 @@ def logfmt_value(v):
     return s
 
 
+META_KEYS = ("capability", "acl", "flags", "xattrs", "rdev", "links")
+
+
 def syslog_message(ev):
     """`<severity> <event> <path> key=value ...` (SPEC's syslog line)."""
     parts = [ev["severity"], ev["event"], logfmt_value(ev.get("path") or "-")]
     kv = [("detected", ev.get("detected"))]
-    for k in ("kind", "from", "size", "mode", "owner", "group", "target", "sha256"):
+    for k in ("kind", "from", "size", "mode", "owner", "group", "target", "sha256") + META_KEYS:
         if k in ev:
             kv.append((k, ev[k]))
     if ev.get("changes"):
         kv.append(("changes", ",".join(ev["changes"])))
     prev = ev.get("previous") or {}
-    for k in ("size", "mode", "owner", "group", "target", "sha256"):
+    for k in ("size", "mode", "owner", "group", "target", "sha256") + META_KEYS:
         if k in prev and prev.get(k) != ev.get(k):
             kv.append(("prev_" + k, prev[k]))
     pkg = ev.get("package")
@@ -2580,6 +2834,13 @@ def event_subject(ev):
     return s if len(s) <= 160 else s[:157] + "..."
 
 
+def _cell(v):
+    """A before/after cell of event_text: an xattrs map as name=hash, ..."""
+    if isinstance(v, dict):
+        return ", ".join("%s=%s" % (esc(k), x) for k, x in v.items()) or "(none)"
+    return "(none)" if v == "" else v
+
+
 def event_text(ev):
     """The body a tired admin reads at 2 AM."""
     out = []
@@ -2619,14 +2880,15 @@ def event_text(ev):
         if ev.get("changes"):
             out.append("Changed:   %s" % ", ".join(ev["changes"]))
         prev = ev.get("previous") or {}
-        rows = [k for k in ("size", "mode", "owner", "group", "target", "sha256")
+        rows = [k for k in ("size", "mode", "owner", "group", "target", "sha256") + META_KEYS
                 if k in ev or k in prev]
         if rows and ev.get("path"):
             out.append("")
             out.append("            %-34s %s" % ("before", "after"))
             for k in rows:
-                out.append("  %-9s %-34s %s" % (k, prev.get(k, "-") if ev["event"] != "created"
-                                                 else "-", ev.get(k, "-")))
+                out.append("  %-9s %-34s %s" % (k, _cell(prev.get(k, "-"))
+                                                  if ev["event"] != "created" else "-",
+                                                  _cell(ev.get(k, "-"))))
         if ev.get("users"):
             out.append("")
             out.append("Logged in: %s" % ", ".join(ev["users"]))
@@ -3285,6 +3547,9 @@ class Daemon:
             if unclean:
                 sev = "warning"
         self.dispatch.emit(new_event(cfg.hostname, "started", sev, "realtime", "", **extra))
+        ev = upgrade_notice(store, cfg.hostname)
+        if ev is not None:
+            self.dispatch.emit(ev)
         self.dispatch.flush()
         store.commit()
         self.log("watching %d directories, %d baseline entries (%.1fs)"
