@@ -821,42 +821,52 @@ def read_meta(target, st, fd_ok):
     """(xattrs, capability, acl, flags) of one inode; see Rec. target is an
     open fd (fd_ok: inode flags can be read too) or a path, which is never
     followed. Never raises: what cannot be read is None (unknown)."""
-    dev = st.st_dev
-    xattrs = cap = acl = ""
-    nofollow = isinstance(target, int)      # an fd: follow_symlinks must be True
-    if dev not in _NO_XATTR_DEV:
-        try:
-            names = os.listxattr(target, follow_symlinks=nofollow)
-        except OSError as e:
-            if e.errno in _UNSUPPORTED:
-                _NO_XATTR_DEV.add(dev)
-            else:
-                xattrs = cap = acl = None
-            names = []
-        d, acls = {}, []
-        for name in sorted(names or ()):
-            try:
-                v = os.getxattr(target, name, follow_symlinks=nofollow)
-            except OSError:
-                continue                     # removed meanwhile
-            if name == _CAP_NAME:
-                cap = cap_text(v)
-            elif name in _ACL_NAMES:
-                acls.append(acl_text(v, "d:" if name.endswith("default") else ""))
-            else:
-                d[name] = hashlib.sha256(v).hexdigest()[:16]
-        if names:
-            xattrs = json.dumps(d, sort_keys=True, separators=(",", ":")) if d else ""
-            acl = ",".join(acls)
-    flags = None
-    if fd_ok and dev not in _NO_FLAGS_DEV:
-        try:
-            raw = struct.unpack_from("=I", fcntl.ioctl(target, FS_IOC_GETFLAGS, bytes(8)))[0]
-            flags = "".join(c for bit, c in _FLAG_LETTERS if raw & bit)
-        except OSError as e:
-            if e.errno in _UNSUPPORTED:
-                _NO_FLAGS_DEV.add(dev)
+    xattrs, cap, acl = _read_xattrs(target, st.st_dev)
+    flags = _read_flags(target, st.st_dev) if fd_ok else None
     return xattrs, cap, acl, flags
+
+
+def _read_xattrs(target, dev):
+    """(xattrs, capability, acl): '' for none, None when they cannot be read."""
+    if dev in _NO_XATTR_DEV:
+        return "", "", ""
+    nofollow = isinstance(target, int)      # an fd: follow_symlinks must be True
+    try:
+        names = os.listxattr(target, follow_symlinks=nofollow)
+    except OSError as e:
+        if e.errno in _UNSUPPORTED:
+            _NO_XATTR_DEV.add(dev)
+            return "", "", ""
+        return None, None, None
+    if not names:
+        return "", "", ""
+    d, acls, cap = {}, [], ""
+    for name in sorted(names):
+        try:
+            v = os.getxattr(target, name, follow_symlinks=nofollow)
+        except OSError:
+            continue                     # removed meanwhile
+        if name == _CAP_NAME:
+            cap = cap_text(v)
+        elif name in _ACL_NAMES:
+            acls.append(acl_text(v, "d:" if name.endswith("default") else ""))
+        else:
+            d[name] = hashlib.sha256(v).hexdigest()[:16]
+    return (json.dumps(d, sort_keys=True, separators=(",", ":")) if d else "", cap,
+            ",".join(acls))
+
+
+def _read_flags(fd, dev):
+    """chattr letters of an open inode, or None where the filesystem has none."""
+    if dev in _NO_FLAGS_DEV:
+        return None
+    try:
+        raw = struct.unpack_from("=I", fcntl.ioctl(fd, FS_IOC_GETFLAGS, bytes(8)))[0]
+    except OSError as e:
+        if e.errno in _UNSUPPORTED:
+            _NO_FLAGS_DEV.add(dev)
+        return None
+    return "".join(c for bit, c in _FLAG_LETTERS if raw & bit)
 
 
 def meta_of(path, st, kind, dir_fd=None):
@@ -1009,33 +1019,19 @@ def snapshot(path, max_size, old=None, trust=False, st=None, keep=0, out=None, d
     return None
 
 
+_OWNERSHIP = (("mode", "mode"), ("uid", "owner"), ("gid", "group"))
+
+
 def compare(old, new):
     """(event, changes) between two Recs, or None if nothing an admin would care
     about changed (an mtime-only touch, an identical rewrite)."""
-    if old is None and new is None:
-        return None
-    if old is None:
-        return "created", []
-    if new is None:
-        return "deleted", []
-    changes = []
+    if old is None or new is None:
+        return None if old is new else ("created", []) if old is None else ("deleted", [])
     if old.kind != new.kind:
-        changes.append("type")
-    elif new.kind == "file":
-        if not (old.skipped or new.skipped):
-            if old.sha256 != new.sha256:
-                changes.append("content")
-        elif (old.size != new.size or old.mtime_ns != new.mtime_ns or old.ino != new.ino
-              or old.skipped != new.skipped):
-            changes.append("content")
-    elif new.kind == "symlink" and old.target != new.target:
-        changes.append("target")
-    if old.mode != new.mode:
-        changes.append("mode")
-    if old.uid != new.uid:
-        changes.append("owner")
-    if old.gid != new.gid:
-        changes.append("group")
+        changes = ["type"]
+    else:
+        changes = _content_changes(old, new)
+    changes += [name for field, name in _OWNERSHIP if getattr(old, field) != getattr(new, field)]
     if old.kind == new.kind:
         changes += meta_changes(old, new)
         if (new.kind == "file" and (old.skipped or new.skipped) and not changes
@@ -1046,6 +1042,21 @@ def compare(old, new):
     if not changes:
         return None
     return ("modified" if "content" in changes else "attributes"), changes
+
+
+def _content_changes(old, new):
+    """['content'] or ['target'] when what two Recs of one kind hold differs.
+    A file not hashed (over hash_max_size, unreadable) is compared on size,
+    mtime and inode instead."""
+    if new.kind == "symlink":
+        return ["target"] if old.target != new.target else []
+    if new.kind != "file":
+        return []
+    if not (old.skipped or new.skipped):
+        return ["content"] if old.sha256 != new.sha256 else []
+    same = (old.size, old.mtime_ns, old.ino, old.skipped) == \
+        (new.size, new.mtime_ns, new.ino, new.skipped)
+    return [] if same else ["content"]
 
 
 def meta_changes(old, new):
@@ -2843,85 +2854,102 @@ def _cell(v):
 
 def event_text(ev):
     """The body a tired admin reads at 2 AM."""
-    out = []
-    if ev["event"] == "digest":
-        out.append("%d changes on %s%s." % (ev.get("count", 0), ev["host"],
-                                            " (" + ev["reason"] + ")" if ev.get("reason") else ""))
-        out.append("")
-        if ev.get("by_severity"):
-            out.append("By severity: " + ", ".join("%s %d" % (k, v) for k, v in
-                                                    ev["by_severity"].items()))
-        if ev.get("by_directory"):
-            out.append("By directory:")
-            for d, n in ev["by_directory"].items():
-                out.append("  %6d  %s" % (n, d))
-        out.append("")
-        out.append("Changes%s:" % (" (first %d)" % len(ev["events"])
-                                   if len(ev["events"]) < ev.get("count", 0) else ""))
-        for e in ev["events"]:
-            out.append("  %s  %s" % (e.get("time", "")[:19].replace("T", " "), event_summary(e)))
-        out.append("")
-        out.append("All events: fimwatch events --since 24h   (or the events_file log)")
-        out.append("If these changes were expected: fimwatch accept")
-    else:
-        what = {"created": "was created", "modified": "was modified",
-                "attributes": "had its attributes changed", "deleted": "was deleted",
-                "moved": "was moved here from %s" % ev.get("from")}.get(ev["event"])
-        if what and ev.get("path"):
-            out.append("%s: %s %s on %s." % (ev["severity"].upper(), ev["path"], what,
-                                             ev["host"]))
-        else:
-            out.append("%s: %s on %s." % (ev["severity"].upper(), ev["event"], ev["host"]))
-        if ev.get("message"):
-            out.append(ev["message"])
-        out.append("")
-        out.append("When:      %s UTC (detected: %s)" % (ev["time"][:19].replace("T", " "),
-                                                          ev.get("detected")))
-        if ev.get("changes"):
-            out.append("Changed:   %s" % ", ".join(ev["changes"]))
-        prev = ev.get("previous") or {}
-        rows = [k for k in ("size", "mode", "owner", "group", "target", "sha256") + META_KEYS
-                if k in ev or k in prev]
-        if rows and ev.get("path"):
-            out.append("")
-            out.append("            %-34s %s" % ("before", "after"))
-            for k in rows:
-                out.append("  %-9s %-34s %s" % (k, _cell(prev.get(k, "-"))
-                                                  if ev["event"] != "created" else "-",
-                                                  _cell(ev.get(k, "-"))))
-        if ev.get("users"):
-            out.append("")
-            out.append("Logged in: %s" % ", ".join(ev["users"]))
-        if ev.get("process"):
-            p = ev["process"]
-            out.append("Process:   pid %s %s (%s)" % (p.get("pid"), p.get("exe", ""),
-                                                     p.get("user", "")))
-        if ev.get("package"):
-            p = ev["package"]
-            out.append("Package:   %s (%s): %s" % (p["name"], p["manager"],
-                                                   "matches the package database"
-                                                   if p["verified"] else
-                                                   "does NOT match the package database"))
-        if ev.get("diff"):
-            out.append("")
-            out.append("Diff:")
-            out.append(ev["diff"].rstrip("\n"))
-        if ev.get("path") and ev["event"] in ("created", "modified", "attributes", "deleted",
-                                              "moved"):
-            out.append("")
-            out.append("What to do:")
-            out.append("  - If you (or a deploy, or a package upgrade) made this change, take it")
-            out.append("    into the baseline:  fimwatch accept %s" % ev["path"])
-            out.append("  - If nobody expected it: look at who was logged in (above), `last`,")
-            out.append("    `journalctl --since '%s'`, and the file itself before touching it."
-                       % ev["time"][:19].replace("T", " "))
+    out = _digest_text(ev) if ev["event"] == "digest" else _change_text(ev)
     if ev.get("dropped"):
-        out.append("")
-        out.append("NOTE: %d older alert(s) could not be delivered for 7 days and were dropped "
-                   "(see fimwatch status)." % ev["dropped"])
-    out.append("")
-    out.append("-- fimwatch %s on %s, event id %s" % (__version__, ev["host"], ev["id"]))
+        out += ["", "NOTE: %d older alert(s) could not be delivered for 7 days and were "
+                "dropped (see fimwatch status)." % ev["dropped"]]
+    out += ["", "-- fimwatch %s on %s, event id %s" % (__version__, ev["host"], ev["id"])]
     return "\n".join(out) + "\n"
+
+
+def _local_time(ev):
+    return ev.get("time", "")[:19].replace("T", " ")
+
+
+def _digest_text(ev):
+    out = ["%d changes on %s%s." % (ev.get("count", 0), ev["host"],
+                                    " (" + ev["reason"] + ")" if ev.get("reason") else ""), ""]
+    if ev.get("by_severity"):
+        out.append("By severity: " + ", ".join("%s %d" % kv for kv in ev["by_severity"].items()))
+    if ev.get("by_directory"):
+        out.append("By directory:")
+        out += ["  %6d  %s" % (n, d) for d, n in ev["by_directory"].items()]
+    shown = len(ev["events"])
+    out += ["", "Changes%s:" % (" (first %d)" % shown if shown < ev.get("count", 0) else "")]
+    out += ["  %s  %s" % (_local_time(e), event_summary(e)) for e in ev["events"]]
+    out += ["", "All events: fimwatch events --since 24h   (or the events_file log)",
+            "If these changes were expected: fimwatch accept"]
+    return out
+
+
+_WHAT_HAPPENED = {"created": "was created", "modified": "was modified",
+                  "attributes": "had its attributes changed", "deleted": "was deleted"}
+
+
+def _change_text(ev):
+    what = _WHAT_HAPPENED.get(ev["event"])
+    if ev["event"] == "moved":
+        what = "was moved here from %s" % ev.get("from")
+    sev = ev["severity"].upper()
+    if what and ev.get("path"):
+        out = ["%s: %s %s on %s." % (sev, ev["path"], what, ev["host"])]
+    else:
+        out = ["%s: %s on %s." % (sev, ev["event"], ev["host"])]
+    if ev.get("message"):
+        out.append(ev["message"])
+    out += ["", "When:      %s UTC (detected: %s)" % (_local_time(ev), ev.get("detected"))]
+    if ev.get("changes"):
+        out.append("Changed:   %s" % ", ".join(ev["changes"]))
+    out += _before_after(ev) + _context_lines(ev)
+    if ev.get("diff"):
+        out += ["", "Diff:", ev["diff"].rstrip("\n")]
+    return out + _advice(ev)
+
+
+def _before_after(ev):
+    """The table of the fields that an event has, before and after."""
+    prev = ev.get("previous") or {}
+    rows = [k for k in ("size", "mode", "owner", "group", "target", "sha256") + META_KEYS
+            if k in ev or k in prev]
+    if not rows or not ev.get("path"):
+        return []
+    out = ["", "            %-34s %s" % ("before", "after")]
+    for k in rows:
+        before = _cell(prev.get(k, "-")) if ev["event"] != "created" else "-"
+        out.append("  %-9s %-34s %s" % (k, before, _cell(ev.get(k, "-"))))
+    return out
+
+
+def _context_lines(ev):
+    """Who was logged in, which process wrote it, which package owns it."""
+    out = []
+    if ev.get("users"):
+        out += ["", "Logged in: %s" % ", ".join(ev["users"])]
+    p = ev.get("process")
+    if p:
+        out.append("Process:   pid %s %s (%s)" % (p.get("pid"), p.get("exe", ""),
+                                                 p.get("user", "")))
+    p = ev.get("package")
+    if p:
+        out.append("Package:   %s (%s): %s" % (
+            p["name"], p["manager"], "matches the package database" if p["verified"] else
+            "does NOT match the package database"))
+    return out
+
+
+def _advice(ev):
+    if not ev.get("path") or ev["event"] not in ("created", "modified", "attributes",
+                                                  "deleted", "moved"):
+        return []
+    who = "who was logged in (above), " if ev.get("users") else ""
+    if ev.get("process"):
+        who = "the process (above), " + who
+    return ["", "What to do:",
+            "  - If you (or a deploy, or a package upgrade) made this change, take it",
+            "    into the baseline:  fimwatch accept %s" % ev["path"],
+            "  - If nobody expected it: look at %s`last`," % who,
+            "    `journalctl --since '%s'`, and the file itself before touching it."
+            % _local_time(ev)]
 
 
 def make_digest(events, host, reason="", limit=50, dropped=0):
@@ -3817,82 +3845,97 @@ def inotify_usage(proc="/proc", top=8):
     return out[:top]
 
 
-def cmd_status(cfg, args):
-    pid = StateLock(cfg.state_dir).holder() if os.path.isdir(cfg.state_dir) else None
+def _meta_time(store, key):
+    v = store.meta(key)
+    return iso_s(float(v)) if v else None
+
+
+def _state_status(cfg, store, pid):
+    """The part of `status` that comes from the state database."""
+    now = time.time()
     running = bool(pid)
-    limit = read_sysctl("max_user_watches")
-    st = {"running": running, "pid": pid if pid and pid > 0 else None, "config": cfg.path,
-          "state_dir": cfg.state_dir, "watch_limit": limit,
+    built = store.meta("built")
+    st = {
+        "watches": (inotify_watches_of(pid) or int(store.meta("watches", 0) or 0))
+        if running and pid > 0 else 0,
+        "unwatched_subtrees": int(store.meta("unwatched", 0) or 0) if running else 0,
+        "baseline_entries": store.count(),
+        "baseline_built": iso_s(float(built)) if built else None,
+        "baseline_age_seconds": int(now - float(built)) if built else None,
+        "last_heartbeat": _meta_time(store, "heartbeat"),
+        "started_at": _meta_time(store, "started_at"),
+        "paused_until": None, "pause_reason": None,
+    }
+    pu = float(store.meta("pause_until", 0) or 0)
+    if pu > now:
+        st["paused_until"] = iso_s(pu)
+        st["pause_reason"] = store.meta("pause_reason") or ""
+    sev = store.events_by_severity(now - 86400)
+    st["events_24h"] = {s: sev.get(s, 0) for s in reversed(SEVERITIES)}
+    ids = [c.id for c in build_channels(cfg, store)]
+    ids += [c for c in store.spool_channels() if c not in ids]
+    st["channels"] = channel_status(store, ids)
+    return st
+
+
+def status_info(cfg):
+    """Everything `status` shows, as one dict (what --json prints)."""
+    pid = StateLock(cfg.state_dir).holder() if os.path.isdir(cfg.state_dir) else None
+    st = {"running": bool(pid), "pid": pid if pid and pid > 0 else None, "config": cfg.path,
+          "state_dir": cfg.state_dir, "watch_limit": watch_limit(),
           "max_queued_events": read_sysctl("max_queued_events")}
-    dbpath = os.path.join(cfg.state_dir, DB_NAME)
-    if os.path.exists(dbpath):
+    if os.path.exists(os.path.join(cfg.state_dir, DB_NAME)):
         store = Store(cfg.state_dir, create=False)
-        now = time.time()
-        built = store.meta("built")
-        st.update({
-            "watches": (inotify_watches_of(pid) or int(store.meta("watches", 0) or 0))
-            if running and pid > 0 else 0,
-            "unwatched_subtrees": int(store.meta("unwatched", 0) or 0) if running else 0,
-            "baseline_entries": store.count(),
-            "baseline_built": iso_s(float(built)) if built else None,
-            "baseline_age_seconds": int(now - float(built)) if built else None,
-            "last_heartbeat": iso_s(float(store.meta("heartbeat"))) if store.meta("heartbeat")
-            else None,
-            "started_at": iso_s(float(store.meta("started_at"))) if store.meta("started_at")
-            else None,
-            "paused_until": None, "pause_reason": None,
-        })
-        pu = float(store.meta("pause_until", 0) or 0)
-        if pu > now:
-            st["paused_until"] = iso_s(pu)
-            st["pause_reason"] = store.meta("pause_reason") or ""
-        if running and st["watches"] == 0:
-            # Just started: the heartbeat has not written its numbers yet.
-            pass
-        sev = store.events_by_severity(now - 86400)
-        st["events_24h"] = {s: sev.get(s, 0) for s in reversed(SEVERITIES)}
-        ids = [c.id for c in build_channels(cfg, store)]
-        ids += [c for c in store.spool_channels() if c not in ids]
-        st["channels"] = channel_status(store, ids)
-        store.close()
+        try:
+            st.update(_state_status(cfg, store, pid))
+        finally:
+            store.close()
     st["inotify_watches_by_process"] = [{"pid": p, "command": c, "watches": n}
                                         for n, p, c in inotify_usage()]
+    return st
+
+
+def _print_state_status(cfg, st):
+    if st["running"]:
+        print("  watches:    %d in use, kernel limit %s (fs.inotify.max_user_watches)"
+              % (st["watches"], st["watch_limit"]))
+        if st["unwatched_subtrees"]:
+            print("  WARNING:    %d subtree(s) without watches (limit reached), scanned every %s"
+                  % (st["unwatched_subtrees"], fmt_duration(cfg.poll_interval)))
+    if st["baseline_built"]:
+        print("  baseline:   %d entries, built %s (%s ago)" % (
+            st["baseline_entries"], st["baseline_built"],
+            fmt_duration(st["baseline_age_seconds"] or 0)))
+    else:
+        print("  baseline:   not built yet (start the daemon or run fimwatch scan)")
+    if st["paused_until"]:
+        print("  PAUSED:     until %s (%s)" % (st["paused_until"], st["pause_reason"]))
+    print("  events 24h: " + ", ".join("%s %d" % kv for kv in st["events_24h"].items()))
+    for cid, c in st["channels"].items():
+        print("  %-11s spooled %d, last ok %s%s%s" % (
+            cid + ":", c["spooled"], c["last_ok"] or "never",
+            ", last error: %s" % c["last_error"] if c["last_error"] else "",
+            ", DROPPED %d after 7 days" % c["dropped"] if c["dropped"] else ""))
+
+
+def cmd_status(cfg, args):
+    st = status_info(cfg)
     if args.json:
         print(json.dumps(st, indent=2))
+        return EXIT_OK if st["running"] else EXIT_CHANGES
+    print("fimwatch: %s" % ("running (pid %s)" % st["pid"] if st["running"] else "NOT running"))
+    print("  config:     %s" % cfg.path)
+    if "baseline_entries" in st:
+        _print_state_status(cfg, st)
     else:
-        print("fimwatch: %s" % ("running (pid %s)" % st["pid"] if running else "NOT running"))
-        print("  config:     %s" % cfg.path)
-        if "baseline_entries" in st:
-            if running:
-                print("  watches:    %d in use, kernel limit %s (fs.inotify.max_user_watches)"
-                      % (st["watches"], limit))
-                if st["unwatched_subtrees"]:
-                    print("  WARNING:    %d subtree(s) without watches (limit reached), "
-                          "scanned every %s" % (st["unwatched_subtrees"],
-                                                fmt_duration(cfg.poll_interval)))
-            if st["baseline_built"]:
-                print("  baseline:   %d entries, built %s (%s ago)" % (
-                    st["baseline_entries"], st["baseline_built"],
-                    fmt_duration(st["baseline_age_seconds"] or 0)))
-            else:
-                print("  baseline:   not built yet (start the daemon or run fimwatch scan)")
-            if st["paused_until"]:
-                print("  PAUSED:     until %s (%s)" % (st["paused_until"], st["pause_reason"]))
-            print("  events 24h: " + ", ".join("%s %d" % kv for kv in st["events_24h"].items()))
-            for cid, c in st["channels"].items():
-                print("  %-11s spooled %d, last ok %s%s%s" % (
-                    cid + ":", c["spooled"], c["last_ok"] or "never",
-                    ", last error: %s" % c["last_error"] if c["last_error"] else "",
-                    ", DROPPED %d after 7 days" % c["dropped"] if c["dropped"] else ""))
-        else:
-            print("  no baseline yet in %s" % cfg.state_dir)
-        if st["inotify_watches_by_process"]:
-            print("  inotify watches by process (limit %s per user):" % limit)
-            for w in st["inotify_watches_by_process"]:
-                print("    %8d  pid %-7d %s" % (w["watches"], w["pid"], w["command"]))
-        if not running:
-            print("  start it:   systemctl start fimwatch   (or: fimwatch run)")
-    return EXIT_OK if running else EXIT_CHANGES
+        print("  no baseline yet in %s" % cfg.state_dir)
+    if st["inotify_watches_by_process"]:
+        print("  inotify watches by process (limit %s per user):" % st["watch_limit"])
+        for w in st["inotify_watches_by_process"]:
+            print("    %8d  pid %-7d %s" % (w["watches"], w["pid"], w["command"]))
+    if not st["running"]:
+        print("  start it:   systemctl start fimwatch   (or: fimwatch run)")
+    return EXIT_OK if st["running"] else EXIT_CHANGES
 
 
 def estimate_dirs(cfg, limit=2000000):
