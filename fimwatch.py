@@ -20,6 +20,8 @@ exit codes:
   0  success (scan: no changes; status: running; test-alert: all delivered)
   1  scan: changes found; status: not running; test-alert: a channel failed
   2  usage or config error, missing dependency or privilege (one line on stderr)
+  3  state error: the state directory or database cannot be used (the daemon
+     itself reports such faults and keeps watching; systemd restarts on 3)
 """
 
 __version__ = "0.1.0"
@@ -73,6 +75,7 @@ DB_NAME = "baseline.db"
 LOCK_NAME = "fimwatch.lock"
 
 EXIT_OK, EXIT_CHANGES, EXIT_ERROR = 0, 1, 2
+EXIT_STATE = 3       # state, disk or database: never RestartPreventExitStatus
 
 SEVERITIES = ("info", "notice", "warning", "critical")
 SEV_RANK = {s: i for i, s in enumerate(SEVERITIES)}
@@ -118,6 +121,12 @@ class FimwatchError(Exception):
 
 class ConfigError(FimwatchError):
     pass
+
+
+class StateError(FimwatchError):
+    """state_dir or the database cannot be used: not the user's typo, so not
+    exit 2 (systemd keeps restarting on this one)."""
+    exit_code = EXIT_STATE
 
 
 # ---------------------------------------------------------------------------
@@ -864,7 +873,7 @@ def ensure_state_dir(state_dir):
         if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != 0o700:
             os.chmod(state_dir, 0o700)
     except OSError as e:
-        raise FimwatchError("state_dir %s: %s" % (state_dir, e.strerror))
+        raise StateError("state_dir %s: %s" % (state_dir, e.strerror))
 
 
 class Store:
@@ -887,7 +896,7 @@ class Store:
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA_SQL)
         except sqlite3.Error as e:
-            raise FimwatchError("baseline database %s: %s" % (self.path, e))
+            raise StateError("baseline database %s: %s" % (self.path, e))
         finally:
             os.umask(old_umask)
         self.lock = threading.RLock()
@@ -1033,6 +1042,151 @@ class Store:
         with self.lock:
             return [r[0] for r in self.db.execute(
                 "SELECT json FROM events WHERE t>=? ORDER BY seq", (t,))]
+
+
+class _NoRows:
+    """What a write returns while the database takes none."""
+    rowcount = 0
+    lastrowid = None
+
+    def fetchone(self):
+        return None
+
+    def fetchall(self):
+        return []
+
+    def __iter__(self):
+        return iter(())
+
+
+class StateDB:
+    """The daemon's connection to baseline.db, in place of the sqlite3 one:
+    a full disk, an I/O error, a read-only or locked or broken database never
+    stops the watch. The writes of a transaction that cannot be committed are
+    kept in memory, in order (an event with the id it was already sent with),
+    and replayed in one transaction when the database takes writes again,
+    retried with backoff: every event is recorded exactly once. Until then
+    reads see the last committed state. notes() says what to report."""
+    RETRY_MIN, RETRY_MAX = 1.0, 60.0
+    _READS = ("SELECT", "PRAGMA", "WITH", "EXPLAIN")
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.ops = []             # (sql, params, many) since BEGIN
+        self.backlog = []         # writes not yet committed (only while failing)
+        self.error = None         # the fault while failing, else None
+        self.failing_since = None
+        self.delay = self.RETRY_MIN
+        self.next_try = 0.0
+        self.attempts = 0
+        self._notes = deque()
+
+    # sqlite3.Connection's surface as Store (and the spool code) use it
+    def execute(self, sql, params=()):
+        verb = sql.lstrip()[:8].upper()
+        if verb.startswith("BEGIN"):
+            self.ops = []
+            if self.error is None:
+                try:
+                    return self.conn.execute(sql)
+                except sqlite3.Error as e:
+                    self._fault(e)
+            return _NoRows()
+        if verb.startswith(("COMMIT", "END")):
+            ops, self.ops = self.ops, []
+            if self.error is None:
+                try:
+                    return self.conn.execute(sql)
+                except sqlite3.Error as e:
+                    self._rollback()
+                    self.backlog.extend(ops)
+                    self._fault(e)
+                    return _NoRows()
+            self.backlog.extend(ops)
+            self.retry()
+            return _NoRows()
+        if verb.startswith(self._READS):
+            return self.conn.execute(sql, params)
+        return self._write(sql, params, False)
+
+    def executemany(self, sql, seq):
+        return self._write(sql, list(seq), True)
+
+    def executescript(self, script):
+        return self.conn.executescript(script)
+
+    def close(self):
+        self.conn.close()
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+    def _write(self, sql, params, many):
+        self.ops.append((sql, params, many))
+        if self.error is not None:
+            return _NoRows()
+        try:
+            return (self.conn.executemany if many else self.conn.execute)(sql, params)
+        except (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError):
+            self.ops.pop()
+            raise
+        except sqlite3.Error as e:
+            # The statements before it in this transaction are undone with it:
+            # all of them wait for the replay.
+            self._rollback()
+            self.backlog.extend(self.ops)
+            self.ops = []
+            self._fault(e)
+            return _NoRows()
+
+    def _rollback(self):
+        try:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+    def _fault(self, e):
+        now = time.monotonic()
+        if self.error is None:
+            self.failing_since = time.time()
+            self.delay = self.RETRY_MIN
+            self._notes.append(("fault", str(e)))
+        self.error = str(e)
+        self.next_try = now + self.delay
+
+    def failing(self):
+        return self.error is not None
+
+    def retry(self, force=False):
+        """Replay what waits, if its time has come; True when all is recorded."""
+        if self.error is None:
+            return True
+        now = time.monotonic()
+        if not force and now < self.next_try:
+            return False
+        self.attempts += 1
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            for sql, params, many in self.backlog:
+                (self.conn.executemany if many else self.conn.execute)(sql, params)
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            self._rollback()
+            self.error = str(e)
+            self.delay = min(self.delay * 2, self.RETRY_MAX)
+            self.next_try = now + self.delay
+            return False
+        self._notes.append(("recovered", len(self.backlog), self.failing_since))
+        self.backlog = []
+        self.error = self.failing_since = None
+        self.delay = self.RETRY_MIN
+        return True
+
+    def notes(self):
+        out = list(self._notes)
+        self._notes.clear()
+        return out
 
 
 # ---------------------------------------------------------------------------
@@ -2088,14 +2242,21 @@ def syslog_message(ev):
 
 class EventsFileSink:
     """[log] events_file: one JSON event per line; reopened when logrotate
-    moves it away."""
+    moves it away. A line that cannot be written (a full disk) is kept, in
+    order, and written at a later flush: every line once, none torn for good
+    (a partly written line is finished from where it stopped)."""
     name = "events_file"
+    MAX_PENDING = 100000
 
     def __init__(self, path):
         self.path = path
         self.f = None
         self.checked = 0.0
         self.dirty = False
+        self.pending = deque()     # encoded lines not yet (fully) written
+        self.off = 0               # bytes of pending[0] already in the file
+        self.error = None
+        self.dropped = 0
 
     def wants(self, ev):
         return True
@@ -2114,6 +2275,7 @@ class EventsFileSink:
                 os.write(fd, b"\n")
         except OSError:
             pass
+        self.off = 0               # a torn line is written again whole
         self.f = os.fdopen(fd, "a", encoding="utf-8")
 
     def send(self, ev, line):
@@ -2125,21 +2287,46 @@ class EventsFileSink:
                     self.close()
             except OSError:
                 self.close()
-        if self.f is None:
-            self._open()
-        self.f.write(line + "\n")
+        if len(self.pending) >= self.MAX_PENDING:
+            self.pending.popleft()
+            self.off = 0
+            self.dropped += 1
+        self.pending.append((line + "\n").encode("utf-8", "surrogateescape"))
         self.dirty = True
 
     def flush(self):
         """Once per main-loop turn (and at close), not once per event."""
-        if self.f is not None and self.dirty:
-            self.dirty = False
-            self.f.flush()
+        if not self.pending:
+            return
+        try:
+            if self.f is None:
+                self._open()
+            fd = self.f.fileno()
+            while self.pending:
+                b = self.pending[0]
+                self.off += os.write(fd, b[self.off:] if self.off else b)
+                if self.off >= len(b):
+                    self.pending.popleft()
+                    self.off = 0
+        except OSError as e:
+            if self.error is None:
+                self.error = e
+                sys.stderr.write("fimwatch: events_file: %s: %s; %d line(s) kept in memory "
+                                 "and written when it works again\n"
+                                 % (esc(self.path), e.strerror or e, len(self.pending)))
+            return
+        self.dirty = False
+        if self.error is not None:
+            self.error = None
+            sys.stderr.write("fimwatch: events_file: %s: writing again%s\n" % (
+                esc(self.path), "; %d line(s) were dropped (more than %d waited)"
+                % (self.dropped, self.MAX_PENDING) if self.dropped else ""))
+            self.dropped = 0
 
     def close(self):
+        self.flush()
         if self.f is not None:
             try:
-                self.f.flush()
                 self.f.close()
             except OSError:
                 pass
@@ -2902,7 +3089,9 @@ class Daemon:
         lock.acquire()
         os.umask(0o077)
         self.store = store = Store(cfg.state_dir)
+        store.db = StateDB(store.db)
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wake_w = wfd
         signal.set_wakeup_fd(wfd)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._signal)
@@ -2950,6 +3139,7 @@ class Daemon:
         self.dispatch.emit(new_event(cfg.hostname, "started", sev, "realtime", "", **extra))
         self.dispatch.flush()
         store.commit()
+        self.check_state()
         self.log("watching %d directories, %d baseline entries (%.1fs)"
                  % (eng.watches(), extra["baseline_entries"], extra["seconds"]))
         sd_notify("READY=1\nSTATUS=watching %d directories" % eng.watches())
@@ -2967,6 +3157,7 @@ class Daemon:
             store.set_meta("state", "stopped")
             store.set_meta("stopped_at", time.time())
             store.commit()
+            self.state_at_stop()
             self.dispatch.close(timeout=5.0)
             self.eng.close()
             store.close()
@@ -3112,10 +3303,62 @@ class Daemon:
                 timers["prune"] = now + 3600
             self.dispatch.flush()
             store.commit()
+            self.check_state()
             if self.reload:
                 self.reload = False
                 self.do_reload(poller)
         return EXIT_OK
+
+    def check_state(self):
+        """Once per loop turn: retry the writes the state database did not
+        take, and say so when it fails or recovers. The watch goes on."""
+        db, store = self.store.db, self.store
+        if not isinstance(db, StateDB):
+            return
+        with store.lock:
+            if db.failing() and not store._tx:
+                db.retry()
+        for note in db.notes():
+            if note[0] == "fault":
+                msg = ("cannot write the state database %s (%s): the baseline, the event log "
+                       "and the alert spool are not being recorded; events still go to "
+                       "syslog, the journal and the events file; retrying with backoff"
+                       % (store.path, note[1]))
+                self.log(msg)
+                self.dispatch.emit(new_event(self.cfg.hostname, "state_error", "warning",
+                                             "realtime", "", error=esc(note[1]),
+                                             message=esc(msg)))
+            else:
+                since = note[2] or time.time()
+                msg = ("the state database takes writes again: %d write(s) held since %s "
+                       "recorded" % (note[1], iso_s(since)))
+                self.log(msg)
+                self.dispatch.emit(new_event(self.cfg.hostname, "state_recovered", "notice",
+                                             "realtime", "", writes=note[1],
+                                             since=iso_s(since), message=msg))
+        if db.failing() and getattr(self, "_retry_timer", None) is None:
+            # Wake the loop when the next retry is due, also when idle.
+            def wake():
+                self._retry_timer = None
+                try:
+                    os.write(self.wake_w, b"r")
+                except OSError:
+                    pass
+            self._retry_timer = threading.Timer(max(0.05, db.next_try - time.monotonic()),
+                                                wake)
+            self._retry_timer.daemon = True
+            self._retry_timer.start()
+
+    def state_at_stop(self):
+        """Stopping while the database takes no writes: one last try, then say
+        what is lost (those changes are reported again at the next start)."""
+        db = self.store.db
+        if isinstance(db, StateDB) and db.failing() and not db.retry(force=True):
+            self.log("stopping while the state database takes no writes (%s): %d write(s) "
+                     "are lost; changes since %s are reported again at the next start"
+                     % (db.error, len(db.backlog) + len(db.ops), iso_s(db.failing_since)))
+            db.backlog, db.ops = [], []
+            db.error = None
 
     def do_reload(self, poller):
         try:
@@ -3646,9 +3889,9 @@ def main(argv=None):
         return 130
     except BrokenPipeError:
         return EXIT_OK
-    except sqlite3.OperationalError as e:
+    except sqlite3.Error as e:
         sys.stderr.write("fimwatch: error: state database: %s\n" % e)
-        return EXIT_ERROR
+        return EXIT_STATE
 
 
 if __name__ == "__main__":
