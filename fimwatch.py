@@ -72,6 +72,7 @@ DPKG_LOCK = "/var/lib/dpkg/lock"
 DPKG_STATUS = "/var/lib/dpkg/status"
 INOTIFY_SYSCTL = "/proc/sys/fs/inotify"
 DB_NAME = "baseline.db"
+BASELINE_ID = "baseline.id"      # the baseline's identity, kept outside it
 LOCK_NAME = "fimwatch.lock"
 
 EXIT_OK, EXIT_CHANGES, EXIT_ERROR = 0, 1, 2
@@ -1187,6 +1188,202 @@ class StateDB:
         out = list(self._notes)
         self._notes.clear()
         return out
+
+
+class StateGuard:
+    """Tells a first install from a lost, replaced or broken baseline, and a
+    finished first baseline from an interrupted one.
+
+    The database holds a random id (meta db_id); state_dir/baseline.id (written
+    atomically) holds the same id, whether the first baseline was finished,
+    and when the daemon was last seen watching. The `started` events in the
+    events file carry the id too: a second witness when baseline.id is gone
+    with the database. A corrupt or replaced database is moved aside
+    (baseline.db.corrupt-TIME, .replaced-TIME), never deleted."""
+    SEEN_EVERY = 30.0
+    _CORE = {"files": {"parent", "name", "kind", "mode", "uid", "gid", "size", "sha256"},
+             "meta": {"key", "value"}, "events": {"seq", "id", "t", "json"},
+             "spool": {"seq", "channel", "payload"}, "content": {"path", "data"}}
+
+    def __init__(self, state_dir, events_file=None):
+        self.dir = state_dir
+        self.db = os.path.join(state_dir, DB_NAME)
+        self.side = os.path.join(state_dir, BASELINE_ID)
+        self.events_file = events_file
+        self.info = None
+        self._seen = 0.0
+        self._lock = threading.Lock()     # seen() also runs on alert threads' commits
+
+    # -- the sidecar --
+    def read(self):
+        try:
+            with open(self.side, encoding="utf-8") as f:
+                info = json.load(f)
+            return info if isinstance(info, dict) and info.get("id") else None
+        except (OSError, ValueError):
+            return None
+
+    def write(self, **changes):
+        with self._lock:
+            self._write(changes)
+
+    def _write(self, changes):
+        info = dict(self.info or {})
+        info.update(changes)
+        tmp = self.side + ".tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, (json.dumps(info, sort_keys=True) + "\n").encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.side)
+            self.info = info
+        except OSError as e:              # a full disk: the next try is at the next beat
+            self.info = info
+            sys.stderr.write("fimwatch: %s: %s\n" % (self.side, e.strerror or e))
+
+    def witness(self):
+        """(baseline_id, time) of the last event in the events file that names
+        the baseline, or (None, time of the last event), or (None, None)."""
+        if not self.events_file:
+            return None, None
+        try:
+            with open(self.events_file, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - (1 << 20)))
+                data = f.read()
+        except OSError:
+            return None, None
+        last_t = None
+        for raw in reversed(data.splitlines()):
+            try:
+                ev = json.loads(raw)
+            except ValueError:
+                continue
+            if not isinstance(ev, dict):
+                continue
+            last_t = last_t or ev.get("time")
+            if ev.get("baseline_id"):
+                return ev["baseline_id"], last_t
+        return None, last_t
+
+    # -- the database, before the daemon opens it --
+    def _probe(self):
+        """meta of an intact database, or raises sqlite3.DatabaseError/ValueError."""
+        conn = sqlite3.connect(self.db, timeout=60)
+        try:
+            tables = {r[0] for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type='table'")}
+            for table, cols in self._CORE.items():
+                if table not in tables:
+                    raise ValueError("table %s is missing" % table)
+                have = {r[1] for r in conn.execute("PRAGMA table_info(%s)" % table)}
+                if not cols <= have:
+                    raise ValueError("table %s lacks %s" % (table, ", ".join(sorted(cols - have))))
+            bad = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
+            if bad != "ok":
+                raise sqlite3.DatabaseError(bad)
+            return dict(conn.execute("SELECT key, value FROM meta WHERE key IN "
+                                     "('db_id', 'built', 'build_started', 'heartbeat')"))
+        finally:
+            conn.close()
+
+    def _move_aside(self, why):
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        dest = "%s.%s-%s" % (self.db, why, stamp)
+        moved = None
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            try:
+                os.rename(self.db + suffix, dest + suffix)
+                moved = moved or dest + suffix
+            except FileNotFoundError:
+                pass
+        return moved
+
+    def examine(self):
+        """Before Store(): [(severity, event, fields)] to report once the
+        daemon can; a broken or foreign database is moved aside first."""
+        side = self.read()
+        self.info = side
+        wit_id, wit_t = (None, None) if side else self.witness()
+        size = os.path.getsize(self.db) if os.path.exists(self.db) else -1
+        meta, reason, detail = None, None, ""
+        if size > 0:
+            try:
+                meta = self._probe()
+            except (sqlite3.DatabaseError, ValueError) as e:
+                reason, detail = ("corrupt" if isinstance(e, sqlite3.DatabaseError)
+                                  else "schema"), str(e)
+        elif side or wit_id:
+            reason = "missing" if size < 0 else "truncated"
+        if meta is not None:
+            known = side["id"] if side else wit_id
+            if known and meta.get("db_id") != known:
+                reason, detail = "replaced", "its id is %s, not %s" % (
+                    meta.get("db_id") or "absent", known)
+            elif side and side.get("state") == "built" and not meta.get("built"):
+                reason, detail = "replaced", "it has no finished baseline"
+        out = []
+        built = (side or {}).get("state") == "built" or bool(wit_id)
+        since = (side or {}).get("seen") or (side or {}).get("built")
+        since = iso_s(float(since)) if since else (wit_t or "the last start")
+        if reason and built:
+            moved = self._move_aside(
+                {"missing": "lost", "truncated": "lost", "schema": "corrupt"}.get(reason, reason))
+            out.append(("critical", "baseline_lost", dict(
+                reason=reason, detail=esc(detail), moved_to=esc(moved or ""), since=since,
+                message="baseline lost or replaced (%s%s): changes since %s cannot be "
+                        "verified; a fresh baseline is built now%s" % (
+                            reason, ": " + esc(detail) if detail else "", since,
+                            "; the old database is kept as %s" % esc(moved) if moved else ""))))
+            self.info = None
+        elif reason or (meta is not None and not meta.get("built")
+                        and (side or meta.get("build_started"))):
+            started = (meta or {}).get("build_started") or (side or {}).get("created")
+            t = iso_s(float(started)) if started else since
+            if reason:
+                self._move_aside("corrupt" if reason != "missing" else "lost")
+                self.info = None
+            out.append(("warning", "baseline_interrupted", dict(
+                since=t, reason=reason or "unfinished",
+                message="first baseline was interrupted; files baselined after %s may "
+                        "already have been changed; building it again" % t)))
+        elif side is None and size < 0:
+            for suffix in ("-wal", "-shm"):       # not from a database we know
+                if os.path.exists(self.db + suffix):
+                    self._move_aside("stale")
+                    break
+        return out
+
+    # -- the database, open --
+    def adopt(self, store, rebuild=False):
+        """After Store(): give the database its id, write baseline.id."""
+        now = time.time()
+        db_id = store.meta("db_id")
+        if db_id is None:
+            db_id = uuid.uuid4().hex
+            store.set_meta("db_id", db_id)
+        if store.meta("built") is None and (rebuild or store.meta("build_started") is None):
+            store.set_meta("build_started", now)
+        store.commit()
+        info = self.info if self.info and self.info.get("id") == db_id else {
+            "id": db_id, "created": now}
+        self.info = info
+        self.write(id=db_id, state="built" if store.meta("built") else "building", seen=now)
+        return db_id
+
+    def built(self, store):
+        self.write(state="built", built=float(store.meta("built") or time.time()),
+                   seen=time.time())
+
+    def seen(self, force=False):
+        """On commits (rate-limited) and at stop: when we last watched."""
+        now = time.monotonic()
+        if self.info and (force or now - self._seen >= self.SEEN_EVERY):
+            self._seen = now
+            self.write(seen=time.time())
 
 
 # ---------------------------------------------------------------------------
@@ -3088,6 +3285,8 @@ class Daemon:
         lock = StateLock(cfg.state_dir)
         lock.acquire()
         os.umask(0o077)
+        guard = self.guard = StateGuard(cfg.state_dir, cfg.events_file)
+        findings = guard.examine()
         self.store = store = Store(cfg.state_dir)
         store.db = StateDB(store.db)
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -3098,6 +3297,7 @@ class Daemon:
         self.wake_r = rfd
         self.dispatch = Dispatcher(cfg, store)
         self.dispatch.start()
+        self.report_findings(findings)
         first = store.meta("built") is None
         prev_state = store.meta("state")
         last_seen = float(store.meta("heartbeat", 0) or 0)
@@ -3114,9 +3314,11 @@ class Daemon:
         eng = self.start_engine(ino_mod, "build" if first else "quick", "startup")
         store.set_meta("built", store.meta("built") or t_start)
         store.commit()
+        guard.built(store)
         # The started event says whether we were gone, and for how long.
         extra = {"watches": eng.watches(), "baseline_entries": store.count(),
-                 "seconds": round(time.time() - t_start, 3), "version": __version__}
+                 "seconds": round(time.time() - t_start, 3), "version": __version__,
+                 "baseline_id": store.meta("db_id")}
         sev = "notice"
         if first:
             extra["message"] = "baseline built: %d entries; watching %d directories" % (
@@ -3158,6 +3360,7 @@ class Daemon:
             store.set_meta("stopped_at", time.time())
             store.commit()
             self.state_at_stop()
+            guard.seen(force=True)
             self.dispatch.close(timeout=5.0)
             self.eng.close()
             store.close()
@@ -3308,6 +3511,18 @@ class Daemon:
                 self.reload = False
                 self.do_reload(poller)
         return EXIT_OK
+
+    def report_findings(self, findings):
+        """What StateGuard found before the database was opened: said first,
+        before the (fresh) baseline is built."""
+        self.guard.adopt(self.store, rebuild=bool(findings))
+        self.store.on_commit.append(self.guard.seen)
+        for sev, event, fields in findings:
+            self.log(fields["message"])
+            self.dispatch.emit(new_event(self.cfg.hostname, event, sev, "startup", "",
+                                         **fields))
+        self.dispatch.flush()
+        self.store.commit()
 
     def check_state(self):
         """Once per loop turn: retry the writes the state database did not

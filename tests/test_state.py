@@ -142,3 +142,118 @@ def test_full_disk_under_events_file_and_state(fim, tmpfs):
     assert_once([e for e in db_events(fim) if e.get("path") in paths], paths, "database")
     assert "events_file" in d.stderr()
     d.stop()
+
+
+# ---------------------------------------------------------------------------
+# 1. a lost, replaced or broken baseline is loud; the daemon keeps watching
+# ---------------------------------------------------------------------------
+
+def lost_event(d, reason):
+    ev = d.wait_for(is_event("baseline_lost", severity="critical"), since=d.start_index)
+    assert ev["reason"] == reason, ev
+    assert "baseline lost or replaced" in ev["message"]
+    assert "cannot be verified" in ev["message"]
+    return ev
+
+
+def still_watching(d):
+    p = write(d.env.root / ("after-%d.txt" % time.monotonic_ns()))
+    d.wait_for(is_event("created", str(p)), since=d.start_index)
+
+
+def db_files(fim):
+    return sorted(p.name for p in fim.state_dir.iterdir() if p.name.startswith("baseline.db"))
+
+
+def test_first_start_is_not_a_lost_baseline(fim):
+    d = fim.daemon()
+    assert "baseline_id" in d.started
+    d.assert_quiet(lambda e: e["event"] in ("baseline_lost", "baseline_interrupted"),
+                   since=0, control=control_file())
+    d.stop()
+    d2 = fim.daemon()
+    d2.assert_quiet(lambda e: e["event"] in ("baseline_lost", "baseline_interrupted"),
+                    since=d2.start_index, control=control_file())
+    assert d2.started["baseline_id"] == d.started["baseline_id"]
+
+
+@pytest.mark.parametrize("how", ["deleted", "deleted_with_sidecar"])
+def test_deleted_baseline_is_critical(fim, how):
+    fim.baseline()
+    for p in list(fim.state_dir.iterdir()):
+        if p.name.startswith("baseline.db") or (how == "deleted_with_sidecar"
+                                                 and p.name.startswith("baseline.")):
+            p.unlink()
+    write(fim.root / "while-gone.txt", "absorbed\n")
+    d = fim.daemon()
+    ev = lost_event(d, "missing")
+    assert ev["since"].startswith("20")
+    still_watching(d)
+    d.stop()
+    # the fresh baseline is the baseline from now on: no second alarm
+    d2 = fim.daemon()
+    d2.assert_quiet(is_event("baseline_lost"), since=d2.start_index, control=control_file())
+
+
+def test_garbage_baseline_is_moved_aside(fim):
+    fim.baseline()
+    db = fim.state_dir / "baseline.db"
+    for p in fim.state_dir.glob("baseline.db-*"):
+        p.unlink()
+    db.write_bytes(b"this is not a database\n" * 500)
+    d = fim.daemon()
+    ev = lost_event(d, "corrupt")
+    kept = [n for n in db_files(fim) if n.startswith("baseline.db.corrupt-")]
+    assert kept and ev["moved_to"].endswith(kept[0])
+    assert (fim.state_dir / kept[0]).read_bytes().startswith(b"this is not a database")
+    still_watching(d)
+    d.stop()
+
+
+def test_truncated_baseline(fim):
+    for i in range(300):
+        write(fim.root / ("f%03d" % i), "data %d\n" % i * 50)
+    fim.baseline()
+    db = fim.state_dir / "baseline.db"
+    size = db.stat().st_size
+    assert size > 8192
+    with open(db, "r+b") as f:
+        f.truncate(size // 2)
+    d = fim.daemon()
+    ev = d.wait_for(is_event("baseline_lost"), since=d.start_index)
+    assert ev["reason"] in ("corrupt", "truncated"), ev
+    still_watching(d)
+
+
+def test_schema_broken_baseline(fim):
+    fim.baseline()
+    import sqlite3
+    conn = sqlite3.connect(str(fim.state_dir / "baseline.db"))
+    conn.execute("DROP TABLE files")
+    conn.commit()
+    conn.close()
+    d = fim.daemon()
+    lost_event(d, "schema")
+    still_watching(d)
+
+
+def test_replaced_baseline(fim, tmp_path):
+    fim.baseline()
+    # a database that is valid but not ours (e.g. crafted on another machine)
+    other = tmp_path / "other-state"
+    fim2_conf = fim.sections(fimwatch={"state_dir": str(other)},
+                             log={"events_file": str(tmp_path / "other.jsonl")})
+    from conftest import render_config
+    conf2 = fim.conf_dir / "other.conf"
+    conf2.write_text(render_config(fim2_conf))
+    os.chmod(conf2, 0o600)
+    r = fim.cli("scan", "--no-alert", config=False, env={"FIMWATCH_CONFIG": str(conf2)})
+    assert r.returncode in (0, 1), r.stderr
+    for p in fim.state_dir.glob("baseline.db*"):
+        p.unlink()
+    for p in other.glob("baseline.db*"):
+        os.rename(p, fim.state_dir / p.name)
+    d = fim.daemon()
+    lost_event(d, "replaced")
+    assert [n for n in db_files(fim) if n.startswith("baseline.db.replaced-")]
+    still_watching(d)
