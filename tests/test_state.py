@@ -257,3 +257,44 @@ def test_replaced_baseline(fim, tmp_path):
     lost_event(d, "replaced")
     assert [n for n in db_files(fim) if n.startswith("baseline.db.replaced-")]
     still_watching(d)
+
+
+# ---------------------------------------------------------------------------
+# 3. an interrupted first baseline is known as such
+# ---------------------------------------------------------------------------
+
+def test_first_baseline_killed_midway(fim):
+    import conftest
+    for i in range(40):
+        sub = fim.root / ("d%02d" % i)
+        sub.mkdir()
+        for j in range(150):
+            write(sub / ("f%03d" % j), "content %d %d\n" % (i, j) * 20)
+    d = conftest.Daemon(fim)
+    fim.daemons.append(d)
+    d.start(wait=False)
+    side = fim.state_dir / "baseline.id"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            if json.loads(side.read_text()).get("state") == "building":
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.005)
+    d.kill()
+    d.proc.wait()
+    if json.loads(side.read_text()).get("state") != "building":
+        pytest.skip("the first baseline finished before the kill")
+    d2 = fim.daemon(timeout=60)
+    ev = d2.wait_for(is_event("baseline_interrupted", severity="warning"),
+                     since=d2.start_index)
+    assert "first baseline was interrupted" in ev["message"]
+    assert "may already have been changed" in ev["message"]
+    still_watching(d2)
+    d2.stop()
+    d3 = fim.daemon()
+    d3.assert_quiet(lambda e: e["event"] in ("baseline_interrupted", "baseline_lost"),
+                    since=d3.start_index, control=control_file())
+    r = fim.cli("scan", "--no-alert", "--json")
+    assert r.returncode == 0, r.stdout[:2000]
