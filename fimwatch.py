@@ -172,6 +172,7 @@ def iso_s(t):
 
 
 _DUR_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$", re.I)
+DURATION_MAX = 3650 * 86400         # ten years; beyond, time arithmetic overflows
 _DUR_MULT = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
@@ -180,7 +181,10 @@ def parse_duration(text):
     m = _DUR_RE.match(text or "")
     if not m:
         raise ValueError("not a duration: %r (use e.g. 500ms, 30s, 5m, 24h, 7d)" % text)
-    return float(m.group(1)) * _DUR_MULT[(m.group(2) or "s").lower()]
+    sec = float(m.group(1)) * _DUR_MULT[(m.group(2) or "s").lower()]
+    if sec > DURATION_MAX:
+        raise ValueError("too long: %r (at most %dd)" % (text, DURATION_MAX // 86400))
+    return sec
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.I)
@@ -445,13 +449,13 @@ def _convert(typ, raw):
             return ""
         if not raw.startswith("/"):
             raise ValueError("must be an absolute path, got %r" % raw)
-        return os.path.normpath(raw)
+        return "/" + os.path.normpath(raw).lstrip("/")
     if typ == "paths":
         out = []
         for p in raw.split():
             if not p.startswith("/"):
                 raise ValueError("paths must be absolute, got %r" % p)
-            p = os.path.normpath(p)
+            p = "/" + os.path.normpath(p).lstrip("/")      # POSIX keeps a leading //
             if p == "/":
                 raise ValueError("watching / is not supported; list the directories")
             if p not in out:
@@ -1612,6 +1616,13 @@ def group_name(gid):
     return _names[k]
 
 
+def change_list(ev):
+    """ev's `changes` as a list of names; before 0.2 the verified, rescan and
+    accepted events stored a count there (now `changes_found`)."""
+    c = ev.get("changes")
+    return [str(x) for x in c] if isinstance(c, (list, tuple)) else []
+
+
 def public_event(ev):
     """The event as the SPEC shows it (internal '_' keys removed)."""
     return {k: v for k, v in ev.items() if not k.startswith("_")}
@@ -2385,7 +2396,7 @@ class Rescan:
             eng.overflow()
         eng.emit_cb(new_event(eng.cfg.hostname, "rescan", "notice", "scan", "",
                               directories=seen_dirs, watches=eng.watches(),
-                              changes=eng.stats["changes"] - changes_before,
+                              changes_found=eng.stats["changes"] - changes_before,
                               seconds=round(time.monotonic() - t0, 3),
                               message="rescanned %d directories after an inotify queue "
                                       "overflow; %d change(s) found"
@@ -2418,8 +2429,8 @@ def syslog_message(ev):
     for k in ("kind", "from", "size", "mode", "owner", "group", "target", "sha256"):
         if k in ev:
             kv.append((k, ev[k]))
-    if ev.get("changes"):
-        kv.append(("changes", ",".join(ev["changes"])))
+    if change_list(ev):
+        kv.append(("changes", ",".join(change_list(ev))))
     prev = ev.get("previous") or {}
     for k in ("size", "mode", "owner", "group", "target", "sha256"):
         if k in prev and prev.get(k) != ev.get(k):
@@ -2592,8 +2603,8 @@ def event_summary(ev):
     s = "%s %s %s" % (ev["severity"].upper(), ev["event"], ev.get("path") or "")
     if ev.get("from"):
         s += " (from %s)" % ev["from"]
-    if ev.get("changes"):
-        s += " (%s)" % ", ".join(ev["changes"])
+    if change_list(ev):
+        s += " (%s)" % ", ".join(change_list(ev))
     if ev.get("message") and not ev.get("path"):
         s += " " + ev["message"]
     return s.strip()
@@ -2650,8 +2661,8 @@ def event_text(ev):
         out.append("")
         out.append("When:      %s UTC (detected: %s)" % (ev["time"][:19].replace("T", " "),
                                                           ev.get("detected")))
-        if ev.get("changes"):
-            out.append("Changed:   %s" % ", ".join(ev["changes"]))
+        if change_list(ev):
+            out.append("Changed:   %s" % ", ".join(change_list(ev)))
         prev = ev.get("previous") or {}
         rows = [k for k in ("size", "mode", "owner", "group", "target", "sha256")
                 if k in ev or k in prev]
@@ -2696,6 +2707,14 @@ def event_text(ev):
     return "\n".join(out) + "\n"
 
 
+def digest_listing(events, limit):
+    """The events a digest lists: every critical one first (however many),
+    then the rest by severity, highest first, each group in time order."""
+    ranked = sorted(events, key=lambda e: -SEV_RANK.get(e.get("severity"), 0))
+    crit = [e for e in ranked if e.get("severity") == "critical"]
+    return crit + ranked[len(crit):max(len(crit), limit)]
+
+
 def make_digest(events, host, reason="", limit=50, dropped=0):
     by_sev, by_dir = {}, {}
     for e in events:
@@ -2707,7 +2726,7 @@ def make_digest(events, host, reason="", limit=50, dropped=0):
     dirs = dict(sorted(by_dir.items(), key=lambda kv: -kv[1])[:20])
     ev = new_event(host, "digest", top, "realtime", "", count=len(events), reason=reason,
                    by_severity={k: by_sev[k] for k in reversed(SEVERITIES) if k in by_sev},
-                   by_directory=dirs, events=events[:limit])
+                   by_directory=dirs, events=digest_listing(events, limit))
     # The same events make the same digest id, also when it is retried.
     ev["id"] = uuid.uuid5(uuid.NAMESPACE_OID, ",".join(sorted(e.get("id", "") for e in events))
                           ).hex
@@ -3416,7 +3435,7 @@ class Daemon:
                 yield
         changes = eng.stats["changes"] - c0
         eng.emit_cb(new_event(
-            self.cfg.hostname, "verified", "info", "scan", "", directories=n, changes=changes,
+            self.cfg.hostname, "verified", "info", "scan", "", directories=n, changes_found=changes,
             seconds=round(time.monotonic() - t0, 3),
             message="comparison with the baseline done: %d directories, %d change(s) in %.1fs"
                     % (n, changes, time.monotonic() - t0)))
@@ -3686,7 +3705,7 @@ def cmd_accept(cfg, args):
     n = eng.stats["silent"]
     if n:
         audit(cfg, store, "accepted", "%d change(s) taken into the baseline by %s under %s"
-              % (n, who(), " ".join(esc(p) for p in paths[:10])), changes=n,
+              % (n, who(), " ".join(esc(p) for p in paths[:10])), changes_found=n,
               paths=[esc(p) for p in paths[:50]])
     store.commit()
     print("fimwatch: accepted %d change(s) into the baseline" % n)
