@@ -1507,13 +1507,19 @@ class PackageDB:
         finally:
             os.close(fd)
 
-    def check(self, path):
-        """{'name', 'manager', 'verified'} or None if no package owns path."""
+    def check(self, path, sha256=None):
+        """{'name', 'manager', 'verified'} or None if no package owns path.
+
+        With sha256 (what goes into the event and the baseline), md5 and
+        sha256 come from one read and the file is verified only if that read
+        has that sha256: a file swapped after it was hashed is not passed as
+        the package's on the strength of other bytes."""
         hit = self.lookup(path)
         if hit is None:
             return None
         pkg, md5 = hit
         h = hashlib.md5(usedforsecurity=False) if sys.version_info >= (3, 9) else hashlib.md5()
+        h2 = hashlib.sha256()
         try:
             fd = os.open(path, _O_HASH)
             try:
@@ -1524,11 +1530,13 @@ class PackageDB:
                     if not chunk:
                         break
                     h.update(chunk)
+                    h2.update(chunk)
             finally:
                 os.close(fd)
         except OSError:
             return {"name": pkg, "manager": "dpkg", "verified": False}
-        return {"name": pkg, "manager": "dpkg", "verified": h.hexdigest() == md5}
+        same = sha256 is None or h2.hexdigest() == sha256
+        return {"name": pkg, "manager": "dpkg", "verified": same and h.hexdigest() == md5}
 
     def maybe_drop(self):
         if self.index is not None and time.monotonic() - self.used > self.IDLE_DROP:
@@ -2082,7 +2090,7 @@ class Engine:
                 ev["users"] = users
         if (self.pkgdb is not None and kind == "file" and event in ("modified", "created")
                 and new is not None and p.startswith(PACKAGE_PREFIXES)):
-            pkg = self.pkgdb.check(p)
+            pkg = self.pkgdb.check(p, new.sha256 or "")
             if pkg is not None:
                 ev["package"] = pkg
                 if pkg["verified"] and set(changes) <= {"content"}:
