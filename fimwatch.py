@@ -2958,6 +2958,7 @@ class Channel:
     def store(self):
         if self._wstore is None:
             self._wstore = Store(self.cfg.state_dir, create=False)
+            self._wstore.db = StateDB(self._wstore.db)    # a full disk must not kill it
         return self._wstore
 
     def deliver(self, ev):
@@ -3531,8 +3532,10 @@ class Daemon:
             if now >= timers["prune"]:
                 store.prune_events()
                 timers["prune"] = now + 3600
-            self.dispatch.flush()
+            # The database first, then the events file: a kill between the two
+            # must not leave a line whose change is reported again on restart.
             store.commit()
+            self.dispatch.flush()
             self.check_state()
             if self.reload:
                 self.reload = False
