@@ -1255,9 +1255,11 @@ class StateGuard:
             return None, None
         try:
             with open(self.events_file, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - (1 << 20)))
-                data = f.read()
+                st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode):          # e.g. /dev/full: reads forever
+                    return None, None
+                f.seek(max(0, st.st_size - (1 << 20)))
+                data = f.read(1 << 20)
         except OSError:
             return None, None
         last_t = None
