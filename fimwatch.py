@@ -431,8 +431,9 @@ class Config:
         resolved once (on merged-/usr systems /bin is a link to usr/bin);
         symlinks inside the trees are never followed."""
         out = []
+        no_follow = getattr(self, "no_follow", ())
         for p in self.paths:
-            r = os.path.realpath(p) if os.path.islink(p) else p
+            r = os.path.realpath(p) if os.path.islink(p) and p not in no_follow else p
             out.append((p, r))
         return out
 
@@ -1390,6 +1391,59 @@ class StateGuard:
         if self.info and (force or now - self._seen >= self.SEEN_EVERY):
             self._seen = now
             self.write(seen=time.time())
+
+
+def root_identity(path):
+    """What a configured path is, for telling a swapped root: its kind, the
+    symlink's target, the filesystem (st_dev) and inode of what it leads to."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    ident = {"kind": kind_of(st.st_mode)}
+    if stat.S_ISLNK(st.st_mode):
+        ident["target"] = os.path.realpath(path)
+        try:
+            st = os.stat(path)
+        except OSError:
+            return ident
+    ident["dev"], ident["ino"] = st.st_dev, st.st_ino
+    return ident
+
+
+def check_root_swaps(cfg, store):
+    """[(path, was, now)]: configured paths that became a symlink (or point
+    elsewhere) or sit on another filesystem since they were baselined. A root
+    swapped for a symlink is not followed (cfg.no_follow): the baseline keeps
+    what was there and the symlink itself is compared with it."""
+    out, no_follow = [], set()
+    for p in cfg.all_roots():
+        now = root_identity(p)
+        key = "rootid:" + esc(p)
+        raw = store.meta(key)
+        if now is None:
+            continue
+        if raw is None:
+            store.set_meta(key, json.dumps(now, sort_keys=True))
+            continue
+        try:
+            was = json.loads(raw)
+        except ValueError:
+            was = {}
+        link_now, link_was = now["kind"] == "symlink", was.get("kind") == "symlink"
+        if link_now and (not link_was or now.get("target") != was.get("target")):
+            no_follow.add(p)
+            out.append((p, was, now))
+        elif (not link_now and not link_was and was.get("dev") is not None
+              and now.get("dev") != was.get("dev") and now.get("ino") != was.get("ino")):
+            # dev and inode both: a device renumbered at boot keeps the inode
+            out.append((p, was, now))
+            store.set_meta(key, json.dumps(now, sort_keys=True))
+        elif link_was and not link_now:
+            store.set_meta(key, json.dumps(now, sort_keys=True))
+    store.commit()
+    cfg.no_follow = no_follow
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -3329,6 +3383,7 @@ class Daemon:
         self.dispatch.start()
         self.report_findings(findings)
         first = store.meta("built") is None
+        self.report_root_swaps()
         prev_state = store.meta("state")
         last_seen = float(store.meta("heartbeat", 0) or 0)
         stopped_at = float(store.meta("stopped_at", 0) or 0)
@@ -3556,6 +3611,26 @@ class Daemon:
         self.dispatch.flush()
         self.store.commit()
 
+    def report_root_swaps(self):
+        for p, was, now in check_root_swaps(self.cfg, self.store):
+            if now["kind"] == "symlink":
+                msg = ("watched path %s was %s and is now a symlink to %s: not followed, "
+                       "not baselined; the baseline keeps what was there. Restore it, or "
+                       "put the real path in [watch] paths" % (
+                           esc(p), "a symlink to " + esc(was.get("target", "?"))
+                           if was.get("kind") == "symlink" else "a " + was.get("kind", "?"),
+                           esc(now.get("target", "?"))))
+            else:
+                msg = ("watched path %s is on a different filesystem than when it was "
+                       "baselined (device %s, was %s): something may be mounted over it"
+                       % (esc(p), now.get("dev"), was.get("dev")))
+            self.log(msg)
+            clean = [{k: esc(v) if isinstance(v, str) else v for k, v in d.items()}
+                     for d in (was, now)]
+            self.dispatch.emit(new_event(self.cfg.hostname, "root_swapped", "critical",
+                                         "startup", esc(p), was=clean[0], now=clean[1],
+                                         message=msg))
+
     def check_state(self):
         """Once per loop turn: retry the writes the state database did not
         take, and say so when it fails or recovers. The watch goes on."""
@@ -3617,6 +3692,7 @@ class Daemon:
                                                  "is kept: %s" % esc(str(e))))
             return
         self.log("reloading %s" % new.path)
+        new.no_follow = getattr(self.cfg, "no_follow", set())      # a swapped root stays unfollowed
         old_eng = self.eng
         old_eng.flush_due(budget=5.0, force=True)
         self.store.commit()

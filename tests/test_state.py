@@ -298,3 +298,39 @@ def test_first_baseline_killed_midway(fim):
                     since=d3.start_index, control=control_file())
     r = fim.cli("scan", "--no-alert", "--json")
     assert r.returncode == 0, r.stdout[:2000]
+
+
+# ---------------------------------------------------------------------------
+# 4. a watched root swapped for a symlink is critical, never followed
+# ---------------------------------------------------------------------------
+
+def test_root_swapped_for_symlink_is_critical_and_not_followed(fim):
+    fim.write_config(watch={"paths": "%s %s" % (fim.root, fim.outside)})
+    write(fim.root / "a.txt", "real\n")
+    fim.baseline()
+    evil = fim.base / "evil"
+    evil.mkdir()
+    write(evil / "planted.txt", "planted\n")
+    os.rename(fim.root, fim.base / "real-tree")
+    os.symlink(str(evil), str(fim.root))
+    d = fim.daemon()
+    ev = d.wait_for(is_event("root_swapped", str(fim.root), severity="critical"),
+                    since=d.start_index)
+    assert "symlink" in ev["message"] and "not followed" in ev["message"], ev
+    marker = d.mark()
+
+    def control(_root):
+        p = write(fim.outside / ("ctl-%d" % time.monotonic_ns()))
+        return is_event("created", str(p))
+    write(evil / "later.txt", "written through the link\n")
+    d.assert_quiet(lambda e: str(evil) in (e.get("path") or "")
+                   or "/planted.txt" in (e.get("path") or "")
+                   or "/later.txt" in (e.get("path") or ""),
+                   since=0, control=control)
+    assert marker <= d.mark()
+    d.stop()
+    # still not followed (and still loud) at the next start
+    d2 = fim.daemon()
+    d2.wait_for(is_event("root_swapped", str(fim.root)), since=d2.start_index)
+    d2.assert_quiet(lambda e: "planted" in (e.get("path") or ""), since=d2.start_index,
+                    control=control)
