@@ -20,6 +20,8 @@ exit codes:
   0  success (scan: no changes; status: running; test-alert: all delivered)
   1  scan: changes found; status: not running; test-alert: a channel failed
   2  usage or config error, missing dependency or privilege (one line on stderr)
+  3  state error: the state directory or database cannot be used (the daemon
+     itself reports such faults and keeps watching; systemd restarts on 3)
 """
 
 __version__ = "0.1.0"
@@ -71,9 +73,11 @@ DPKG_LOCK = "/var/lib/dpkg/lock"
 DPKG_STATUS = "/var/lib/dpkg/status"
 INOTIFY_SYSCTL = "/proc/sys/fs/inotify"
 DB_NAME = "baseline.db"
+BASELINE_ID = "baseline.id"      # the baseline's identity, kept outside it
 LOCK_NAME = "fimwatch.lock"
 
 EXIT_OK, EXIT_CHANGES, EXIT_ERROR = 0, 1, 2
+EXIT_STATE = 3       # state, disk or database: never RestartPreventExitStatus
 
 SEVERITIES = ("info", "notice", "warning", "critical")
 SEV_RANK = {s: i for i, s in enumerate(SEVERITIES)}
@@ -127,6 +131,12 @@ class DeliveryError(FimwatchError):
     """An alert could not be delivered; the spool retries it. Never reaches main()."""
 
 
+class StateError(FimwatchError):
+    """state_dir or the database cannot be used: not the user's typo, so not
+    exit 2 (systemd keeps restarting on this one)."""
+    exit_code = EXIT_STATE
+
+
 # ---------------------------------------------------------------------------
 # Small helpers: escaping, time, units
 # ---------------------------------------------------------------------------
@@ -169,21 +179,19 @@ def iso_s(t):
 
 
 _DUR_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$", re.I)
+DURATION_MAX = 3650 * 86400         # ten years; beyond, time arithmetic overflows
 _DUR_MULT = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-DURATION_MAX = 366 * 86400
 
 
 def parse_duration(text):
     """'500ms', '30s', '5m', '24h', '7d' (a bare number is seconds) -> seconds,
-    at most a year (a typo of many digits must not mean 'never')."""
+    at most DURATION_MAX (a typo of many digits must not mean 'never')."""
     m = _DUR_RE.match(text or "")
     if not m:
         raise ValueError("not a duration: %r (use e.g. 500ms, 30s, 5m, 24h, 7d)" % text)
     sec = float(m.group(1)) * _DUR_MULT[(m.group(2) or "s").lower()]
     if sec > DURATION_MAX:
-        raise ValueError("%r is more than a year" % text.strip())
+        raise ValueError("too long: %r (at most %dd)" % (text, DURATION_MAX // 86400))
     return sec
 
 
@@ -431,8 +439,9 @@ class Config:
         resolved once (on merged-/usr systems /bin is a link to usr/bin);
         symlinks inside the trees are never followed."""
         out = []
+        no_follow = getattr(self, "no_follow", ())
         for p in self.paths:
-            r = os.path.realpath(p) if os.path.islink(p) else p
+            r = os.path.realpath(p) if os.path.islink(p) and p not in no_follow else p
             out.append((p, r))
         return out
 
@@ -1150,7 +1159,7 @@ def ensure_state_dir(state_dir):
         if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != 0o700:
             os.chmod(state_dir, 0o700)
     except OSError as e:
-        raise FimwatchError("state_dir %s: %s" % (state_dir, e.strerror))
+        raise StateError("state_dir %s: %s" % (state_dir, e.strerror))
 
 
 class Store:
@@ -1174,7 +1183,7 @@ class Store:
             self.db.executescript(SCHEMA_SQL)
             self._upgrade_files_table()
         except sqlite3.Error as e:
-            raise FimwatchError("baseline database %s: %s" % (self.path, e))
+            raise StateError("baseline database %s: %s" % (self.path, e))
         finally:
             os.umask(old_umask)
         self.lock = threading.RLock()
@@ -1419,6 +1428,402 @@ class Store:
             return [r[0] for r in self.db.execute("SELECT DISTINCT channel FROM spool")]
 
 
+class _NoRows:
+    """What a write returns while the database takes none."""
+    rowcount = 0
+    lastrowid = None
+
+    def fetchone(self):
+        return None
+
+    def fetchall(self):
+        return []
+
+    def __iter__(self):
+        return iter(())
+
+
+class StateDB:
+    """The daemon's connection to baseline.db, in place of the sqlite3 one:
+    a full disk, an I/O error, a read-only or locked or broken database never
+    stops the watch. The writes of a transaction that cannot be committed are
+    kept in memory, in order (an event with the id it was already sent with),
+    and replayed in one transaction when the database takes writes again,
+    retried with backoff: every event is recorded exactly once. Until then
+    reads see the last committed state. notes() says what to report."""
+    RETRY_MIN, RETRY_MAX = 1.0, 60.0
+    _READS = ("SELECT", "PRAGMA", "WITH", "EXPLAIN")
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.ops = []             # (sql, params, many) since BEGIN
+        self.backlog = []         # writes not yet committed (only while failing)
+        self.error = None         # the fault while failing, else None
+        self.failing_since = None
+        self.delay = self.RETRY_MIN
+        self.next_try = 0.0
+        self.attempts = 0
+        self._notes = deque()
+
+    # sqlite3.Connection's surface as Store (and the spool code) use it
+    def execute(self, sql, params=()):
+        verb = sql.lstrip()[:8].upper()
+        if verb.startswith("BEGIN"):
+            self.ops = []
+            if self.error is None:
+                try:
+                    return self.conn.execute(sql)
+                except sqlite3.Error as e:
+                    self._fault(e)
+            return _NoRows()
+        if verb.startswith(("COMMIT", "END")):
+            ops, self.ops = self.ops, []
+            if self.error is None:
+                try:
+                    return self.conn.execute(sql)
+                except sqlite3.Error as e:
+                    self._rollback()
+                    self.backlog.extend(ops)
+                    self._fault(e)
+                    return _NoRows()
+            self.backlog.extend(ops)
+            self.retry()
+            return _NoRows()
+        if verb.startswith(self._READS):
+            return self.conn.execute(sql, params)
+        return self._write(sql, params, False)
+
+    def executemany(self, sql, seq):
+        return self._write(sql, list(seq), True)
+
+    def executescript(self, script):
+        return self.conn.executescript(script)
+
+    def close(self):
+        self.conn.close()
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+    def _write(self, sql, params, many):
+        self.ops.append((sql, params, many))
+        if self.error is not None:
+            return _NoRows()
+        try:
+            return (self.conn.executemany if many else self.conn.execute)(sql, params)
+        except (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError):
+            self.ops.pop()
+            raise
+        except sqlite3.Error as e:
+            # The statements before it in this transaction are undone with it:
+            # all of them wait for the replay.
+            self._rollback()
+            self.backlog.extend(self.ops)
+            self.ops = []
+            self._fault(e)
+            return _NoRows()
+
+    def _rollback(self):
+        try:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+    def _fault(self, e):
+        now = time.monotonic()
+        if self.error is None:
+            self.failing_since = time.time()
+            self.delay = self.RETRY_MIN
+            self._notes.append(("fault", str(e)))
+        self.error = str(e)
+        self.next_try = now + self.delay
+
+    def failing(self):
+        return self.error is not None
+
+    def retry(self, force=False):
+        """Replay what waits, if its time has come; True when all is recorded."""
+        if self.error is None:
+            return True
+        now = time.monotonic()
+        if not force and now < self.next_try:
+            return False
+        self.attempts += 1
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            for sql, params, many in self.backlog:
+                (self.conn.executemany if many else self.conn.execute)(sql, params)
+            self.conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            self._rollback()
+            self.error = str(e)
+            self.delay = min(self.delay * 2, self.RETRY_MAX)
+            self.next_try = now + self.delay
+            return False
+        self._notes.append(("recovered", len(self.backlog), self.failing_since))
+        self.backlog = []
+        self.error = self.failing_since = None
+        self.delay = self.RETRY_MIN
+        return True
+
+    def notes(self):
+        out = list(self._notes)
+        self._notes.clear()
+        return out
+
+
+class StateGuard:
+    """Tells a first install from a lost, replaced or broken baseline, and a
+    finished first baseline from an interrupted one.
+
+    The database holds a random id (meta db_id); state_dir/baseline.id (written
+    atomically) holds the same id, whether the first baseline was finished,
+    and when the daemon was last seen watching. The `started` events in the
+    events file carry the id too: a second witness when baseline.id is gone
+    with the database. A corrupt or replaced database is moved aside
+    (baseline.db.corrupt-TIME, .replaced-TIME), never deleted."""
+    SEEN_EVERY = 30.0
+    _CORE = {"files": {"parent", "name", "kind", "mode", "uid", "gid", "size", "sha256"},
+             "meta": {"key", "value"}, "events": {"seq", "id", "t", "json"},
+             "spool": {"seq", "channel", "payload"}, "content": {"path", "data"}}
+
+    def __init__(self, state_dir, events_file=None):
+        self.dir = state_dir
+        self.db = os.path.join(state_dir, DB_NAME)
+        self.side = os.path.join(state_dir, BASELINE_ID)
+        self.events_file = events_file
+        self.info = None
+        self._seen = 0.0
+        self._lock = threading.Lock()     # seen() also runs on alert threads' commits
+
+    # -- the sidecar --
+    def read(self):
+        try:
+            with open(self.side, encoding="utf-8") as f:
+                info = json.load(f)
+            return info if isinstance(info, dict) and info.get("id") else None
+        except (OSError, ValueError):
+            return None
+
+    def write(self, **changes):
+        with self._lock:
+            self._write(changes)
+
+    def _write(self, changes):
+        info = dict(self.info or {})
+        info.update(changes)
+        tmp = self.side + ".tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, (json.dumps(info, sort_keys=True) + "\n").encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.side)
+            self.info = info
+        except OSError as e:              # a full disk: the next try is at the next beat
+            self.info = info
+            sys.stderr.write("fimwatch: %s: %s\n" % (self.side, e.strerror or e))
+
+    def witness(self):
+        """(baseline_id, time) of the last event in the events file that names
+        the baseline, or (None, time of the last event), or (None, None)."""
+        if not self.events_file:
+            return None, None
+        try:
+            with open(self.events_file, "rb") as f:
+                st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode):          # e.g. /dev/full: reads forever
+                    return None, None
+                f.seek(max(0, st.st_size - (1 << 20)))
+                data = f.read(1 << 20)
+        except OSError:
+            return None, None
+        last_t = None
+        for raw in reversed(data.splitlines()):
+            try:
+                ev = json.loads(raw)
+            except ValueError:
+                continue
+            if not isinstance(ev, dict):
+                continue
+            last_t = last_t or ev.get("time")
+            if ev.get("baseline_id"):
+                return ev["baseline_id"], last_t
+        return None, last_t
+
+    # -- the database, before the daemon opens it --
+    def _probe(self):
+        """meta of an intact database, or raises sqlite3.DatabaseError/ValueError."""
+        conn = sqlite3.connect(self.db, timeout=60)
+        try:
+            tables = {r[0] for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type='table'")}
+            for table, cols in self._CORE.items():
+                if table not in tables:
+                    raise ValueError("table %s is missing" % table)
+                have = {r[1] for r in conn.execute("PRAGMA table_info(%s)" % table)}
+                if not cols <= have:
+                    raise ValueError("table %s lacks %s" % (table, ", ".join(sorted(cols - have))))
+            bad = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
+            if bad != "ok":
+                raise sqlite3.DatabaseError(bad)
+            return dict(conn.execute("SELECT key, value FROM meta WHERE key IN "
+                                     "('db_id', 'built', 'build_started', 'heartbeat')"))
+        finally:
+            conn.close()
+
+    def _move_aside(self, why):
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        dest = "%s.%s-%s" % (self.db, why, stamp)
+        moved = None
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            try:
+                os.rename(self.db + suffix, dest + suffix)
+                moved = moved or dest + suffix
+            except FileNotFoundError:
+                pass
+        return moved
+
+    def examine(self):
+        """Before Store(): [(severity, event, fields)] to report once the
+        daemon can; a broken or foreign database is moved aside first."""
+        side = self.read()
+        self.info = side
+        wit_id, wit_t = (None, None) if side else self.witness()
+        size = os.path.getsize(self.db) if os.path.exists(self.db) else -1
+        meta, reason, detail = None, None, ""
+        if size > 0:
+            try:
+                meta = self._probe()
+            except (sqlite3.DatabaseError, ValueError) as e:
+                reason, detail = ("corrupt" if isinstance(e, sqlite3.DatabaseError)
+                                  else "schema"), str(e)
+        elif side or wit_id:
+            reason = "missing" if size < 0 else "truncated"
+        if meta is not None:
+            known = side["id"] if side else wit_id
+            if known and meta.get("db_id") != known:
+                reason, detail = "replaced", "its id is %s, not %s" % (
+                    meta.get("db_id") or "absent", known)
+            elif side and side.get("state") == "built" and not meta.get("built"):
+                reason, detail = "replaced", "it has no finished baseline"
+        out = []
+        built = (side or {}).get("state") == "built" or bool(wit_id)
+        since = (side or {}).get("seen") or (side or {}).get("built")
+        since = iso_s(float(since)) if since else (wit_t or "the last start")
+        if reason and built:
+            moved = self._move_aside(
+                {"missing": "lost", "truncated": "lost", "schema": "corrupt"}.get(reason, reason))
+            out.append(("critical", "baseline_lost", dict(
+                reason=reason, detail=esc(detail), moved_to=esc(moved or ""), since=since,
+                message="baseline lost or replaced (%s%s): changes since %s cannot be "
+                        "verified; a fresh baseline is built now%s" % (
+                            reason, ": " + esc(detail) if detail else "", since,
+                            "; the old database is kept as %s" % esc(moved) if moved else ""))))
+            self.info = None
+        elif reason or (meta is not None and not meta.get("built")
+                        and (side or meta.get("build_started"))):
+            started = (meta or {}).get("build_started") or (side or {}).get("created")
+            t = iso_s(float(started)) if started else since
+            if reason:
+                self._move_aside("corrupt" if reason != "missing" else "lost")
+                self.info = None
+            out.append(("warning", "baseline_interrupted", dict(
+                since=t, reason=reason or "unfinished",
+                message="first baseline was interrupted; files baselined after %s may "
+                        "already have been changed; building it again" % t)))
+        elif side is None and size < 0:
+            for suffix in ("-wal", "-shm"):       # not from a database we know
+                if os.path.exists(self.db + suffix):
+                    self._move_aside("stale")
+                    break
+        return out
+
+    # -- the database, open --
+    def adopt(self, store, rebuild=False):
+        """After Store(): give the database its id, write baseline.id."""
+        now = time.time()
+        db_id = store.meta("db_id")
+        if db_id is None:
+            db_id = uuid.uuid4().hex
+            store.set_meta("db_id", db_id)
+        if store.meta("built") is None and (rebuild or store.meta("build_started") is None):
+            store.set_meta("build_started", now)
+        store.commit()
+        info = self.info if self.info and self.info.get("id") == db_id else {
+            "id": db_id, "created": now}
+        self.info = info
+        self.write(id=db_id, state="built" if store.meta("built") else "building", seen=now)
+        return db_id
+
+    def built(self, store):
+        self.write(state="built", built=float(store.meta("built") or time.time()),
+                   seen=time.time())
+
+    def seen(self, force=False):
+        """On commits (rate-limited) and at stop: when we last watched."""
+        now = time.monotonic()
+        if self.info and (force or now - self._seen >= self.SEEN_EVERY):
+            self._seen = now
+            self.write(seen=time.time())
+
+
+def root_identity(path):
+    """What a configured path is, for telling a swapped root: its kind, the
+    symlink's target, the filesystem (st_dev) and inode of what it leads to."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    ident = {"kind": kind_of(st.st_mode)}
+    if stat.S_ISLNK(st.st_mode):
+        ident["target"] = os.path.realpath(path)
+        try:
+            st = os.stat(path)
+        except OSError:
+            return ident
+    ident["dev"], ident["ino"] = st.st_dev, st.st_ino
+    return ident
+
+
+def check_root_swaps(cfg, store):
+    """[(path, was, now)]: configured paths that became a symlink (or point
+    elsewhere) or sit on another filesystem since they were baselined. A root
+    swapped for a symlink is not followed (cfg.no_follow): the baseline keeps
+    what was there and the symlink itself is compared with it."""
+    out, no_follow = [], set()
+    for p in cfg.all_roots():
+        now = root_identity(p)
+        key = "rootid:" + esc(p)
+        raw = store.meta(key)
+        if now is None:
+            continue
+        if raw is None:
+            store.set_meta(key, json.dumps(now, sort_keys=True))
+            continue
+        try:
+            was = json.loads(raw)
+        except ValueError:
+            was = {}
+        link_now, link_was = now["kind"] == "symlink", was.get("kind") == "symlink"
+        if link_now and (not link_was or now.get("target") != was.get("target")):
+            no_follow.add(p)
+            out.append((p, was, now))
+        elif (not link_now and not link_was and was.get("dev") is not None
+              and now.get("dev") != was.get("dev") and now.get("ino") != was.get("ino")):
+            # dev and inode both: a device renumbered at boot keeps the inode
+            out.append((p, was, now))
+            store.set_meta(key, json.dumps(now, sort_keys=True))
+        elif link_was and not link_now:
+            store.set_meta(key, json.dumps(now, sort_keys=True))
+    store.commit()
+    cfg.no_follow = no_follow
+    return out
+
+
 # ---------------------------------------------------------------------------
 # Context for events: who is logged in, which package owns a file, the diff
 # ---------------------------------------------------------------------------
@@ -1536,13 +1941,19 @@ class PackageDB:
         finally:
             os.close(fd)
 
-    def check(self, path):
-        """{'name', 'manager', 'verified'} or None if no package owns path."""
+    def check(self, path, sha256=None):
+        """{'name', 'manager', 'verified'} or None if no package owns path.
+
+        With sha256 (what goes into the event and the baseline), md5 and
+        sha256 come from one read and the file is verified only if that read
+        has that sha256: a file swapped after it was hashed is not passed as
+        the package's on the strength of other bytes."""
         hit = self.lookup(path)
         if hit is None:
             return None
         pkg, md5 = hit
         h = hashlib.md5(usedforsecurity=False) if sys.version_info >= (3, 9) else hashlib.md5()
+        h2 = hashlib.sha256()
         try:
             fd = os.open(path, _O_HASH)
             try:
@@ -1553,11 +1964,13 @@ class PackageDB:
                     if not chunk:
                         break
                     h.update(chunk)
+                    h2.update(chunk)
             finally:
                 os.close(fd)
         except OSError:
             return {"name": pkg, "manager": "dpkg", "verified": False}
-        return {"name": pkg, "manager": "dpkg", "verified": h.hexdigest() == md5}
+        same = sha256 is None or h2.hexdigest() == sha256
+        return {"name": pkg, "manager": "dpkg", "verified": same and h.hexdigest() == md5}
 
     def maybe_drop(self):
         if self.index is not None and time.monotonic() - self.used > self.IDLE_DROP:
@@ -1673,6 +2086,15 @@ def user_name(uid):
 
 def group_name(gid):
     return _id_name("grp", gid)
+
+
+def change_list(ev):
+    """ev's `changes` as a list of names; before 0.2 the verified, rescan and
+    accepted events stored a count there (now `changes_found`)."""
+    c = ev.get("changes")
+    return [str(x) for x in c] if isinstance(c, (list, tuple)) else []
+
+
 
 
 def event_json(ev):
@@ -2306,7 +2728,7 @@ class Engine:
                 ev["users"] = users
         if (self.pkgdb is not None and kind == "file" and event in ("modified", "created")
                 and new is not None and p.startswith(PACKAGE_PREFIXES)):
-            pkg = self.pkgdb.check(p)
+            pkg = self.pkgdb.check(p, new.sha256 or "")
             if pkg is not None:
                 ev["package"] = pkg
                 if pkg["verified"] and set(changes) <= {"content"}:
@@ -2454,7 +2876,7 @@ class Engine:
             self.overflow()
         n = self.stats["changes"] - changes_before
         self.emit_cb(new_event(self.cfg.hostname, "rescan", "notice", "scan", "",
-                               directories=seen_dirs, watches=self.watches(), changes=n,
+                               directories=seen_dirs, watches=self.watches(), changes_found=n,
                                seconds=round(time.monotonic() - t0, 3),
                                message="rescanned %d directories after an inotify queue "
                                        "overflow; %d change(s) found" % (seen_dirs, n)))
@@ -2504,7 +2926,8 @@ class Engine:
                 yield
         changes = self.stats["changes"] - c0
         self.emit_cb(new_event(
-            self.cfg.hostname, "verified", "info", "scan", "", directories=n, changes=changes,
+            self.cfg.hostname, "verified", "info", "scan", "", directories=n,
+            changes_found=changes,
             seconds=round(time.monotonic() - t0, 3),
             message="comparison with the baseline done: %d directories, %d change(s) in %.1fs"
                     % (n, changes, time.monotonic() - t0)))
@@ -2682,8 +3105,8 @@ def syslog_message(ev):
     for k in ("kind", "from", "size", "mode", "owner", "group", "target", "sha256") + META_KEYS:
         if k in ev:
             kv.append((k, ev[k]))
-    if ev.get("changes"):
-        kv.append(("changes", ",".join(ev["changes"])))
+    if change_list(ev):
+        kv.append(("changes", ",".join(change_list(ev))))
     prev = ev.get("previous") or {}
     for k in ("size", "mode", "owner", "group", "target", "sha256") + META_KEYS:
         if k in prev and prev.get(k) != ev.get(k):
@@ -2703,14 +3126,21 @@ def syslog_message(ev):
 
 class EventsFileSink:
     """[log] events_file: one JSON event per line; reopened when logrotate
-    moves it away."""
+    moves it away. A line that cannot be written (a full disk) is kept, in
+    order, and written at a later flush: every line once, none torn for good
+    (a partly written line is finished from where it stopped)."""
     name = "events_file"
+    MAX_PENDING = 100000
 
     def __init__(self, path):
         self.path = path
         self.f = None
         self.checked = 0.0
         self.dirty = False
+        self.pending = deque()     # encoded lines not yet (fully) written
+        self.off = 0               # bytes of pending[0] already in the file
+        self.error = None
+        self.dropped = 0
 
     def wants(self, ev):
         return True
@@ -2729,6 +3159,7 @@ class EventsFileSink:
                 os.write(fd, b"\n")
         except OSError:
             pass
+        self.off = 0               # a torn line is written again whole
         self.f = os.fdopen(fd, "a", encoding="utf-8")
 
     def send(self, ev, line):
@@ -2740,21 +3171,46 @@ class EventsFileSink:
                     self.close()
             except OSError:
                 self.close()
-        if self.f is None:
-            self._open()
-        self.f.write(line + "\n")
+        if len(self.pending) >= self.MAX_PENDING:
+            self.pending.popleft()
+            self.off = 0
+            self.dropped += 1
+        self.pending.append((line + "\n").encode("utf-8", "surrogateescape"))
         self.dirty = True
 
     def flush(self):
         """Once per main-loop turn (and at close), not once per event."""
-        if self.f is not None and self.dirty:
-            self.dirty = False
-            self.f.flush()
+        if not self.pending:
+            return
+        try:
+            if self.f is None:
+                self._open()
+            fd = self.f.fileno()
+            while self.pending:
+                b = self.pending[0]
+                self.off += os.write(fd, b[self.off:] if self.off else b)
+                if self.off >= len(b):
+                    self.pending.popleft()
+                    self.off = 0
+        except OSError as e:
+            if self.error is None:
+                self.error = e
+                sys.stderr.write("fimwatch: events_file: %s: %s; %d line(s) kept in memory "
+                                 "and written when it works again\n"
+                                 % (esc(self.path), e.strerror or e, len(self.pending)))
+            return
+        self.dirty = False
+        if self.error is not None:
+            self.error = None
+            sys.stderr.write("fimwatch: events_file: %s: writing again%s\n" % (
+                esc(self.path), "; %d line(s) were dropped (more than %d waited)"
+                % (self.dropped, self.MAX_PENDING) if self.dropped else ""))
+            self.dropped = 0
 
     def close(self):
+        self.flush()
         if self.f is not None:
             try:
-                self.f.flush()
                 self.f.close()
             except OSError:
                 pass
@@ -2823,8 +3279,8 @@ def event_summary(ev):
     s = "%s %s %s" % (ev["severity"].upper(), ev["event"], ev.get("path") or "")
     if ev.get("from"):
         s += " (from %s)" % ev["from"]
-    if ev.get("changes"):
-        s += " (%s)" % ", ".join(ev["changes"])
+    if change_list(ev):
+        s += " (%s)" % ", ".join(change_list(ev))
     if ev.get("message") and not ev.get("path"):
         s += " " + ev["message"]
     return s.strip()
@@ -2898,8 +3354,8 @@ def _change_text(ev):
     if ev.get("message"):
         out.append(ev["message"])
     out += ["", "When:      %s UTC (detected: %s)" % (_local_time(ev), ev.get("detected"))]
-    if ev.get("changes"):
-        out.append("Changed:   %s" % ", ".join(ev["changes"]))
+    if change_list(ev):
+        out.append("Changed:   %s" % ", ".join(change_list(ev)))
     out += _before_after(ev) + _context_lines(ev)
     if ev.get("diff"):
         out += ["", "Diff:", ev["diff"].rstrip("\n")]
@@ -2950,6 +3406,12 @@ def _advice(ev):
             "  - If nobody expected it: look at %s`last`," % who,
             "    `journalctl --since '%s'`, and the file itself before touching it."
             % _local_time(ev)]
+def digest_listing(events, limit):
+    """The events a digest lists: every critical one first (however many),
+    then the rest by severity, highest first, each group in time order."""
+    ranked = sorted(events, key=lambda e: -SEV_RANK.get(e.get("severity"), 0))
+    crit = [e for e in ranked if e.get("severity") == "critical"]
+    return crit + ranked[len(crit):max(len(crit), limit)]
 
 
 def make_digest(events, host, reason="", limit=50, dropped=0):
@@ -2963,7 +3425,7 @@ def make_digest(events, host, reason="", limit=50, dropped=0):
     dirs = dict(sorted(by_dir.items(), key=lambda kv: -kv[1])[:20])
     ev = new_event(host, "digest", top, "realtime", "", count=len(events), reason=reason,
                    by_severity={k: by_sev[k] for k in reversed(SEVERITIES) if k in by_sev},
-                   by_directory=dirs, events=events[:limit])
+                   by_directory=dirs, events=digest_listing(events, limit))
     # The same events make the same digest id, also when it is retried.
     ev["id"] = uuid.uuid5(uuid.NAMESPACE_OID, ",".join(sorted(e.get("id", "") for e in events))
                           ).hex
@@ -3183,6 +3645,7 @@ class Channel:
     def store(self):
         if self._wstore is None:
             self._wstore = Store(self.cfg.state_dir, create=False)
+            self._wstore.db = StateDB(self._wstore.db)    # a full disk must not kill it
         return self._wstore
 
     def deliver(self, ev):
@@ -3528,15 +3991,21 @@ class Daemon:
         lock = StateLock(cfg.state_dir)
         lock.acquire()
         os.umask(0o077)
+        guard = self.guard = StateGuard(cfg.state_dir, cfg.events_file)
+        findings = guard.examine()
         self.store = store = Store(cfg.state_dir)
+        store.db = StateDB(store.db)
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wake_w = wfd
         signal.set_wakeup_fd(wfd)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._signal)
         self.wake_r = rfd
         self.dispatch = Dispatcher(cfg, store)
         self.dispatch.start()
+        self.report_findings(findings)
         first = store.meta("built") is None
+        self.report_root_swaps()
         prev_state = store.meta("state")
         last_seen = float(store.meta("heartbeat", 0) or 0)
         stopped_at = float(store.meta("stopped_at", 0) or 0)
@@ -3552,9 +4021,11 @@ class Daemon:
         eng = self.start_engine(ino_mod, "build" if first else "quick", "startup")
         store.set_meta("built", store.meta("built") or t_start)
         store.commit()
+        guard.built(store)
         # The started event says whether we were gone, and for how long.
         extra = {"watches": eng.watches(), "baseline_entries": store.count(),
-                 "seconds": round(time.time() - t_start, 3), "version": __version__}
+                 "seconds": round(time.time() - t_start, 3), "version": __version__,
+                 "baseline_id": store.meta("db_id")}
         sev = "notice"
         if first:
             extra["message"] = "baseline built: %d entries; watching %d directories" % (
@@ -3580,6 +4051,7 @@ class Daemon:
             self.dispatch.emit(ev)
         self.dispatch.flush()
         store.commit()
+        self.check_state()
         self.log("watching %d directories, %d baseline entries (%.1fs)"
                  % (eng.watches(), extra["baseline_entries"], extra["seconds"]))
         sd_notify("READY=1\nSTATUS=watching %d directories" % eng.watches())
@@ -3597,6 +4069,8 @@ class Daemon:
             store.set_meta("state", "stopped")
             store.set_meta("stopped_at", time.time())
             store.commit()
+            self.state_at_stop()
+            guard.seen(force=True)
             self.dispatch.close(timeout=5.0)
             self.eng.close()
             store.close()
@@ -3641,8 +4115,11 @@ class Daemon:
             self.eng.read_events()
             self.eng.tick(now)
             self._timers(time.monotonic(), wd_every)
-            self.dispatch.flush()
+            # The database first, then the events file: a kill between the two
+            # must not leave a line whose change is reported again on restart.
             self.store.commit_turn()
+            self.dispatch.flush()
+            self.check_state()
             if self.reload:
                 self.reload = False
                 self.do_reload(poller)
@@ -3669,6 +4146,88 @@ class Daemon:
         if now >= t["prune"]:
             store.prune_events()
             t["prune"] = now + 3600
+    def report_findings(self, findings):
+        """What StateGuard found before the database was opened: said first,
+        before the (fresh) baseline is built."""
+        self.guard.adopt(self.store, rebuild=bool(findings))
+        self.store.on_commit.append(self.guard.seen)
+        for sev, event, fields in findings:
+            self.log(fields["message"])
+            self.dispatch.emit(new_event(self.cfg.hostname, event, sev, "startup", "",
+                                         **fields))
+        self.dispatch.flush()
+        self.store.commit()
+
+    def report_root_swaps(self):
+        for p, was, now in check_root_swaps(self.cfg, self.store):
+            if now["kind"] == "symlink":
+                msg = ("watched path %s was %s and is now a symlink to %s: not followed, "
+                       "not baselined; the baseline keeps what was there. Restore it, or "
+                       "put the real path in [watch] paths" % (
+                           esc(p), "a symlink to " + esc(was.get("target", "?"))
+                           if was.get("kind") == "symlink" else "a " + was.get("kind", "?"),
+                           esc(now.get("target", "?"))))
+            else:
+                msg = ("watched path %s is on a different filesystem than when it was "
+                       "baselined (device %s, was %s): something may be mounted over it"
+                       % (esc(p), now.get("dev"), was.get("dev")))
+            self.log(msg)
+            clean = [{k: esc(v) if isinstance(v, str) else v for k, v in d.items()}
+                     for d in (was, now)]
+            self.dispatch.emit(new_event(self.cfg.hostname, "root_swapped", "critical",
+                                         "startup", esc(p), was=clean[0], now=clean[1],
+                                         message=msg))
+
+    def check_state(self):
+        """Once per loop turn: retry the writes the state database did not
+        take, and say so when it fails or recovers. The watch goes on."""
+        db, store = self.store.db, self.store
+        if not isinstance(db, StateDB):
+            return
+        with store.lock:
+            if db.failing() and not store._tx:
+                db.retry()
+        for note in db.notes():
+            if note[0] == "fault":
+                msg = ("cannot write the state database %s (%s): the baseline, the event log "
+                       "and the alert spool are not being recorded; events still go to "
+                       "syslog, the journal and the events file; retrying with backoff"
+                       % (store.path, note[1]))
+                self.log(msg)
+                self.dispatch.emit(new_event(self.cfg.hostname, "state_error", "warning",
+                                             "realtime", "", error=esc(note[1]),
+                                             message=esc(msg)))
+            else:
+                since = note[2] or time.time()
+                msg = ("the state database takes writes again: %d write(s) held since %s "
+                       "recorded" % (note[1], iso_s(since)))
+                self.log(msg)
+                self.dispatch.emit(new_event(self.cfg.hostname, "state_recovered", "notice",
+                                             "realtime", "", writes=note[1],
+                                             since=iso_s(since), message=msg))
+        if db.failing() and getattr(self, "_retry_timer", None) is None:
+            # Wake the loop when the next retry is due, also when idle.
+            def wake():
+                self._retry_timer = None
+                try:
+                    os.write(self.wake_w, b"r")
+                except OSError:
+                    pass
+            self._retry_timer = threading.Timer(max(0.05, db.next_try - time.monotonic()),
+                                                wake)
+            self._retry_timer.daemon = True
+            self._retry_timer.start()
+
+    def state_at_stop(self):
+        """Stopping while the database takes no writes: one last try, then say
+        what is lost (those changes are reported again at the next start)."""
+        db = self.store.db
+        if isinstance(db, StateDB) and db.failing() and not db.retry(force=True):
+            self.log("stopping while the state database takes no writes (%s): %d write(s) "
+                     "are lost; changes since %s are reported again at the next start"
+                     % (db.error, len(db.backlog) + len(db.ops), iso_s(db.failing_since)))
+            db.backlog, db.ops = [], []
+            db.error = None
 
     def do_reload(self, poller):
         try:
@@ -3680,6 +4239,7 @@ class Daemon:
                                                  "is kept: %s" % esc(str(e))))
             return
         self.log("reloading %s" % new.path)
+        new.no_follow = getattr(self.cfg, "no_follow", set())      # a swapped root stays unfollowed
         old_eng = self.eng
         old_eng.flush_due(budget=5.0, force=True)
         self.store.commit()
@@ -3780,7 +4340,7 @@ def cmd_accept(cfg, args):
     n = eng.stats["silent"]
     if n:
         audit(cfg, store, "accepted", "%d change(s) taken into the baseline by %s under %s"
-              % (n, who(), " ".join(esc(p) for p in paths[:10])), changes=n,
+              % (n, who(), " ".join(esc(p) for p in paths[:10])), changes_found=n,
               paths=[esc(p) for p in paths[:50]])
     store.commit()
     print("fimwatch: accepted %d change(s) into the baseline" % n)
@@ -4218,9 +4778,9 @@ def main(argv=None):
         return 130
     except BrokenPipeError:
         return EXIT_OK
-    except sqlite3.OperationalError as e:
+    except sqlite3.Error as e:
         sys.stderr.write("fimwatch: error: state database: %s\n" % e)
-        return EXIT_ERROR
+        return EXIT_STATE
 
 
 if __name__ == "__main__":

@@ -153,3 +153,21 @@ def test_paths_outside_package_prefixes_never_load_the_index(dpkg, tmp_path):
     eng.emit_change("modified", str(tool), "realtime", rec, rec, ["content"])
     assert "package" not in got[-1]
     assert db.index is None
+
+
+def test_file_swapped_after_hashing_is_not_verified(dpkg, tmp_path, monkeypatch):
+    """The verdict comes from the bytes whose sha256 is in the event: evil
+    content hashed, the packaged bytes put back before the md5 check, the
+    evil content back again - never `info`, never verified."""
+    db, tool, _, _ = dpkg
+    monkeypatch.setattr(fimwatch, "PACKAGE_PREFIXES", (str(tmp_path) + "/",))
+    eng, got = _engine(db)
+    good = tool.read_bytes()
+    old = fimwatch.snapshot(str(tool), 1 << 20)
+    tool.write_bytes(b"#!/bin/sh\necho trojan\n")
+    evil = fimwatch.snapshot(str(tool), 1 << 20)
+    tool.write_bytes(good)                        # the swap between the two reads
+    eng.emit_change("modified", str(tool), "realtime", old, evil, ["content"])
+    assert got[-1]["sha256"] == evil.sha256
+    assert got[-1]["package"]["verified"] is False
+    assert got[-1]["severity"] == "critical"
