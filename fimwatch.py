@@ -4521,7 +4521,104 @@ def estimate_dirs(cfg, limit=2000000):
     return n
 
 
+# What check-config --json recommends for the inotify limits: one watch per
+# directory, + 50% for growth, + spare watches for everything else root runs,
+# rounded up to 1024; and a floor for the number of inotify instances.
+WATCH_HEADROOM = 8192
+MIN_USER_INSTANCES = 256
+
+
+def _resolve_in(root, path):
+    """path with its symlinks resolved as if root were / (a link in a staged
+    tree points into that tree, never into this host's)."""
+    done, todo, hops = "/", [c for c in path.split("/") if c], 0
+    while todo:
+        c = todo.pop(0)
+        if c == ".":
+            continue
+        if c == "..":
+            done = os.path.dirname(done)
+            continue
+        nxt = os.path.join(done, c)
+        try:
+            target = os.readlink(root + nxt)
+        except OSError:                 # not a link, or not there
+            done = nxt
+            continue
+        hops += 1
+        if hops > 40:                   # a loop: stop where it is
+            return nxt
+        if target.startswith("/"):
+            done = "/"
+        todo = [t for t in target.split("/") if t] + todo
+    return done
+
+
+def check_config_report(cfg, root=None):
+    """check-config --json: the config as the program reads it, and the watch
+    estimate, for installers (install.sh asks this instead of parsing the
+    config). With root, the watched paths are looked up inside that tree (a
+    system staged with install.sh --root), and the estimate walks it."""
+    roots = []
+    if root is None:
+        for p, w in cfg.resolved_roots():
+            roots.append({"configured": p, "watched": w, "exists": os.path.exists(w)})
+        need = estimate_dirs(cfg)
+    else:
+        need, ex = 0, cfg.exclude
+        for p in cfg.paths:
+            last = os.path.join(_resolve_in(root, os.path.dirname(p)), os.path.basename(p))
+            w = _resolve_in(root, p) if os.path.islink(root + last) else p
+            phys = root + _resolve_in(root, w)
+            roots.append({"configured": p, "watched": w, "exists": os.path.exists(phys)})
+            # As estimate_dirs, with the excludes matched on the target's paths.
+            stack = [(phys, w)]
+            while stack:
+                d, logical = stack.pop()
+                need += 1
+                try:
+                    with os.scandir(d) as it:
+                        for e in it:
+                            lp = logical + "/" + e.name
+                            try:
+                                if e.is_dir(follow_symlinks=False) and \
+                                        not ex.match(lp, True, dirs_by_name=False):
+                                    stack.append((e.path, lp))
+                            except OSError:
+                                pass
+                except OSError:
+                    pass
+    want = need + need // 2 + WATCH_HEADROOM
+    return {
+        "config": cfg.path,
+        "valid": True,
+        "version": __version__,
+        "root": root,
+        "state_dir": cfg.state_dir,
+        "events_file": cfg.events_file or None,
+        "roots": roots,
+        "scan_only": list(cfg.scan_only),
+        "exclude": list(cfg.exclude.patterns),
+        "watches_needed": need,
+        "max_user_watches": read_sysctl("max_user_watches"),
+        "recommended_max_user_watches": (want + 1023) // 1024 * 1024,
+        "max_user_instances": read_sysctl("max_user_instances"),
+        "recommended_max_user_instances": MIN_USER_INSTANCES,
+    }
+
+
 def cmd_check_config(cfg, args):
+    root = getattr(args, "root", None)
+    if root is not None:
+        if not getattr(args, "json", False):
+            raise FimwatchError("check-config --root: only with --json")
+        root = os.path.abspath(root).rstrip("/")
+        if not root or not os.path.isdir(root):
+            raise FimwatchError("check-config --root: %s is not a directory (or is /)"
+                                % esc(args.root))
+    if getattr(args, "json", False):
+        print(json.dumps(check_config_report(cfg, root), indent=2))
+        return EXIT_OK
     print("# fimwatch %s: %s is valid. Effective settings:" % (__version__, cfg.path))
     for sect, spec in SCHEMA.items():
         if sect == "webhook":
@@ -4733,7 +4830,14 @@ def build_parser():
                         epilog="exit 0 running, 1 not running, 2 config error")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("test-alert", help="send a test alert through every channel")
-    sub.add_parser("check-config", help="validate the config, print effective settings")
+    sp = sub.add_parser("check-config", help="validate the config, print effective settings")
+    sp.add_argument("--json", action="store_true",
+                    help="one JSON object: the watched paths, excludes, state_dir and the "
+                         "watch estimate (what install.sh asks); nothing on stdout when "
+                         "the config is invalid")
+    sp.add_argument("--root", metavar="DIR",
+                    help="with --json: look the watched paths up inside DIR, a system staged "
+                         "with install.sh --root, and estimate the watches from that tree")
     sp = sub.add_parser("pause", help="maintenance window: summarise alerts until it ends")
     sp.add_argument("--for", dest="duration", required=True, metavar="DURATION",
                     type=_arg_duration(1, 7 * 86400),

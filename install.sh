@@ -50,9 +50,6 @@ SERVICE=fimwatch.service
 SOCKET=fimwatch-sendmail.socket
 UNITS="fimwatch.service fimwatch-failure@.service fimwatch-sendmail.socket fimwatch-sendmail@.service"
 SOURCE_FILES="fimwatch.py fimwatch.conf.example fimwatch-sendmail-relay $UNITS"
-# Watches kept free for everything else root runs, on top of what fimwatch needs.
-WATCH_HEADROOM=8192
-MIN_USER_INSTANCES=256
 
 # --- state (set by options and preflight) --------------------------------------
 DRY_RUN=0
@@ -71,6 +68,8 @@ CONF_NOTE=
 STEP=start
 WATCH_DIRS=
 WATCH_LIMIT=
+CONFIG_JSON=          # fimwatch check-config --json, once the config is in place
+STATE_DIR=$STATEDIR   # [fimwatch] state_dir of the config
 
 # --- output ------------------------------------------------------------------
 setup_colours() {
@@ -513,32 +512,55 @@ install_config() {
     make_dir "$ROOT$LOGDIR" 0750
 }
 
+# --- asking the program ---------------------------------------------------------------
+# The config is the program's to read: `fimwatch check-config --json` gives the
+# watched paths, excludes and state_dir as the daemon will see them, and the
+# watch estimate with the limits to set. The staged copy answers: it is the
+# version being installed, it needs no inotify_simple, and it is there in
+# --dry-run and --root too. With --root it looks the paths up in the staged
+# tree and walks that. On a bad config it prints the error and nothing else.
+ask_program() {
+    [ -n "$TMP" ] || TMP=$(mktemp -d /tmp/fimwatch-install.XXXXXX)
+    CONFIG_JSON=
+    set -- "$PY" "$STAGE/fimwatch.py" --config "$ROOT$CONF" check-config --json
+    [ -z "$ROOT" ] || set -- "$@" --root "$ROOT"
+    if ! "$@" >"$TMP/check-config.json" 2>"$TMP/check-config.err"; then
+        cat "$TMP/check-config.err" >&2
+        return 1
+    fi
+    CONFIG_JSON=$TMP/check-config.json
+}
+
+# from_program QUERY [PATH...]: reads the answer with python (the shell has no
+# JSON parser; python3 is needed anyway):
+#   limits       "NEEDED WATCHES INSTANCES CUR_WATCHES CUR_INSTANCES STATE_DIR":
+#                watches needed, the limits recommended, the kernel's now
+#   under-roots  those PATHs that are a watched path or under one
+from_program() {
+    "$PY" - "$CONFIG_JSON" "$@" <<'EOT'
+import json
+import sys
+
+with open(sys.argv[1]) as f:
+    c = json.load(f)
+query, args = sys.argv[2], sys.argv[3:]
+if query == "limits":
+    if "\n" in c["state_dir"]:
+        sys.exit("state_dir has a line break: %r" % c["state_dir"])
+    print(int(c["watches_needed"]), int(c["recommended_max_user_watches"]),
+          int(c["recommended_max_user_instances"]), int(c["max_user_watches"] or 0),
+          int(c["max_user_instances"] or 0), c["state_dir"])
+elif query == "under-roots":
+    roots = [r[k] for r in c["roots"] for k in ("configured", "watched")] + c["scan_only"]
+    for p in args:
+        if any(p == r or p.startswith(r + "/") for r in roots):
+            print(p)
+else:
+    sys.exit("from_program: unknown query %r" % query)
+EOT
+}
+
 # --- inotify limits ----------------------------------------------------------------
-# Prints the [watch] paths of a fimwatch config, one a line (INI value with
-# continuation lines; inline # and ; comments stripped).
-watch_paths() {
-    awk '
-        function emit(s,   n, i, a) { sub(/[ \t][#;].*$/, "", s); n = split(s, a, /[ \t]+/)
-            for (i = 1; i <= n; i++) if (a[i] != "") print a[i] }
-        /^\[/ { sect = $0; gsub(/[][ \t]/, "", sect); inpaths = 0; next }
-        sect != "watch" { next }
-        /^[ \t]*[#;]/ { next }
-        inpaths && /^[ \t]+[^ \t]/ { emit($0); next }
-        { inpaths = 0 }
-        /^paths[ \t]*[=:]/ { inpaths = 1; v = $0; sub(/^paths[ \t]*[=:]/, "", v); emit(v) }
-    ' "$1"
-}
-
-count_watch_dirs() {
-    n=0
-    for p in $(watch_paths "$ROOT$CONF"); do
-        [ -d "$ROOT$p" ] || continue
-        c=$(find "$ROOT$p" -type d 2>/dev/null | wc -l)
-        n=$((n + c))
-    done
-    echo "$n"
-}
-
 read_sysctl() { # NAME (fs.inotify.max_user_watches)
     f=/proc/sys/$(echo "$1" | tr . /)
     if [ -r "$f" ]; then cat "$f"; else echo 0; fi
@@ -550,35 +572,42 @@ setup_sysctl() {
         [ "$DRY_RUN" = 1 ] || warn "no $CONF: inotify limits left as they are"
         return 0
     fi
-    WATCH_DIRS=$(count_watch_dirs)
-    want=$((WATCH_DIRS + WATCH_DIRS / 2 + WATCH_HEADROOM))
-    want=$(( (want + 1023) / 1024 * 1024 ))
-    if [ -n "$ROOT" ]; then cur=0; cur_inst=0; else
-        cur=$(read_sysctl fs.inotify.max_user_watches)
-        cur_inst=$(read_sysctl fs.inotify.max_user_instances)
+    if ! ask_program; then
+        # A real install stops here (it would at check_config anyway); a dry
+        # run or a staged tree only cannot size the limits.
+        [ "$DRY_RUN" = 1 ] || [ -n "$ROOT" ] \
+            || fatal "$CONF is not valid: fix it, then run the installer again (fimwatch check-config)"
+        warn "$CONF is not valid: inotify limits left as they are (fimwatch check-config)"
+        return 0
     fi
+    answer=$(from_program limits) || fatal "cannot read what fimwatch check-config --json said"
+    read -r WATCH_DIRS want want_inst cur cur_inst STATE_DIR <<EOT
+$answer
+EOT
+    if [ -n "$ROOT" ]; then cur=0; cur_inst=0; fi
     # An earlier drop-in of ours may hold a higher value: never lower it.
     old=$(sed -n 's/^fs\.inotify\.max_user_watches *= *//p' "$ROOT$SYSCTL_FILE" 2>/dev/null | head -n 1)
     [ -n "$old" ] && [ "$old" -gt "$want" ] && want=$old
     if [ -n "$ROOT" ]; then
-        info "watched paths under $ROOT hold $WATCH_DIRS directories; watches wanted: $want"
+        info "watched paths under $ROOT need about $WATCH_DIRS watches; watches wanted: $want"
     else
-        info "watched paths hold $WATCH_DIRS directories; watches wanted: $want, kernel limit now: $cur"
+        info "watched paths need about $WATCH_DIRS watches; watches wanted: $want, kernel limit now: $cur"
     fi
     [ -n "$TMP" ] || TMP=$(mktemp -d /tmp/fimwatch-install.XXXXXX)
     {
         echo "# Written by the fimwatch installer: inotify limits for the paths in"
-        echo "# $CONF (one watch per directory, + 50%, + $WATCH_HEADROOM spare)."
-        echo "# Re-run the installer after adding paths; it never lowers a limit."
+        echo "# $CONF, as fimwatch check-config --json recommends"
+        echo "# (one watch per directory, + 50%, + spare). Re-run the installer after"
+        echo "# adding paths; it never lowers a limit."
         if [ "$want" -gt "$cur" ]; then
             echo "fs.inotify.max_user_watches = $want"
         else
             echo "# fs.inotify.max_user_watches: the kernel's $cur is already >= $want"
         fi
-        if [ "$cur_inst" -lt "$MIN_USER_INSTANCES" ]; then
-            echo "fs.inotify.max_user_instances = $MIN_USER_INSTANCES"
+        if [ "$cur_inst" -lt "$want_inst" ]; then
+            echo "fs.inotify.max_user_instances = $want_inst"
         else
-            echo "# fs.inotify.max_user_instances: the kernel's $cur_inst is already >= $MIN_USER_INSTANCES"
+            echo "# fs.inotify.max_user_instances: the kernel's $cur_inst is already >= $want_inst"
         fi
     } >"$TMP/sysctl.conf"
     make_dir "$ROOT/etc/sysctl.d" 0755
@@ -587,9 +616,9 @@ setup_sysctl() {
     fi
     WATCH_LIMIT=$cur
     [ -n "$ROOT" ] && { WATCH_LIMIT=$want; return 0; }
-    [ "$want" -gt "$cur" ] || [ "$cur_inst" -lt "$MIN_USER_INSTANCES" ] || return 0
+    [ "$want" -gt "$cur" ] || [ "$cur_inst" -lt "$want_inst" ] || return 0
     apply_sysctl fs.inotify.max_user_watches "$want" "$cur"
-    apply_sysctl fs.inotify.max_user_instances "$MIN_USER_INSTANCES" "$cur_inst"
+    apply_sysctl fs.inotify.max_user_instances "$want_inst" "$cur_inst"
     WATCH_LIMIT=$(read_sysctl fs.inotify.max_user_watches)
 }
 
@@ -618,7 +647,7 @@ check_config() {
 
 build_baseline() {
     STEP="building the baseline"
-    if [ -n "$(ls -A "$STATEDIR" 2>/dev/null)" ]; then
+    if [ -n "$(ls -A "$STATE_DIR" 2>/dev/null)" ]; then
         return 0   # an upgrade: the daemon compares against the existing baseline
     fi
     info "building the baseline of every watched file (first install; this reads them all)"
@@ -655,17 +684,18 @@ enable_service() {
 # the restarted daemon does not report the installer's own work.
 accept_own_files() {
     [ -n "$CHANGED_PATHS" ] || return 0
-    [ -f "$STATEDIR/baseline.db" ] || return 0
+    [ -f "$STATE_DIR/baseline.db" ] || return 0
+    [ -n "$CONFIG_JSON" ] || return 0     # a dry run with a bad config: warned above
     STEP="taking the upgraded files into the baseline"
-    roots=$(watch_paths "$CONF")
+    # shellcheck disable=SC2086  # our own paths: no blanks, no wildcards
+    own=$(from_program under-roots $CHANGED_PATHS) \
+        || fatal "cannot read what fimwatch check-config --json said"
     set --
-    for p in $CHANGED_PATHS; do
-        for r in $roots; do
-            case $p in
-                "$r"|"$r"/*) set -- "$@" "$p"; break ;;
-            esac
-        done
-    done
+    while read -r p; do
+        if [ -n "$p" ]; then set -- "$@" "$p"; fi
+    done <<EOT
+$own
+EOT
     [ $# -gt 0 ] || return 0
     if [ "$DRY_RUN" = 1 ]; then
         run "$BIN" accept "$@"
@@ -739,7 +769,7 @@ summary() {
     else
         echo "  config     $CONF ($CONF_NOTE)" >&2
     fi
-    echo "  state      $STATEDIR   events log: $LOGDIR/events.jsonl" >&2
+    echo "  state      $STATE_DIR   events log: $LOGDIR/events.jsonl" >&2
     echo "  watches    about ${WATCH_DIRS:-?} needed (one per watched directory), kernel limit ${WATCH_LIMIT:-?} ($SYSCTL_FILE)" >&2
     if [ -n "$ROOT" ]; then
         echo "  units      $UNITDIR/ (staged; nothing was started)" >&2

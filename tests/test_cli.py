@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -113,6 +114,124 @@ def test_check_config_prints_effective_settings(fim):
     assert "100ms" in out or "0.1" in out, out
     # defaults of keys the file does not set are shown too
     assert "min_severity" in out or "facility" in out, out
+
+
+def _check_config_json(fim, *args):
+    proc = fim.cli("check-config", "--json", *args)
+    assert proc.returncode == 0, describe(proc)
+    assert proc.stderr == "", describe(proc)
+    return json.loads(proc.stdout)     # one object, nothing else on stdout
+
+
+def _sysctl(name):
+    with open("/proc/sys/fs/inotify/" + name) as f:
+        return int(f.read())
+
+
+def test_check_config_json_reflects_the_config(fim):
+    """What install.sh asks instead of parsing the config: the watched paths
+    (a symlinked one resolved, a missing one flagged), scan_only, the
+    excludes, state_dir, events_file, and the watch estimate (one per
+    directory, excluded directories get none) with the limit to set."""
+    for d in ("a/b/c", "a/d", "skip/deep/er", "node/x"):
+        (fim.root / d).mkdir(parents=True)
+    real = fim.base / "real"
+    (real / "sub").mkdir(parents=True)
+    link = fim.base / "link"
+    link.symlink_to(real)
+    missing = fim.base / "missing"
+    scan_only = fim.base / "scanned"
+    scan_only.mkdir()
+    exclude = "*.swp %s/skip/** node/" % fim.root
+    fim.write_config(watch={"paths": "%s %s %s" % (fim.root, link, missing),
+                            "exclude": exclude, "scan_only": str(scan_only)})
+    js = _check_config_json(fim)
+    assert js["config"] == str(fim.conf) and js["valid"] is True, js
+    assert re.match(r"^\d+\.\d+", js["version"]), js
+    assert js["state_dir"] == str(fim.state_dir), js
+    assert js["events_file"] == str(fim.events_file), js
+    assert js["roots"] == [
+        {"configured": str(fim.root), "watched": str(fim.root), "exists": True},
+        {"configured": str(link), "watched": str(real), "exists": True},
+        {"configured": str(missing), "watched": str(missing), "exists": False},
+    ], js
+    assert js["scan_only"] == [str(scan_only)], js
+    assert js["exclude"] == exclude.split(), js
+    # tree, a, a/b, a/b/c, a/d (skip/** and node/ excluded) + real, real/sub
+    # + one for the missing path
+    assert js["watches_needed"] == 5 + 2 + 1, js
+    assert js["max_user_watches"] == _sysctl("max_user_watches"), js
+    assert js["max_user_instances"] == _sysctl("max_user_instances"), js
+    rec = js["recommended_max_user_watches"]
+    assert rec % 1024 == 0 and rec >= 8 * 1.5 + 8192, js
+    assert js["recommended_max_user_instances"] >= 128, js
+
+    # A config change shows: the program is what install.sh asks, every time.
+    fim.write_config(watch={"paths": str(fim.root / "a"), "exclude": "", "scan_only": ""},
+                     log={"events_file": ""})
+    js = _check_config_json(fim)
+    assert [r["configured"] for r in js["roots"]] == [str(fim.root / "a")], js
+    assert js["exclude"] == [] and js["scan_only"] == [] and js["events_file"] is None, js
+    assert js["watches_needed"] == 4, js     # a, b, c, d
+
+    # Without --json the text output is what it was.
+    proc = fim.cli("check-config", check=0)
+    assert proc.stdout.startswith("# fimwatch "), proc.stdout
+    assert "# watches needed: about 4 directories" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("bad", ["value", "section", "missing-file"])
+def test_check_config_json_on_a_bad_config_prints_nothing(fim, bad):
+    """install.sh relies on it: exit 2, the one-line error on stderr, and
+    nothing on stdout (no half JSON object to parse)."""
+    conf = fim.conf
+    if bad == "value":
+        fim.write_config(fimwatch={"settle": "soon"})
+    elif bad == "section":
+        fim.write_config(render_config(fim.sections()) + "[wacth]\npaths = /tmp\n")
+    else:
+        conf = fim.base / "nope.conf"
+    proc = fim.cli("--config", conf, "check-config", "--json", config=False)
+    assert_config_error(proc, conf)
+    assert proc.stdout == "", describe(proc)
+
+
+def test_check_config_json_root_walks_the_staged_tree(fim, tmp_path):
+    """install.sh --root DIR sizes the limits for the staged system: the
+    configured paths are looked up inside DIR (a symlink there points into
+    DIR, not into this host), excludes match the target's paths."""
+    stage = tmp_path / "stage"
+    target = fim.base / "srv"          # the path as the target system sees it
+    staged = Path(str(stage) + str(target))
+    for d in ("one/two", "cache/x/y", "three"):
+        (staged / d).mkdir(parents=True)
+    (staged / "lib" / "deep").mkdir(parents=True)
+    # /srv/web -> /srv/three inside the stage: absolute, so only right under DIR
+    (staged / "web").symlink_to(str(target / "three"))
+    (staged / "three" / "four").mkdir()
+    fim.write_config(watch={"paths": "%s %s %s" % (target, target / "web", target / "gone"),
+                            "exclude": "%s/cache/**" % target, "scan_only": ""})
+    js = _check_config_json(fim, "--root", stage)
+    assert js["root"] == str(stage), js
+    assert js["roots"] == [
+        {"configured": str(target), "watched": str(target), "exists": True},
+        {"configured": str(target / "web"), "watched": str(target / "three"), "exists": True},
+        {"configured": str(target / "gone"), "watched": str(target / "gone"), "exists": False},
+    ], js
+    # srv, one, two, three, four, lib, deep (cache/** excluded); three, four
+    # again through web; 1 for the missing path
+    assert js["watches_needed"] == 7 + 2 + 1, js
+    # Without --root the host has none of it.
+    js = _check_config_json(fim)
+    assert [r["exists"] for r in js["roots"]] == [False, False, False], js
+    assert js["watches_needed"] == 3, js
+    # --root is only for --json, and must be a directory.
+    for args in (("check-config", "--root", stage),
+                 ("check-config", "--json", "--root", tmp_path / "nope")):
+        proc = fim.cli(*args)
+        assert proc.returncode == 2 and proc.stdout == "", describe(proc)
+        assert proc.stderr.startswith("fimwatch: error:") and proc.stderr.count("\n") == 1, \
+            describe(proc)
 
 
 def test_help_on_every_command(fim):

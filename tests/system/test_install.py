@@ -302,6 +302,43 @@ def test_root_staging_is_idempotent_and_keeps_config(tmp_path):
     assert "updating" in r.stderr
 
 
+def test_root_staging_sizes_the_limits_from_the_program(tmp_path):
+    """install.sh asks `fimwatch check-config --json --root DIR` instead of
+    parsing the config: the staged tree is walked with the config's excludes,
+    and the drop-in holds the limit the program recommends. A bad config
+    under --root is the program's one-line error and a warning; nothing is
+    sized from it."""
+    src = _stage_src(tmp_path)
+    root = tmp_path / "root"
+    for d in ("srv/app/a/b", "srv/app/cache/x/y/z", "srv/other/c"):
+        (root / d).mkdir(parents=True)
+    confdir = root / "etc/fimwatch"
+    confdir.mkdir(mode=0o700, parents=True)
+    conf = confdir / "fimwatch.conf"
+    conf.write_text("[watch]\n"
+                    "paths = /srv/app\n"
+                    "   /srv/other   # continuation line\n"
+                    "exclude = /srv/app/cache/**\n")
+    conf.chmod(0o600)
+    r = _install(src, "--root", str(root))
+    # app, a, b (cache/** excluded) + other, c
+    assert "under %s need about 5 watches" % root in r.stderr, r.stderr
+    asked = subprocess.run([sys.executable, str(src / "fimwatch.py"), "--config", str(conf),
+                            "check-config", "--json", "--root", str(root)],
+                           capture_output=True, text=True, check=True)
+    want = json.loads(asked.stdout)["recommended_max_user_watches"]
+    dropin = root / "etc/sysctl.d/60-fimwatch.conf"
+    assert "fs.inotify.max_user_watches = %d\n" % want in dropin.read_text()
+
+    dropin.unlink()
+    conf.write_text(conf.read_text() + "no_such_key = 1\n")
+    r = _install(src, "--root", str(root))
+    assert re.search(r"^fimwatch: error: .*fimwatch.conf:\d+: .*no_such_key", r.stderr, re.M), \
+        r.stderr
+    assert "is not valid: inotify limits left as they are" in r.stderr, r.stderr
+    assert not dropin.exists()
+
+
 def test_root_uninstall_and_purge(tmp_path):
     src = _stage_src(tmp_path)
     root = tmp_path / "root"
