@@ -4498,22 +4498,24 @@ def cmd_status(cfg, args):
     return EXIT_OK if st["running"] else EXIT_CHANGES
 
 
-def estimate_dirs(cfg, limit=2000000):
-    """Directories the watch paths need (excluded ones get no watch)."""
+def count_dirs(tops, exclude, limit=2000000):
+    """Directories below (and including) tops that get a watch; tops are
+    (where to read, the path the config's excludes see) pairs, the same but
+    for a tree staged under another root."""
     n = 0
-    ex = cfg.exclude
-    for _, root in cfg.resolved_roots():
-        stack = [root]
+    for phys, logical in tops:
+        stack = [(phys, logical)]
         while stack and n < limit:
-            d = stack.pop()
+            d, ld = stack.pop()
             n += 1
             try:
                 with os.scandir(d) as it:
                     for e in it:
+                        lp = ld + "/" + e.name
                         try:
                             if e.is_dir(follow_symlinks=False) and \
-                                    not ex.match(e.path, True, dirs_by_name=False):
-                                stack.append(e.path)
+                                    not exclude.match(lp, True, dirs_by_name=False):
+                                stack.append((e.path, lp))
                         except OSError:
                             pass
             except OSError:
@@ -4521,11 +4523,21 @@ def estimate_dirs(cfg, limit=2000000):
     return n
 
 
-# What check-config --json recommends for the inotify limits: one watch per
+def estimate_dirs(cfg, limit=2000000):
+    """Directories the watch paths need (excluded ones get no watch)."""
+    return count_dirs([(r, r) for _, r in cfg.resolved_roots()], cfg.exclude, limit)
+
+
+# What check-config recommends for the inotify limits: one watch per
 # directory, + 50% for growth, + spare watches for everything else root runs,
 # rounded up to 1024; and a floor for the number of inotify instances.
 WATCH_HEADROOM = 8192
 MIN_USER_INSTANCES = 256
+
+
+def recommended_watches(need):
+    want = need + need // 2 + WATCH_HEADROOM
+    return (want + 1023) // 1024 * 1024
 
 
 def _resolve_in(root, path):
@@ -4554,41 +4566,31 @@ def _resolve_in(root, path):
     return done
 
 
+def _staged_roots(cfg, root):
+    """([{configured, watched, exists}], [(physical, logical)]) of the watch
+    paths as they are inside a tree staged under root."""
+    roots, tops = [], []
+    for p in cfg.paths:
+        last = os.path.join(_resolve_in(root, os.path.dirname(p)), os.path.basename(p))
+        w = _resolve_in(root, p) if os.path.islink(root + last) else p
+        phys = root + _resolve_in(root, w)
+        roots.append({"configured": p, "watched": w, "exists": os.path.exists(phys)})
+        tops.append((phys, w))
+    return roots, tops
+
+
 def check_config_report(cfg, root=None):
     """check-config --json: the config as the program reads it, and the watch
     estimate, for installers (install.sh asks this instead of parsing the
     config). With root, the watched paths are looked up inside that tree (a
     system staged with install.sh --root), and the estimate walks it."""
-    roots = []
     if root is None:
-        for p, w in cfg.resolved_roots():
-            roots.append({"configured": p, "watched": w, "exists": os.path.exists(w)})
+        roots = [{"configured": p, "watched": w, "exists": os.path.exists(w)}
+                 for p, w in cfg.resolved_roots()]
         need = estimate_dirs(cfg)
     else:
-        need, ex = 0, cfg.exclude
-        for p in cfg.paths:
-            last = os.path.join(_resolve_in(root, os.path.dirname(p)), os.path.basename(p))
-            w = _resolve_in(root, p) if os.path.islink(root + last) else p
-            phys = root + _resolve_in(root, w)
-            roots.append({"configured": p, "watched": w, "exists": os.path.exists(phys)})
-            # As estimate_dirs, with the excludes matched on the target's paths.
-            stack = [(phys, w)]
-            while stack:
-                d, logical = stack.pop()
-                need += 1
-                try:
-                    with os.scandir(d) as it:
-                        for e in it:
-                            lp = logical + "/" + e.name
-                            try:
-                                if e.is_dir(follow_symlinks=False) and \
-                                        not ex.match(lp, True, dirs_by_name=False):
-                                    stack.append((e.path, lp))
-                            except OSError:
-                                pass
-                except OSError:
-                    pass
-    want = need + need // 2 + WATCH_HEADROOM
+        roots, tops = _staged_roots(cfg, root)
+        need = count_dirs(tops, cfg.exclude)
     return {
         "config": cfg.path,
         "valid": True,
@@ -4601,7 +4603,7 @@ def check_config_report(cfg, root=None):
         "exclude": list(cfg.exclude.patterns),
         "watches_needed": need,
         "max_user_watches": read_sysctl("max_user_watches"),
-        "recommended_max_user_watches": (want + 1023) // 1024 * 1024,
+        "recommended_max_user_watches": recommended_watches(need),
         "max_user_instances": read_sysctl("max_user_instances"),
         "recommended_max_user_instances": MIN_USER_INSTANCES,
     }
@@ -4611,15 +4613,21 @@ def cmd_check_config(cfg, args):
     root = getattr(args, "root", None)
     if root is not None:
         if not getattr(args, "json", False):
-            raise FimwatchError("check-config --root: only with --json")
+            raise ConfigError("check-config --root: only with --json")
         root = os.path.abspath(root).rstrip("/")
         if not root or not os.path.isdir(root):
-            raise FimwatchError("check-config --root: %s is not a directory (or is /)"
-                                % esc(args.root))
+            raise ConfigError("check-config --root: %s is not a directory (or is /)"
+                              % esc(args.root))
     if getattr(args, "json", False):
         print(json.dumps(check_config_report(cfg, root), indent=2))
         return EXIT_OK
     print("# fimwatch %s: %s is valid. Effective settings:" % (__version__, cfg.path))
+    _print_settings(cfg)
+    _print_watch_notes(cfg)
+    return EXIT_OK
+
+
+def _print_settings(cfg):
     for sect, spec in SCHEMA.items():
         if sect == "webhook":
             continue
@@ -4635,13 +4643,16 @@ def cmd_check_config(cfg, args):
             elif key == "secret" and v:
                 v = "(set, %d characters)" % len(v)
             print("%s = %s" % (key, _show(typ, v)))
+
+
+def _print_watch_notes(cfg):
     need = estimate_dirs(cfg)
-    limit = read_sysctl("max_user_watches")
+    limit = watch_limit()
     print("# watches needed: about %d directories; kernel limit fs.inotify.max_user_watches=%s"
           % (need, limit))
     if limit is not None and need > limit * 0.9:
         print("# WARNING: raise it: sysctl -w fs.inotify.max_user_watches=%d (install.sh does)"
-              % (need * 2 + 8192))
+              % recommended_watches(need))
     for p, r in cfg.resolved_roots():
         if p != r:
             print("# note: %s is a symlink: %s is watched (and reported under that name)"
@@ -4649,7 +4660,6 @@ def cmd_check_config(cfg, args):
     for p in cfg.all_roots():
         if not os.path.lexists(p):
             print("# note: %s does not exist (it is watched for when it appears)" % p)
-    return EXIT_OK
 
 
 def _show(typ, v):
