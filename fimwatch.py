@@ -3987,33 +3987,16 @@ class Daemon:
     def run(self):
         cfg = self.cfg
         ino_mod = import_inotify()
-        ensure_state_dir(cfg.state_dir)
-        lock = StateLock(cfg.state_dir)
-        lock.acquire()
-        os.umask(0o077)
-        guard = self.guard = StateGuard(cfg.state_dir, cfg.events_file)
-        findings = guard.examine()
-        self.store = store = Store(cfg.state_dir)
-        store.db = StateDB(store.db)
-        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.wake_w = wfd
-        signal.set_wakeup_fd(wfd)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, self._signal)
-        self.wake_r = rfd
-        self.dispatch = Dispatcher(cfg, store)
-        self.dispatch.start()
+        findings = self._open_state()
+        store = self.store
         self.report_findings(findings)
         first = store.meta("built") is None
         self.report_root_swaps()
-        prev_state = store.meta("state")
-        last_seen = float(store.meta("heartbeat", 0) or 0)
-        stopped_at = float(store.meta("stopped_at", 0) or 0)
+        before = {k: store.meta(k) for k in ("state", "heartbeat", "stopped_at")}
         t_start = time.time()
-        store.set_meta("state", "running")
-        store.set_meta("pid", os.getpid())
-        store.set_meta("started_at", t_start)
-        store.set_meta("heartbeat", t_start)
+        for k, v in (("state", "running"), ("pid", os.getpid()), ("started_at", t_start),
+                     ("heartbeat", t_start)):
+            store.set_meta(k, v)
         store.commit()
         sd_notify("STATUS=%s the baseline" % ("building" if first else "checking"))
         self.log("%s the baseline of %s" % ("building" if first else "checking",
@@ -4021,31 +4004,9 @@ class Daemon:
         eng = self.start_engine(ino_mod, "build" if first else "quick", "startup")
         store.set_meta("built", store.meta("built") or t_start)
         store.commit()
-        guard.built(store)
-        # The started event says whether we were gone, and for how long.
-        extra = {"watches": eng.watches(), "baseline_entries": store.count(),
-                 "seconds": round(time.time() - t_start, 3), "version": __version__,
-                 "baseline_id": store.meta("db_id")}
-        sev = "notice"
-        if first:
-            extra["message"] = "baseline built: %d entries; watching %d directories" % (
-                extra["baseline_entries"], eng.watches())
-        else:
-            unclean = prev_state == "running"
-            gap_from = last_seen if unclean else (stopped_at or last_seen)
-            extra["unclean"] = unclean
-            if gap_from:
-                # 'gap' is the unexpected hole (crash, kill -9, power loss);
-                # after a clean stop the same numbers are 'downtime'.
-                extra["gap" if unclean else "downtime"] = {"from": iso_s(gap_from),
-                                                            "to": iso_s(t_start)}
-                extra["gap_seconds"] = int(t_start - gap_from)
-                extra["message"] = "%snot watching from %s to %s (%s)" % (
-                    "fimwatch stopped unexpectedly: " if unclean else "",
-                    iso_s(gap_from), iso_s(t_start), fmt_duration(t_start - gap_from))
-            if unclean:
-                sev = "warning"
-        self.dispatch.emit(new_event(cfg.hostname, "started", sev, "realtime", "", **extra))
+        self.guard.built(store)
+        started = self._started_event(first, before, t_start)
+        self.dispatch.emit(started)
         ev = upgrade_notice(store, cfg.hostname)
         if ev is not None:
             self.dispatch.emit(ev)
@@ -4053,28 +4014,82 @@ class Daemon:
         store.commit()
         self.check_state()
         self.log("watching %d directories, %d baseline entries (%.1fs)"
-                 % (eng.watches(), extra["baseline_entries"], extra["seconds"]))
+                 % (eng.watches(), started["baseline_entries"], started["seconds"]))
         sd_notify("READY=1\nSTATUS=watching %d directories" % eng.watches())
         try:
             self.loop()
         finally:
-            sd_notify("STOPPING=1")
-            try:
-                self.eng.flush_due(budget=5.0, force=True)
-            except Exception as e:            # still record the stop
-                self.log("error while flushing: %s" % e)
-            self.dispatch.emit(new_event(cfg.hostname, "stopped", "notice", "realtime", "",
-                                         message="fimwatch stopped; changes from now on are "
-                                                 "reported when it starts again"))
-            store.set_meta("state", "stopped")
-            store.set_meta("stopped_at", time.time())
-            store.commit()
-            self.state_at_stop()
-            guard.seen(force=True)
-            self.dispatch.close(timeout=5.0)
-            self.eng.close()
-            store.close()
+            self._shutdown()
         return EXIT_OK
+
+    def _open_state(self):
+        """Lock the state dir, look for lost or broken state (StateGuard), open
+        the database, set up signals and the dispatcher. Returns what the
+        guard found, to be reported once the dispatcher runs."""
+        cfg = self.cfg
+        ensure_state_dir(cfg.state_dir)
+        self.lock = StateLock(cfg.state_dir)
+        self.lock.acquire()
+        os.umask(0o077)
+        self.guard = StateGuard(cfg.state_dir, cfg.events_file)
+        findings = self.guard.examine()
+        self.store = Store(cfg.state_dir)
+        self.store.db = StateDB(self.store.db)
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self.wake_w)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._signal)
+        self.dispatch = Dispatcher(cfg, self.store)
+        self.dispatch.start()
+        return findings
+
+    def _started_event(self, first, before, t_start):
+        """The started event: whether we were gone, and for how long."""
+        eng, store = self.eng, self.store
+        extra = {"watches": eng.watches(), "baseline_entries": store.count(),
+                 "seconds": round(time.time() - t_start, 3), "version": __version__,
+                 "baseline_id": store.meta("db_id")}
+        sev = "notice"
+        if first:
+            extra["message"] = "baseline built: %d entries; watching %d directories" % (
+                extra["baseline_entries"], eng.watches())
+            return new_event(self.cfg.hostname, "started", sev, "realtime", "", **extra)
+        unclean = before["state"] == "running"
+        last_seen = float(before["heartbeat"] or 0)
+        gap_from = last_seen if unclean else (float(before["stopped_at"] or 0) or last_seen)
+        extra["unclean"] = unclean
+        if gap_from:
+            # 'gap' is the unexpected hole (crash, kill -9, power loss);
+            # after a clean stop the same numbers are 'downtime'.
+            extra["gap" if unclean else "downtime"] = {"from": iso_s(gap_from),
+                                                        "to": iso_s(t_start)}
+            extra["gap_seconds"] = int(t_start - gap_from)
+            extra["message"] = "%snot watching from %s to %s (%s)" % (
+                "fimwatch stopped unexpectedly: " if unclean else "",
+                iso_s(gap_from), iso_s(t_start), fmt_duration(t_start - gap_from))
+        if unclean:
+            sev = "warning"
+        return new_event(self.cfg.hostname, "started", sev, "realtime", "", **extra)
+
+    def _shutdown(self):
+        """Compare what is still settling, say we stopped, close everything."""
+        store = self.store
+        sd_notify("STOPPING=1")
+        try:
+            self.eng.flush_due(budget=5.0, force=True)
+        except Exception as e:            # still record the stop
+            self.log("error while flushing: %s" % e)
+        self.dispatch.emit(new_event(self.cfg.hostname, "stopped", "notice", "realtime", "",
+                                     message="fimwatch stopped; changes from now on are "
+                                             "reported when it starts again"))
+        store.set_meta("state", "stopped")
+        store.set_meta("stopped_at", time.time())
+        store.commit()
+        self.state_at_stop()
+        self.guard.seen(force=True)
+        self.dispatch.close(timeout=5.0)
+        self.eng.close()
+        store.close()
 
     def start_engine(self, ino_mod, mode, detected, prev=None):
         cfg = self.cfg
