@@ -1875,25 +1875,32 @@ class PackageDB:
             return False
         if self.index is not None and mtime == self.loaded_mtime:
             return True
-        index = {}
         try:
             names = os.listdir(self.info_dir)
         except OSError:
             return False
+        index = {}
         for fn in names:
-            if not fn.endswith(".md5sums"):
-                continue
-            pkg = fn[:-8].split(":", 1)[0]
-            try:
-                with open(os.path.join(self.info_dir, fn), "rb") as f:
-                    for line in f:
-                        md5, _, rel = line.rstrip(b"\n").partition(b"  ")
-                        if rel:
-                            index[b"/" + rel] = (pkg, md5.decode("ascii", "replace"))
-            except OSError:
-                continue
-        # Files under /etc are mostly conffiles: their md5 is in the status
-        # file ("Conffiles:"), not in the md5sums lists.
+            if fn.endswith(".md5sums"):
+                self._read_md5sums(fn, index)
+        self._read_conffiles(index)
+        self.index, self.loaded_mtime = index, mtime
+        return True
+
+    def _read_md5sums(self, fn, index):
+        pkg = fn[:-8].split(":", 1)[0]
+        try:
+            with open(os.path.join(self.info_dir, fn), "rb") as f:
+                for line in f:
+                    md5, _, rel = line.rstrip(b"\n").partition(b"  ")
+                    if rel:
+                        index[b"/" + rel] = (pkg, md5.decode("ascii", "replace"))
+        except OSError:
+            pass
+
+    def _read_conffiles(self, index):
+        """Files under /etc are mostly conffiles: their md5 is in the status
+        file ("Conffiles:"), not in the md5sums lists."""
         try:
             with open(self.status_path, "rb") as f:
                 pkg, in_conf = None, False
@@ -1910,8 +1917,6 @@ class PackageDB:
                         in_conf = False
         except OSError:
             pass
-        self.index, self.loaded_mtime = index, mtime
-        return True
 
     def lookup(self, path):
         if not self._load():
@@ -2289,19 +2294,21 @@ class InotifyBackend:
             self.last_from = (cookie, p, isdir)
             self.last_from_reads = 0
             eng.changed(p, isdir)
-            return
-        if mask & IN_MOVED_TO:
-            lf = self.last_from
-            if lf is not None and lf[0] == cookie:
-                self.last_from = None
-                eng.moved(lf[1], p, isdir and lf[2])
-                return
-            eng.changed(p, isdir)
-            if isdir:                    # a tree moved in from outside
+        elif mask & IN_MOVED_TO:
+            self._moved_to(eng, p, isdir, cookie)
+        else:
+            eng.changed(p, isdir)        # the directory first, then what is in it
+            if isdir and mask & IN_CREATE:
                 eng.dir_created(p)
+
+    def _moved_to(self, eng, p, isdir, cookie):
+        lf = self.last_from
+        if lf is not None and lf[0] == cookie:
+            self.last_from = None
+            eng.moved(lf[1], p, isdir and lf[2])
             return
-        eng.changed(p, isdir)            # the directory first, then what is in it
-        if isdir and mask & IN_CREATE:
+        eng.changed(p, isdir)
+        if isdir:                        # a tree moved in from outside
             eng.dir_created(p)
 
 
@@ -2482,7 +2489,6 @@ class Engine:
             self.watch_file_root(root)
             return
         stack, limited, n = [root], [], 0
-        excluded = self.excluded
         while stack:
             d = stack.pop()
             wd = self.watch_dir(d)
@@ -2493,22 +2499,28 @@ class Engine:
                 limited.append(d)
                 self.unwatched.add(d)
                 continue
-            try:
-                with os.scandir(d) as it:
-                    for e in it:
-                        try:
-                            if e.is_dir(follow_symlinks=False) and not excluded(e.path, True):
-                                stack.append(e.path)
-                        except OSError:
-                            pass
-            except OSError as e:
-                if not isinstance(e, (FileNotFoundError, NotADirectoryError)):
-                    self.report_unreadable(d, e)
+            stack += self._subdirs(d)
             n += 1
             if n % 256 == 0:
                 yield d
         if limited:
             self.report_limit(limited, "startup")
+
+    def _subdirs(self, d):
+        """The directories in d that are not excluded (symlinks not followed)."""
+        out = []
+        try:
+            with os.scandir(d) as it:
+                for e in it:
+                    try:
+                        if e.is_dir(follow_symlinks=False) and not self.excluded(e.path, True):
+                            out.append(e.path)
+                    except OSError:
+                        pass
+        except OSError as e:
+            if not isinstance(e, (FileNotFoundError, NotADirectoryError)):
+                self.report_unreadable(d, e)
+        return out
 
     def walk(self, top, mode, detected, watch=True, drain=None):
         """Generator: visit top and everything below it, one directory per step.
@@ -3554,25 +3566,31 @@ def split_userinfo(url):
         "Basic " + cred
 
 
-def send_webhook(conf, ev):
-    import http.client
-    import urllib.error
+def _webhook_request(conf, ev):
+    """The signed POST request of one event (credentials from the URL sent as
+    Basic auth, never in the URL)."""
     import urllib.request
     body, ctype, headers = webhook_body(conf["format"], ev)
     url, auth = split_userinfo(conf["url"])
     req = urllib.request.Request(url, data=body, method="POST")
+    headers = dict(headers, **{"Content-Type": ctype, "User-Agent": "fimwatch/" + __version__,
+                               "X-Fimwatch-Event": ev["id"]})
     if auth:
-        req.add_header("Authorization", auth)
-    req.add_header("Content-Type", ctype)
-    req.add_header("User-Agent", "fimwatch/" + __version__)
-    req.add_header("X-Fimwatch-Event", ev["id"])
-    for k, v in headers.items():
-        req.add_header(k, v)
+        headers["Authorization"] = auth
     if conf["secret"]:
         sig = hmac.new(conf["secret"].encode(), body, hashlib.sha256).hexdigest()
-        req.add_header("X-Fimwatch-Signature", "sha256=" + sig)
+        headers["X-Fimwatch-Signature"] = "sha256=" + sig
+    for k, v in headers.items():
+        req.add_header(k, v)
+    return req
+
+
+def send_webhook(conf, ev):
+    import http.client
+    import urllib.error
     where = redact_url(conf["url"])
     try:
+        req = _webhook_request(conf, ev)
         with _http_opener().open(req, timeout=conf["timeout"]) as r:
             r.read(65536)
             if not 200 <= r.status < 300:
