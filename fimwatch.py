@@ -22,6 +22,26 @@ exit codes:
   2  usage or config error, missing dependency or privilege (one line on stderr)
   3  state error: the state directory or database cannot be used (the daemon
      itself reports such faults and keeps watching; systemd restarts on 3)
+
+Map of this file (`grep -n '^# [A-Z]' fimwatch.py` lists these banners):
+  Constants, Exceptions, Small helpers, Patterns and exclusions, Config
+  File state          Rec (one baseline entry), snapshot(), compare()
+  Baseline store      Store: every SQL statement (baseline, events, meta, spool)
+  State safety        StateDB (writes held on a full disk), StateGuard (lost state)
+  Context for events  logged-in users, PackageDB, diffs
+  The event           new_event(): a plain dict, never changed once emitted
+  Pipeline 1 of 3     watcher backends: InotifyBackend -> Engine calls
+  Pipeline 2 of 3     Engine: walks, settle queue, compare, apply -> events
+  Pipeline 3 of 3     alert sinks: events file, syslog; messages for humans;
+                      channels (spool, email, webhooks) behind the Dispatcher
+  Daemon loop         Daemon.loop: poll -> read -> Engine.tick -> timers
+  Commands, Main
+
+An event's way: backend.read -> Engine.changed/moved/... -> Engine.touch
+(settle queue) -> Engine.tick -> flush_due -> flush_path -> visit (snapshot)
+-> apply (compare) -> emit_change (users, package, diff) -> Dispatcher.emit
+(stored, then each sink) -> EventsFileSink / SyslogSink / Channel spool ->
+Channel worker -> email or webhook.
 """
 
 __version__ = "0.1.0"
@@ -106,7 +126,7 @@ POLL_UNWATCHED_EVERY = 60.0      # periodic scan of subtrees that got no watch
 ROOT_RETRY_EVERY = 2.0           # a deleted watched root is looked for this often
 DIFF_MAX_LINES = 200
 
-# Where package managers install files; only these are checked against them.
+# where package managers install files; only these are checked against them.
 PACKAGE_PREFIXES = ("/usr/", "/etc/", "/bin/", "/sbin/", "/lib/", "/lib32/", "/lib64/",
                     "/libx32/", "/boot/", "/opt/")
 DEFAULT_NO_DIFF = "/etc/shadow /etc/gshadow /etc/ssh/*_key **/*.key **/*.pem"
@@ -449,7 +469,7 @@ class Config:
         return list(self.paths) + [p for p in self.scan_only if p not in self.paths]
 
 
-# Range limits of numeric keys: (section, key) -> (lowest, highest); "webhook"
+# range limits of numeric keys: (section, key) -> (lowest, highest); "webhook"
 # stands for every [webhook NAME] section. scan_interval also takes 0 (never).
 LIMITS = {
     ("fimwatch", "settle"): (0.0, 60.0),
@@ -771,16 +791,16 @@ _CAP_NAMES = (
     "sys_resource sys_time sys_tty_config mknod lease audit_write audit_control setfcap "
     "mac_override mac_admin syslog wake_alarm block_suspend audit_read perfmon bpf "
     "checkpoint_restore").split()
-# FS_IOC_GETFLAGS = _IOR('f', 1, long); the kernel writes an int.
+# the ioctl FS_IOC_GETFLAGS = _IOR('f', 1, long); the kernel writes an int.
 FS_IOC_GETFLAGS = 0x80006601 | (struct.calcsize("l") << 16)
-# The inode flags an admin sets with chattr (lsattr letters). Flags the
+# the inode flags an admin sets with chattr (lsattr letters). Flags the
 # filesystem sets by itself (extents, htree index, inline data) are left out:
 # they are not news.
 _FLAG_LETTERS = ((0x1, "s"), (0x2, "u"), (0x8, "S"), (0x10000, "D"), (0x10, "i"),
                  (0x20, "a"), (0x40, "d"), (0x80, "A"), (0x4, "c"), (0x400, "m"),
                  (0x4000, "j"), (0x8000, "t"), (0x20000, "T"), (0x800000, "C"),
                  (0x2000000, "x"), (0x20000000, "P"), (0x40000000, "F"), (0x100000, "V"))
-# Filesystems (st_dev) that said they have no xattrs or no inode flags at
+# filesystems (st_dev) that said they have no xattrs or no inode flags at
 # all: not asked again, so a walk over procfs-like or FUSE trees costs no
 # extra syscalls per file.
 _NO_XATTR_DEV = set()
@@ -1109,7 +1129,7 @@ CREATE INDEX IF NOT EXISTS spool_channel ON spool(channel, next_try);
 SPOOL_BATCH = 5000
 SpoolRow = collections.namedtuple("SpoolRow", "seq created attempts payload")
 
-# Columns added to the files table after its first release, added to an
+# columns added to the files table after its first release, added to an
 # existing database by Store._upgrade_files_table().
 FILES_ADDED_COLUMNS = (("xattrs", "TEXT"), ("capability", "TEXT"), ("acl", "TEXT"),
                        ("flags", "TEXT"), ("rdev", "INT"), ("links", "INT"))
@@ -1426,6 +1446,11 @@ class Store:
     def spool_channels(self):
         with self.lock:
             return [r[0] for r in self.db.execute("SELECT DISTINCT channel FROM spool")]
+
+
+# ---------------------------------------------------------------------------
+# State safety: writes held while the disk is full, lost or broken baselines
+# ---------------------------------------------------------------------------
 
 
 class _NoRows:
@@ -2107,7 +2132,7 @@ def event_json(ev):
 
 
 # ---------------------------------------------------------------------------
-# Watcher and event pipeline
+# Pipeline 1 of 3: watcher backends (kernel notifications -> Engine calls)
 # ---------------------------------------------------------------------------
 
 
@@ -2143,9 +2168,7 @@ def watch_limit():
     return min(limits) if limits else None
 
 
-# -- Watcher backends ---------------------------------------------------------
-#
-# A backend turns the kernel's raw notifications into a few backend-neutral
+# a backend turns the kernel's raw notifications into a few backend-neutral
 # calls on the Engine, which owns everything after that (settle queue,
 # comparison, events). inotify is the one backend today; a fanotify backend
 # implements the same calls:
@@ -2159,8 +2182,8 @@ def watch_limit():
 #   eng.overflow()              notifications were lost: rescan
 #   eng.wanted(path, is_dir)    False: ignore this entry (excluded, filtered)
 #
-# and offers the Engine: fileno(), read(eng), watch(d) (raises OSError:
-# ENOSPC at the limit), unwatch_tree(top), unwatch(d), rename(src, dst),
+# and offers the Engine: fileno(), read(eng), watch(d) (raises OSError,
+# errno ENOSPC at the limit), unwatch_tree(top), unwatch(d), rename(src, dst),
 # watching(d), prune_gone(), count(), close().
 
 
@@ -2312,7 +2335,14 @@ class InotifyBackend:
             eng.dir_created(p)
 
 
-# -- Engine: roots, walks and the comparison with the baseline -----------------
+# ---------------------------------------------------------------------------
+# Pipeline 2 of 3: the Engine (walks, settle queue, comparison, events)
+#
+# the Engine calls the backend to watch, takes its calls (changed, moved, ...) into
+# the settle queue, compares each settled path with the baseline (snapshot,
+# compare) and emits one event per change (apply, emit_change) to the
+# dispatcher: pipeline 3 of 3, the alert sinks below.
+# ---------------------------------------------------------------------------
 
 
 class Engine:
@@ -3089,7 +3119,7 @@ class Engine:
 
 
 # ---------------------------------------------------------------------------
-# Alert sinks
+# Pipeline 3 of 3: alert sinks, 1: local (events file, syslog)
 #
 # events_file and syslog are local and cheap: written in the main loop, every
 # event. Email and webhooks are Channels: every event they want is first put
@@ -3284,7 +3314,10 @@ class SyslogSink:
             self.sock = None
 
 
-# -- messages for humans --
+# ---------------------------------------------------------------------------
+# Alert sinks, 2: messages for humans (summary, email text, digests)
+# ---------------------------------------------------------------------------
+
 
 def event_summary(ev):
     """One line: 'CRITICAL modified /etc/passwd (content, mode)'."""
@@ -3611,6 +3644,11 @@ def send_webhook(conf, ev):
         raise DeliveryError("%s: timed out after %gs" % (where, conf["timeout"]))
     except OSError as e:                         # resets, refused
         raise DeliveryError("%s: %s" % (where, esc(e.strerror or type(e).__name__)[:200]))
+
+
+# ---------------------------------------------------------------------------
+# Alert sinks, 3: channels (durable spool, email, webhooks) and the Dispatcher
+# ---------------------------------------------------------------------------
 
 
 _PUMP_LOCKS = {}
@@ -4561,7 +4599,7 @@ def estimate_dirs(cfg, limit=2000000):
     return count_dirs([(r, r) for _, r in cfg.resolved_roots()], cfg.exclude, limit)
 
 
-# What check-config recommends for the inotify limits: one watch per
+# what check-config recommends for the inotify limits: one watch per
 # directory, + 50% for growth, + spare watches for everything else root runs,
 # rounded up to 1024; and a floor for the number of inotify instances.
 WATCH_HEADROOM = 8192
@@ -4827,7 +4865,7 @@ def cmd_resume(cfg, args):
 
 
 # ---------------------------------------------------------------------------
-# main
+# Main: arguments, commands, exit codes
 # ---------------------------------------------------------------------------
 
 def _arg_duration(lo=0.0, hi=DURATION_MAX):
