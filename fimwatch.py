@@ -95,6 +95,13 @@ WATCH_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_
               | IN_ONLYDIR | IN_DONT_FOLLOW | IN_EXCL_UNLINK)
 
 HASH_CHUNK = 1 << 20
+CRITICAL_MAX_DELAY = 2.0         # no change on a critical path waits longer to be compared
+CAPTURE_PER_TURN = 256           # new paths snapshotted at first sight per loop turn
+CAPTURE_MAX_SIZE = 1 << 20       # ... hashed up to this size (larger: metadata only)
+LEFTOVERS_MAX = 10000            # editor leftovers tracked at once
+PROBE_NAMES = ("4913",)          # exclusions silent only when gone within settle
+EDITOR_NAMES = ("*.swp", "*.swx", "*~", ".#*")   # silent while an edit is plausible
+CAPTURE_PER_PATH = 8             # snapshots of one new path while it is being written
 PATH_MAX = 4096
 SPOOL_MAX_AGE = 7 * 86400
 HEARTBEAT_EVERY = 30.0
@@ -354,6 +361,7 @@ SCHEMA = {
         "exclude": ("patterns", "*.swp *.swx *~ .#* 4913 /etc/mtab /var/www/**/cache/**"),
         "scan_only": ("paths", ""),
         "poll_interval": ("duration", "1m"),
+        "editor_grace": ("duration", "24h"),
     },
     "severity": {
         "critical": ("patterns", "/etc/passwd /etc/shadow /etc/group /etc/gshadow "
@@ -411,6 +419,7 @@ class Config:
         self.exclude = values[("watch", "exclude")]
         self.scan_only = values[("watch", "scan_only")]
         self.poll_interval = values[("watch", "poll_interval")]
+        self.editor_grace = values[("watch", "editor_grace")]
         self.events_file = values[("log", "events_file")]
         # Severity: first matching level in file order wins; default warning.
         order = sorted(SCHEMA["severity"], key=lambda k: lines.get(("severity", k), 1 << 30))
@@ -447,6 +456,7 @@ LIMITS = {
     ("fimwatch", "scan_interval"): (1.0, DURATION_MAX),
     ("fimwatch", "hash_max_size"): (1, 1 << 50),
     ("watch", "poll_interval"): (1.0, 7 * 86400),
+    ("watch", "editor_grace"): (1.0, 365 * 86400),
     ("email", "retry_min"): (0.1, 3600),
     ("email", "max_per_hour"): (1, 100000),
     ("webhook", "timeout"): (0.5, 300),
@@ -1867,9 +1877,32 @@ class InotifyBackend:
             if isdir:                    # a tree moved in from outside
                 eng.dir_created(p)
             return
-        eng.changed(p, isdir)            # the directory first, then what is in it
+        eng.changed(p, isdir, mask & ~IN_ISDIR == IN_ATTRIB)  # the dir first, then entries
         if isdir and mask & IN_CREATE:
             eng.dir_created(p)
+
+
+def open_paths(paths, proc="/proc"):
+    """The subset of paths some process holds open (/proc/PID/fd links)."""
+    want, held = set(paths), set()
+    try:
+        pids = [x for x in os.listdir(proc) if x.isdigit()]
+    except OSError:
+        return held
+    for pid in pids:
+        fd_dir = "%s/%s/fd" % (proc, pid)
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd_dir + "/" + fd)
+            except OSError:
+                continue
+            if target in want:
+                held.add(target)
+    return held
 
 
 # -- Engine: roots, walks and the comparison with the baseline -----------------
@@ -1908,6 +1941,9 @@ class Engine:
         self.rescan_state = None
         self.pkgdb = PackageDB() if cfg.package_check else None
         self.deferred = {}           # path -> first deferral (dpkg running)
+        self.fresh = {}              # new path -> [first seen, Rec or None, snapshots]
+        self.captures = 0            # snapshots of new paths this turn
+        self.leftovers = {}          # editor swap/backup/lock names seen (check_leftovers)
         self._users, self._users_at = [], -10.0
         self.stats = {"events": 0, "changes": 0, "raw": 0, "silent": 0}
         self.errors = 0
@@ -1927,7 +1963,15 @@ class Engine:
         own = [_glob_escape(cfg.state_dir), _glob_escape(cfg.state_dir) + "/**"]
         if cfg.events_file:
             own.append(_glob_escape(cfg.events_file) + "*")
-        self.exclude = PatternSet(cfg.exclude.patterns + own)
+        # Default exclusions never hide a file a service would load: the
+        # probe name (4913) is silent only while it behaves like vim's probe,
+        # gone within the settle window; swap, backup and lock names only
+        # while an edit is plausible (see check_leftovers).
+        pats = cfg.exclude.patterns
+        self.probe = PatternSet([x for x in pats if x in PROBE_NAMES])
+        self.editor = PatternSet([x for x in pats if x in EDITOR_NAMES])
+        self.exclude = PatternSet([x for x in pats if x not in PROBE_NAMES
+                                   and x not in EDITOR_NAMES] + own)
         self.settle = cfg.settle
         self.max_delay = max(5.0, 10 * cfg.settle)
         # A root that is a file is watched through its directory, filtered.
@@ -1941,7 +1985,50 @@ class Engine:
     def excluded(self, path, is_dir=False):
         # Base-name patterns (*.swp, *~, 4913) are for editors' files: they
         # never hide a directory, or `mkdir 4913` would hide a whole tree.
-        return self.exclude.match(path, is_dir, dirs_by_name=False)
+        return self.exclude.match(path, is_dir, dirs_by_name=False) or \
+            (not is_dir and self.editor.match(path))
+
+    def leftover_name(self, path, is_dir):
+        """An editor's swap, backup or lock name, not excluded otherwise."""
+        return not is_dir and self.editor.match(path) and \
+            not self.exclude.match(path, False, dirs_by_name=False)
+
+    def note_leftover(self, p):
+        if len(self.leftovers) < LEFTOVERS_MAX:
+            self.leftovers[p] = None
+
+    def check_leftovers(self):
+        """A swap, backup or lock name is silent while an edit is plausible:
+        changed within editor_grace (ctime: cannot be set back), or held open
+        by a process (vim keeps its swap file open for the whole session).
+        One past that is reported once, with detected "scan", and baselined;
+        cron, sudo and run-parts ignore these names, but an admin should know
+        one lies there."""
+        now, old = time.time(), []
+        for p in list(self.leftovers):
+            try:
+                st = os.lstat(p)
+            except OSError:
+                st = None
+            if st is None or self.store.get(p) is not None:
+                del self.leftovers[p]
+            elif now - st.st_ctime >= self.cfg.editor_grace:
+                old.append(p)
+        if not old:
+            return
+        held = open_paths(old)
+        for p in old:
+            if p in held:
+                continue
+            del self.leftovers[p]
+            new = snapshot(p, self.cfg.hash_max_size)
+            if new is None:
+                continue
+            self.emit_change("created", p, "scan", None, new, [], leftover=True,
+                             message="an editor's swap, backup or lock file still there %s "
+                                     "after its last change, open by no process"
+                                     % fmt_duration(self.cfg.editor_grace))
+            self.store.put(p, new)
 
     def watches(self):
         return self.backend.count() if self.backend is not None else 0
@@ -2173,6 +2260,9 @@ class Engine:
         except OSError:
             isdir = False
         if self.excluded(p, isdir):
+            # A leftover already reported keeps its baseline row (reported once).
+            if self.leftover_name(p, isdir) and old_children.pop(name, None) is None:
+                self.note_leftover(p)
             return p, None
         if len(p) >= 4000 and len(os.fsencode(p)) >= PATH_MAX:
             # Beyond PATH_MAX no path-based call works: say so once.
@@ -2305,17 +2395,75 @@ class Engine:
         self.emit_cb(ev)
 
     # -- raw events --
-    def touch(self, p):
+    def touch(self, p, attrib=False):
+        """Queue p for comparison after the settle window. A write re-arms the
+        window, but never past first sight + max_delay (2 s at most on
+        critical paths); attribute-only activity (a `touch` loop) never
+        re-arms it, so it cannot keep deferring the comparison of a content
+        change. A path not in the baseline is captured at first sight, so a
+        file that vanishes before its window ends is still reported
+        (transient)."""
         now = time.monotonic()
         ent = self.pending.get(p)
         if ent is None:
-            self.pending[p] = [now + self.settle, now]
-            heapq.heappush(self.due, (now + self.settle, p))
+            limit = now + self.max_delay_for(p)
+            self.pending[p] = [min(now + self.settle, limit), now, limit]
+            heapq.heappush(self.due, (self.pending[p][0], p))
+            self.capture(p, now)
         else:
-            ent[0] = min(now + self.settle, ent[1] + self.max_delay)
+            if not attrib:
+                ent[0] = min(now + self.settle, ent[2] if len(ent) > 2 else ent[1] + self.max_delay)
+            if p in self.fresh:
+                self.capture(p, now)
+
+    def max_delay_for(self, p):
+        if self.cfg.severity_for(p) == "critical":
+            return min(self.max_delay, CRITICAL_MAX_DELAY)
+        return self.max_delay
+
+    def capture(self, p, now):
+        """First sight of p, or a later event on it while it is new: if it is
+        not in the baseline, remember what it is now (hashed up to
+        CAPTURE_MAX_SIZE), for a `transient` event if it is gone when its
+        window ends. Bounded: CAPTURE_PER_TURN snapshots per loop turn and
+        CAPTURE_PER_PATH per path, so a storm or a file written in many small
+        writes costs little."""
+        ent = self.fresh.get(p)
+        if ent is None:
+            if self.store.get(p) is not None:
+                return
+            ent = self.fresh[p] = [now, None, 0]
+        if self.captures >= CAPTURE_PER_TURN or ent[2] >= CAPTURE_PER_PATH:
+            return
+        self.captures += 1
+        ent[2] += 1
+        try:
+            rec = snapshot(p, CAPTURE_MAX_SIZE)
+        except OSError:
+            rec = None
+        if rec is not None:
+            ent[1] = rec
+
+    def report_transient(self, p, ent):
+        """p appeared and vanished before its settle window ended. A probe
+        name (vim's 4913) that did so is what it claims to be: silent."""
+        if self.probe.match(p):
+            return
+        rec = ent[1]
+        extra = {"seconds": round(time.monotonic() - ent[0], 3),
+                 "message": "%s appeared and vanished within the settle window"
+                            % esc(p)}
+        if rec is None:
+            self.stats["changes"] += 1
+            ev = new_event(self.cfg.hostname, "transient", self.cfg.severity_for(p),
+                           "realtime", esc(p), captured=False, **extra)
+            self.emit_cb(ev)
+            return
+        self.emit_change("transient", p, "realtime", None, rec, [], captured=True, **extra)
 
     def read_events(self):
         """Take what the backend has; returns the number of raw records."""
+        self.captures = 0
         n = self.backend.read(self)
         self.stats["raw"] += n
         return n
@@ -2325,11 +2473,17 @@ class Engine:
         names = self.file_roots.get(os.path.dirname(p))
         if names is not None and os.path.basename(p) not in names:
             return False
-        return not self.excluded(p, isdir)
+        if self.excluded(p, isdir):
+            if self.leftover_name(p, isdir):
+                self.note_leftover(p)
+            return False
+        return True
 
-    def changed(self, p, isdir):
+    def changed(self, p, isdir, attrib=False):
+        """attrib: only metadata changed (IN_ATTRIB); it does not re-arm a
+        pending path's settle window."""
         if not (isdir and p in self.file_roots):     # a file root's directory itself
-            self.touch(p)
+            self.touch(p, attrib)
 
     def dir_created(self, p):
         self.walk_now(p, "new")
@@ -2339,8 +2493,11 @@ class Engine:
             self.dir_renamed(src, dst)
             return
         self.pending.pop(src, None)
+        ent = self.fresh.pop(src, None)   # renamed, not gone (an editor's temp file)
         self.moves[dst] = src
         self.touch(dst)
+        if ent is not None and dst in self.fresh:
+            self.fresh[dst][0] = ent[0]
 
     def moved_out(self, p, isdir):
         """The entry left the trees (or went to an excluded name); its path
@@ -2541,6 +2698,8 @@ class Engine:
                     self.scans.append(self.walk(top, "quick", "scan"))
             if self.pkgdb is not None:
                 self.pkgdb.maybe_drop()
+            if self.leftovers:
+                self.check_leftovers()
             t["poll"] = now + self.cfg.poll_interval
         if t["scan"] is not None and now >= t["scan"]:
             for root in self.roots:
@@ -2635,8 +2794,13 @@ class Engine:
         return True
 
     def flush_path(self, p):
+        ent = self.fresh.pop(p, None)
         try:
-            self.visit(p, self.store.get(p), "realtime", "full")
+            old = self.store.get(p)
+            if ent is not None and old is None and not os.path.lexists(p):
+                self.report_transient(p, ent)
+                return
+            self.visit(p, old, "realtime", "full")
         except OSError as e:
             self.report_unreadable(p, e)
 
