@@ -70,6 +70,7 @@ DPKG_INFO = "/var/lib/dpkg/info"
 DPKG_LOCK = "/var/lib/dpkg/lock"
 DPKG_STATUS = "/var/lib/dpkg/status"
 INOTIFY_SYSCTL = "/proc/sys/fs/inotify"
+MOUNTINFO = "/proc/self/mountinfo"   # poll(2) says POLLPRI when the mount table changes
 DB_NAME = "baseline.db"
 LOCK_NAME = "fimwatch.lock"
 
@@ -1882,6 +1883,67 @@ class InotifyBackend:
             eng.dir_created(p)
 
 
+def _unoctal(b):
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), b)
+
+
+def parse_mountinfo(data):
+    """{mount id: (mount point, fstype, source)} from /proc/self/mountinfo."""
+    out = {}
+    for line in data.splitlines():
+        left, sep, right = line.partition(b" - ")
+        f, r = left.split(), right.split()
+        if not sep or len(f) < 5 or len(r) < 2:
+            continue
+        out[f[0].decode()] = (os.fsdecode(_unoctal(f[4])), os.fsdecode(_unoctal(r[0])),
+                              os.fsdecode(_unoctal(r[1])))
+    return out
+
+
+class MountTable:
+    """The mount table as the daemon sees it: fileno() for the main loop's
+    poll(2) (POLLPRI on every mount or unmount in the namespace), changes()
+    the mounts added and removed since the last call. The kernel reports a
+    change once per poll per open file, so the loop's wake-up and our own
+    check each have an open file of their own."""
+
+    def __init__(self, path=MOUNTINFO):
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.wake_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.poller = select.poll()
+        self.poller.register(self.fd, select.POLLPRI | select.POLLERR)
+        self.poller.poll(0)
+        self.mounts = self._read()
+
+    def fileno(self):
+        return self.wake_fd
+
+    def _read(self):
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        chunks = []
+        while True:
+            b = os.read(self.fd, 1 << 16)
+            if not b:
+                break
+            chunks.append(b)
+        return parse_mountinfo(b"".join(chunks))
+
+    def changes(self):
+        """[(action, (mount point, fstype, source))], action mounted|unmounted;
+        [] (one poll(2) call) when nothing changed."""
+        if not self.poller.poll(0):
+            return []
+        old, new = self.mounts, self._read()
+        self.mounts = new
+        out = [("unmounted", v) for k, v in old.items() if k not in new]
+        out += [("mounted", v) for k, v in new.items() if k not in old]
+        return out
+
+    def close(self):
+        os.close(self.fd)
+        os.close(self.wake_fd)
+
+
 def open_paths(paths, proc="/proc"):
     """The subset of paths some process holds open (/proc/PID/fd links)."""
     want, held = set(paths), set()
@@ -1944,6 +2006,12 @@ class Engine:
         self.fresh = {}              # new path -> [first seen, Rec or None, snapshots]
         self.captures = 0            # snapshots of new paths this turn
         self.leftovers = {}          # editor swap/backup/lock names seen (check_leftovers)
+        self.mount_table = None
+        if backend is not None:
+            try:
+                self.mount_table = MountTable()
+            except OSError:          # no procfs: mounts are seen by the scans only
+                pass
         self._users, self._users_at = [], -10.0
         self.stats = {"events": 0, "changes": 0, "raw": 0, "silent": 0}
         self.errors = 0
@@ -2036,9 +2104,18 @@ class Engine:
     def fileno(self):
         return self.backend.fileno()
 
+    def wake_fds(self):
+        """[(fd, poll events)] besides fileno() that should wake the loop."""
+        if self.mount_table is None:
+            return []
+        return [(self.mount_table.fileno(), select.POLLPRI | select.POLLERR)]
+
     def close(self):
         if self.backend is not None:
             self.backend.close()
+        if self.mount_table is not None:
+            self.mount_table.close()
+            self.mount_table = None
 
     # -- watch management --
     def watch_dir(self, d):
@@ -2655,6 +2732,30 @@ class Engine:
             message="comparison with the baseline done: %d directories, %d change(s) in %.1fs"
                     % (n, changes, time.monotonic() - t0)))
 
+    def check_mounts(self):
+        """A mount or unmount on or under a watched path (or over a directory
+        above one) is a critical `mount` event, and what is visible there now
+        is compared with the baseline at once, and watched: the old watches
+        are on the covered directories and see nothing of the new tree."""
+        for action, (mp, fstype, source) in self.mount_table.changes():
+            inside = [r for r in self.roots + self.scan_only
+                      if mp == r or mp.startswith(r + "/") or r.startswith(mp.rstrip("/") + "/")]
+            if not inside:
+                continue
+            self.stats["changes"] += 1
+            self.emit_cb(new_event(
+                self.cfg.hostname, "mount", "critical", "realtime", esc(mp), action=action,
+                fstype=esc(fstype), source=esc(source),
+                message="%s %s (%s from %s): the tree there is compared with the baseline"
+                        % (esc(mp), action, esc(fstype), esc(source))))
+            for r in inside:
+                top = mp if len(mp) > len(r) else r
+                watch = r in self.roots
+                if os.path.isdir(top) and not os.path.islink(top):
+                    self.scans.appendleft(self.walk(top, "quick", "realtime", watch=watch))
+                else:
+                    self.flush_path(top)
+
     # -- the engine's turn in the main loop --
     def next_wakeup(self, now):
         """Monotonic time of the engine's next work (now while a walk runs)."""
@@ -2675,6 +2776,8 @@ class Engine:
     def tick(self, now):
         """Compare what has settled, advance background walks by a slice,
         start what the timers say is due."""
+        if self.mount_table is not None:
+            self.check_mounts()
         self.flush_due(budget=0.1)
         end = time.monotonic() + 0.1
         while self.scans and time.monotonic() < end:
@@ -3759,6 +3862,8 @@ class Daemon:
         """poll -> read -> tick -> timers, until a signal says stop."""
         poller = select.poll()
         poller.register(self.eng.fileno(), select.POLLIN)
+        for fd, mask in self.eng.wake_fds():
+            poller.register(fd, mask)
         poller.register(self.wake_r, select.POLLIN)
         wd_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
         wd_every = wd_usec / 3e6 if wd_usec else None
@@ -3821,6 +3926,8 @@ class Daemon:
         self.store.commit()
         self.dispatch.close(timeout=2.0)
         poller.unregister(old_eng.fileno())
+        for fd, _ in old_eng.wake_fds():
+            poller.unregister(fd)
         old_eng.close()
         _names.clear()
         self.cfg = new
@@ -3828,6 +3935,8 @@ class Daemon:
         self.dispatch.start()
         eng = self.start_engine(import_inotify(), "quick", "scan", prev=old_eng)
         poller.register(eng.fileno(), select.POLLIN)
+        for fd, mask in eng.wake_fds():
+            poller.register(fd, mask)
         self.dispatch.emit(new_event(new.hostname, "started", "notice", "realtime", "",
                                      reload=True, watches=eng.watches(),
                                      message="config reloaded; watching %d directories"
