@@ -352,6 +352,7 @@ SCHEMA = {
         "settle": ("duration", "500ms"),
         "hash_max_size": ("size", "256M"),
         "scan_interval": ("duration", "24h"),
+        "scan_rate": ("size", "20M"),
         "no_diff": ("patterns", DEFAULT_NO_DIFF),
         "diff_max_size": ("size", "32K"),
         "diff_paths": ("patterns", "/etc/** /var/www/** /var/spool/cron/** /usr/local/etc/**"),
@@ -412,6 +413,7 @@ class Config:
         self.settle = g("settle")
         self.hash_max_size = g("hash_max_size")
         self.scan_interval = g("scan_interval")
+        self.scan_rate = g("scan_rate")
         self.no_diff = g("no_diff")
         self.diff_max_size = g("diff_max_size")
         self.diff_paths = g("diff_paths")
@@ -455,6 +457,7 @@ class Config:
 LIMITS = {
     ("fimwatch", "settle"): (0.0, 60.0),
     ("fimwatch", "scan_interval"): (1.0, DURATION_MAX),
+    ("fimwatch", "scan_rate"): (64 << 10, 1 << 40),
     ("fimwatch", "hash_max_size"): (1, 1 << 50),
     ("watch", "poll_interval"): (1.0, 7 * 86400),
     ("watch", "editor_grace"): (1.0, 365 * 86400),
@@ -524,12 +527,14 @@ def _convert(typ, raw):
 
 def _check_limit(sect, key, v):
     lim = LIMITS.get(("webhook" if sect.startswith("webhook") else sect, key))
-    if lim is None or lim[0] <= v <= lim[1] or (key == "scan_interval" and v == 0):
+    if lim is None or lim[0] <= v <= lim[1] or (key in ("scan_interval", "scan_rate")
+                                                and v == 0):
         return
     typ = SCHEMA["webhook" if sect.startswith("webhook") else sect][key][0]
     lo, hi = (_show(typ, x) for x in lim)
-    if key == "scan_interval":
-        raise ValueError("0 (never) or between %s and %s" % (lo, hi))
+    if key in ("scan_interval", "scan_rate"):
+        raise ValueError("0 (%s) or between %s and %s"
+                         % ("never" if key == "scan_interval" else "no cap", lo, hi))
     raise ValueError("must be between %s and %s" % (lo, hi) if lim[1] < 100000 or
                      typ == "duration" else "must be at least %s" % lo)
 
@@ -1944,6 +1949,31 @@ class MountTable:
         os.close(self.wake_fd)
 
 
+# ioprio_set(2)/ioprio_get(2): no wrapper in Python's os. Syscall numbers per
+# architecture (uname -m); IOPRIO_WHO_PROCESS with who=0 is the calling thread.
+_IOPRIO_SYSCALLS = {"x86_64": (251, 252), "aarch64": (30, 31), "i686": (289, 290),
+                    "armv7l": (314, 315), "ppc64le": (273, 274), "s390x": (282, 283),
+                    "riscv64": (30, 31)}
+IOPRIO_IDLE = 3 << 13            # IOPRIO_CLASS_IDLE, level 0
+_libc = []
+
+
+def ioprio(value):
+    """Set the calling thread's I/O priority; returns the previous value, or
+    None where it cannot be done (unknown architecture, seccomp filter)."""
+    nums = _IOPRIO_SYSCALLS.get(os.uname().machine)
+    if nums is None:
+        return None
+    if not _libc:
+        import ctypes                # only daemons with scan_interval load it
+        _libc.append(ctypes.CDLL(None, use_errno=True))
+    libc = _libc[0]
+    prev = libc.syscall(nums[1], 1, 0)
+    if prev < 0 or libc.syscall(nums[0], 1, 0, value) < 0:
+        return None
+    return prev
+
+
 def open_paths(paths, proc="/proc"):
     """The subset of paths some process holds open (/proc/PID/fd links)."""
     want, held = set(paths), set()
@@ -2013,7 +2043,9 @@ class Engine:
             except OSError:          # no procfs: mounts are seen by the scans only
                 pass
         self._users, self._users_at = [], -10.0
-        self.stats = {"events": 0, "changes": 0, "raw": 0, "silent": 0}
+        self.stats = {"events": 0, "changes": 0, "raw": 0, "silent": 0, "files": 0, "bytes": 0}
+        self.verifier = None         # the periodic verification (scan_interval), throttled
+        self.verify_resume = 0.0     # monotonic time it may go on (scan_rate)
         self.errors = 0
         now = time.monotonic()
         self.timers = {"poll": now + cfg.poll_interval, "roots": now + ROOT_RETRY_EVERY,
@@ -2366,6 +2398,10 @@ class Engine:
             keep, out = self.cfg.diff_max_size, []
         new = snapshot(p, self.cfg.hash_max_size, old, trust=(mode == "quick"), st=st,
                        keep=keep, out=out, dir_fd=dir_fd, name=name)
+        if mode == "full" and new is not None and new.kind == "file":
+            self.stats["files"] += 1
+            if not new.skipped:
+                self.stats["bytes"] += new.size
         self.apply(p, old, new, detected, silent=(mode == "build"), content=out)
 
     def apply(self, p, old, new, detected, silent=False, content=None):
@@ -2756,6 +2792,45 @@ class Engine:
                 else:
                     self.flush_path(top)
 
+    def _verification(self):
+        """The periodic verification: re-read every file of the baseline's
+        paths (mode full: no hash is trusted), at most scan_rate bytes per
+        second, and end with one `verification` summary event."""
+        t0, c0 = time.monotonic(), self.stats["changes"]
+        f0, b0, n = self.stats["files"], self.stats["bytes"], 0
+        walks = [self.walk_root(r, "full", "scan") for r in self.roots]
+        walks += [self.walk_root(r, "full", "scan", watch=False) for r in self.scan_only]
+        rate = self.cfg.scan_rate
+        for w in walks:
+            for _ in w:
+                n += 1
+                if rate:
+                    self.verify_resume = t0 + (self.stats["bytes"] - b0) / rate
+                yield
+        files, changes = self.stats["files"] - f0, self.stats["changes"] - c0
+        secs = time.monotonic() - t0
+        self.emit_cb(new_event(
+            self.cfg.hostname, "verification", "warning" if changes else "info", "scan", "",
+            files=files, directories=n, bytes=self.stats["bytes"] - b0, changes=changes,
+            seconds=round(secs, 3),
+            message="verification: {:,} files, {:,} change{} real time did not see ({})".format(
+                files, changes, "" if changes == 1 else "s", fmt_duration(secs))))
+
+    def _verify_slice(self, now):
+        """One slice of the verification, at idle I/O priority."""
+        if self.verifier is None or now < self.verify_resume:
+            return
+        prev = ioprio(IOPRIO_IDLE)
+        try:
+            end = time.monotonic() + 0.05
+            while time.monotonic() < end and time.monotonic() >= self.verify_resume:
+                next(self.verifier)
+        except StopIteration:
+            self.verifier = None
+        finally:
+            if prev is not None:
+                ioprio(prev)
+
     # -- the engine's turn in the main loop --
     def next_wakeup(self, now):
         """Monotonic time of the engine's next work (now while a walk runs)."""
@@ -2765,6 +2840,8 @@ class Engine:
         waits = [t["poll"]]
         if t["scan"] is not None:
             waits.append(t["scan"])
+        if self.verifier is not None:
+            waits.append(self.verify_resume)
         if self.missing_roots:           # an idle daemon does not poll for roots
             waits.append(t["roots"])
         if self.due:
@@ -2804,11 +2881,12 @@ class Engine:
             if self.leftovers:
                 self.check_leftovers()
             t["poll"] = now + self.cfg.poll_interval
+        if len(self.pending) <= 1000 and not self.scans:
+            self._verify_slice(now)
         if t["scan"] is not None and now >= t["scan"]:
-            for root in self.roots:
-                self.scans.append(self.walk_root(root, "full", "scan"))
-            for root in self.scan_only:
-                self.scans.append(self.walk_root(root, "full", "scan", watch=False))
+            if self.verifier is None:        # one at a time; a late one is not doubled
+                self.verifier = self._verification()
+                self.verify_resume = now
             t["scan"] = now + self.cfg.scan_interval
 
     # -- settling --
