@@ -2641,6 +2641,8 @@ class Engine:
     def dir_renamed(self, src, dst):
         self.backend.rename(src, dst)
         pre, n = src + "/", len(src)
+        for p in [p for p in self.fresh if p == src or p.startswith(pre)]:
+            del self.fresh[p]            # renamed, not gone
         for p in [p for p in self.pending if p == src or p.startswith(pre)]:
             ent = self.pending.pop(p)
             self.pending[dst + p[n:]] = ent
@@ -2948,6 +2950,7 @@ class Engine:
         src = self.moves.pop(p, None)
         if src is not None and src not in self.pending:
             if self.try_move(src, p):
+                self.fresh.pop(p, None)
                 return
             self.flush_path(src)
         self.flush_path(p)
