@@ -92,6 +92,7 @@ DPKG_INFO = "/var/lib/dpkg/info"
 DPKG_LOCK = "/var/lib/dpkg/lock"
 DPKG_STATUS = "/var/lib/dpkg/status"
 INOTIFY_SYSCTL = "/proc/sys/fs/inotify"
+MOUNTINFO = "/proc/self/mountinfo"   # poll(2) says POLLPRI when the mount table changes
 DB_NAME = "baseline.db"
 BASELINE_ID = "baseline.id"      # the baseline's identity, kept outside it
 LOCK_NAME = "fimwatch.lock"
@@ -119,6 +120,13 @@ WATCH_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_
               | IN_ONLYDIR | IN_DONT_FOLLOW | IN_EXCL_UNLINK)
 
 HASH_CHUNK = 1 << 20
+CRITICAL_MAX_DELAY = 2.0         # no change on a critical path waits longer to be compared
+CAPTURE_PER_TURN = 256           # new paths snapshotted at first sight per loop turn
+CAPTURE_MAX_SIZE = 1 << 20       # ... hashed up to this size (larger: metadata only)
+LEFTOVERS_MAX = 10000            # editor leftovers tracked at once
+PROBE_NAMES = ("4913",)          # exclusions silent only when gone within settle
+EDITOR_NAMES = ("*.swp", "*.swx", "*~", ".#*")   # silent while an edit is plausible
+CAPTURE_PER_PATH = 8             # snapshots of one new path while it is being written
 PATH_MAX = 4096
 SPOOL_MAX_AGE = 7 * 86400
 HEARTBEAT_EVERY = 30.0
@@ -372,6 +380,7 @@ SCHEMA = {
         "settle": ("duration", "500ms"),
         "hash_max_size": ("size", "256M"),
         "scan_interval": ("duration", "24h"),
+        "scan_rate": ("size", "20M"),
         "no_diff": ("patterns", DEFAULT_NO_DIFF),
         "diff_max_size": ("size", "32K"),
         "diff_paths": ("patterns", "/etc/** /var/www/** /var/spool/cron/** /usr/local/etc/**"),
@@ -382,6 +391,7 @@ SCHEMA = {
         "exclude": ("patterns", "*.swp *.swx *~ .#* 4913 /etc/mtab /var/www/**/cache/**"),
         "scan_only": ("paths", ""),
         "poll_interval": ("duration", "1m"),
+        "editor_grace": ("duration", "24h"),
     },
     "severity": {
         "critical": ("patterns", "/etc/passwd /etc/shadow /etc/group /etc/gshadow "
@@ -431,6 +441,7 @@ class Config:
         self.settle = g("settle")
         self.hash_max_size = g("hash_max_size")
         self.scan_interval = g("scan_interval")
+        self.scan_rate = g("scan_rate")
         self.no_diff = g("no_diff")
         self.diff_max_size = g("diff_max_size")
         self.diff_paths = g("diff_paths")
@@ -439,6 +450,7 @@ class Config:
         self.exclude = values[("watch", "exclude")]
         self.scan_only = values[("watch", "scan_only")]
         self.poll_interval = values[("watch", "poll_interval")]
+        self.editor_grace = values[("watch", "editor_grace")]
         self.events_file = values[("log", "events_file")]
         # Severity: first matching level in file order wins; default warning.
         order = sorted(SCHEMA["severity"], key=lambda k: lines.get(("severity", k), 1 << 30))
@@ -474,8 +486,10 @@ class Config:
 LIMITS = {
     ("fimwatch", "settle"): (0.0, 60.0),
     ("fimwatch", "scan_interval"): (1.0, DURATION_MAX),
+    ("fimwatch", "scan_rate"): (64 << 10, 1 << 40),
     ("fimwatch", "hash_max_size"): (1, 1 << 50),
     ("watch", "poll_interval"): (1.0, 7 * 86400),
+    ("watch", "editor_grace"): (1.0, 365 * 86400),
     ("email", "retry_min"): (0.1, 3600),
     ("email", "max_per_hour"): (1, 100000),
     ("webhook", "timeout"): (0.5, 300),
@@ -542,12 +556,14 @@ def _convert(typ, raw):
 
 def _check_limit(sect, key, v):
     lim = LIMITS.get(("webhook" if sect.startswith("webhook") else sect, key))
-    if lim is None or lim[0] <= v <= lim[1] or (key == "scan_interval" and v == 0):
+    if lim is None or lim[0] <= v <= lim[1] or (key in ("scan_interval", "scan_rate")
+                                                and v == 0):
         return
     typ = SCHEMA["webhook" if sect.startswith("webhook") else sect][key][0]
     lo, hi = (_show(typ, x) for x in lim)
-    if key == "scan_interval":
-        raise ValueError("0 (never) or between %s and %s" % (lo, hi))
+    if key in ("scan_interval", "scan_rate"):
+        raise ValueError("0 (%s) or between %s and %s"
+                         % ("never" if key == "scan_interval" else "no cap", lo, hi))
     raise ValueError("must be between %s and %s" % (lo, hi) if lim[1] < 100000 or
                      typ == "duration" else "must be at least %s" % lo)
 
@@ -2319,8 +2335,8 @@ class InotifyBackend:
             eng.changed(p, isdir)
         elif mask & IN_MOVED_TO:
             self._moved_to(eng, p, isdir, cookie)
-        else:
-            eng.changed(p, isdir)        # the directory first, then what is in it
+        else:                            # the directory first, then what is in it
+            eng.changed(p, isdir, mask & ~IN_ISDIR == IN_ATTRIB)
             if isdir and mask & IN_CREATE:
                 eng.dir_created(p)
 
@@ -2333,6 +2349,120 @@ class InotifyBackend:
         eng.changed(p, isdir)
         if isdir:                        # a tree moved in from outside
             eng.dir_created(p)
+
+
+# ---------------------------------------------------------------------------
+# Pipeline 1 of 3, continued: the mount table, I/O priority, open files
+# ---------------------------------------------------------------------------
+
+
+def _unoctal(b):
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), b)
+
+
+def parse_mountinfo(data):
+    """{mount id: (mount point, fstype, source)} from /proc/self/mountinfo."""
+    out = {}
+    for line in data.splitlines():
+        left, sep, right = line.partition(b" - ")
+        f, r = left.split(), right.split()
+        if not sep or len(f) < 5 or len(r) < 2:
+            continue
+        out[f[0].decode()] = (os.fsdecode(_unoctal(f[4])), os.fsdecode(_unoctal(r[0])),
+                              os.fsdecode(_unoctal(r[1])))
+    return out
+
+
+class MountTable:
+    """The mount table as the daemon sees it: fileno() for the main loop's
+    poll(2) (POLLPRI on every mount or unmount in the namespace), changes()
+    the mounts added and removed since the last call. The kernel reports a
+    change once per poll per open file, so the loop's wake-up and our own
+    check each have an open file of their own."""
+
+    def __init__(self, path=MOUNTINFO):
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.wake_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.poller = select.poll()
+        self.poller.register(self.fd, select.POLLPRI | select.POLLERR)
+        self.poller.poll(0)
+        self.mounts = self._read()
+
+    def fileno(self):
+        return self.wake_fd
+
+    def _read(self):
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        chunks = []
+        while True:
+            b = os.read(self.fd, 1 << 16)
+            if not b:
+                break
+            chunks.append(b)
+        return parse_mountinfo(b"".join(chunks))
+
+    def changes(self):
+        """[(action, (mount point, fstype, source))], action mounted|unmounted;
+        [] (one poll(2) call) when nothing changed."""
+        if not self.poller.poll(0):
+            return []
+        old, new = self.mounts, self._read()
+        self.mounts = new
+        out = [("unmounted", v) for k, v in old.items() if k not in new]
+        out += [("mounted", v) for k, v in new.items() if k not in old]
+        return out
+
+    def close(self):
+        os.close(self.fd)
+        os.close(self.wake_fd)
+
+
+# ioprio_set(2)/ioprio_get(2): no wrapper in Python's os. Syscall numbers per
+# architecture (uname -m); IOPRIO_WHO_PROCESS with who=0 is the calling thread.
+_IOPRIO_SYSCALLS = {"x86_64": (251, 252), "aarch64": (30, 31), "i686": (289, 290),
+                    "armv7l": (314, 315), "ppc64le": (273, 274), "s390x": (282, 283),
+                    "riscv64": (30, 31)}
+IOPRIO_IDLE = 3 << 13            # IOPRIO_CLASS_IDLE, level 0
+_libc = []
+
+
+def ioprio(value):
+    """Set the calling thread's I/O priority; returns the previous value, or
+    None where it cannot be done (unknown architecture, seccomp filter)."""
+    nums = _IOPRIO_SYSCALLS.get(os.uname().machine)
+    if nums is None:
+        return None
+    if not _libc:
+        import ctypes                # only daemons with scan_interval load it
+        _libc.append(ctypes.CDLL(None, use_errno=True))
+    libc = _libc[0]
+    prev = libc.syscall(nums[1], 1, 0)
+    if prev < 0 or libc.syscall(nums[0], 1, 0, value) < 0:
+        return None
+    return prev
+
+
+def open_paths(paths, proc="/proc"):
+    """The subset of paths some process holds open (/proc/PID/fd links)."""
+    want, held = set(paths), set()
+    try:
+        pids = [x for x in os.listdir(proc) if x.isdigit()]
+    except OSError:
+        return held
+    for pid in pids:
+        fd_dir = "%s/%s/fd" % (proc, pid)
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd_dir + "/" + fd)
+            except OSError:
+                continue
+            if target in want:
+                held.add(target)
+    return held
 
 
 # ---------------------------------------------------------------------------
@@ -2378,8 +2508,19 @@ class Engine:
         self.rescan_state = None
         self.pkgdb = PackageDB() if cfg.package_check else None
         self.deferred = {}           # path -> first deferral (dpkg running)
+        self.fresh = {}              # new path -> [first seen, Rec or None, snapshots]
+        self.captures = 0            # snapshots of new paths this turn
+        self.leftovers = {}          # editor swap/backup/lock names seen (check_leftovers)
+        self.mount_table = None
+        if backend is not None:
+            try:
+                self.mount_table = MountTable()
+            except OSError:          # no procfs: mounts are seen by the scans only
+                pass
         self._users, self._users_at = [], -10.0
-        self.stats = {"events": 0, "changes": 0, "raw": 0, "silent": 0}
+        self.stats = {"events": 0, "changes": 0, "raw": 0, "silent": 0, "files": 0, "bytes": 0}
+        self.verifier = None         # the periodic verification (scan_interval), throttled
+        self.verify_resume = 0.0     # monotonic time it may go on (scan_rate)
         self.errors = 0
         now = time.monotonic()
         self.timers = {"poll": now + cfg.poll_interval, "roots": now + ROOT_RETRY_EVERY,
@@ -2397,7 +2538,15 @@ class Engine:
         own = [_glob_escape(cfg.state_dir), _glob_escape(cfg.state_dir) + "/**"]
         if cfg.events_file:
             own.append(_glob_escape(cfg.events_file) + "*")
-        self.exclude = PatternSet(cfg.exclude.patterns + own)
+        # Default exclusions never hide a file a service would load: the
+        # probe name (4913) is silent only while it behaves like vim's probe,
+        # gone within the settle window; swap, backup and lock names only
+        # while an edit is plausible (see check_leftovers).
+        pats = cfg.exclude.patterns
+        self.probe = PatternSet([x for x in pats if x in PROBE_NAMES])
+        self.editor = PatternSet([x for x in pats if x in EDITOR_NAMES])
+        self.exclude = PatternSet([x for x in pats if x not in PROBE_NAMES
+                                   and x not in EDITOR_NAMES] + own)
         self.settle = cfg.settle
         self.max_delay = max(5.0, 10 * cfg.settle)
         # A root that is a file is watched through its directory, filtered.
@@ -2411,7 +2560,50 @@ class Engine:
     def excluded(self, path, is_dir=False):
         # Base-name patterns (*.swp, *~, 4913) are for editors' files: they
         # never hide a directory, or `mkdir 4913` would hide a whole tree.
-        return self.exclude.match(path, is_dir, dirs_by_name=False)
+        return self.exclude.match(path, is_dir, dirs_by_name=False) or \
+            (not is_dir and self.editor.match(path))
+
+    def leftover_name(self, path, is_dir):
+        """An editor's swap, backup or lock name, not excluded otherwise."""
+        return not is_dir and self.editor.match(path) and \
+            not self.exclude.match(path, False, dirs_by_name=False)
+
+    def note_leftover(self, p):
+        if len(self.leftovers) < LEFTOVERS_MAX:
+            self.leftovers[p] = None
+
+    def check_leftovers(self):
+        """A swap, backup or lock name is silent while an edit is plausible:
+        changed within editor_grace (ctime: cannot be set back), or held open
+        by a process (vim keeps its swap file open for the whole session).
+        One past that is reported once, with detected "scan", and baselined;
+        cron, sudo and run-parts ignore these names, but an admin should know
+        one lies there."""
+        now, old = time.time(), []
+        for p in list(self.leftovers):
+            try:
+                st = os.lstat(p)
+            except OSError:
+                st = None
+            if st is None or self.store.get(p) is not None:
+                del self.leftovers[p]
+            elif now - st.st_ctime >= self.cfg.editor_grace:
+                old.append(p)
+        if not old:
+            return
+        held = open_paths(old)
+        for p in old:
+            if p in held:
+                continue
+            del self.leftovers[p]
+            new = snapshot(p, self.cfg.hash_max_size)
+            if new is None:
+                continue
+            self.emit_change("created", p, "scan", None, new, [], leftover=True,
+                             message="an editor's swap, backup or lock file still there %s "
+                                     "after its last change, open by no process"
+                                     % fmt_duration(self.cfg.editor_grace))
+            self.store.put(p, new)
 
     def watches(self):
         return self.backend.count() if self.backend is not None else 0
@@ -2419,9 +2611,18 @@ class Engine:
     def fileno(self):
         return self.backend.fileno()
 
+    def wake_fds(self):
+        """[(fd, poll events)] besides fileno() that should wake the loop."""
+        if self.mount_table is None:
+            return []
+        return [(self.mount_table.fileno(), select.POLLPRI | select.POLLERR)]
+
     def close(self):
         if self.backend is not None:
             self.backend.close()
+        if self.mount_table is not None:
+            self.mount_table.close()
+            self.mount_table = None
 
     # -- watch management --
     def watch_dir(self, d):
@@ -2648,6 +2849,9 @@ class Engine:
         except OSError:
             isdir = False
         if self.excluded(p, isdir):
+            # A leftover already reported keeps its baseline row (reported once).
+            if self.leftover_name(p, isdir) and old_children.pop(name, None) is None:
+                self.note_leftover(p)
             return p, None
         if len(p) >= 4000 and len(os.fsencode(p)) >= PATH_MAX:
             # Beyond PATH_MAX no path-based call works: say so once.
@@ -2674,6 +2878,10 @@ class Engine:
             keep, out = self.cfg.diff_max_size, []
         new = snapshot(p, self.cfg.hash_max_size, old, trust=(mode == "quick"), st=st,
                        keep=keep, out=out, dir_fd=dir_fd, name=name)
+        if mode == "full" and new is not None and new.kind == "file":
+            self.stats["files"] += 1
+            if not new.skipped:
+                self.stats["bytes"] += new.size
         self.apply(p, old, new, detected, silent=(mode == "build"), content=out)
 
     def apply(self, p, old, new, detected, silent=False, content=None):
@@ -2780,17 +2988,75 @@ class Engine:
         self.emit_cb(ev)
 
     # -- raw events --
-    def touch(self, p):
+    def touch(self, p, attrib=False):
+        """Queue p for comparison after the settle window. A write re-arms the
+        window, but never past first sight + max_delay (2 s at most on
+        critical paths); attribute-only activity (a `touch` loop) never
+        re-arms it, so it cannot keep deferring the comparison of a content
+        change. A path not in the baseline is captured at first sight, so a
+        file that vanishes before its window ends is still reported
+        (transient)."""
         now = time.monotonic()
         ent = self.pending.get(p)
         if ent is None:
-            self.pending[p] = [now + self.settle, now]
-            heapq.heappush(self.due, (now + self.settle, p))
+            limit = now + self.max_delay_for(p)
+            self.pending[p] = [min(now + self.settle, limit), now, limit]
+            heapq.heappush(self.due, (self.pending[p][0], p))
+            self.capture(p, now)
         else:
-            ent[0] = min(now + self.settle, ent[1] + self.max_delay)
+            if not attrib:
+                ent[0] = min(now + self.settle, ent[2] if len(ent) > 2 else ent[1] + self.max_delay)
+            if p in self.fresh:
+                self.capture(p, now)
+
+    def max_delay_for(self, p):
+        if self.cfg.severity_for(p) == "critical":
+            return min(self.max_delay, CRITICAL_MAX_DELAY)
+        return self.max_delay
+
+    def capture(self, p, now):
+        """First sight of p, or a later event on it while it is new: if it is
+        not in the baseline, remember what it is now (hashed up to
+        CAPTURE_MAX_SIZE), for a `transient` event if it is gone when its
+        window ends. Bounded: CAPTURE_PER_TURN snapshots per loop turn and
+        CAPTURE_PER_PATH per path, so a storm or a file written in many small
+        writes costs little."""
+        ent = self.fresh.get(p)
+        if ent is None:
+            if self.store.get(p) is not None:
+                return
+            ent = self.fresh[p] = [now, None, 0]
+        if self.captures >= CAPTURE_PER_TURN or ent[2] >= CAPTURE_PER_PATH:
+            return
+        self.captures += 1
+        ent[2] += 1
+        try:
+            rec = snapshot(p, CAPTURE_MAX_SIZE)
+        except OSError:
+            rec = None
+        if rec is not None:
+            ent[1] = rec
+
+    def report_transient(self, p, ent):
+        """p appeared and vanished before its settle window ended. A probe
+        name (vim's 4913) that did so is what it claims to be: silent."""
+        if self.probe.match(p):
+            return
+        rec = ent[1]
+        extra = {"seconds": round(time.monotonic() - ent[0], 3),
+                 "message": "%s appeared and vanished within the settle window"
+                            % esc(p)}
+        if rec is None:
+            self.stats["changes"] += 1
+            ev = new_event(self.cfg.hostname, "transient", self.cfg.severity_for(p),
+                           "realtime", esc(p), captured=False, **extra)
+            self.emit_cb(ev)
+            return
+        self.emit_change("transient", p, "realtime", None, rec, [], captured=True, **extra)
 
     def read_events(self):
         """Take what the backend has; returns the number of raw records."""
+        self.captures = 0
         n = self.backend.read(self)
         self.stats["raw"] += n
         return n
@@ -2800,11 +3066,17 @@ class Engine:
         names = self.file_roots.get(os.path.dirname(p))
         if names is not None and os.path.basename(p) not in names:
             return False
-        return not self.excluded(p, isdir)
+        if self.excluded(p, isdir):
+            if self.leftover_name(p, isdir):
+                self.note_leftover(p)
+            return False
+        return True
 
-    def changed(self, p, isdir):
+    def changed(self, p, isdir, attrib=False):
+        """attrib: only metadata changed (IN_ATTRIB); it does not re-arm a
+        pending path's settle window."""
         if not (isdir and p in self.file_roots):     # a file root's directory itself
-            self.touch(p)
+            self.touch(p, attrib)
 
     def dir_created(self, p):
         self.walk_now(p, "new")
@@ -2814,8 +3086,11 @@ class Engine:
             self.dir_renamed(src, dst)
             return
         self.pending.pop(src, None)
+        ent = self.fresh.pop(src, None)   # renamed, not gone (an editor's temp file)
         self.moves[dst] = src
         self.touch(dst)
+        if ent is not None and dst in self.fresh:
+            self.fresh[dst][0] = ent[0]
 
     def moved_out(self, p, isdir):
         """The entry left the trees (or went to an excluded name); its path
@@ -2846,6 +3121,8 @@ class Engine:
     def dir_renamed(self, src, dst):
         self.backend.rename(src, dst)
         pre, n = src + "/", len(src)
+        for p in [p for p in self.fresh if p == src or p.startswith(pre)]:
+            del self.fresh[p]            # renamed, not gone
         for p in [p for p in self.pending if p == src or p.startswith(pre)]:
             ent = self.pending.pop(p)
             self.pending[dst + p[n:]] = ent
@@ -2974,6 +3251,69 @@ class Engine:
             message="comparison with the baseline done: %d directories, %d change(s) in %.1fs"
                     % (n, changes, time.monotonic() - t0)))
 
+    def check_mounts(self):
+        """A mount or unmount on or under a watched path (or over a directory
+        above one) is a critical `mount` event, and what is visible there now
+        is compared with the baseline at once, and watched: the old watches
+        are on the covered directories and see nothing of the new tree."""
+        for action, (mp, fstype, source) in self.mount_table.changes():
+            inside = [r for r in self.roots + self.scan_only
+                      if mp == r or mp.startswith(r + "/") or r.startswith(mp.rstrip("/") + "/")]
+            if not inside:
+                continue
+            self.stats["changes"] += 1
+            self.emit_cb(new_event(
+                self.cfg.hostname, "mount", "critical", "realtime", esc(mp), action=action,
+                fstype=esc(fstype), source=esc(source),
+                message="%s %s (%s from %s): the tree there is compared with the baseline"
+                        % (esc(mp), action, esc(fstype), esc(source))))
+            for r in inside:
+                top = mp if len(mp) > len(r) else r
+                watch = r in self.roots
+                if os.path.isdir(top) and not os.path.islink(top):
+                    self.scans.appendleft(self.walk(top, "quick", "realtime", watch=watch))
+                else:
+                    self.flush_path(top)
+
+    def _verification(self):
+        """The periodic verification: re-read every file of the baseline's
+        paths (mode full: no hash is trusted), at most scan_rate bytes per
+        second, and end with one `verification` summary event."""
+        t0, c0 = time.monotonic(), self.stats["changes"]
+        f0, b0, n = self.stats["files"], self.stats["bytes"], 0
+        walks = [self.walk_root(r, "full", "scan") for r in self.roots]
+        walks += [self.walk_root(r, "full", "scan", watch=False) for r in self.scan_only]
+        rate = self.cfg.scan_rate
+        for w in walks:
+            for _ in w:
+                n += 1
+                if rate:
+                    self.verify_resume = t0 + (self.stats["bytes"] - b0) / rate
+                yield
+        files, changes = self.stats["files"] - f0, self.stats["changes"] - c0
+        secs = time.monotonic() - t0
+        self.emit_cb(new_event(
+            self.cfg.hostname, "verification", "warning" if changes else "info", "scan", "",
+            files=files, directories=n, bytes=self.stats["bytes"] - b0, changes=changes,
+            seconds=round(secs, 3),
+            message="verification: {:,} files, {:,} change{} real time did not see ({})".format(
+                files, changes, "" if changes == 1 else "s", fmt_duration(secs))))
+
+    def _verify_slice(self, now):
+        """One slice of the verification, at idle I/O priority."""
+        if self.verifier is None or now < self.verify_resume:
+            return
+        prev = ioprio(IOPRIO_IDLE)
+        try:
+            end = time.monotonic() + 0.05
+            while time.monotonic() < end and time.monotonic() >= self.verify_resume:
+                next(self.verifier)
+        except StopIteration:
+            self.verifier = None
+        finally:
+            if prev is not None:
+                ioprio(prev)
+
     # -- the engine's turn in the main loop --
     def next_wakeup(self, now):
         """Monotonic time of the engine's next work (now while a walk runs)."""
@@ -2983,6 +3323,8 @@ class Engine:
         waits = [t["poll"]]
         if t["scan"] is not None:
             waits.append(t["scan"])
+        if self.verifier is not None:
+            waits.append(self.verify_resume)
         if self.missing_roots:           # an idle daemon does not poll for roots
             waits.append(t["roots"])
         if self.due:
@@ -2994,6 +3336,8 @@ class Engine:
     def tick(self, now):
         """Compare what has settled, advance background walks by a slice,
         start what the timers say is due."""
+        if self.mount_table is not None:
+            self.check_mounts()
         self.flush_due(budget=0.1)
         end = time.monotonic() + 0.1
         while self.scans and time.monotonic() < end:
@@ -3017,12 +3361,15 @@ class Engine:
                     self.scans.append(self.walk(top, "quick", "scan"))
             if self.pkgdb is not None:
                 self.pkgdb.maybe_drop()
+            if self.leftovers:
+                self.check_leftovers()
             t["poll"] = now + self.cfg.poll_interval
+        if len(self.pending) <= 1000 and not self.scans:
+            self._verify_slice(now)
         if t["scan"] is not None and now >= t["scan"]:
-            for root in self.roots:
-                self.scans.append(self.walk_root(root, "full", "scan"))
-            for root in self.scan_only:
-                self.scans.append(self.walk_root(root, "full", "scan", watch=False))
+            if self.verifier is None:        # one at a time; a late one is not doubled
+                self.verifier = self._verification()
+                self.verify_resume = now
             t["scan"] = now + self.cfg.scan_interval
 
     # -- settling --
@@ -3084,6 +3431,7 @@ class Engine:
         src = self.moves.pop(p, None)
         if src is not None and src not in self.pending:
             if self.try_move(src, p):
+                self.fresh.pop(p, None)
                 return
             self.flush_path(src)
         self.flush_path(p)
@@ -3111,8 +3459,13 @@ class Engine:
         return True
 
     def flush_path(self, p):
+        ent = self.fresh.pop(p, None)
         try:
-            self.visit(p, self.store.get(p), "realtime", "full")
+            old = self.store.get(p)
+            if ent is not None and old is None and not os.path.lexists(p):
+                self.report_transient(p, ent)
+                return
+            self.visit(p, old, "realtime", "full")
         except OSError as e:
             self.report_unreadable(p, e)
 
@@ -4168,6 +4521,8 @@ class Daemon:
         """poll -> read -> tick -> timers, until a signal says stop."""
         poller = select.poll()
         poller.register(self.eng.fileno(), select.POLLIN)
+        for fd, mask in self.eng.wake_fds():
+            poller.register(fd, mask)
         poller.register(self.wake_r, select.POLLIN)
         wd_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
         wd_every = wd_usec / 3e6 if wd_usec else None
@@ -4316,6 +4671,8 @@ class Daemon:
         self.store.commit()
         self.dispatch.close(timeout=2.0)
         poller.unregister(old_eng.fileno())
+        for fd, _ in old_eng.wake_fds():
+            poller.unregister(fd)
         old_eng.close()
         _names.clear()
         self.cfg = new
@@ -4323,6 +4680,8 @@ class Daemon:
         self.dispatch.start()
         eng = self.start_engine(import_inotify(), "quick", "scan", prev=old_eng)
         poller.register(eng.fileno(), select.POLLIN)
+        for fd, mask in eng.wake_fds():
+            poller.register(fd, mask)
         self.dispatch.emit(new_event(new.hostname, "started", "notice", "realtime", "",
                                      reload=True, watches=eng.watches(),
                                      message="config reloaded; watching %d directories"
