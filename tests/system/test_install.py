@@ -184,8 +184,11 @@ def make_served_dir(dest, with_wheel=True, extra_line=None):
     for n in SERVED:
         shutil.copy2(REPO / n, dest / n)
     if extra_line:
-        with open(dest / "fimwatch.py", "a") as f:
-            f.write(extra_line + "\n")
+        # The program (not under a watched path) and the unit (under /etc,
+        # watched): an upgrade that the installer must take into the baseline.
+        for n in ("fimwatch.py", "fimwatch.service"):
+            with open(dest / n, "a") as f:
+                f.write(extra_line + "\n")
     if with_wheel:
         w = wheel_path()
         if w:
@@ -971,7 +974,8 @@ def _assert_ct_quiet(ct, pred, since, timeout=60):
                          if e.get("event") == "created" and e.get("path") == control],
                 timeout)
     bad = [e for e in ct.events()[since:] if pred(e)]
-    assert not bad, bad
+    assert not bad, [(e.get("event"), e.get("path"), e.get("detected"), e.get("changes"))
+                     for e in bad]
 
 
 @pytest.mark.timeout(180)
@@ -1118,6 +1122,7 @@ def test_ct_reinstall_upgrades_and_keeps_config(box):
         server2.close()
     assert r.returncode == 0, r.stdout + r.stderr
     assert ct.read("/usr/local/lib/fimwatch/fimwatch.py").endswith("# fimwatch upgrade marker\n")
+    assert ct.read("/etc/systemd/system/fimwatch.service").endswith("# fimwatch upgrade marker\n")
     assert ct.sh("sha256sum /etc/fimwatch/fimwatch.conf").stdout.split()[0] == conf_before
     if box.notes.get("edited_conf"):
         assert conf_before == box.notes["edited_conf"]
@@ -1131,7 +1136,9 @@ def test_ct_reinstall_upgrades_and_keeps_config(box):
     # after it, so anything it had to say about the installer's files is out.
     own = ("/usr/local/sbin/fimwatch", "/usr/local/lib/fimwatch", "/etc/fimwatch",
            "/etc/systemd/system", "/etc/sysctl.d/60-fimwatch.conf")
-    _assert_ct_quiet(ct, lambda e: (e.get("path") or "").startswith(own), since=n_events)
+    _assert_ct_quiet(ct, lambda e: any((e.get("path") or "") == o or
+                                       (e.get("path") or "").startswith(o + "/") for o in own),
+                     since=n_events)
 
 
 @pytest.mark.timeout(300)
