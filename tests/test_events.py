@@ -26,6 +26,18 @@ def about(path):
     return lambda e: e.get("event") in FILE_EVENTS and path in (e.get("path"), e.get("from"))
 
 
+def renamed(fim, a_name, a_data, b_name, b_data=None):
+    """Write a_name (a_data) and, unless b_data is None, b_name (b_data) in
+    the tree, start the daemon, then rename a to b. Returns (a, b, daemon)."""
+    a = write(fim.root / a_name, a_data)
+    b = fim.root / b_name
+    if b_data is not None:
+        write(b, b_data)
+    d = fim.daemon()
+    os.rename(a, b)
+    return a, b, d
+
+
 # --- the five file events ---------------------------------------------------
 
 def test_created_event_has_the_spec_fields(fim):
@@ -93,10 +105,7 @@ def test_chown_is_an_attributes_event(fim):
 
 
 def test_rename_is_a_moved_event(fim):
-    a = write(fim.root / "a.txt", "content\n")
-    b = fim.root / "b.txt"
-    d = fim.daemon()
-    os.rename(a, b)
+    a, b, d = renamed(fim, "a.txt", "content\n", "b.txt")
     e = d.wait_for(is_event("moved", b))
     assert e["from"] == str(a), e
     d.assert_quiet(lambda e: e.get("event") in ("created", "deleted")
@@ -267,10 +276,7 @@ def test_diff_for_text_files_never_for_no_diff_patterns(fim):
 
 
 def test_move_then_edit_in_one_settle_window_reports_the_edit(fim):
-    a = write(fim.root / "a.txt", "one\n")
-    b = fim.root / "b.txt"
-    d = fim.daemon()
-    os.rename(a, b)
+    a, b, d = renamed(fim, "a.txt", "one\n", "b.txt")
     write(b, "two\n")
     d.wait_for(lambda e: e.get("path") == str(b) and e.get("event") in ("moved", "modified",
                                                                          "created"))
@@ -286,10 +292,7 @@ def test_move_then_edit_in_one_settle_window_reports_the_edit(fim):
 
 
 def test_rename_over_an_existing_file_reports_both_sides(fim):
-    a = write(fim.root / "new.conf", "new\n")
-    b = write(fim.root / "live.conf", "old\n")
-    d = fim.daemon()
-    os.rename(a, b)
+    a, b, d = renamed(fim, "new.conf", "new\n", "live.conf", "old\n")
     e = d.wait_for(lambda e: e.get("path") == str(b) and e.get("event") in FILE_EVENTS)
     assert e.get("sha256") == sha256(b"new\n"), e
     assert e["event"] == "modified" or (e["event"] == "moved" and e.get("previous")), e
