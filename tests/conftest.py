@@ -504,6 +504,38 @@ def write(path, data="x\n", mode=None):
     return path
 
 
+def about(path):
+    """Predicate: any file event whose path or from is `path`."""
+    path = str(path)
+    return lambda e: e.get("event") in FILE_EVENTS and path in (e.get("path"), e.get("from"))
+
+
+def daemon_over(fim, path, data="x\n", mode=None):
+    """Write path (data, mode), start the daemon; returns (daemon, mark)."""
+    write(path, data, mode=mode)
+    d = fim.daemon()
+    return d, d.mark()
+
+
+def event_after(fim, path, data, change, pred, mode=None):
+    """Write path (data, mode), start the daemon, call change(path), and wait
+    for the first event after the change that pred matches. Returns
+    (daemon, mark, event); the daemon still runs."""
+    d, m = daemon_over(fim, path, data, mode)
+    change(path)
+    return d, m, d.wait_for(pred, since=m)
+
+
+def assert_change_is_quiet(fim, path, data, change, mode=None):
+    """Write path (data, mode), start the daemon, call change(path): no event
+    about path may follow (Daemon.assert_quiet, with its positive control).
+    Stops the daemon."""
+    d, m = daemon_over(fim, path, data, mode)
+    change(path)
+    d.assert_quiet(about(path), since=m, control=control_file())
+    d.stop()
+
+
 def control_file(name="control.txt"):
     """A positive control for Daemon.assert_quiet: create a fresh file."""
     def control(root):

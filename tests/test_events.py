@@ -11,19 +11,14 @@ import time
 
 import pytest
 
-from conftest import ISO_TIME, SETTLE, control_file, is_event, needs_root, write
+from conftest import (ISO_TIME, SETTLE, about, assert_change_is_quiet, control_file,
+                      event_after, is_event, needs_root, write)
 
 FILE_EVENTS = {"created", "modified", "attributes", "deleted", "moved"}
 
 
 def sha256(data):
     return hashlib.sha256(data).hexdigest()
-
-
-def about(path):
-    """Predicate: any file event whose path or from is `path`."""
-    path = str(path)
-    return lambda e: e.get("event") in FILE_EVENTS and path in (e.get("path"), e.get("from"))
 
 
 def renamed(fim, a_name, a_data, b_name, b_data=None):
@@ -115,11 +110,13 @@ def test_rename_is_a_moved_event(fim):
 
 
 def test_file_replaced_by_directory_reports_a_type_change(fim):
-    p = write(fim.root / "thing", "file\n")
-    d = fim.daemon()
-    os.unlink(p)
-    os.mkdir(p)
-    e = d.wait_for(lambda e: e.get("path") == str(p) and "type" in e.get("changes", []))
+    p = fim.root / "thing"
+
+    def to_dir(p):
+        os.unlink(p)
+        os.mkdir(p)
+    d, _, e = event_after(fim, p, "file\n", to_dir,
+                          lambda e: e.get("path") == str(p) and "type" in e.get("changes", []))
     assert e["kind"] == "dir", e
     d.stop()
 
@@ -127,22 +124,16 @@ def test_file_replaced_by_directory_reports_a_type_change(fim):
 # --- one event per change, no noise ------------------------------------------
 
 def test_touch_alone_is_not_an_event(fim):
-    p = write(fim.root / "touched.txt", "same\n")
-    d = fim.daemon()
-    m = d.mark()
-    os.utime(p, (time.time() + 100, time.time() + 100))
-    os.utime(p)
-    d.assert_quiet(about(p), since=m, control=control_file())
-    d.stop()
+    def touch(p):
+        os.utime(p, (time.time() + 100, time.time() + 100))
+        os.utime(p)
+    assert_change_is_quiet(fim, fim.root / "touched.txt", "same\n", touch)
 
 
 def test_identical_rewrite_is_not_an_event(fim):
-    p = write(fim.root / "same.txt", "identical content\n")
-    d = fim.daemon()
-    m = d.mark()
-    write(p, "identical content\n")       # O_TRUNC + write: IN_MODIFY, IN_CLOSE_WRITE
-    d.assert_quiet(about(p), since=m, control=control_file())
-    d.stop()
+    # O_TRUNC + write: IN_MODIFY, IN_CLOSE_WRITE
+    assert_change_is_quiet(fim, fim.root / "same.txt", "identical content\n",
+                           lambda p: write(p, "identical content\n"))
 
 
 def test_burst_of_writes_is_one_event(fim):
