@@ -29,6 +29,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -534,6 +535,34 @@ def assert_change_is_quiet(fim, path, data, change, mode=None):
     change(path)
     d.assert_quiet(about(path), since=m, control=control_file())
     d.stop()
+
+
+@contextlib.contextmanager
+def churn(paths, content="v%d\n"):
+    """Rewrite paths round-robin in a background thread for the duration of
+    the block: write number i puts content % i into paths[i % len(paths)].
+    The thread is stopped and joined when the block ends; an error in it is
+    raised then."""
+    stop = threading.Event()
+    errors = []
+
+    def run():
+        i = 0
+        try:
+            while not stop.is_set():
+                write(paths[i % len(paths)], content % i)
+                i += 1
+        except Exception as exc:    # re-raised in the test's thread
+            errors.append(exc)
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def control_file(name="control.txt"):

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import time
 
-from conftest import (SETTLE, about, assert_change_is_quiet, control_file, event_after,
+from conftest import (SETTLE, about, assert_change_is_quiet, churn, control_file, event_after,
                       inotify_watch_count, is_event, wait_until, write)
 
 FILE_EVENTS = {"created", "modified", "attributes", "deleted", "moved"}
@@ -310,28 +310,14 @@ def test_double_star_excluded_subtree_holds_no_watches(fim):
 
 
 def test_concurrent_scans_while_the_daemon_is_busy(fim):
-    for i in range(50):
-        write(fim.root / ("f%02d" % i), "v0\n")
+    files = [write(fim.root / ("f%02d" % i), "v0\n") for i in range(50)]
     d = fim.daemon()
-    import threading
-    stop = threading.Event()
-
-    def churn():
-        i = 0
-        while not stop.is_set():
-            write(fim.root / ("f%02d" % (i % 50)), "v%d\n" % i)
-            i += 1
-    t = threading.Thread(target=churn)
-    t.start()
-    try:
+    with churn(files):
         for _ in range(4):
             for args in (("scan", "--no-alert"), ("status", "--json"), ("events", "--json")):
                 r = fim.cli(*args, timeout=60)
                 assert r.returncode in (0, 1), "%s: %s" % (args, r.stdout[-500:] + r.stderr)
                 assert "Traceback" not in r.stderr and "locked" not in r.stderr, r.stderr
-    finally:
-        stop.set()
-        t.join()
     assert d.alive(), d.stderr()
     assert "Traceback" not in d.stderr(), d.stderr()
     d.stop()
