@@ -480,6 +480,25 @@ class LineWaiter(threading.Thread):
 # ---------------------------------------------------------------- tools
 
 
+def tally_lines(lines, sentinel, read):
+    """-> (set of created paths, sentinel seen, overflow, n events) of a watcher
+    whose output has a line OVERFLOW for a queue overflow; read(line, sentinel
+    as bytes) -> (what, path) says what any other line is: "created", "seen"
+    (the sentinel's write) or None."""
+    created, seen, overflow = set(), False, False
+    sb = sentinel.encode()
+    for line in lines:
+        if line == b"OVERFLOW":
+            overflow = True
+            continue
+        what, p = read(line, sb)
+        if what == "seen":
+            seen = True
+        elif what == "created":
+            created.add(p)
+    return created, seen, overflow, len(lines)
+
+
 class Tool:
     """One watcher process over one tree. Subclasses say how to start it,
     how it signals readiness and where its events go."""
@@ -638,19 +657,11 @@ class Floor(Tool):
     def classify(self, lines, storm_root, sentinel):
         from inotify_simple import flags
 
-        created, seen, overflow = set(), False, False
-        sb = sentinel.encode()
-        for line in lines:
-            if line == b"OVERFLOW":
-                overflow = True
-                continue
+        def read(line, sb):                     # "PATH MASK"
             p, _, m = line.rpartition(b" ")
             m = int(m)
-            if p == sb:
-                seen = True
-            elif m & flags.CREATE:
-                created.add(p)
-        return created, seen, overflow, len(lines)
+            return ("seen" if p == sb else "created" if m & flags.CREATE else None), p
+        return tally_lines(lines, sentinel, read)
 
 
 class Watchdog(Tool):
@@ -660,18 +671,12 @@ class Watchdog(Tool):
         return [sys.executable, os.path.join(HERE, "wd_watch.py"), self.root, self.out]
 
     def classify(self, lines, storm_root, sentinel):
-        created, seen, overflow = set(), False, False
-        sb = sentinel.encode()
-        for line in lines:
-            if line == b"OVERFLOW":
-                overflow = True
-                continue
+        def read(line, sb):                     # "KIND PATH"
             kind, _, p = line.partition(b" ")
             if p == sb and kind in (b"modified", b"closed"):
-                seen = True
-            elif kind == b"created":
-                created.add(p)
-        return created, seen, overflow, len(lines)
+                return "seen", p
+            return ("created" if kind == b"created" else None), p
+        return tally_lines(lines, sentinel, read)
 
 
 class Fimwatch(Tool):
