@@ -1167,39 +1167,13 @@ def bench_baseline(ctx, reps, want_reverify):
             notes="`run` until baseline built and busy "
             "work over; %s; VmHWM %.0f MiB" % (tp(fim), median(data["fimwatch-hwm"]) / 1024),
         )
-    ratio_row(
-        ctx.res,
-        bench,
-        fim,
-        names["xargs"],
-        data["xargs"],
-        "s",
-        limit=1 / 1.2,
-        target="≤ 0.83× (≥ 1.2× throughput)",
-        notes=tp(data["xargs"]),
-    )
-    ratio_row(
-        ctx.res,
-        bench,
-        fim,
-        names["hashwalk"],
-        data["hashwalk"],
-        "s",
-        limit=1.3,
-        target="≤ 1.30× (floor + 30%)",
-        notes=tp(data["hashwalk"]),
-    )
-    ratio_row(
-        ctx.res,
-        bench,
-        fim,
-        names["aide"],
-        data["aide"],
-        "s",
-        limit=0.35,
-        target="≤ 0.35×",
-        notes=tp(data["aide"]),
-    )
+    for k, limit, target in (
+        ("xargs", 1 / 1.2, "≤ 0.83× (≥ 1.2× throughput)"),
+        ("hashwalk", 1.3, "≤ 1.30× (floor + 30%)"),
+        ("aide", 0.35, "≤ 0.35×"),
+    ):
+        ratio_row(ctx.res, bench, fim, names[k], data[k], "s", limit=limit, target=target,
+                  notes=tp(data[k]))
     if want_reverify and data["reverify"]:
         b2 = "startup re-verify %s (nothing changed)" % path
         ctx.res.add(
