@@ -648,35 +648,44 @@ class WhileRead(Tool):
         return tree_cpu_ms(self.pid)
 
 
-class Floor(Tool):
-    name = "floor (scandir+add_watch)"
+class PyWatcher(Tool):
+    """A Python watcher in bench/ (`script ROOT OUT`) whose output read()
+    parses line by line; a line OVERFLOW is a queue overflow."""
+
+    script = None
 
     def cmd(self):
-        return [sys.executable, os.path.join(HERE, "floor.py"), self.root, self.out]
+        return [sys.executable, os.path.join(HERE, self.script), self.root, self.out]
+
+    def read(self, line, sb):
+        """-> (what, path): what is "created", "seen" (the sentinel, sb) or None."""
+        raise NotImplementedError
 
     def classify(self, lines, storm_root, sentinel):
+        return tally_lines(lines, sentinel, self.read)
+
+
+class Floor(PyWatcher):
+    name = "floor (scandir+add_watch)"
+    script = "floor.py"
+
+    def read(self, line, sb):                   # "PATH MASK"
         from inotify_simple import flags
 
-        def read(line, sb):                     # "PATH MASK"
-            p, _, m = line.rpartition(b" ")
-            m = int(m)
-            return ("seen" if p == sb else "created" if m & flags.CREATE else None), p
-        return tally_lines(lines, sentinel, read)
+        p, _, m = line.rpartition(b" ")
+        m = int(m)
+        return ("seen" if p == sb else "created" if m & flags.CREATE else None), p
 
 
-class Watchdog(Tool):
+class Watchdog(PyWatcher):
     name = "watchdog"
+    script = "wd_watch.py"
 
-    def cmd(self):
-        return [sys.executable, os.path.join(HERE, "wd_watch.py"), self.root, self.out]
-
-    def classify(self, lines, storm_root, sentinel):
-        def read(line, sb):                     # "KIND PATH"
-            kind, _, p = line.partition(b" ")
-            if p == sb and kind in (b"modified", b"closed"):
-                return "seen", p
-            return ("created" if kind == b"created" else None), p
-        return tally_lines(lines, sentinel, read)
+    def read(self, line, sb):                   # "KIND PATH"
+        kind, _, p = line.partition(b" ")
+        if p == sb and kind in (b"modified", b"closed"):
+            return "seen", p
+        return ("created" if kind == b"created" else None), p
 
 
 class Fimwatch(Tool):
