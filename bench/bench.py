@@ -75,9 +75,9 @@ def proc_cpu_ms(pid):
         return None
 
 
-def proc_run_ms(pid):
-    """CPU time of all live threads from /proc/PID/task/*/schedstat (ns
-    resolution; /proc/PID/stat counts in 10-ms ticks)."""
+def sum_over_threads(pid, name, count):
+    """count(f) summed over the files /proc/PID/task/*/name of pid's live
+    threads (a thread gone before it is read counts 0); None if pid is gone."""
     total = 0
     try:
         tids = os.listdir("/proc/%d/task" % pid)
@@ -85,11 +85,23 @@ def proc_run_ms(pid):
         return None
     for tid in tids:
         try:
-            with open("/proc/%d/task/%s/schedstat" % (pid, tid)) as f:
-                total += int(f.read().split()[0])
-        except (OSError, IndexError, ValueError):
+            with open("/proc/%d/task/%s/%s" % (pid, tid, name)) as f:
+                total += count(f)
+        except OSError:
             pass
-    return total / 1e6
+    return total
+
+
+def proc_run_ms(pid):
+    """CPU time of all live threads from /proc/PID/task/*/schedstat (ns
+    resolution; /proc/PID/stat counts in 10-ms ticks)."""
+    def run_ns(f):
+        try:
+            return int(f.read().split()[0])
+        except (IndexError, ValueError):
+            return 0
+    total = sum_over_threads(pid, "schedstat", run_ns)
+    return None if total is None else total / 1e6
 
 
 def proc_status(pid, key):
@@ -105,20 +117,9 @@ def proc_status(pid, key):
 
 def proc_wakeups(pid):
     """voluntary + nonvoluntary context switches summed over all threads."""
-    total = 0
-    try:
-        tids = os.listdir("/proc/%d/task" % pid)
-    except OSError:
-        return None
-    for tid in tids:
-        try:
-            with open("/proc/%d/task/%s/status" % (pid, tid)) as f:
-                for line in f:
-                    if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
-                        total += int(line.split()[1])
-        except OSError:
-            pass
-    return total
+    return sum_over_threads(pid, "status", lambda f: sum(
+        int(line.split()[1]) for line in f
+        if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"))))
 
 
 def tree_cpu_ms(pid):
