@@ -37,11 +37,17 @@ Map of this file (`grep -n '^# [A-Z]' fimwatch.py` lists these banners):
   Daemon loop         Daemon.loop: poll -> read -> Engine.tick -> timers
   Commands, Main
 
-An event's way: backend.read -> Engine.changed/moved/... -> Engine.touch
-(settle queue) -> Engine.tick -> flush_due -> flush_path -> visit (snapshot)
--> apply (compare) -> emit_change (users, package, diff) -> Dispatcher.emit
-(stored, then each sink) -> EventsFileSink / SyslogSink / Channel spool ->
-Channel worker -> email or webhook.
+An event's way: Daemon.loop -> Engine.read_events -> backend.read ->
+Engine.changed/moved/... -> Engine.touch (the settle queue) -> Engine.tick ->
+flush_due -> flush (a settled rename: try_move) -> flush_path -> visit
+(snapshot) -> apply (compare; _report adds the diff) -> emit_change (users,
+package) -> Dispatcher.emit (stored; syslog and the channels' spools at once)
+-> Store.commit_turn -> Dispatcher.flush (the events file) -> Channel worker
+-> email or webhook. Two shortcuts: a directory rename is reported at once
+(moved -> dir_renamed -> emit_change), and background walks (start-up
+comparison, rescans, scheduled scans) go tick -> walk -> visit directly.
+State safety wraps the Store's connection (StateDB) and checks the database
+before it is opened (StateGuard); every other SQL statement is a Store method.
 """
 
 __version__ = "0.1.0"
@@ -564,8 +570,8 @@ def _check_limit(sect, key, v):
     if key in ("scan_interval", "scan_rate"):
         raise ValueError("0 (%s) or between %s and %s"
                          % ("never" if key == "scan_interval" else "no cap", lo, hi))
-    raise ValueError("must be between %s and %s" % (lo, hi) if lim[1] < 100000 or
-                     typ == "duration" else "must be at least %s" % lo)
+    raise ValueError("must be at least %s" % lo if lim[1] >= 1 << 40 else
+                     "must be between %s and %s" % (lo, hi))
 
 
 def _line_map(text):
@@ -723,7 +729,7 @@ def _check_whole(cf, values):
     sd = values[("fimwatch", "state_dir")]
     if os.path.exists(sd) and not os.path.isdir(sd):
         raise cf.error("fimwatch", "state_dir", "%s exists and is not a directory" % sd)
-    if sd.startswith(("/proc/", "/sys/", "/dev/")):
+    if sd == "/" or sd.startswith(("/proc/", "/sys/", "/dev/")):
         raise cf.error("fimwatch", "state_dir", "%s is not a place for files" % sd)
     if not values[("watch", "paths")] and not values[("watch", "scan_only")]:
         raise cf.error("watch", "paths", "nothing to watch")
@@ -2325,7 +2331,7 @@ class InotifyBackend:
         if not name:                     # the directory itself (e.g. chmod)
             eng.changed(d, True)
             return
-        p = d + "/" + name
+        p = d + "/" + name if d != "/" else "/" + name
         isdir = bool(mask & IN_ISDIR)
         if not eng.wanted(p, isdir):
             return
@@ -2476,18 +2482,20 @@ def open_paths(paths, proc="/proc"):
 
 
 class Engine:
-    """Recursive inotify watches, the wd->path map, the per-path settle window,
-    and the comparison with the baseline that turns raw events into one
+    """The watched roots, their walks, the per-path settle window, and the
+    comparison with the baseline that turns a backend's calls into one
     semantic event per change.
 
-    Design notes (inotify(7)):
+    Design notes:
     - A new directory is watched first and scanned right after, because files
       can be created in it before the watch exists.
-    - MOVED_FROM/MOVED_TO with the same cookie are a rename inside the tree;
-      a MOVED_FROM with no partner in the same read is a move out of the tree.
-    - IN_Q_OVERFLOW means events were lost: rescan against the baseline.
-    - ENOSPC from inotify_add_watch means the watch limit is reached: the rest
-      of that subtree is covered by periodic scans until watches are free.
+    - Renames come from the backend as moved() (a rename inside the trees) or
+      moved_out(); a file rename is compared when it settles (try_move), a
+      directory rename is reported at once (dir_renamed) and its subtree
+      walked again.
+    - overflow() means notifications were lost: rescan against the baseline.
+    - A backend at its watch limit (ENOSPC) leaves the rest of that subtree to
+      periodic scans until watches are free.
     """
 
     def __init__(self, cfg, store, emit, backend=None, progress=False):
@@ -2522,9 +2530,7 @@ class Engine:
         self.verifier = None         # the periodic verification (scan_interval), throttled
         self.verify_resume = 0.0     # monotonic time it may go on (scan_rate)
         self.errors = 0
-        now = time.monotonic()
-        self.timers = {"poll": now + cfg.poll_interval, "roots": now + ROOT_RETRY_EVERY,
-                       "scan": now + cfg.scan_interval if cfg.scan_interval else None}
+        self.reset_timers()
         self._set_roots(cfg)
 
     def _set_roots(self, cfg):
@@ -3061,7 +3067,7 @@ class Engine:
         self.stats["raw"] += n
         return n
 
-    # -- the backend's calls (see "Watcher backends") --
+    # -- the backend's calls (see "Pipeline 1 of 3: watcher backends") --
     def wanted(self, p, isdir):
         names = self.file_roots.get(os.path.dirname(p))
         if names is not None and os.path.basename(p) not in names:
@@ -3200,7 +3206,18 @@ class Engine:
                                message="rescanned %d directories after an inotify queue "
                                        "overflow; %d change(s) found" % (seen_dirs, n)))
 
-    def start(self, mode, detected, keepalive=lambda: None, stopping=lambda: False):
+    def reset_timers(self, carry=None):
+        """Start the engine's timers from now; carry: {name: due} of timers
+        that keep their time (a reload must not postpone polls and scans)."""
+        now, cfg = time.monotonic(), self.cfg
+        self.timers = {"poll": now + cfg.poll_interval, "roots": now + ROOT_RETRY_EVERY,
+                       "scan": now + cfg.scan_interval if cfg.scan_interval else None}
+        for name, due in (carry or {}).items():
+            if due is not None and self.timers.get(name) is not None:
+                self.timers[name] = due
+
+    def start(self, mode, detected, keepalive=lambda: None, stopping=lambda: False,
+              carry=None):
         """Watch every configured path. A path never baselined is baselined
         now (silently, watch and hash in one pass). Paths with a baseline get
         their watches first (a fast walk of directories only) and are compared
@@ -3232,6 +3249,7 @@ class Engine:
         self.store.commit_turn()
         if self.progress:
             sys.stderr.write("\r\x1b[K")
+        self.reset_timers(carry)          # from the end of a long first build
         if later:
             self.scans.append(self._verify(later, mode, detected))
 
@@ -3359,8 +3377,6 @@ class Engine:
             for top in sorted(self.unwatched):
                 if not any(top.startswith(o + "/") for o in self.unwatched):
                     self.scans.append(self.walk(top, "quick", "scan"))
-            if self.pkgdb is not None:
-                self.pkgdb.maybe_drop()
             if self.leftovers:
                 self.check_leftovers()
             t["poll"] = now + self.cfg.poll_interval
@@ -3474,8 +3490,9 @@ class Engine:
 # ---------------------------------------------------------------------------
 # Pipeline 3 of 3: alert sinks, 1: local (events file, syslog)
 #
-# events_file and syslog are local and cheap: written in the main loop, every
-# event. Email and webhooks are Channels: every event they want is first put
+# events_file and syslog are local and cheap: syslog gets each event as it is
+# emitted, the events file once per loop turn, after the database commit.
+# Email and webhooks are Channels: every event they want is first put
 # in the durable spool (SQLite), then a worker thread per channel delivers it,
 # batching bursts into digests, retrying with backoff. A dead or slow channel
 # therefore never stalls detection and survives kill -9.
@@ -4118,6 +4135,11 @@ class Channel:
 
     def _pump(self, now):
         store = self.store
+        db = store.db
+        if isinstance(db, StateDB) and db.failing() and not db.retry():
+            # Our last writes (a delivered row's delete) are held: deliver
+            # nothing until they are recorded, or the row would go out again.
+            return max(0.5, db.next_try - time.monotonic())
         self._expire(now)
         rows, nxt = store.spool_due(self.id, now)
         idle = max(0.2, min((nxt - now) if nxt else 60.0, 60.0))
@@ -4164,8 +4186,8 @@ class Channel:
             try:
                 events.append((r.seq, json.loads(r.payload)))
             except ValueError:
-                events.append((r.seq, None))     # unreadable: dropped with the next send
-        valid = [e for _, e in events if e is not None]
+                self._count_dropped([r.seq])     # unreadable: counted as dropped
+        valid = [e for _, e in events]
         dropped = int(self.store.meta(self._meta_key("dropped_unreported"), 0) or 0)
         cap = self.max_per_hour
         if len(valid) > self.BURST or (was_paused and valid) or \
@@ -4175,15 +4197,11 @@ class Channel:
                 "burst of changes"
             return [([r.seq for r in rows], make_digest(valid, self.cfg.hostname, reason,
                                                          self.DIGEST_LIMIT, dropped))]
-        out, bad = [], []
+        out = []
         for seq, e in events:
-            if e is None:
-                bad.append(seq)
-                continue
             if dropped:
                 e, dropped = dict(e, dropped=dropped), 0
-            out.append((bad + [seq], e))
-            bad = []
+            out.append(([seq], e))
         return out
 
     def _deliver_one(self, seqs, ev, rows, now):
@@ -4234,10 +4252,21 @@ class Channel:
         with store.lock:
             n = store.spool_expire(self.id, now - SPOOL_MAX_AGE)
             if n:
-                for key in ("dropped_total", "dropped_unreported"):
-                    k = self._meta_key(key)
-                    store.set_meta(k, int(store.meta(k, 0) or 0) + n)
+                self._add_dropped(n)
                 store.commit()
+
+    def _count_dropped(self, seqs):
+        """Spool rows that cannot be sent (not JSON): deleted and counted as
+        dropped, so status and the next alert say so."""
+        with self.store.lock:
+            self.store.spool_done(seqs)
+            self._add_dropped(len(seqs))
+            self.store.commit()
+
+    def _add_dropped(self, n):
+        for key in ("dropped_total", "dropped_unreported"):
+            k = self._meta_key(key)
+            self.store.set_meta(k, int(self.store.meta(k, 0) or 0) + n)
 
 
 def build_channels(cfg, store):
@@ -4504,9 +4533,14 @@ class Daemon:
         cfg = self.cfg
         eng = self.eng = Engine(cfg, self.store, self.dispatch.emit, InotifyBackend(ino_mod),
                                 progress=_tty())
-        if prev is not None and cfg.scan_interval == prev.cfg.scan_interval:
-            eng.timers["scan"] = prev.timers["scan"]     # a reload does not postpone it
-        eng.start(mode, detected, keepalive=self.keepalive, stopping=lambda: self.stop)
+        carry = None
+        if prev is not None:                  # a reload does not postpone polls and scans
+            carry = {"poll": prev.timers["poll"] if cfg.poll_interval ==
+                     prev.cfg.poll_interval else None,
+                     "scan": prev.timers["scan"] if cfg.scan_interval ==
+                     prev.cfg.scan_interval else None}
+        eng.start(mode, detected, keepalive=self.keepalive, stopping=lambda: self.stop,
+                  carry=carry)
         return eng
 
     def keepalive(self):
@@ -4568,6 +4602,8 @@ class Daemon:
             store.set_meta("heartbeat", time.time())
             store.set_meta("watches", eng.watches())
             store.set_meta("unwatched", len(eng.unwatched))
+            if eng.pkgdb is not None:
+                eng.pkgdb.maybe_drop()
             t["beat"] = now + HEARTBEAT_EVERY
         if now >= t["prune"]:
             store.prune_events()

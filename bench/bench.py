@@ -75,9 +75,9 @@ def proc_cpu_ms(pid):
         return None
 
 
-def proc_run_ms(pid):
-    """CPU time of all live threads from /proc/PID/task/*/schedstat (ns
-    resolution; /proc/PID/stat counts in 10-ms ticks)."""
+def sum_over_threads(pid, name, count):
+    """count(f) summed over the files /proc/PID/task/*/name of pid's live
+    threads (a thread gone before it is read counts 0); None if pid is gone."""
     total = 0
     try:
         tids = os.listdir("/proc/%d/task" % pid)
@@ -85,11 +85,23 @@ def proc_run_ms(pid):
         return None
     for tid in tids:
         try:
-            with open("/proc/%d/task/%s/schedstat" % (pid, tid)) as f:
-                total += int(f.read().split()[0])
-        except (OSError, IndexError, ValueError):
+            with open("/proc/%d/task/%s/%s" % (pid, tid, name)) as f:
+                total += count(f)
+        except OSError:
             pass
-    return total / 1e6
+    return total
+
+
+def proc_run_ms(pid):
+    """CPU time of all live threads from /proc/PID/task/*/schedstat (ns
+    resolution; /proc/PID/stat counts in 10-ms ticks)."""
+    def run_ns(f):
+        try:
+            return int(f.read().split()[0])
+        except (IndexError, ValueError):
+            return 0
+    total = sum_over_threads(pid, "schedstat", run_ns)
+    return None if total is None else total / 1e6
 
 
 def proc_status(pid, key):
@@ -105,20 +117,9 @@ def proc_status(pid, key):
 
 def proc_wakeups(pid):
     """voluntary + nonvoluntary context switches summed over all threads."""
-    total = 0
-    try:
-        tids = os.listdir("/proc/%d/task" % pid)
-    except OSError:
-        return None
-    for tid in tids:
-        try:
-            with open("/proc/%d/task/%s/status" % (pid, tid)) as f:
-                for line in f:
-                    if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
-                        total += int(line.split()[1])
-        except OSError:
-            pass
-    return total
+    return sum_over_threads(pid, "status", lambda f: sum(
+        int(line.split()[1]) for line in f
+        if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"))))
 
 
 def tree_cpu_ms(pid):
@@ -480,6 +481,25 @@ class LineWaiter(threading.Thread):
 # ---------------------------------------------------------------- tools
 
 
+def tally_lines(lines, sentinel, read):
+    """-> (set of created paths, sentinel seen, overflow, n events) of a watcher
+    whose output has a line OVERFLOW for a queue overflow; read(line, sentinel
+    as bytes) -> (what, path) says what any other line is: "created", "seen"
+    (the sentinel's write) or None."""
+    created, seen, overflow = set(), False, False
+    sb = sentinel.encode()
+    for line in lines:
+        if line == b"OVERFLOW":
+            overflow = True
+            continue
+        what, p = read(line, sb)
+        if what == "seen":
+            seen = True
+        elif what == "created":
+            created.add(p)
+    return created, seen, overflow, len(lines)
+
+
 class Tool:
     """One watcher process over one tree. Subclasses say how to start it,
     how it signals readiness and where its events go."""
@@ -629,49 +649,44 @@ class WhileRead(Tool):
         return tree_cpu_ms(self.pid)
 
 
-class Floor(Tool):
-    name = "floor (scandir+add_watch)"
+class PyWatcher(Tool):
+    """A Python watcher in bench/ (`script ROOT OUT`) whose output read()
+    parses line by line; a line OVERFLOW is a queue overflow."""
+
+    script = None
 
     def cmd(self):
-        return [sys.executable, os.path.join(HERE, "floor.py"), self.root, self.out]
+        return [sys.executable, os.path.join(HERE, self.script), self.root, self.out]
+
+    def read(self, line, sb):
+        """-> (what, path): what is "created", "seen" (the sentinel, sb) or None."""
+        raise NotImplementedError
 
     def classify(self, lines, storm_root, sentinel):
+        return tally_lines(lines, sentinel, self.read)
+
+
+class Floor(PyWatcher):
+    name = "floor (scandir+add_watch)"
+    script = "floor.py"
+
+    def read(self, line, sb):                   # "PATH MASK"
         from inotify_simple import flags
 
-        created, seen, overflow = set(), False, False
-        sb = sentinel.encode()
-        for line in lines:
-            if line == b"OVERFLOW":
-                overflow = True
-                continue
-            p, _, m = line.rpartition(b" ")
-            m = int(m)
-            if p == sb:
-                seen = True
-            elif m & flags.CREATE:
-                created.add(p)
-        return created, seen, overflow, len(lines)
+        p, _, m = line.rpartition(b" ")
+        m = int(m)
+        return ("seen" if p == sb else "created" if m & flags.CREATE else None), p
 
 
-class Watchdog(Tool):
+class Watchdog(PyWatcher):
     name = "watchdog"
+    script = "wd_watch.py"
 
-    def cmd(self):
-        return [sys.executable, os.path.join(HERE, "wd_watch.py"), self.root, self.out]
-
-    def classify(self, lines, storm_root, sentinel):
-        created, seen, overflow = set(), False, False
-        sb = sentinel.encode()
-        for line in lines:
-            if line == b"OVERFLOW":
-                overflow = True
-                continue
-            kind, _, p = line.partition(b" ")
-            if p == sb and kind in (b"modified", b"closed"):
-                seen = True
-            elif kind == b"created":
-                created.add(p)
-        return created, seen, overflow, len(lines)
+    def read(self, line, sb):                   # "KIND PATH"
+        kind, _, p = line.partition(b" ")
+        if p == sb and kind in (b"modified", b"closed"):
+            return "seen", p
+        return ("created" if kind == b"created" else None), p
 
 
 class Fimwatch(Tool):
@@ -1162,39 +1177,13 @@ def bench_baseline(ctx, reps, want_reverify):
             notes="`run` until baseline built and busy "
             "work over; %s; VmHWM %.0f MiB" % (tp(fim), median(data["fimwatch-hwm"]) / 1024),
         )
-    ratio_row(
-        ctx.res,
-        bench,
-        fim,
-        names["xargs"],
-        data["xargs"],
-        "s",
-        limit=1 / 1.2,
-        target="≤ 0.83× (≥ 1.2× throughput)",
-        notes=tp(data["xargs"]),
-    )
-    ratio_row(
-        ctx.res,
-        bench,
-        fim,
-        names["hashwalk"],
-        data["hashwalk"],
-        "s",
-        limit=1.3,
-        target="≤ 1.30× (floor + 30%)",
-        notes=tp(data["hashwalk"]),
-    )
-    ratio_row(
-        ctx.res,
-        bench,
-        fim,
-        names["aide"],
-        data["aide"],
-        "s",
-        limit=0.35,
-        target="≤ 0.35×",
-        notes=tp(data["aide"]),
-    )
+    for k, limit, target in (
+        ("xargs", 1 / 1.2, "≤ 0.83× (≥ 1.2× throughput)"),
+        ("hashwalk", 1.3, "≤ 1.30× (floor + 30%)"),
+        ("aide", 0.35, "≤ 0.35×"),
+    ):
+        ratio_row(ctx.res, bench, fim, names[k], data[k], "s", limit=limit, target=target,
+                  notes=tp(data[k]))
     if want_reverify and data["reverify"]:
         b2 = "startup re-verify %s (nothing changed)" % path
         ctx.res.add(

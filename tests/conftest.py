@@ -29,6 +29,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -502,6 +503,66 @@ def write(path, data="x\n", mode=None):
     if mode is not None:
         os.chmod(path, mode)
     return path
+
+
+def about(path):
+    """Predicate: any file event whose path or from is `path`."""
+    path = str(path)
+    return lambda e: e.get("event") in FILE_EVENTS and path in (e.get("path"), e.get("from"))
+
+
+def daemon_over(fim, path, data="x\n", mode=None):
+    """Write path (data, mode), start the daemon; returns (daemon, mark)."""
+    write(path, data, mode=mode)
+    d = fim.daemon()
+    return d, d.mark()
+
+
+def event_after(fim, path, data, change, pred, mode=None):
+    """Write path (data, mode), start the daemon, call change(path), and wait
+    for the first event after the change that pred matches. Returns
+    (daemon, mark, event); the daemon still runs."""
+    d, m = daemon_over(fim, path, data, mode)
+    change(path)
+    return d, m, d.wait_for(pred, since=m)
+
+
+def assert_change_is_quiet(fim, path, data, change, mode=None):
+    """Write path (data, mode), start the daemon, call change(path): no event
+    about path may follow (Daemon.assert_quiet, with its positive control).
+    Stops the daemon."""
+    d, m = daemon_over(fim, path, data, mode)
+    change(path)
+    d.assert_quiet(about(path), since=m, control=control_file())
+    d.stop()
+
+
+@contextlib.contextmanager
+def churn(paths, content="v%d\n"):
+    """Rewrite paths round-robin in a background thread for the duration of
+    the block: write number i puts content % i into paths[i % len(paths)].
+    The thread is stopped and joined when the block ends; an error in it is
+    raised then."""
+    stop = threading.Event()
+    errors = []
+
+    def run():
+        i = 0
+        try:
+            while not stop.is_set():
+                write(paths[i % len(paths)], content % i)
+                i += 1
+        except Exception as exc:    # re-raised in the test's thread
+            errors.append(exc)
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def control_file(name="control.txt"):

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from conftest import ISO_TIME, SETTLE, control_file, is_event, needs_root, write
+from conftest import (ISO_TIME, SETTLE, about, assert_change_is_quiet, control_file,
+                      event_after, is_event, needs_root, write)
 
 FILE_EVENTS = {"created", "modified", "attributes", "deleted", "moved"}
 
@@ -20,10 +21,16 @@ def sha256(data):
     return hashlib.sha256(data).hexdigest()
 
 
-def about(path):
-    """Predicate: any file event whose path or from is `path`."""
-    path = str(path)
-    return lambda e: e.get("event") in FILE_EVENTS and path in (e.get("path"), e.get("from"))
+def renamed(fim, a_name, a_data, b_name, b_data=None):
+    """Write a_name (a_data) and, unless b_data is None, b_name (b_data) in
+    the tree, start the daemon, then rename a to b. Returns (a, b, daemon)."""
+    a = write(fim.root / a_name, a_data)
+    b = fim.root / b_name
+    if b_data is not None:
+        write(b, b_data)
+    d = fim.daemon()
+    os.rename(a, b)
+    return a, b, d
 
 
 # --- the five file events ---------------------------------------------------
@@ -93,10 +100,7 @@ def test_chown_is_an_attributes_event(fim):
 
 
 def test_rename_is_a_moved_event(fim):
-    a = write(fim.root / "a.txt", "content\n")
-    b = fim.root / "b.txt"
-    d = fim.daemon()
-    os.rename(a, b)
+    a, b, d = renamed(fim, "a.txt", "content\n", "b.txt")
     e = d.wait_for(is_event("moved", b))
     assert e["from"] == str(a), e
     d.assert_quiet(lambda e: e.get("event") in ("created", "deleted")
@@ -106,11 +110,13 @@ def test_rename_is_a_moved_event(fim):
 
 
 def test_file_replaced_by_directory_reports_a_type_change(fim):
-    p = write(fim.root / "thing", "file\n")
-    d = fim.daemon()
-    os.unlink(p)
-    os.mkdir(p)
-    e = d.wait_for(lambda e: e.get("path") == str(p) and "type" in e.get("changes", []))
+    p = fim.root / "thing"
+
+    def to_dir(p):
+        os.unlink(p)
+        os.mkdir(p)
+    d, _, e = event_after(fim, p, "file\n", to_dir,
+                          lambda e: e.get("path") == str(p) and "type" in e.get("changes", []))
     assert e["kind"] == "dir", e
     d.stop()
 
@@ -118,22 +124,16 @@ def test_file_replaced_by_directory_reports_a_type_change(fim):
 # --- one event per change, no noise ------------------------------------------
 
 def test_touch_alone_is_not_an_event(fim):
-    p = write(fim.root / "touched.txt", "same\n")
-    d = fim.daemon()
-    m = d.mark()
-    os.utime(p, (time.time() + 100, time.time() + 100))
-    os.utime(p)
-    d.assert_quiet(about(p), since=m, control=control_file())
-    d.stop()
+    def touch(p):
+        os.utime(p, (time.time() + 100, time.time() + 100))
+        os.utime(p)
+    assert_change_is_quiet(fim, fim.root / "touched.txt", "same\n", touch)
 
 
 def test_identical_rewrite_is_not_an_event(fim):
-    p = write(fim.root / "same.txt", "identical content\n")
-    d = fim.daemon()
-    m = d.mark()
-    write(p, "identical content\n")       # O_TRUNC + write: IN_MODIFY, IN_CLOSE_WRITE
-    d.assert_quiet(about(p), since=m, control=control_file())
-    d.stop()
+    # O_TRUNC + write: IN_MODIFY, IN_CLOSE_WRITE
+    assert_change_is_quiet(fim, fim.root / "same.txt", "identical content\n",
+                           lambda p: write(p, "identical content\n"))
 
 
 def test_burst_of_writes_is_one_event(fim):
@@ -267,10 +267,7 @@ def test_diff_for_text_files_never_for_no_diff_patterns(fim):
 
 
 def test_move_then_edit_in_one_settle_window_reports_the_edit(fim):
-    a = write(fim.root / "a.txt", "one\n")
-    b = fim.root / "b.txt"
-    d = fim.daemon()
-    os.rename(a, b)
+    a, b, d = renamed(fim, "a.txt", "one\n", "b.txt")
     write(b, "two\n")
     d.wait_for(lambda e: e.get("path") == str(b) and e.get("event") in ("moved", "modified",
                                                                          "created"))
@@ -286,10 +283,7 @@ def test_move_then_edit_in_one_settle_window_reports_the_edit(fim):
 
 
 def test_rename_over_an_existing_file_reports_both_sides(fim):
-    a = write(fim.root / "new.conf", "new\n")
-    b = write(fim.root / "live.conf", "old\n")
-    d = fim.daemon()
-    os.rename(a, b)
+    a, b, d = renamed(fim, "new.conf", "new\n", "live.conf", "old\n")
     e = d.wait_for(lambda e: e.get("path") == str(b) and e.get("event") in FILE_EVENTS)
     assert e.get("sha256") == sha256(b"new\n"), e
     assert e["event"] == "modified" or (e["event"] == "moved" and e.get("previous")), e

@@ -18,15 +18,10 @@ import subprocess
 
 import pytest
 
-from conftest import control_file, is_event, needs_root, write
+from conftest import about, control_file, event_after, is_event, needs_root, write
 
 FILE_EVENTS = {"created", "modified", "attributes", "deleted", "moved"}
 META_COLUMNS = ("xattrs", "capability", "acl", "flags", "rdev", "links")
-
-
-def about(path):
-    path = str(path)
-    return lambda e: e.get("event") in FILE_EVENTS and path in (e.get("path"), e.get("from"))
 
 
 def changed(path, change, event="attributes"):
@@ -236,12 +231,10 @@ def test_device_node_swapped_for_another_with_the_same_mode(fim):
 # --- hard links ---------------------------------------------------------------
 
 def test_new_hard_link_is_reported(fim):
-    p = write(fim.root / "passwd", "root:x:0:0\n")
-    d = fim.daemon()
-    m = d.mark()
+    p = fim.root / "passwd"
     link = fim.root / "copy"
-    os.link(p, link)
-    e = d.wait_for(is_event("created", link), since=m)
+    d, _, e = event_after(fim, p, "root:x:0:0\n", lambda p: os.link(p, link),
+                          is_event("created", link))
     assert e["links"] == 2, e
     d.stop()
     # The original's count went up too; inotify says nothing about it (no

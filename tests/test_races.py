@@ -9,15 +9,10 @@ import signal
 import subprocess
 import time
 
-from conftest import (SETTLE, control_file, inotify_watch_count, is_event, wait_until,
-                      write)
+from conftest import (SETTLE, about, assert_change_is_quiet, churn, control_file, event_after,
+                      inotify_watch_count, is_event, wait_until, write)
 
 FILE_EVENTS = {"created", "modified", "attributes", "deleted", "moved"}
-
-
-def about(path):
-    path = str(path)
-    return lambda e: e.get("event") in FILE_EVENTS and path in (e.get("path"), e.get("from"))
 
 
 def under(dirpath):
@@ -44,13 +39,13 @@ def test_sed_in_place_is_one_modified_and_no_temp_file(fim):
 
 
 def test_atomic_write_via_temp_and_rename_is_one_modified(fim):
-    p = write(fim.root / "settings.json", '{"a": 1}\n')
-    d = fim.daemon()
-    m = d.mark()
+    p = fim.root / "settings.json"
     tmp = fim.root / ".settings.json.tmp-8f3a"
-    write(tmp, '{"a": 2}\n')
-    os.rename(tmp, p)
-    e = d.wait_for(is_event("modified", p), since=m)
+
+    def save(p):
+        write(tmp, '{"a": 2}\n')
+        os.rename(tmp, p)
+    d, m, e = event_after(fim, p, '{"a": 1}\n', save, is_event("modified", p))
     assert e["changes"] == ["content"], e
     d.assert_quiet(about(tmp), since=m, control=control_file())
     assert len(d.matching(about(p), since=m)) == 1, d.matching(about(p), since=m)
@@ -58,13 +53,10 @@ def test_atomic_write_via_temp_and_rename_is_one_modified(fim):
 
 
 def test_delete_and_recreate_with_identical_content_is_not_an_event(fim):
-    p = write(fim.root / "same.txt", "same\n", mode=0o644)
-    d = fim.daemon()
-    m = d.mark()
-    os.unlink(p)
-    write(p, "same\n", mode=0o644)
-    d.assert_quiet(about(p), since=m, control=control_file())
-    d.stop()
+    def recreate(p):
+        os.unlink(p)
+        write(p, "same\n", mode=0o644)
+    assert_change_is_quiet(fim, fim.root / "same.txt", "same\n", recreate, mode=0o644)
 
 
 def test_continuous_writes_end_with_the_final_state(fim):
@@ -318,28 +310,14 @@ def test_double_star_excluded_subtree_holds_no_watches(fim):
 
 
 def test_concurrent_scans_while_the_daemon_is_busy(fim):
-    for i in range(50):
-        write(fim.root / ("f%02d" % i), "v0\n")
+    files = [write(fim.root / ("f%02d" % i), "v0\n") for i in range(50)]
     d = fim.daemon()
-    import threading
-    stop = threading.Event()
-
-    def churn():
-        i = 0
-        while not stop.is_set():
-            write(fim.root / ("f%02d" % (i % 50)), "v%d\n" % i)
-            i += 1
-    t = threading.Thread(target=churn)
-    t.start()
-    try:
+    with churn(files):
         for _ in range(4):
             for args in (("scan", "--no-alert"), ("status", "--json"), ("events", "--json")):
                 r = fim.cli(*args, timeout=60)
                 assert r.returncode in (0, 1), "%s: %s" % (args, r.stdout[-500:] + r.stderr)
                 assert "Traceback" not in r.stderr and "locked" not in r.stderr, r.stderr
-    finally:
-        stop.set()
-        t.join()
     assert d.alive(), d.stderr()
     assert "Traceback" not in d.stderr(), d.stderr()
     d.stop()

@@ -4,12 +4,11 @@ up, log rotation of the events file, a second instance on the same state."""
 
 import json
 import os
-import threading
 import time
 
 import pytest
 
-from conftest import Daemon, control_file, flood_queue, is_event, wait_until, write
+from conftest import Daemon, churn, control_file, flood_queue, is_event, wait_until, write
 
 FILE_EVENTS = {"created", "modified", "attributes", "deleted", "moved"}
 
@@ -54,22 +53,11 @@ def test_overflow_with_new_dirs_and_deletions(fim):
 
 @pytest.mark.timeout(240)
 def test_kill_9_in_a_storm_loses_nothing(fim):
-    for i in range(200):
-        write(fim.root / ("f%03d" % i), "v1\n")
+    files = [write(fim.root / ("f%03d" % i), "v1\n") for i in range(200)]
     d = fim.daemon()
-    stop = threading.Event()
-
-    def storm():
-        i = 0
-        while not stop.is_set():
-            write(fim.root / ("f%03d" % (i % 200)), "v2 %d\n" % i)
-            i += 1
-    t = threading.Thread(target=storm)
-    t.start()
-    time.sleep(1.0)
-    d.kill()
-    stop.set()
-    t.join()
+    with churn(files, "v2 %d\n"):
+        time.sleep(1.0)
+        d.kill()
     d2 = fim.daemon(timeout=60)
     assert d2.started.get("unclean") is True, d2.started
     d2.assert_quiet(lambda e: False, since=d2.start_index, control=control_file())

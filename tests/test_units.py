@@ -1,11 +1,15 @@
 """Unit tests of fimwatch's pure functions, in-process, no daemon (< 1 s).
 
-compare() on baseline records, SPEC patterns, durations/sizes/booleans, the
-escaping of untrusted names (esc, syslog's logfmt), email subjects, URL and
-diff redaction. Every assertion here states one rule of SPEC.md, so breaking
+compare() on baseline records, SPEC patterns, durations/sizes/booleans, config
+values (_convert, LIMITS/_check_limit, _show), check-config's directory count
+and watch recommendation, event times and change lists, the escaping of
+untrusted names (esc, syslog's logfmt), email subjects, URL and diff
+redaction. Every assertion here states one rule of SPEC.md, so breaking
 the rule in fimwatch.py fails the test."""
 
+import datetime
 import os
+import time
 
 import pytest
 
@@ -57,6 +61,19 @@ def test_compare_files_over_hash_max_size_use_size_and_mtime():
         ("modified", ["content"])
     assert fimwatch.compare(big, rec(sha256=None, skipped=1, size=10, mtime_ns=2)) == \
         ("modified", ["content"])
+
+
+def test_compare_big_file_whose_ctime_moved_alone_is_a_content_change():
+    # Not hashed: a ctime that moved with nothing else changed is a write
+    # whose mtime was put back.
+    big = rec(sha256=None, skipped=1, size=10)
+    assert fimwatch.compare(big, rec(sha256=None, skipped=1, size=10, ctime_ns=2)) == \
+        ("modified", ["content"])
+    # A change that explains the new ctime is all there is to say.
+    assert fimwatch.compare(big, rec(sha256=None, skipped=1, size=10, ctime_ns=2,
+                                     mode=0o600)) == ("attributes", ["mode"])
+    # A hashed file's ctime alone is no change: its content is known.
+    assert fimwatch.compare(rec(), rec(ctime_ns=2)) is None
 
 
 def test_compare_on_snapshots_of_a_real_file(tmp_path):
@@ -133,6 +150,103 @@ def test_parse_bool():
                                       (2 * 86400 + 4 * 3600, "2d 4h")])
 def test_fmt_duration(sec, text):
     assert fimwatch.fmt_duration(sec) == text
+
+
+@pytest.mark.parametrize("sec,text", [(366 * 86400, "366d"), (300, "5m"), (0.1, "100ms"),
+                                      (7200, "2h"), (90, "90s"), (0, "0")])
+def test_show_duration_in_the_largest_whole_unit(sec, text):
+    assert fimwatch._show("duration", sec) == text
+    assert fimwatch.parse_duration(text) == sec         # and it reads back
+
+
+# --- config values: conversion and range limits ------------------------------
+
+def test_convert_normalises_paths_and_refuses_watching_the_root():
+    assert fimwatch._convert("path", "//etc") == "/etc"
+    assert fimwatch._convert("paths", " //etc /var//log/ /etc ") == ["/etc", "/var/log"]
+    with pytest.raises(ValueError, match="not supported"):
+        fimwatch._convert("paths", "//")
+    with pytest.raises(ValueError, match="absolute"):
+        fimwatch._convert("path", "etc")
+
+
+def test_convert_refuses_a_duration_of_many_digits():
+    assert fimwatch._convert("duration", "3650d") == fimwatch.DURATION_MAX
+    with pytest.raises(ValueError, match="too long"):
+        fimwatch._convert("duration", "9999999999d")
+
+
+def test_every_limit_is_a_range_on_a_numeric_key():
+    for (sect, key), (lo, hi) in fimwatch.LIMITS.items():
+        assert fimwatch.SCHEMA[sect][key][0] in ("duration", "size", "int"), (sect, key)
+        assert 0 <= lo < hi, (sect, key)
+
+
+@pytest.mark.parametrize("sect,key,v", [
+    ("fimwatch", "settle", 0.0), ("fimwatch", "settle", 60.0),
+    ("fimwatch", "scan_interval", 0.0),                 # 0: never
+    ("fimwatch", "scan_interval", 1.0), ("webhook ops", "timeout", 300),
+    ("syslog", "enabled", True),                        # no limit
+])
+def test_check_limit_accepts(sect, key, v):
+    assert fimwatch._check_limit(sect, key, v) is None
+
+
+@pytest.mark.parametrize("sect,key,v,msg", [
+    ("fimwatch", "settle", 90.0, "must be between 0 and 1m"),
+    ("fimwatch", "scan_interval", 0.5, "0 (never) or between 1s and 3650d"),
+    ("webhook ops", "timeout", 0.1, "must be between 500ms and 5m"),
+    ("fimwatch", "hash_max_size", 0, "must be at least 1"),
+])
+def test_check_limit_refuses_and_names_the_range(sect, key, v, msg):
+    with pytest.raises(ValueError) as exc:
+        fimwatch._check_limit(sect, key, v)
+    assert str(exc.value) == msg
+
+
+# --- check-config: directories and inotify limits ----------------------------
+
+def test_count_dirs_skips_excluded_dirs_as_the_config_names_them(tmp_path):
+    top = tmp_path / "staged"
+    for d in ("a/b", "cache/c1/c2", "node_modules/m", "x.swp"):
+        (top / d).mkdir(parents=True)
+    (top / "a" / "file").write_text("not a dir\n")
+    (top / "link").symlink_to(top / "a")                # never followed
+    ex = fimwatch.PatternSet(["/etc/cache/**", "node_modules/", "*.swp"])
+    # staged, a, a/b, x.swp: a base-name pattern never hides a directory
+    assert fimwatch.count_dirs([(str(top), "/etc")], ex) == 4
+    # the excludes see the logical path (a tree staged under another root)
+    assert fimwatch.count_dirs([(str(top), "/srv")], ex) == 7
+    assert fimwatch.count_dirs([(str(top), "/etc")], fimwatch.PatternSet([])) == 9
+    assert fimwatch.count_dirs([(str(top), "/etc"), (str(top / "a"), "/etc/a")], ex) == 6
+    assert fimwatch.count_dirs([(str(top), "/etc")], ex, limit=2) == 2
+
+
+@pytest.mark.parametrize("need,want", [(0, 8192), (1000, 10240), (100000, 158720)])
+def test_recommended_watches_adds_half_and_headroom_rounded_up_to_1024(need, want):
+    # need + need/2 + 8192 spare, rounded up to a multiple of 1024
+    assert fimwatch.recommended_watches(need) == want
+
+
+# --- events ------------------------------------------------------------------------
+
+def test_event_epoch_reads_back_the_time_of_new_event():
+    t0 = time.time()
+    ev = fimwatch.new_event("h", "created", "warning")
+    t1 = time.time()
+    assert t0 - 0.001 <= fimwatch.event_epoch(ev) <= t1, (t0, ev["time"], t1)
+    when = datetime.datetime(2024, 2, 29, 23, 59, 58, 250000, datetime.timezone.utc)
+    assert fimwatch.event_epoch({"time": "2024-02-29T23:59:58.250Z"}) == when.timestamp()
+    # no time, or a broken one: now
+    assert abs(fimwatch.event_epoch({"time": "garbage"}) - time.time()) < 5
+    assert abs(fimwatch.event_epoch({}) - time.time()) < 5
+
+
+def test_change_list_of_old_and_new_events():
+    assert fimwatch.change_list({"changes": ["content", "mode"]}) == ["content", "mode"]
+    assert fimwatch.change_list({"changes": ("owner",)}) == ["owner"]
+    assert fimwatch.change_list({"event": "verified", "changes": 3}) == []   # before 0.2
+    assert fimwatch.change_list({"event": "created"}) == []
 
 
 # --- escaping of untrusted names ---------------------------------------------

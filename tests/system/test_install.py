@@ -1141,18 +1141,27 @@ def test_ct_reinstall_upgrades_and_keeps_config(box):
                      since=n_events)
 
 
-@pytest.mark.timeout(300)
-def test_ct_uninstall_keeps_config_and_state(box):
+def _ct_remove(box, option, gone):
+    """Pipe the installer again with option (--uninstall, --purge) into the
+    installed container: it must succeed and leave none of the paths in gone.
+    Returns the container."""
     _require(box, "installed")
     ct = box.ct
-    r = box.pipe_install("--uninstall")
+    r = box.pipe_install(option)
     assert r.returncode == 0, r.stdout + r.stderr
+    for path in gone:
+        assert not ct.exists(path), path
+    return ct
+
+
+@pytest.mark.timeout(300)
+def test_ct_uninstall_keeps_config_and_state(box):
+    ct = _ct_remove(box, "--uninstall", [
+        "/etc/systemd/system/fimwatch.service", "/usr/local/sbin/fimwatch",
+        "/usr/local/lib/fimwatch", "/etc/sysctl.d/60-fimwatch.conf",
+        "/etc/systemd/system/multi-user.target.wants/fimwatch.service"])
     assert ct.show("fimwatch.service", "ActiveState")["ActiveState"] in ("inactive", "failed")
     assert ct.show("fimwatch.service", "LoadState")["LoadState"] == "not-found"
-    for path in ["/etc/systemd/system/fimwatch.service", "/usr/local/sbin/fimwatch",
-                 "/usr/local/lib/fimwatch", "/etc/sysctl.d/60-fimwatch.conf",
-                 "/etc/systemd/system/multi-user.target.wants/fimwatch.service"]:
-        assert not ct.exists(path), path
     assert ct.exists("/etc/fimwatch/fimwatch.conf")
     assert ct.sh("ls /var/lib/fimwatch").stdout.strip()
     assert ct.exists("/var/log/fimwatch")
@@ -1160,16 +1169,12 @@ def test_ct_uninstall_keeps_config_and_state(box):
 
 @pytest.mark.timeout(300)
 def test_ct_purge_removes_everything(box):
-    _require(box, "installed")
-    ct = box.ct
-    r = box.pipe_install("--purge")
-    assert r.returncode == 0, r.stdout + r.stderr
-    for path in ["/etc/fimwatch", "/var/lib/fimwatch", "/var/log/fimwatch",
-                 "/usr/local/sbin/fimwatch", "/usr/local/lib/fimwatch",
-                 "/etc/systemd/system/fimwatch.service",
-                 "/etc/systemd/system/fimwatch-sendmail.socket",
-                 "/etc/sysctl.d/60-fimwatch.conf"]:
-        assert not ct.exists(path), path
+    _ct_remove(box, "--purge", [
+        "/etc/fimwatch", "/var/lib/fimwatch", "/var/log/fimwatch",
+        "/usr/local/sbin/fimwatch", "/usr/local/lib/fimwatch",
+        "/etc/systemd/system/fimwatch.service",
+        "/etc/systemd/system/fimwatch-sendmail.socket",
+        "/etc/sysctl.d/60-fimwatch.conf"])
 
 
 @pytest.mark.timeout(300)
