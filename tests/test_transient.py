@@ -139,11 +139,16 @@ def test_vim_probe_name_present_while_down_is_reported_at_start(fim):
     d.stop()
 
 
-@pytest.mark.timeout(60)
-def test_editor_leftover_still_there_after_the_grace_is_reported_once(fim):
+def _short_grace_daemon(fim):
+    """A daemon that looks at editor leftovers every second, with a 2 s grace."""
     fim.write_config(watch={"editor_grace": "2s", "poll_interval": "1s"})
     d = fim.daemon()
-    m = d.mark()
+    return d, d.mark()
+
+
+@pytest.mark.timeout(60)
+def test_editor_leftover_still_there_after_the_grace_is_reported_once(fim):
+    d, m = _short_grace_daemon(fim)
     p = write(fim.root / "sudo-rule~", "x ALL=(ALL) ALL\n")
     e = d.wait_for(is_event("created", p), since=m, timeout=10)
     assert e["leftover"] is True and e["detected"] == "scan", e
@@ -156,9 +161,7 @@ def test_editor_leftover_still_there_after_the_grace_is_reported_once(fim):
 
 @pytest.mark.timeout(60)
 def test_long_vim_session_costs_no_alert(fim):
-    fim.write_config(watch={"editor_grace": "2s", "poll_interval": "1s"})
-    d = fim.daemon()
-    m = d.mark()
+    d, m = _short_grace_daemon(fim)
     swap = write(fim.root / ".notes.swp", b"b0VIM 9.0\0" + b"\0" * 100)
     fd = os.open(swap, os.O_RDWR)                   # vim keeps its swap file open
     try:
