@@ -1016,58 +1016,67 @@ def snapshot(path, max_size, old=None, trust=False, st=None, keep=0, out=None, d
                 st = os.lstat(path, dir_fd=dir_fd)
             except (FileNotFoundError, NotADirectoryError):
                 return None
-        mode = st.st_mode
-        kind = kind_of(mode)
-        sha = target = None
-        skipped = 0
-        size = st.st_size
+        kind = kind_of(st.st_mode)
         meta = []
         if (trust and old is not None and old.kind == kind and kind != "dir"
                 and old.xattrs is not None and old.ino == st.st_ino
                 and old.ctime_ns == st.st_ctime_ns):
             meta.append((old.xattrs, old.capability, old.acl, old.flags))
+        sha = target = None
+        skipped = 0
         if kind == "file":
-            if size > max_size:
-                skipped = 1
-            elif (trust and old is not None and old.kind == "file" and old.sha256 is not None
-                  and old.size == size and old.mtime_ns == st.st_mtime_ns
-                  and old.ctime_ns == st.st_ctime_ns and old.ino == st.st_ino):
-                sha = old.sha256
-            else:
-                try:
-                    sha, fst, data = hash_file(path, st, keep, dir_fd,
-                                                meta if not meta else None)
-                except OSError:
-                    # Unreadable even as root (FUSE, root-squashed NFS): keep
-                    # the metadata and say so; skipped=2 marks it.
-                    sha, fst, data, skipped = None, st, None, 2
-                if data is not None and out is not None:
-                    out.append(data)
-                if sha is None and not skipped:
-                    st = None                    # replaced while we looked: look again
-                    continue
-                st = fst
-                size = st.st_size
+            got = _file_content(path, st, max_size, old, trust, keep, out, dir_fd, meta)
+            if got is None:
+                st = None                        # replaced while we looked: look again
+                continue
+            sha, st, skipped = got
         elif kind == "symlink":
             try:
                 target = os.readlink(path, dir_fd=dir_fd)
-            except (FileNotFoundError, OSError):
+            except OSError:
                 st = None
                 continue
-        elif kind == "dir":
-            size = 0                              # a directory's size is noise
-        isdir = kind == "dir"
         if not meta:
             meta.append(meta_of(path, st, kind, dir_fd))
-        xattrs, cap, acl, flags = meta[0]
-        return Rec(kind=kind, mode=stat.S_IMODE(mode), uid=st.st_uid, gid=st.st_gid, size=size,
-                   mtime_ns=0 if isdir else st.st_mtime_ns,
-                   ctime_ns=0 if isdir else st.st_ctime_ns,
-                   ino=st.st_ino, sha256=sha, target=target, skipped=skipped,
-                   xattrs=xattrs, capability=cap, acl=acl, flags=flags,
-                   rdev=st.st_rdev if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else None,
-                   links=st.st_nlink if kind == "file" else None)
+        return _make_rec(kind, st, sha, target, skipped, meta[0])
     return None
+
+
+def _file_content(path, st, max_size, old, trust, keep, out, dir_fd, meta):
+    """(sha256 or None, stat, skipped) of a regular file; None when it was
+    replaced while we looked. meta: an empty list gets the metadata read
+    through the hashing fd."""
+    if st.st_size > max_size:
+        return None, st, 1
+    if (trust and old is not None and old.kind == "file" and old.sha256 is not None
+            and old.size == st.st_size and old.mtime_ns == st.st_mtime_ns
+            and old.ctime_ns == st.st_ctime_ns and old.ino == st.st_ino):
+        return old.sha256, st, 0
+    try:
+        sha, fst, data = hash_file(path, st, keep, dir_fd, meta if not meta else None)
+    except OSError:
+        # Unreadable even as root (FUSE, root-squashed NFS): keep the
+        # metadata and say so; skipped=2 marks it.
+        return None, st, 2
+    if sha is None:
+        return None
+    if data is not None and out is not None:
+        out.append(data)
+    return sha, fst, 0
+
+
+def _make_rec(kind, st, sha, target, skipped, meta):
+    isdir = kind == "dir"
+    mode = st.st_mode
+    xattrs, cap, acl, flags = meta
+    return Rec(kind=kind, mode=stat.S_IMODE(mode), uid=st.st_uid, gid=st.st_gid,
+               size=0 if isdir else st.st_size,          # a directory's size is noise
+               mtime_ns=0 if isdir else st.st_mtime_ns,
+               ctime_ns=0 if isdir else st.st_ctime_ns,
+               ino=st.st_ino, sha256=sha, target=target, skipped=skipped,
+               xattrs=xattrs, capability=cap, acl=acl, flags=flags,
+               rdev=st.st_rdev if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else None,
+               links=st.st_nlink if kind == "file" else None)
 
 
 _OWNERSHIP = (("mode", "mode"), ("uid", "owner"), ("gid", "group"))
