@@ -95,6 +95,9 @@ INOTIFY_SYSCTL = "/proc/sys/fs/inotify"
 DB_NAME = "baseline.db"
 BASELINE_ID = "baseline.id"      # the baseline's identity, kept outside it
 LOCK_NAME = "fimwatch.lock"
+MACHINE_ID = "/etc/machine-id"
+INSTALL_ID = "install.id"        # in state_dir: made by install.sh (or the first start)
+UPGRADE_MARK = "upgrading"       # in state_dir: install.sh's "this stop is an upgrade"
 
 EXIT_OK, EXIT_CHANGES, EXIT_ERROR = 0, 1, 2
 EXIT_STATE = 3       # state, disk or database: never RestartPreventExitStatus
@@ -1208,6 +1211,7 @@ class Store:
             os.umask(old_umask)
         self.lock = threading.RLock()
         self.on_commit = []            # called after each commit (wakes alert workers)
+        self._seq_hint = 0             # the last event sequence this connection drew
         self._tx = False
         self._writes = 0
 
@@ -1366,13 +1370,34 @@ class Store:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES (?,?)", (key, str(value)))
 
     # -- events --
-    def add_event(self, ev, line):
+    def next_sequence(self):
+        """The next event `sequence` of this host: the events table's own
+        autoincrement counter (never reset by pruning), read inside the write
+        transaction, so every process that writes events (the daemon, scan,
+        pause) draws from one gap-free series. While StateDB holds writes in
+        memory the reads lag behind them: _seq_hint remembers what we drew."""
         with self.lock:
             self._w()
-            self.db.execute("INSERT INTO events (id, t, severity, event, path, json) "
-                            "VALUES (?,?,?,?,?,?)",
-                            (ev["id"], event_epoch(ev), ev["severity"], ev["event"],
-                             ev.get("path", ""), line))
+            row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name='events'") \
+                .fetchone()
+            n = max(int(row[0]) if row else 0, self._seq_hint) + 1
+            self._seq_hint = n
+            return n
+
+    def last_sequence(self):
+        with self.lock:
+            row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name='events'") \
+                .fetchone()
+        return max(int(row[0]) if row else 0, self._seq_hint)
+
+    def add_event(self, ev, line):
+        """The event row; its `sequence` (see next_sequence) is the row's seq."""
+        with self.lock:
+            self._w()
+            self.db.execute("INSERT INTO events (seq, id, t, severity, event, path, json) "
+                            "VALUES (?,?,?,?,?,?,?)",
+                            (ev.get("sequence"), ev["id"], event_epoch(ev), ev["severity"],
+                             ev["event"], ev.get("path", ""), line))
 
     def prune_events(self):
         with self.lock:
@@ -3898,40 +3923,99 @@ def build_channels(cfg, store):
     return chans
 
 
+def host_identity(state_dir, machine_id=MACHINE_ID):
+    """`host_id`: sha256 of /etc/machine-id and of the install id (state_dir/
+    install.id, made by install.sh or else here), cut to 32 hex digits. Cloned
+    images share a machine-id; two installs never share an install id. The
+    machine-id itself is not shown: machine-id(5) asks that it stay private."""
+    try:
+        with open(machine_id, encoding="ascii", errors="replace") as f:
+            mid = f.read().strip()
+    except OSError:
+        mid = ""
+    path = os.path.join(state_dir, INSTALL_ID)
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            inst = f.read().strip()
+    except OSError:
+        inst = ""
+    if not inst:
+        inst = uuid.uuid4().hex
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(inst + "\n")
+        except FileExistsError:             # another process made it first: use theirs
+            return host_identity(state_dir, machine_id)
+        except OSError:
+            pass                            # read-only or full: an id for this process only
+    return hashlib.sha256(("%s\n%s" % (mid, inst)).encode()).hexdigest()[:32]
+
+
 class Dispatcher:
-    """Stores each event (its id fixed before any sink sees it), then hands it
-    to every sink that wants it. A failing sink is counted, never fatal."""
+    """Stamps each event with its `sequence` and `host_id`, stores it, and
+    spools it for the channels (same transaction); the local sinks (events
+    file, syslog) get it only once that transaction is committed (Store's
+    on_commit), so a crash can never show a receiver an id that the restart
+    then reports again under another. While the state database takes no
+    writes (StateDB), a commit holds them in memory and the local sinks still
+    get every event at once: they need no disk. A failing sink is counted,
+    never fatal."""
 
     def __init__(self, cfg, store, local=True, channels=True, echo=None):
         self.cfg, self.store, self.echo = cfg, store, echo
-        self.sinks = []
+        self.host_id = host_identity(cfg.state_dir)
+        self.local = []
         if local and cfg.events_file:
-            self.sinks.append(EventsFileSink(cfg.events_file))
+            self.local.append(EventsFileSink(cfg.events_file))
         if local and cfg.get("syslog", "enabled"):
-            self.sinks.append(SyslogSink(cfg.get("syslog", "address"),
+            self.local.append(SyslogSink(cfg.get("syslog", "address"),
                                          cfg.get("syslog", "facility"),
                                          cfg.get("syslog", "min_severity")))
         self.channels = build_channels(cfg, store) if channels else []
-        self.sinks += self.channels
+        self.committed = deque()           # (event, line) stored, waiting for the commit
+        store.on_commit.append(self.after_commit)
         self.errors = {}
         self.count = 0
 
+    @property
+    def sinks(self):
+        return self.local + self.channels
+
     def emit(self, ev):
-        line = event_json(ev)
-        self.store.add_event(ev, line)
+        """Stamp, store and spool ev; returns the event as stored and sent."""
+        with self.store.lock:
+            stamped = {"id": ev["id"], "sequence": self.store.next_sequence(),
+                       "host_id": self.host_id}
+            stamped.update((k, v) for k, v in ev.items() if k not in stamped)
+            ev = stamped
+            line = event_json(ev)
+            self.store.add_event(ev, line)
+            for c in self.channels:
+                self._send(c, ev, line)
+        self.committed.append((ev, line))
         self.count += 1
         if self.echo:
             self.echo(ev)
-        for s in self.sinks:
-            try:
-                if s.wants(ev):
-                    s.send(ev, line)
-            except Exception as e:
-                n = self.errors.get(s.name if hasattr(s, "name") else s.id, 0)
-                key = getattr(s, "id", None) or s.name
-                self.errors[key] = n + 1
-                if n < 5 or n % 1000 == 0:
-                    sys.stderr.write("fimwatch: %s: %s\n" % (key, esc(str(e))[:300]))
+        return ev
+
+    def after_commit(self):
+        """Store.on_commit: hand what was committed to the local sinks."""
+        while self.committed:
+            ev, line = self.committed.popleft()
+            for s in self.local:
+                self._send(s, ev, line)
+
+    def _send(self, s, ev, line):
+        try:
+            if s.wants(ev):
+                s.send(ev, line)
+        except Exception as e:
+            key = getattr(s, "id", None) or s.name
+            n = self.errors.get(key, 0)
+            self.errors[key] = n + 1
+            if n < 5 or n % 1000 == 0:
+                sys.stderr.write("fimwatch: %s: %s\n" % (key, esc(str(e))[:300]))
 
     def start(self):
         for c in self.channels:
@@ -3947,6 +4031,8 @@ class Dispatcher:
 
     def close(self, timeout=5.0):
         self.store.commit()
+        if self.after_commit in self.store.on_commit:
+            self.store.on_commit.remove(self.after_commit)
         deadline = time.monotonic() + timeout
         for c in self.channels:
             c.close(deadline)
@@ -4066,8 +4152,8 @@ class Daemon:
         ev = upgrade_notice(store, cfg.hostname)
         if ev is not None:
             self.dispatch.emit(ev)
-        self.dispatch.flush()
         store.commit()
+        self.dispatch.flush()
         self.check_state()
         self.log("watching %d directories, %d baseline entries (%.1fs)"
                  % (eng.watches(), started["baseline_entries"], started["seconds"]))
@@ -4226,8 +4312,8 @@ class Daemon:
             self.log(fields["message"])
             self.dispatch.emit(new_event(self.cfg.hostname, event, sev, "startup", "",
                                          **fields))
-        self.dispatch.flush()
         self.store.commit()
+        self.dispatch.flush()
 
     def report_root_swaps(self):
         for p, was, now in check_root_swaps(self.cfg, self.store):
@@ -4359,7 +4445,7 @@ def cmd_scan(cfg, args):
                           channels=not args.no_alert and not first,
                           echo=None if first else (lambda ev: print_event(ev, args.json)))
     if args.no_alert and cfg.events_file:
-        dispatch.sinks.insert(0, EventsFileSink(cfg.events_file))
+        dispatch.local.insert(0, EventsFileSink(cfg.events_file))
     eng = _one_shot_engine(cfg, store, dispatch)
     mode = "build" if first else ("quick" if args.quick else "full")
     for root in eng.roots + eng.scan_only:
