@@ -379,6 +379,7 @@ SCHEMA = {
         "diff_max_size": ("size", "32K"),
         "diff_paths": ("patterns", "/etc/** /var/www/** /var/spool/cron/** /usr/local/etc/**"),
         "package_check": ("bool", "yes"),
+        "heartbeat": ("duration", "5m"),
     },
     "watch": {
         "paths": ("paths", "/etc /usr/bin /usr/sbin /usr/local/bin /usr/local/sbin /var/www"),
@@ -438,6 +439,7 @@ class Config:
         self.diff_max_size = g("diff_max_size")
         self.diff_paths = g("diff_paths")
         self.package_check = g("package_check")
+        self.heartbeat = g("heartbeat")
         self.paths = values[("watch", "paths")]
         self.exclude = values[("watch", "exclude")]
         self.scan_only = values[("watch", "scan_only")]
@@ -473,10 +475,11 @@ class Config:
 
 
 # range limits of numeric keys: (section, key) -> (lowest, highest); "webhook"
-# stands for every [webhook NAME] section. scan_interval also takes 0 (never).
+# stands for every [webhook NAME] section. ZERO_IS_OFF keys also take 0 (never).
 LIMITS = {
     ("fimwatch", "settle"): (0.0, 60.0),
     ("fimwatch", "scan_interval"): (1.0, DURATION_MAX),
+    ("fimwatch", "heartbeat"): (1.0, DURATION_MAX),
     ("fimwatch", "hash_max_size"): (1, 1 << 50),
     ("watch", "poll_interval"): (1.0, 7 * 86400),
     ("email", "retry_min"): (0.1, 3600),
@@ -543,13 +546,16 @@ def _convert(typ, raw):
     return _CONVERTERS[typ](raw)
 
 
+ZERO_IS_OFF = ("scan_interval", "heartbeat")
+
+
 def _check_limit(sect, key, v):
     lim = LIMITS.get(("webhook" if sect.startswith("webhook") else sect, key))
-    if lim is None or lim[0] <= v <= lim[1] or (key == "scan_interval" and v == 0):
+    if lim is None or lim[0] <= v <= lim[1] or (key in ZERO_IS_OFF and v == 0):
         return
     typ = SCHEMA["webhook" if sect.startswith("webhook") else sect][key][0]
     lo, hi = (_show(typ, x) for x in lim)
-    if key == "scan_interval":
+    if key in ZERO_IS_OFF:
         raise ValueError("0 (never) or between %s and %s" % (lo, hi))
     raise ValueError("must be between %s and %s" % (lo, hi) if lim[1] < 100000 or
                      typ == "duration" else "must be at least %s" % lo)
@@ -4109,6 +4115,41 @@ class StateLock:
             os.close(fd)
 
 
+def stop_reason(state_dir, systemctl="systemctl"):
+    """Why a clean stop is not news: "upgrade" (install.sh left its mark in
+    state_dir less than an hour ago), "shutdown" (the system is going down),
+    else None: someone stopped the monitor."""
+    mark = os.path.join(state_dir, UPGRADE_MARK)
+    try:
+        fresh = time.time() - os.stat(mark).st_mtime < 3600
+        os.unlink(mark)
+        if fresh:
+            return "upgrade"
+    except OSError:
+        pass
+    try:
+        r = subprocess.run([systemctl, "is-system-running"], stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, timeout=2)
+        if r.stdout.strip() == b"stopping":
+            return "shutdown"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return None
+
+
+def stopped_event(cfg):
+    """A clean stop: a `warning` (it goes to email and webhooks) unless it is
+    an upgrade or a system shutdown. A kill -9 has no stopped event at all:
+    the missing heartbeat and the next start's `gap` show it."""
+    why = stop_reason(cfg.state_dir)
+    what = {"upgrade": "stopped for an upgrade", "shutdown": "stopped: the system shuts down",
+            None: "fimwatch was stopped (not by an upgrade or a shutdown)"}[why]
+    return new_event(cfg.hostname, "stopped", "notice" if why else "warning", "realtime", "",
+                     reason=why or "stopped",
+                     message="%s; changes from now on are reported when it starts again"
+                             % what)
+
+
 class Daemon:
     def __init__(self, cfg):
         self.cfg = cfg
@@ -4221,9 +4262,7 @@ class Daemon:
             self.eng.flush_due(budget=5.0, force=True)
         except Exception as e:            # still record the stop
             self.log("error while flushing: %s" % e)
-        self.dispatch.emit(new_event(self.cfg.hostname, "stopped", "notice", "realtime", "",
-                                     message="fimwatch stopped; changes from now on are "
-                                             "reported when it starts again"))
+        self.dispatch.emit(stopped_event(self.cfg))
         store.set_meta("state", "stopped")
         store.set_meta("stopped_at", time.time())
         store.commit()
@@ -4259,7 +4298,8 @@ class Daemon:
         wd_every = wd_usec / 3e6 if wd_usec else None
         now = time.monotonic()
         self.timers = {"beat": now + HEARTBEAT_EVERY, "prune": now + 3600,
-                       "dog": now if wd_every else None}
+                       "dog": now if wd_every else None,
+                       "heartbeat": now + self.cfg.heartbeat if self.cfg.heartbeat else None}
         while not self.stop:
             now = time.monotonic()
             wake = min([self.eng.next_wakeup(now)]
@@ -4303,6 +4343,28 @@ class Daemon:
         if now >= t["prune"]:
             store.prune_events()
             t["prune"] = now + 3600
+        if t["heartbeat"] is not None and now >= t["heartbeat"]:
+            self.dispatch.emit(self.heartbeat_event())
+            every = self.cfg.heartbeat
+            t["heartbeat"] = now + every if every else None
+
+    def heartbeat_event(self):
+        """[fimwatch] heartbeat: 'still watching', with the counts a receiver
+        compares (no event lost between two beats: last_sequence) and the
+        events file's chain head, so a remote copy can prove the local file
+        was cut. A receiver alerts when none came for 2 intervals plus a bit."""
+        store, eng, every = self.store, self.eng, self.cfg.heartbeat
+        now = time.time()
+        counts = store.events_by_severity(now - 86400)
+        return new_event(
+            self.cfg.hostname, "heartbeat", "info", "realtime", "",
+            interval=every, next_before=iso_s(now + 2 * every + 60),
+            last_sequence=store.last_sequence(), watches=eng.watches(),
+            unwatched=len(eng.unwatched), baseline_entries=store.count(),
+            events_24h={k: counts.get(k, 0) for k in SEVERITIES},
+            spooled=sum(store.spool_summary(c)[0] for c in store.spool_channels()),
+            state_db="failing" if store.db.failing() else "ok",
+            message="fimwatch is watching; next heartbeat within %s" % fmt_duration(every))
     def report_findings(self, findings):
         """What StateGuard found before the database was opened: said first,
         before the (fresh) baseline is built."""

@@ -93,3 +93,55 @@ def test_host_id_combines_machine_id_and_install_id(tmp_path):
     mid.write_text("fedcba9876543210fedcba9876543210\n")
     assert fimwatch.host_identity(str(a), str(mid)) != ha         # another machine-id
     assert "0123456789abcdef" not in ha
+
+
+# ---------------------------------------------------------------------------
+# 3. heartbeat and silence
+# ---------------------------------------------------------------------------
+
+def test_heartbeat_carries_counts_and_the_last_sequence(fim):
+    fim.write_config(fimwatch={"heartbeat": "1s"})
+    d = fim.daemon()
+    p = write(fim.root / "x.txt")
+    created = d.wait_for(is_event("created", str(p)))
+    hb = d.wait_for(lambda e: e.get("event") == "heartbeat" and
+                    e["sequence"] > created["sequence"], timeout=10)
+    assert hb["severity"] == "info" and hb["interval"] == 1.0, hb
+    assert hb["last_sequence"] == hb["sequence"] - 1
+    assert hb["baseline_entries"] >= 1 and hb["watches"] >= 1, hb
+    assert set(hb["events_24h"]) == {"info", "notice", "warning", "critical"}, hb
+    beats = d.wait_for(is_event("heartbeat"), count=3, timeout=10) and \
+        d.matching(is_event("heartbeat"))
+    gaps = [b - a for a, b in zip([fimwatch.event_epoch(e) for e in beats],
+                                  [fimwatch.event_epoch(e) for e in beats[1:]])]
+    assert all(0.5 < g < 3.0 for g in gaps), gaps
+    d.stop()
+
+
+def test_heartbeat_zero_is_off_and_limits_are_checked(fim):
+    fim.write_config(fimwatch={"heartbeat": "0"})
+    assert fim.cli("check-config").returncode == 0
+    fim.write_config(fimwatch={"heartbeat": "500ms"})
+    r = fim.cli("check-config")
+    assert r.returncode == 2 and "heartbeat" in r.stderr and "0 (never)" in r.stderr, r.stderr
+
+
+def test_clean_stop_is_a_warning_that_reaches_webhooks_unless_an_upgrade(fim):
+    from alerts_helpers import WebhookServer, body_is
+    srv = WebhookServer().start()
+    try:
+        fim.write_config(webhook={"enabled": "yes", "url": srv.url(), "format": "json",
+                                  "min_severity": "warning", "retry_min": "1s"})
+        d = fim.baseline()
+        stopped = d.matching(is_event("stopped"))[-1]
+        assert stopped["severity"] == "warning" and stopped["reason"] == "stopped", stopped
+        d = fim.daemon()
+        got = srv.wait(body_is("stopped", severity="warning"))[0].json()
+        assert got["id"] == stopped["id"] and got["sequence"] == stopped["sequence"]
+        (fim.state_dir / "upgrading").write_text("")          # what install.sh leaves
+        d.stop()
+        stopped = d.matching(is_event("stopped"))[-1]
+        assert stopped["severity"] == "notice" and stopped["reason"] == "upgrade", stopped
+        assert not (fim.state_dir / "upgrading").exists()
+    finally:
+        srv.stop()
