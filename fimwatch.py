@@ -12,6 +12,8 @@ commands:
   check-config   validate the config and print the effective settings
   pause/resume   maintenance window: changes are summarised when it ends
   events         recent events from the state database
+  verify-log     check the events file's hash chain: intact, or the first
+                 line removed, edited or reordered (exit 1)
 
 The config is --config PATH, else $FIMWATCH_CONFIG, else
 /etc/fimwatch/fimwatch.conf.
@@ -1233,13 +1235,16 @@ class Store:
             self._tx = True
 
     def commit(self):
+        self._commit_quiet()
+        for cb in self.on_commit:
+            cb()
+
+    def _commit_quiet(self):
         with self.lock:
             if self._tx:
                 self.db.execute("COMMIT")
                 self._tx = False
                 self._writes = 0
-        for cb in self.on_commit:
-            cb()
 
     def close(self):
         self.commit()
@@ -1410,6 +1415,29 @@ class Store:
             self._w()
             self.db.execute("DELETE FROM events WHERE seq <= (SELECT max(seq) FROM events) - ?",
                             (EVENTS_KEEP,))
+
+    def chain_locked(self, key, fn):
+        """fn(head) -> new head, run holding the database's write lock, so
+        that processes appending to one events file (the daemon, scan, pause)
+        take turns and each continues the chain where the last one stopped
+        (also across a logrotate: the head is here, not in the file). head
+        is (lines, sha256 hex of the last line) or None. The open transaction
+        is committed first (its events were already handed to the sinks)."""
+        with self.lock:
+            self._commit_quiet()
+            self._w()
+            head = self.chain_head(key)
+            new = fn(head)
+            if new is not None and new != head:
+                self.set_meta(key, "%d %s" % new)
+            self._commit_quiet()
+
+    def chain_head(self, key):
+        raw = self.meta(key)
+        if not raw or " " not in raw:
+            return None
+        n, h = raw.split(" ", 1)
+        return int(n), h
 
     def events_since(self, t):
         with self.lock:
@@ -3197,21 +3225,57 @@ def syslog_message(ev):
     return " ".join(parts + ["%s=%s" % (k, logfmt_value(v)) for k, v in kv if v is not None])
 
 
+CHAIN_ZERO = "0" * 64       # chain_prev of the very first line
+
+
+def line_hash(raw):
+    """The chain hash of one events-file line (its bytes, without the newline)."""
+    return hashlib.sha256(raw).hexdigest()
+
+
+def chain_line(line, n, prev):
+    """The events-file form of an event line: the event, then chain_n (its
+    place in the chain: 1, 2, ...) and chain_prev (line_hash of the line
+    before it), so removing, editing or reordering a line breaks the chain."""
+    return '%s, "chain_n": %d, "chain_prev": "%s"}' % (line[:-1], n, prev)
+
+
+def last_line_head(fd, size, window=1 << 16):
+    """(chain_n, hash) of the last complete chained line of an open events
+    file, or None: what another process (or we, before a kill -9) wrote
+    after the head the database knows."""
+    if size <= 0:
+        return None
+    data = os.pread(fd, min(size, window), max(0, size - window))
+    if not data.endswith(b"\n"):
+        return None
+    raw = data[:-1].rsplit(b"\n", 1)[-1]
+    m = re.search(rb'"chain_n": (\d+), "chain_prev": "[0-9a-f]{64}"}$', raw)
+    return (int(m.group(1)), line_hash(raw)) if m else None
+
+
 class EventsFileSink:
-    """[log] events_file: one JSON event per line; reopened when logrotate
-    moves it away. A line that cannot be written (a full disk) is kept, in
-    order, and written at a later flush: every line once, none torn for good
-    (a partly written line is finished from where it stopped)."""
+    """[log] events_file: one JSON event per line, each chained to the one
+    before it (chain_n, chain_prev; `fimwatch verify-log`); reopened when
+    logrotate moves it away. The chain head is kept in the database
+    (Store.chain_locked), so several writing processes and a rotation
+    continue one chain. A line that cannot be written (a full disk) is kept,
+    in order, and written at a later flush: every line once, none torn for
+    good (a partly written line is written again whole, same chain place)."""
     name = "events_file"
     MAX_PENDING = 100000
 
-    def __init__(self, path):
+    def __init__(self, path, store=None):
         self.path = path
+        self.store = store
+        self.key = "chain:" + path
+        self.head = None           # (n, hash) of the last line we wrote
         self.f = None
         self.checked = 0.0
         self.dirty = False
-        self.pending = deque()     # encoded lines not yet (fully) written
-        self.off = 0               # bytes of pending[0] already in the file
+        self.pending = deque()     # event lines (str) not yet written
+        self.cur = None            # (bytes, n, hash) of the line being written
+        self.off = 0               # bytes of cur already in the file
         self.error = None
         self.dropped = 0
 
@@ -3246,31 +3310,60 @@ class EventsFileSink:
                 self.close()
         if len(self.pending) >= self.MAX_PENDING:
             self.pending.popleft()
-            self.off = 0
             self.dropped += 1
-        self.pending.append((line + "\n").encode("utf-8", "surrogateescape"))
+        self.pending.append(line)
         self.dirty = True
+
+    def _start(self, head):
+        """The chain head to continue: the latest of the database's, ours and
+        the file's own last line (by chain_n)."""
+        fd = self.f.fileno()
+        try:
+            tail = last_line_head(fd, os.fstat(fd).st_size)
+        except OSError:
+            tail = None
+        best = max((h for h in (head, self.head, tail) if h), default=(0, CHAIN_ZERO))
+        return best
+
+    def _write(self, head):
+        """Write what is pending after head; returns the new head. An OSError
+        stops it (kept in self._err); what was written whole counts."""
+        n, h = self._start(head)
+        fd = self.f.fileno()
+        try:
+            while self.pending or self.cur:
+                if self.cur is None or self.cur[1] != n + 1:
+                    if self.off:           # a fragment, now out of turn: end it
+                        os.write(fd, b"\n")
+                    raw = chain_line(self.pending[0], n + 1, h).encode("utf-8", "surrogateescape")
+                    self.cur, self.off = (raw, n + 1, line_hash(raw)), 0
+                raw = self.cur[0]
+                self.off += os.write(fd, raw[self.off:] + b"\n")
+                if self.off >= len(raw) + 1:
+                    n, h = self.cur[1], self.cur[2]
+                    self.pending.popleft()
+                    self.cur, self.off = None, 0
+        except OSError as e:
+            self._err = e
+        self.head = (n, h)
+        return self.head
 
     def flush(self):
         """Once per main-loop turn (and at close), not once per event."""
         if not self.pending:
             return
+        self._err = None
         try:
             if self.f is None:
                 self._open()
-            fd = self.f.fileno()
-            while self.pending:
-                b = self.pending[0]
-                self.off += os.write(fd, b[self.off:] if self.off else b)
-                if self.off >= len(b):
-                    self.pending.popleft()
-                    self.off = 0
+            if self.store is not None:
+                self.store.chain_locked(self.key, self._write)
+            else:
+                self._write(None)
         except OSError as e:
-            if self.error is None:
-                self.error = e
-                sys.stderr.write("fimwatch: events_file: %s: %s; %d line(s) kept in memory "
-                                 "and written when it works again\n"
-                                 % (esc(self.path), e.strerror or e, len(self.pending)))
+            self._err = e
+        if self._err is not None:
+            self._failed(self._err)
             return
         self.dirty = False
         if self.error is not None:
@@ -3279,6 +3372,13 @@ class EventsFileSink:
                 esc(self.path), "; %d line(s) were dropped (more than %d waited)"
                 % (self.dropped, self.MAX_PENDING) if self.dropped else ""))
             self.dropped = 0
+
+    def _failed(self, e):
+        if self.error is None:
+            self.error = e
+            sys.stderr.write("fimwatch: events_file: %s: %s; %d line(s) kept in memory "
+                             "and written when it works again\n"
+                             % (esc(self.path), e.strerror or e, len(self.pending)))
 
     def close(self):
         self.flush()
@@ -3973,7 +4073,7 @@ class Dispatcher:
         self.host_id = host_identity(cfg.state_dir)
         self.local = []
         if local and cfg.events_file:
-            self.local.append(EventsFileSink(cfg.events_file))
+            self.local.append(EventsFileSink(cfg.events_file, store))
         if local and cfg.get("syslog", "enabled"):
             self.local.append(SyslogSink(cfg.get("syslog", "address"),
                                          cfg.get("syslog", "facility"),
@@ -4348,6 +4448,13 @@ class Daemon:
             every = self.cfg.heartbeat
             t["heartbeat"] = now + every if every else None
 
+    def _chain_fields(self):
+        """The events file's chain head: a remote copy of the heartbeats
+        proves that the local file once had this many lines, ending so."""
+        head = self.store.chain_head("chain:" + self.cfg.events_file) \
+            if self.cfg.events_file else None
+        return {"chain_head": {"n": head[0], "sha256": head[1]}} if head else {}
+
     def heartbeat_event(self):
         """[fimwatch] heartbeat: 'still watching', with the counts a receiver
         compares (no event lost between two beats: last_sequence) and the
@@ -4364,6 +4471,7 @@ class Daemon:
             events_24h={k: counts.get(k, 0) for k in SEVERITIES},
             spooled=sum(store.spool_summary(c)[0] for c in store.spool_channels()),
             state_db="failing" if store.db.failing() else "ok",
+            **self._chain_fields(),
             message="fimwatch is watching; next heartbeat within %s" % fmt_duration(every))
     def report_findings(self, findings):
         """What StateGuard found before the database was opened: said first,
@@ -4507,7 +4615,7 @@ def cmd_scan(cfg, args):
                           channels=not args.no_alert and not first,
                           echo=None if first else (lambda ev: print_event(ev, args.json)))
     if args.no_alert and cfg.events_file:
-        dispatch.local.insert(0, EventsFileSink(cfg.events_file))
+        dispatch.local.insert(0, EventsFileSink(cfg.events_file, store))
     eng = _one_shot_engine(cfg, store, dispatch)
     mode = "build" if first else ("quick" if args.quick else "full")
     for root in eng.roots + eng.scan_only:
@@ -4912,6 +5020,125 @@ def cmd_events(cfg, args):
     return EXIT_OK
 
 
+ChainLine = collections.namedtuple("ChainLine", "where n prev hash kind")
+
+
+def _chain_entry(where, raw):
+    """One events-file line as the chain sees it; kind: chained, plain (an
+    event from before 0.2: no chain fields) or torn (not JSON)."""
+    try:
+        ev = json.loads(raw)
+    except ValueError:
+        return ChainLine(where, None, None, line_hash(raw), "torn")
+    if not isinstance(ev, dict) or not isinstance(ev.get("chain_n"), int):
+        return ChainLine(where, None, None, line_hash(raw), "plain")
+    return ChainLine(where, ev["chain_n"], ev.get("chain_prev"), line_hash(raw), "chained")
+
+
+def read_chain(paths):
+    """[ChainLine] of the complete lines of the files, in the order given
+    (logrotate's .gz copies are read too)."""
+    import gzip
+    out = []
+    for path in paths:
+        opener = gzip.open if path.endswith(".gz") else open
+        try:
+            with opener(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise FimwatchError("verify-log: %s: %s" % (esc(path), e.strerror or e))
+        if not data.endswith(b"\n"):
+            data = data[:data.rfind(b"\n") + 1]          # a line being written now
+        for i, raw in enumerate(data.splitlines(), 1):
+            out.append(_chain_entry("%s:%d" % (esc(path), i), raw))
+    return out
+
+
+def _chain_break(a, b, i, chained, first_at):
+    """What happened between two chained lines that do not follow."""
+    if b.n <= a.n:
+        return "reordered: %s (chain_n %d) comes after %s (chain_n %d)" % (
+            b.where, b.n, a.where, a.n)
+    if b.n > a.n + 1:
+        if any(first_at.get(m, -1) > i for m in range(a.n + 1, min(b.n, a.n + 10000))):
+            return "reordered: %s (chain_n %d) comes before lines with smaller chain_n" % (
+                b.where, b.n)
+        return "%d line(s) removed before %s (chain_n %d to %d are missing)" % (
+            b.n - a.n - 1, b.where, a.n + 1, b.n - 1)
+    return "edited: %s (the next line, %s, was chained to other content)" % (a.where, b.where)
+
+
+def verify_chain(lines, head=None):
+    """(problem or None, notes): the first line removed, edited, reordered
+    or inserted, checked also against head (lines, hash) from the database."""
+    notes, chained = [], []
+    for ln in lines:
+        if ln.kind == "plain" and chained:
+            return "inserted or edited: %s has no chain fields" % ln.where, notes
+        if ln.kind == "torn":
+            notes.append("%s is a torn line (a crash or a full disk): skipped" % ln.where)
+        if ln.kind == "chained":
+            chained.append(ln)
+    first_at = {}
+    for i, ln in enumerate(chained):
+        first_at.setdefault(ln.n, i)
+    for i in range(1, len(chained)):
+        a, b = chained[i - 1], chained[i]
+        if not (b.n == a.n + 1 and b.prev == a.hash):
+            return _chain_break(a, b, i, chained, first_at), notes
+    if chained and head:
+        last = chained[-1]
+        if head[0] > last.n:
+            return ("%d line(s) removed at the end: the state database's chain head is "
+                    "chain_n %d, the file ends at %d (%s)" % (head[0] - last.n, head[0],
+                                                              last.n, last.where)), notes
+        if head[0] == last.n and head[1] != last.hash:
+            return "edited: %s (the last line; the state database has another hash)" \
+                % last.where, notes
+    return None, notes
+
+
+def rotated_copies(path):
+    """logrotate's copies of path (name.1, name.2.gz, name-20261201), oldest first."""
+    import glob
+    found = [p for p in glob.glob(glob.escape(path) + ".*") + glob.glob(glob.escape(path) + "-*")
+             if os.path.isfile(p)]
+    return sorted(found, key=lambda p: os.stat(p).st_mtime)
+
+
+def _db_chain_head(cfg, path):
+    try:
+        store = Store(cfg.state_dir, create=False)
+    except FimwatchError:
+        return None
+    try:
+        return store.chain_head("chain:" + path)
+    finally:
+        store.db.close()
+
+
+def cmd_verify_log(cfg, args):
+    paths = [os.path.abspath(p) for p in args.files] if args.files else \
+        rotated_copies(cfg.events_file) + [cfg.events_file] if cfg.events_file else []
+    if not paths:
+        raise FimwatchError("verify-log: no [log] events_file configured; name the files")
+    lines = read_chain(paths)
+    head = _db_chain_head(cfg, paths[-1]) if paths[-1] == cfg.events_file else None
+    problem, notes = verify_chain(lines, head)
+    for n in notes:
+        print("note: %s" % n)
+    if problem:
+        print("TAMPERED: %s" % problem)
+        return EXIT_CHANGES
+    chained = [ln for ln in lines if ln.kind == "chained"]
+    print("intact: %d line(s) in %d file(s)%s%s" % (
+        len(lines), len(paths),
+        ", chain_n %d to %d" % (chained[0].n, chained[-1].n) if chained else "",
+        "; the end matches the state database" if head else
+        "; not compared with the state database (no chain head there)"))
+    return EXIT_OK
+
+
 def cmd_test_alert(cfg, args):
     store = Store(cfg.state_dir)
     ev = new_event(cfg.hostname, "test", "info", "realtime", "",
@@ -5077,6 +5304,12 @@ def build_parser():
                         "OnFailure= unit)")
     sp.add_argument("unit", metavar="UNIT")
     sp.add_argument("--result", metavar="TEXT", help="e.g. exit-code, watchdog, start-limit-hit")
+    sp = sub.add_parser("verify-log", help="check the hash chain of the events file "
+                        "(exit 1: a line was removed, edited or reordered)",
+                        epilog="exit 0 intact, 1 tampered, 2 error")
+    sp.add_argument("files", nargs="*", metavar="FILE",
+                    help="events files, oldest first (default: [log] events_file and "
+                         "its logrotate copies)")
     sp = sub.add_parser("events", help="recent events from the state database")
     sp.add_argument("--since", default=86400.0, metavar="DURATION", type=_arg_duration(),
                     help="how far back (default 24h; e.g. 30m, 7d)")
@@ -5090,7 +5323,7 @@ def build_parser():
 COMMANDS = {"run": cmd_run, "scan": cmd_scan, "accept": cmd_accept, "status": cmd_status,
             "test-alert": cmd_test_alert, "check-config": cmd_check_config,
             "pause": cmd_pause, "resume": cmd_resume, "events": cmd_events,
-            "notify-failure": cmd_notify_failure}
+            "notify-failure": cmd_notify_failure, "verify-log": cmd_verify_log}
 
 
 def main(argv=None):

@@ -3,8 +3,11 @@ gap-free, from the database) and `host_id`; the id and sequence are committed
 before a local sink sees the event; the `heartbeat` event; a clean stop is a
 `warning`; the hash chain of the events file and `fimwatch verify-log`."""
 
+import json
+import os
 import re
 import sqlite3
+import time
 
 import fimwatch
 from conftest import is_event, write
@@ -145,3 +148,92 @@ def test_clean_stop_is_a_warning_that_reaches_webhooks_unless_an_upgrade(fim):
         assert not (fim.state_dir / "upgrading").exists()
     finally:
         srv.stop()
+
+
+# ---------------------------------------------------------------------------
+# 4. the events file's hash chain and verify-log
+# ---------------------------------------------------------------------------
+
+def chained_file(fim, n_files=6, rotate=False):
+    """A daemon writes events (with `pause` writing between them: two
+    writers), optionally across a logrotate-style rename; stopped after."""
+    d = fim.daemon()
+    for i in range(n_files):
+        p = write(fim.root / ("f%d.txt" % i), "%d\n" % i)
+        d.wait_for(is_event("created", str(p)))
+        if i == 2:
+            fim.cli("pause", "--for", "1m", check=0)
+            fim.cli("resume", check=0)
+        if rotate and i == 3:
+            os.rename(fim.events_file, str(fim.events_file) + ".1")
+            time.sleep(1.2)                 # the sink looks for a new inode once a second
+    d.stop()
+    return d
+
+
+def verify(fim, *files):
+    return fim.cli("verify-log", *[str(f) for f in files])
+
+
+def test_verify_log_intact_across_two_writers_and_a_logrotate(fim):
+    chained_file(fim, rotate=True)
+    rotated = str(fim.events_file) + ".1"
+    assert os.path.getsize(rotated) and os.path.getsize(fim.events_file)
+    # rotated while the daemon is down: a one-shot command starts the new file,
+    # and only the database knows where the chain stood
+    time.sleep(0.05)
+    os.rename(fim.events_file, str(fim.events_file) + "-2")
+    fim.cli("pause", "--for", "1m", check=0)
+    assert fim.events()[0]["chain_n"] > 1
+    r = verify(fim)                      # default: the file and its logrotate copies
+    assert r.returncode == 0 and r.stdout.startswith("intact:"), r.stdout + r.stderr
+    assert "matches the state database" in r.stdout, r.stdout
+    lines = [json.loads(x) for f in (rotated, str(fim.events_file) + "-2")
+             for x in open(f)] + fim.events()
+    assert [e["chain_n"] for e in lines] == list(range(1, len(lines) + 1))
+    assert {"paused", "resumed"} <= {e["event"] for e in lines}
+    # the current file alone is intact too (its first line is the anchor)
+    assert verify(fim, fim.events_file).returncode == 0
+
+
+def rewrite(path, fn):
+    raw = open(path, "rb").read().splitlines(keepends=True)
+    open(path, "wb").write(b"".join(fn(raw)))
+
+
+def test_verify_log_names_a_deleted_an_edited_and_a_reordered_line(fim):
+    chained_file(fim)
+    good = open(fim.events_file, "rb").read()
+    path = str(fim.events_file)
+
+    rewrite(path, lambda ls: ls[:3] + ls[4:])
+    r = verify(fim)
+    assert r.returncode == 1 and "1 line(s) removed before %s:4" % path in r.stdout, r.stdout
+
+    open(path, "wb").write(good)
+    rewrite(path, lambda ls: ls[:2] + [ls[2].replace(b'"testhost"', b'"otherhost"')] + ls[3:])
+    r = verify(fim)
+    assert r.returncode == 1 and "edited: %s:3" % path in r.stdout, r.stdout
+
+    open(path, "wb").write(good)
+    rewrite(path, lambda ls: ls[:4] + [ls[5], ls[4]] + ls[6:])
+    r = verify(fim)
+    assert r.returncode == 1 and "reordered: %s:5" % path in r.stdout, r.stdout
+
+    open(path, "wb").write(good)
+    rewrite(path, lambda ls: ls[:-2])          # the tail cut: only the database knows
+    r = verify(fim)
+    assert r.returncode == 1 and "2 line(s) removed at the end" in r.stdout, r.stdout
+
+    open(path, "wb").write(good)
+    assert verify(fim).returncode == 0
+
+
+def test_heartbeat_carries_the_chain_head(fim):
+    fim.write_config(fimwatch={"heartbeat": "1s"})
+    d = fim.daemon()
+    hb = d.wait_for(is_event("heartbeat"), timeout=10)
+    before = [e for e in fim.events() if e["chain_n"] < hb["chain_n"]]
+    assert hb["chain_head"]["n"] == before[-1]["chain_n"] == hb["chain_n"] - 1
+    assert hb["chain_prev"] == hb["chain_head"]["sha256"]
+    d.stop()
