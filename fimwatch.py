@@ -1395,6 +1395,12 @@ class Store:
             self._seq_hint = n
             return n
 
+    def seed_sequence(self, n):
+        """After a lost baseline: go on from the last sequence the events file
+        shows, so a receiver never sees a sequence number twice."""
+        with self.lock:
+            self._seq_hint = max(self._seq_hint, n or 0)
+
     def last_sequence(self):
         with self.lock:
             row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name='events'") \
@@ -3254,6 +3260,18 @@ def last_line_head(fd, size, window=1 << 16):
     return (int(m.group(1)), line_hash(raw)) if m else None
 
 
+def last_sequence_in(path, window=1 << 16):
+    """The `sequence` of the last line of an events file, or 0."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            data = os.pread(f.fileno(), min(size, window), max(0, size - window))
+    except OSError:
+        return 0
+    found = re.findall(rb'"sequence": (\d+)', data)
+    return int(found[-1]) if found else 0
+
+
 class EventsFileSink:
     """[log] events_file: one JSON event per line, each chained to the one
     before it (chain_n, chain_prev; `fimwatch verify-log`); reopened when
@@ -4318,6 +4336,8 @@ class Daemon:
         findings = self.guard.examine()
         self.store = Store(cfg.state_dir)
         self.store.db = StateDB(self.store.db)
+        if cfg.events_file and not self.store.last_sequence():
+            self.store.seed_sequence(last_sequence_in(cfg.events_file))
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self.wake_w)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

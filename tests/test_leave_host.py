@@ -237,3 +237,16 @@ def test_heartbeat_carries_the_chain_head(fim):
     assert hb["chain_head"]["n"] == before[-1]["chain_n"] == hb["chain_n"] - 1
     assert hb["chain_prev"] == hb["chain_head"]["sha256"]
     d.stop()
+
+
+def test_a_lost_baseline_does_not_restart_the_sequence(fim):
+    d = fim.baseline()
+    last = fim.events()[-1]["sequence"]
+    for p in fim.state_dir.iterdir():
+        if p.name.startswith("baseline."):
+            p.unlink()
+    d = fim.daemon()
+    lost = d.wait_for(is_event("baseline_lost"))
+    assert lost["sequence"] == last + 1, (lost, last)
+    d.stop()
+    assert verify(fim).returncode == 0          # the chain goes on from the file's tail
