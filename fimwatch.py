@@ -89,6 +89,8 @@ DEFAULT_CONFIG = "/etc/fimwatch/fimwatch.conf"
 LIBDIR = "/usr/local/lib/fimwatch"          # private copy of inotify_simple
 SENDMAIL = "/usr/sbin/sendmail"
 DEV_LOG = "/dev/log"
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+SD_ID = "fimwatch@32473"   # RFC 5424 SD-ID; 32473 is the documentation PEN (RFC 5612)
 UTMP = "/var/run/utmp"
 DPKG_INFO = "/var/lib/dpkg/info"
 DPKG_LOCK = "/var/lib/dpkg/lock"
@@ -402,6 +404,12 @@ SCHEMA = {
         "enabled": ("bool", "yes"),
         "address": ("str", DEV_LOG),
         "facility": ("facility", "authpriv"),
+        "min_severity": ("severity", "info"),
+        "format": ("choice:rfc3164|rfc5424", "rfc3164"),
+    },
+    "journal": {
+        "enabled": ("bool", "no"),
+        "socket": ("path", JOURNAL_SOCKET),
         "min_severity": ("severity", "info"),
     },
     "email": dict(_CHANNEL_COMMON, **{
@@ -3228,6 +3236,7 @@ def syslog_message(ev):
         if k in ev:
             kv.append((k, ev[k]))
     kv.append(("id", ev["id"]))
+    kv.append(("sequence", ev.get("sequence")))
     return " ".join(parts + ["%s=%s" % (k, logfmt_value(v)) for k, v in kv if v is not None])
 
 
@@ -3408,14 +3417,94 @@ class EventsFileSink:
             self.f = None
 
 
+def _sd_value(v):
+    """An RFC 5424 PARAM-VALUE: '"', '\\' and ']' escaped (section 6.3.3)."""
+    return esc(str(v)).replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
+
+
+def rfc5424_packet(ev, pri, pid):
+    """`<PRI>1 TIME HOST fimwatch PID EVENT [fimwatch@32473 id= sequence=
+    host_id= severity= path=] MESSAGE`: the structured data is what a
+    collector indexes without parsing the message."""
+    sd = " ".join('%s="%s"' % (k, _sd_value(ev[k])) for k in
+                  ("id", "sequence", "host_id", "severity", "detected", "path") if k in ev)
+    host = re.sub(r"[^!-~]", "", ev.get("host") or "")[:255] or "-"
+    msgid = re.sub(r"[^!-~]", "", ev["event"])[:32] or "-"
+    head = "<%d>1 %s %s fimwatch %d %s [%s %s] " % (pri, ev["time"], host, pid, msgid, SD_ID, sd)
+    return head.encode("utf-8", "replace") + syslog_message(ev).encode("utf-8", "replace")
+
+
+class JournalSink:
+    """[journal]: the journald native protocol (systemd's
+    /run/systemd/journal/socket): MESSAGE (the syslog line), PRIORITY,
+    MESSAGE_ID (one per event type) and FIMWATCH_* fields, so `journalctl -o
+    json` and journal-upload/remote carry every field, not only the text."""
+    name = "journal"
+    MAX = 200 * 1024             # below the socket's default datagram limit
+
+    def __init__(self, path, facility, min_severity):
+        self.path, self.facility = path, FACILITIES[facility]
+        self.min_rank = SEV_RANK[min_severity]
+        self.sock = None
+
+    def wants(self, ev):
+        return SEV_RANK.get(ev["severity"], 0) >= self.min_rank
+
+    def send(self, ev, line):
+        data = journal_packet(ev, line, self.facility)
+        for attempt in (1, 2):
+            try:
+                if self.sock is None:
+                    self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                    self.sock.settimeout(1.0)
+                self.sock.sendto(data, self.path)
+                return
+            except OSError:
+                self.close()
+                if attempt == 2:
+                    raise
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def message_id(event):
+    """The journal MESSAGE_ID of an event type: 128 bits, the same on every host."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, "https://fimwatch/event/" + event).hex
+
+
+def journal_packet(ev, line, facility):
+    """The native protocol: KEY\\n, 64-bit little-endian length, value, \\n for
+    every field (safe for any bytes). Scalar event fields become FIMWATCH_KEY;
+    FIMWATCH_JSON holds the whole event."""
+    fields = [("MESSAGE", syslog_message(ev)), ("PRIORITY", SYSLOG_PRI.get(ev["severity"], 6)),
+              ("SYSLOG_FACILITY", facility), ("SYSLOG_IDENTIFIER", "fimwatch"),
+              ("MESSAGE_ID", message_id(ev["event"]))]
+    for k, v in ev.items():
+        if isinstance(v, (str, int, float, bool)) and re.match(r"^[a-z][a-z0-9_]*$", k):
+            fields.append(("FIMWATCH_" + k.upper(), v))
+    if ev.get("changes"):
+        fields.append(("FIMWATCH_CHANGES", ",".join(change_list(ev))))
+    if len(line) < JournalSink.MAX // 2:
+        fields.append(("FIMWATCH_JSON", line))
+    out = bytearray()
+    for k, v in fields:
+        b = (v if isinstance(v, str) else json.dumps(v)).encode("utf-8", "surrogateescape")
+        out += k.encode() + b"\n" + struct.pack("<Q", len(b)) + b + b"\n"
+    return bytes(out)
+
+
 class SyslogSink:
     """[syslog]: RFC 3164 lines to a unix datagram socket (/dev/log) or UDP."""
     name = "syslog"
     MAX = 4096
 
-    def __init__(self, address, facility, min_severity):
+    def __init__(self, address, facility, min_severity, fmt="rfc3164"):
         self.address, self.facility = address, FACILITIES[facility]
         self.min_rank = SEV_RANK[min_severity]
+        self.fmt = fmt
         self.sock = None
         self.pid = os.getpid()
 
@@ -3438,12 +3527,17 @@ class SyslogSink:
             self.udp = True
         self.sock = s
 
-    def send(self, ev, line=None):
+    def packet(self, ev):
         pri = self.facility * 8 + SYSLOG_PRI.get(ev["severity"], 6)
+        if self.fmt == "rfc5424":
+            return rfc5424_packet(ev, pri, self.pid)
         stamp = time.strftime("%b %d %H:%M:%S", time.localtime(event_epoch(ev)))
         host = (" " + ev.get("host", "")) if self.address[:1] != "/" else ""
-        data = ("<%d>%s%s fimwatch[%d]: %s" % (pri, stamp, host, self.pid,
+        return ("<%d>%s%s fimwatch[%d]: %s" % (pri, stamp, host, self.pid,
                                                syslog_message(ev))).encode("utf-8", "replace")
+
+    def send(self, ev, line=None):
+        data = self.packet(ev)
         if len(data) > self.MAX:
             data = data[:self.MAX - 3] + b"..."
         for attempt in (1, 2):
@@ -4095,7 +4189,12 @@ class Dispatcher:
         if local and cfg.get("syslog", "enabled"):
             self.local.append(SyslogSink(cfg.get("syslog", "address"),
                                          cfg.get("syslog", "facility"),
-                                         cfg.get("syslog", "min_severity")))
+                                         cfg.get("syslog", "min_severity"),
+                                         cfg.get("syslog", "format")))
+        if local and cfg.get("journal", "enabled"):
+            self.local.append(JournalSink(cfg.get("journal", "socket"),
+                                          cfg.get("syslog", "facility"),
+                                          cfg.get("journal", "min_severity")))
         self.channels = build_channels(cfg, store) if channels else []
         self.committed = deque()           # (event, line) stored, waiting for the commit
         store.on_commit.append(self.after_commit)

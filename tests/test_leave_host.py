@@ -250,3 +250,77 @@ def test_a_lost_baseline_does_not_restart_the_sequence(fim):
     assert lost["sequence"] == last + 1, (lost, last)
     d.stop()
     assert verify(fim).returncode == 0          # the chain goes on from the file's tail
+
+
+# ---------------------------------------------------------------------------
+# 2. RFC 5424 syslog and the journald native protocol
+# ---------------------------------------------------------------------------
+
+def parse_journal(data):
+    """The journald native protocol (systemd.io/JOURNAL_NATIVE_PROTOCOL):
+    KEY=VALUE\\n, or KEY\\n + 64-bit LE length + VALUE + \\n."""
+    out, i = {}, 0
+    while i < len(data):
+        nl = data.index(b"\n", i)
+        key = data[i:nl]
+        if b"=" in key:
+            k, v = key.split(b"=", 1)
+            out[k.decode()] = v.decode()
+            i = nl + 1
+            continue
+        n = int.from_bytes(data[nl + 1:nl + 9], "little")
+        out[key.decode()] = data[nl + 9:nl + 9 + n].decode()
+        assert data[nl + 9 + n:nl + 10 + n] == b"\n"
+        i = nl + 10 + n
+    return out
+
+
+def recv_until(sock, want, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            data = sock.recv(1 << 20)
+        except OSError:
+            break
+        if want in data:
+            return data
+    raise AssertionError("nothing containing %r arrived" % want)
+
+
+def test_journald_native_fields_and_rfc5424_structured_data(fim, tmp_path):
+    import socket
+    jpath = str(tmp_path / "journal.sock")
+    jsock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    jsock.bind(jpath)
+    usock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    usock.bind(("127.0.0.1", 0))
+    try:
+        fim.write_config(journal={"enabled": "yes", "socket": jpath},
+                         syslog={"enabled": "yes", "format": "rfc5424", "min_severity": "info",
+                                 "address": "127.0.0.1:%d" % usock.getsockname()[1]})
+        d = fim.daemon()
+        p = write(fim.root / "with space ].txt", "x\n")
+        ev = d.wait_for(is_event("created", str(p)))
+        j = parse_journal(recv_until(jsock, ev["id"].encode()))
+        assert j["FIMWATCH_ID"] == ev["id"] and j["FIMWATCH_SEQUENCE"] == str(ev["sequence"])
+        assert j["FIMWATCH_HOST_ID"] == ev["host_id"] and j["FIMWATCH_PATH"] == str(p)
+        assert j["PRIORITY"] == "4" and j["SYSLOG_IDENTIFIER"] == "fimwatch"
+        assert re.match(r"^[0-9a-f]{32}$", j["MESSAGE_ID"])
+        assert json.loads(j["FIMWATCH_JSON"]) == {k: v for k, v in ev.items()
+                                                  if not k.startswith("chain_")}
+        assert j["MESSAGE"].startswith("warning created ")
+        started = d.started
+        assert j["MESSAGE_ID"] != fimwatch.message_id("started") == \
+            fimwatch.message_id(started["event"])
+        raw = recv_until(usock, ev["id"].encode()).decode()
+        m = re.match(r'^<(\d+)>1 (\S+) testhost fimwatch (\d+) created '
+                     r'\[fimwatch@32473 ([^\]]|\\\])*\] warning created ', raw)
+        assert m and m.group(2) == ev["time"] and int(m.group(3)) == d.pid, raw
+        assert 'id="%s" sequence="%d" host_id="%s"' % (ev["id"], ev["sequence"],
+                                                       ev["host_id"]) in raw, raw
+        assert 'path="%s"' % str(p).replace("]", "\\]") in raw, raw
+        d.stop()
+    finally:
+        jsock.close()
+        usock.close()
