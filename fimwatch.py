@@ -420,13 +420,14 @@ SCHEMA = {
     }),
     "webhook": dict(_CHANNEL_COMMON, **{
         "url": ("secret", ""),
-        "format": ("choice:json|slack|discord|teams|mattermost|ntfy|gotify", "json"),
+        "format": ("choice:json|ecs|slack|discord|teams|mattermost|ntfy|gotify", "json"),
         "secret": ("secret", ""),
         "timeout": ("duration", "10s"),
         "max_per_hour": ("int", "60"),
     }),
     "log": {
         "events_file": ("pathorempty", "/var/log/fimwatch/events.jsonl"),
+        "format": ("choice:fimwatch|ecs", "fimwatch"),
     },
 }
 
@@ -1747,9 +1748,10 @@ class StateGuard:
                 continue
             if not isinstance(ev, dict):
                 continue
-            last_t = last_t or ev.get("time")
-            if ev.get("baseline_id"):
-                return ev["baseline_id"], last_t
+            ours = ev.get("fimwatch") if isinstance(ev.get("fimwatch"), dict) else ev
+            last_t = last_t or ev.get("time") or ev.get("@timestamp")    # [log] format = ecs
+            if ours.get("baseline_id"):
+                return ours["baseline_id"], last_t
         return None, last_t
 
     # -- the database, before the daemon opens it --
@@ -3281,6 +3283,95 @@ def last_sequence_in(path, window=1 << 16):
     return int(found[-1]) if found else 0
 
 
+# ECS (Elastic Common Schema) form of an event: [log] format = ecs and the
+# `ecs` webhook format. Field names and types follow ECS's generated field
+# table (tests/ecs_fields.json says which version); event.action uses the
+# words of Auditbeat's file_integrity module; fimwatch's own fields that ECS
+# has no name for live under `fimwatch.`.
+ECS_VERSION = "8.11.0"
+ECS_ACTION = {"created": "created", "modified": "updated", "attributes": "attributes_modified",
+              "deleted": "deleted", "moved": "moved"}
+ECS_TYPE = {"created": "creation", "modified": "change", "attributes": "change",
+            "deleted": "deletion", "moved": "change", "started": "start", "stopped": "end"}
+ECS_MAX_LINE = 8000          # bytes; an ECS line stays under 8 KiB (chain fields included)
+_ECS_FILE = (("size", "size"), ("mode", "mode"), ("owner", "owner"), ("group", "group"),
+             ("sha256", "hash.sha256"), ("target", "target_path"))
+
+
+def _ecs_file(ev):
+    f = {"path": ev["path"], "name": os.path.basename(ev["path"]),
+         "directory": os.path.dirname(ev["path"]), "type": ev.get("kind", "file")}
+    for ours, theirs in _ECS_FILE:
+        if ours in ev:
+            f[theirs] = ev[ours]
+    for k in ("uid", "gid"):
+        if k in ev:
+            f[k] = str(ev[k])           # keyword in ECS
+    if "mtime" in ev:
+        f["mtime"] = ev["mtime"]
+    return f
+
+
+def _ecs_extras(ev):
+    """fimwatch's fields without an ECS name (previous, changes, diff...)."""
+    skip = {"id", "sequence", "host_id", "time", "host", "event", "severity", "message",
+            "path", "kind", "process", "users", "package"} | {k for k, _ in _ECS_FILE} \
+        | {"uid", "gid", "mtime"}
+    return {k: v for k, v in ev.items() if k not in skip}
+
+
+def ecs_event(ev):
+    """The ECS document of an event (a new dict; ev is not changed)."""
+    is_file = ev["event"] in ECS_ACTION
+    doc = {"@timestamp": ev["time"], "message": syslog_message(ev),
+           "ecs": {"version": ECS_VERSION},
+           "event": {"id": ev["id"], "sequence": ev.get("sequence"),
+                     "kind": "state" if ev["event"] == "heartbeat" else "event",
+                     "category": ["file"] if is_file else ["host"],
+                     "type": [ECS_TYPE.get(ev["event"], "info")],
+                     "action": ECS_ACTION.get(ev["event"], ev["event"]),
+                     "severity": SYSLOG_PRI.get(ev["severity"], 6),
+                     "module": "fimwatch", "dataset": "fimwatch.events"},
+           "log": {"level": ev["severity"]},
+           "host": {"name": ev.get("host", ""), "id": ev.get("host_id", "")},
+           "fimwatch": _ecs_extras(ev)}
+    if is_file:
+        doc["file"] = _ecs_file(ev)
+    proc = ev.get("process")
+    if isinstance(proc, dict):
+        doc["process"] = {k: proc[o] for o, k in (("pid", "pid"), ("exe", "executable"),
+                                                  ("cmdline", "command_line")) if o in proc}
+        if proc.get("user"):
+            doc["user"] = {"name": proc["user"]}
+    if ev.get("users"):
+        doc["related"] = {"user": list(ev["users"])}
+    if isinstance(ev.get("package"), dict) and ev["package"].get("name"):
+        doc["package"] = {"name": ev["package"]["name"]}
+    return doc
+
+
+def ecs_line(ev, limit=ECS_MAX_LINE):
+    """The ECS document as one JSON line under `limit` bytes: a long diff
+    (then any long text field of fimwatch.*) is cut, with a marker."""
+    doc = ecs_event(ev)
+    line = event_json(doc)
+    over = len(line.encode("utf-8", "surrogateescape")) - limit
+    if over <= 0:
+        return line
+    extra = doc["fimwatch"]
+    for k in ["diff"] + sorted(extra, key=lambda k: -len(json.dumps(extra[k]))):
+        if over <= 0:
+            break
+        text = extra.get(k)
+        text = text if isinstance(text, str) else json.dumps(text, ensure_ascii=False)
+        keep = max(0, len(text) - over - 64)
+        extra[k] = text[:keep] + "\n[cut by fimwatch: %d characters more]" % (len(text) - keep)
+        doc["fimwatch_cut"] = True
+        line = event_json(doc)
+        over = len(line.encode("utf-8", "surrogateescape")) - limit
+    return line
+
+
 class EventsFileSink:
     """[log] events_file: one JSON event per line, each chained to the one
     before it (chain_n, chain_prev; `fimwatch verify-log`); reopened when
@@ -3292,9 +3383,10 @@ class EventsFileSink:
     name = "events_file"
     MAX_PENDING = 100000
 
-    def __init__(self, path, store=None):
+    def __init__(self, path, store=None, fmt="fimwatch"):
         self.path = path
         self.store = store
+        self.fmt = fmt
         self.key = "chain:" + path
         self.head = None           # (n, hash) of the last line we wrote
         self.f = None
@@ -3338,7 +3430,7 @@ class EventsFileSink:
         if len(self.pending) >= self.MAX_PENDING:
             self.pending.popleft()
             self.dropped += 1
-        self.pending.append(line)
+        self.pending.append(ecs_line(ev, ECS_MAX_LINE - 120) if self.fmt == "ecs" else line)
         self.dirty = True
 
     def _start(self, head):
@@ -3792,6 +3884,8 @@ def webhook_body(fmt, ev):
     if fmt == "json":
         return (json.dumps(ev, ensure_ascii=False).encode("utf-8"),
                 "application/json", {})
+    if fmt == "ecs":
+        return ecs_line(ev).encode("utf-8", "surrogateescape"), "application/json", {}
     text = chat_text(ev)
     if fmt in ("slack", "mattermost"):
         body = {"text": text}
@@ -4185,7 +4279,7 @@ class Dispatcher:
         self.host_id = host_identity(cfg.state_dir)
         self.local = []
         if local and cfg.events_file:
-            self.local.append(EventsFileSink(cfg.events_file, store))
+            self.local.append(EventsFileSink(cfg.events_file, store, cfg.get("log", "format")))
         if local and cfg.get("syslog", "enabled"):
             self.local.append(SyslogSink(cfg.get("syslog", "address"),
                                          cfg.get("syslog", "facility"),
@@ -4734,7 +4828,8 @@ def cmd_scan(cfg, args):
                           channels=not args.no_alert and not first,
                           echo=None if first else (lambda ev: print_event(ev, args.json)))
     if args.no_alert and cfg.events_file:
-        dispatch.local.insert(0, EventsFileSink(cfg.events_file, store))
+        dispatch.local.insert(0, EventsFileSink(cfg.events_file, store,
+                                                cfg.get("log", "format")))
     eng = _one_shot_engine(cfg, store, dispatch)
     mode = "build" if first else ("quick" if args.quick else "full")
     for root in eng.roots + eng.scan_only:

@@ -324,3 +324,71 @@ def test_journald_native_fields_and_rfc5424_structured_data(fim, tmp_path):
     finally:
         jsock.close()
         usock.close()
+
+
+# ---------------------------------------------------------------------------
+# 2. ECS: names, types and allowed values from ECS's own generated table
+# ---------------------------------------------------------------------------
+
+ECS = json.load(open(os.path.join(os.path.dirname(__file__), "ecs_fields.json")))
+ECS_PY = {"keyword": str, "constant_keyword": str, "wildcard": str, "match_only_text": str,
+          "long": int, "date": str, "boolean": bool}
+
+
+def leaves(doc, prefix=""):
+    for k, v in doc.items():
+        if isinstance(v, dict) and k != "fimwatch":
+            yield from leaves(v, prefix + k + ".")
+        else:
+            yield prefix + k, v
+
+
+def check_ecs(doc):
+    for name, value in leaves(doc):
+        if name in ("fimwatch", "fimwatch_cut", "chain_n", "chain_prev"):
+            continue                                   # our namespace: custom fields
+        assert name in ECS["fields"], "%s is not an ECS field" % name
+        typ = ECS["fields"][name]
+        for v in value if isinstance(value, list) else [value]:
+            assert isinstance(v, ECS_PY[typ]) and not isinstance(v, bool) or typ == "boolean", \
+                "%s=%r is not an ECS %s" % (name, v, typ)
+            if typ == "date":
+                assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{3})?Z$", v), (name, v)
+        if name in ECS["allowed_values"]:
+            vals = value if isinstance(value, list) else [value]
+            assert set(vals) <= set(ECS["allowed_values"][name]), (name, value)
+
+
+def test_ecs_events_file_validates_and_keeps_lines_under_8k(fim):
+    fim.write_config(log={"events_file": str(fim.events_file), "format": "ecs"},
+                     fimwatch={"diff_paths": "%s/**" % fim.root, "diff_max_size": "64K"})
+    big = fim.root / "big.conf"
+    write(big, "".join("line %d of the old text %s\n" % (i, "o" * 60) for i in range(400)))
+    d = fim.daemon(wait=False)
+    evs = lambda: [json.loads(x) for x in open(fim.events_file)] \
+        if fim.events_file.exists() else []                       # noqa: E731
+    started = lambda: [e for e in evs() if e["event"]["action"] == "started"]  # noqa: E731
+    from conftest import wait_until
+    wait_until(started, timeout=20, what="started")
+    write(big, "".join("line %d of the NEW text %s\n" % (i, "n" * 60) for i in range(400)))
+    write(fim.root / "small.txt", "x\n")
+    got = wait_until(lambda: [e for e in evs() if e.get("file", {}).get("name") == "small.txt"],
+                     timeout=10, what="small.txt")[0]
+    d.proc.terminate()         # not d.stop(): it looks for a fimwatch-format 'stopped'
+
+    d.proc.wait(timeout=20)
+    lines = open(fim.events_file, "rb").read().splitlines()
+    docs = [json.loads(x) for x in lines]
+    assert max(len(x) for x in lines) < 8192, max(len(x) for x in lines)
+    for doc in docs:
+        check_ecs(doc)
+    mod = [x for x in docs if x.get("file", {}).get("name") == "big.conf"][0]
+    assert mod["event"]["action"] == "updated" and mod["event"]["type"] == ["change"], mod
+    assert "[cut by fimwatch:" in mod["fimwatch"]["diff"] and mod["fimwatch_cut"] is True
+    assert got["event"]["action"] == "created"
+    assert got["file"]["path"] == str(fim.root / "small.txt")
+    recorded = {e["id"]: e["sequence"] for e in db_events(fim)}
+    assert all(recorded[x["event"]["id"]] == x["event"]["sequence"] for x in docs)
+    assert [x["event"]["action"] for x in docs][-1] == "stopped"
+    assert fim.cli("verify-log").returncode == 0
+    print("\naverage ECS line: %d bytes" % (sum(map(len, lines)) / len(lines)))
