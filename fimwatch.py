@@ -20,7 +20,8 @@ The config is --config PATH, else $FIMWATCH_CONFIG, else
 
 exit codes:
   0  success (scan: no changes; status: running; test-alert: all delivered)
-  1  scan: changes found; status: not running; test-alert: a channel failed
+  1  scan: changes found; status: not running; test-alert: a channel failed;
+     verify-log: the events file was tampered with
   2  usage or config error, missing dependency or privilege (one line on stderr)
   3  state error: the state directory or database cannot be used (the daemon
      itself reports such faults and keeps watching; systemd restarts on 3)
