@@ -372,9 +372,11 @@ def test_email_message_through_msmtp(fim, smtp):
     assert ev["previous"]["sha256"] in body and ev["sha256"] in body
     assert "-listen 80" in body and "+listen 8080" in body          # the diff
     assert "fimwatch accept %s" % target in body
-    # one change, one mail (started/stopped are notices, below min_severity)
+    # one change, one mail; a clean stop is a warning (issue 13): a second mail
     d.stop()
-    assert len(smtp.received()) == 1, smtp.received()
+    subjects = [m.msg["Subject"] for m in smtp.wait(count=2, timeout=15)]
+    assert len(subjects) == 2 and subjects[1] == "[fimwatch] WARNING stopped on testhost", \
+        subjects
 
 
 @pytest.mark.parametrize("broken", ["exit75", "missing"])
@@ -564,8 +566,10 @@ def test_max_per_hour_sends_the_rest_later_as_one_digest(fim, hook, smtp):
     d.stop()
     later = hook.bodies("/limited")[2:]
     assert len(later) == 1 and later[0]["event"] == "digest", later
-    assert later[0]["count"] == 3
-    assert [e["id"] for e in later[0]["events"]] == ids[2:]
+    # the 3 held alerts, and the clean stop (a warning since issue 13)
+    assert later[0]["count"] == 4
+    assert [e["id"] for e in later[0]["events"]][:3] == ids[2:]
+    assert later[0]["events"][3]["event"] == "stopped"
     mails = smtp.received()[2:]
     assert len(mails) == 1 and is_digest_mail(mails[0]), mails
     assert channel(fim, "webhook:limited")["spooled"] == 0
@@ -638,8 +642,8 @@ def test_pause_holds_alerts_across_restart_and_resume_sends_one_digest(fim, hook
     p = write(fim.root / "maint-2.txt", "x\n")
     d.wait_for(is_event("created", p))
     paths.append(p)
-    poll(lambda: channel(fim, "webhook:default")["spooled"] == 3, timeout=10,
-         what="3 held alerts")
+    poll(lambda: channel(fim, "webhook:default")["spooled"] == 4, timeout=10,
+         what="3 held alerts and the stop (a warning)")
     time.sleep(GATHER + 1.0)
     assert len(hook.received()) == 1, hook.received()
     ids = {e["id"] for e in fim.events() if e.get("path") in {str(x) for x in paths}}
@@ -651,7 +655,8 @@ def test_pause_holds_alerts_across_restart_and_resume_sends_one_digest(fim, hook
     hook.wait(body_is("created", path=str(ctrl)), timeout=15)
     bodies = [r.json() for r in hook.received()]
     assert [b["event"] for b in bodies] == ["created", "digest", "created"], bodies
-    assert dig["count"] == 3 and {e["id"] for e in dig["events"]} == ids
+    assert dig["count"] == 4 and {e["id"] for e in dig["events"]
+                                  if e["event"] != "stopped"} == ids
     assert "maintenance" in dig.get("reason", "")
     assert status_json(fim)["paused_until"] is None
 
