@@ -12,13 +12,16 @@ commands:
   check-config   validate the config and print the effective settings
   pause/resume   maintenance window: changes are summarised when it ends
   events         recent events from the state database
+  verify-log     check the events file's hash chain: intact, or the first
+                 line removed, edited or reordered (exit 1)
 
 The config is --config PATH, else $FIMWATCH_CONFIG, else
 /etc/fimwatch/fimwatch.conf.
 
 exit codes:
   0  success (scan: no changes; status: running; test-alert: all delivered)
-  1  scan: changes found; status: not running; test-alert: a channel failed
+  1  scan: changes found; status: not running; test-alert: a channel failed;
+     verify-log: the events file was tampered with
   2  usage or config error, missing dependency or privilege (one line on stderr)
   3  state error: the state directory or database cannot be used (the daemon
      itself reports such faults and keeps watching; systemd restarts on 3)
@@ -93,6 +96,8 @@ DEFAULT_CONFIG = "/etc/fimwatch/fimwatch.conf"
 LIBDIR = "/usr/local/lib/fimwatch"          # private copy of inotify_simple
 SENDMAIL = "/usr/sbin/sendmail"
 DEV_LOG = "/dev/log"
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+SD_ID = "fimwatch@32473"   # RFC 5424 SD-ID; 32473 is the documentation PEN (RFC 5612)
 UTMP = "/var/run/utmp"
 DPKG_INFO = "/var/lib/dpkg/info"
 DPKG_LOCK = "/var/lib/dpkg/lock"
@@ -102,6 +107,9 @@ MOUNTINFO = "/proc/self/mountinfo"   # poll(2) says POLLPRI when the mount table
 DB_NAME = "baseline.db"
 BASELINE_ID = "baseline.id"      # the baseline's identity, kept outside it
 LOCK_NAME = "fimwatch.lock"
+MACHINE_ID = "/etc/machine-id"
+INSTALL_ID = "install.id"        # in state_dir: made by install.sh (or the first start)
+UPGRADE_MARK = "upgrading"       # in state_dir: install.sh's "this stop is an upgrade"
 
 EXIT_OK, EXIT_CHANGES, EXIT_ERROR = 0, 1, 2
 EXIT_STATE = 3       # state, disk or database: never RestartPreventExitStatus
@@ -391,6 +399,7 @@ SCHEMA = {
         "diff_max_size": ("size", "32K"),
         "diff_paths": ("patterns", "/etc/** /var/www/** /var/spool/cron/** /usr/local/etc/**"),
         "package_check": ("bool", "yes"),
+        "heartbeat": ("duration", "5m"),
     },
     "watch": {
         "paths": ("paths", "/etc /usr/bin /usr/sbin /usr/local/bin /usr/local/sbin /var/www"),
@@ -413,6 +422,12 @@ SCHEMA = {
         "address": ("str", DEV_LOG),
         "facility": ("facility", "authpriv"),
         "min_severity": ("severity", "info"),
+        "format": ("choice:rfc3164|rfc5424", "rfc3164"),
+    },
+    "journal": {
+        "enabled": ("bool", "no"),
+        "socket": ("path", JOURNAL_SOCKET),
+        "min_severity": ("severity", "info"),
     },
     "email": dict(_CHANNEL_COMMON, **{
         "to": ("str", "root"),
@@ -422,13 +437,14 @@ SCHEMA = {
     }),
     "webhook": dict(_CHANNEL_COMMON, **{
         "url": ("secret", ""),
-        "format": ("choice:json|slack|discord|teams|mattermost|ntfy|gotify", "json"),
+        "format": ("choice:json|ecs|slack|discord|teams|mattermost|ntfy|gotify", "json"),
         "secret": ("secret", ""),
         "timeout": ("duration", "10s"),
         "max_per_hour": ("int", "60"),
     }),
     "log": {
         "events_file": ("pathorempty", "/var/log/fimwatch/events.jsonl"),
+        "format": ("choice:fimwatch|ecs", "fimwatch"),
     },
 }
 
@@ -452,6 +468,7 @@ class Config:
         self.diff_max_size = g("diff_max_size")
         self.diff_paths = g("diff_paths")
         self.package_check = g("package_check")
+        self.heartbeat = g("heartbeat")
         self.paths = values[("watch", "paths")]
         self.exclude = values[("watch", "exclude")]
         self.scan_only = values[("watch", "scan_only")]
@@ -488,11 +505,12 @@ class Config:
 
 
 # range limits of numeric keys: (section, key) -> (lowest, highest); "webhook"
-# stands for every [webhook NAME] section. scan_interval also takes 0 (never).
+# stands for every [webhook NAME] section. ZERO_IS_OFF keys also take 0.
 LIMITS = {
     ("fimwatch", "settle"): (0.0, 60.0),
     ("fimwatch", "scan_interval"): (1.0, DURATION_MAX),
     ("fimwatch", "scan_rate"): (64 << 10, 1 << 40),
+    ("fimwatch", "heartbeat"): (1.0, DURATION_MAX),
     ("fimwatch", "hash_max_size"): (1, 1 << 50),
     ("watch", "poll_interval"): (1.0, 7 * 86400),
     ("watch", "editor_grace"): (1.0, 365 * 86400),
@@ -560,16 +578,18 @@ def _convert(typ, raw):
     return _CONVERTERS[typ](raw)
 
 
+# keys whose 0 means off, and what 0 means for each
+ZERO_IS_OFF = {"scan_interval": "never", "heartbeat": "off", "scan_rate": "no cap"}
+
+
 def _check_limit(sect, key, v):
     lim = LIMITS.get(("webhook" if sect.startswith("webhook") else sect, key))
-    if lim is None or lim[0] <= v <= lim[1] or (key in ("scan_interval", "scan_rate")
-                                                and v == 0):
+    if lim is None or lim[0] <= v <= lim[1] or (key in ZERO_IS_OFF and v == 0):
         return
     typ = SCHEMA["webhook" if sect.startswith("webhook") else sect][key][0]
     lo, hi = (_show(typ, x) for x in lim)
-    if key in ("scan_interval", "scan_rate"):
-        raise ValueError("0 (%s) or between %s and %s"
-                         % ("never" if key == "scan_interval" else "no cap", lo, hi))
+    if key in ZERO_IS_OFF:
+        raise ValueError("0 (%s) or between %s and %s" % (ZERO_IS_OFF[key], lo, hi))
     raise ValueError("must be at least %s" % lo if lim[1] >= 1 << 40 else
                      "must be between %s and %s" % (lo, hi))
 
@@ -1239,6 +1259,7 @@ class Store:
             os.umask(old_umask)
         self.lock = threading.RLock()
         self.on_commit = []            # called after each commit (wakes alert workers)
+        self._seq_hint = 0             # the last event sequence this connection drew
         self._tx = False
         self._writes = 0
 
@@ -1254,13 +1275,16 @@ class Store:
             self._tx = True
 
     def commit(self):
+        self._commit_quiet()
+        for cb in self.on_commit:
+            cb()
+
+    def _commit_quiet(self):
         with self.lock:
             if self._tx:
                 self.db.execute("COMMIT")
                 self._tx = False
                 self._writes = 0
-        for cb in self.on_commit:
-            cb()
 
     def close(self):
         self.commit()
@@ -1397,19 +1421,69 @@ class Store:
             self.db.execute("INSERT OR REPLACE INTO meta VALUES (?,?)", (key, str(value)))
 
     # -- events --
-    def add_event(self, ev, line):
+    def next_sequence(self):
+        """The next event `sequence` of this host: the events table's own
+        autoincrement counter (never reset by pruning), read inside the write
+        transaction, so every process that writes events (the daemon, scan,
+        pause) draws from one gap-free series. While StateDB holds writes in
+        memory the reads lag behind them: _seq_hint remembers what we drew."""
         with self.lock:
             self._w()
-            self.db.execute("INSERT INTO events (id, t, severity, event, path, json) "
-                            "VALUES (?,?,?,?,?,?)",
-                            (ev["id"], event_epoch(ev), ev["severity"], ev["event"],
-                             ev.get("path", ""), line))
+            row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name='events'") \
+                .fetchone()
+            n = max(int(row[0]) if row else 0, self._seq_hint) + 1
+            self._seq_hint = n
+            return n
+
+    def seed_sequence(self, n):
+        """After a lost baseline: go on from the last sequence the events file
+        shows, so a receiver never sees a sequence number twice."""
+        with self.lock:
+            self._seq_hint = max(self._seq_hint, n or 0)
+
+    def last_sequence(self):
+        with self.lock:
+            row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name='events'") \
+                .fetchone()
+        return max(int(row[0]) if row else 0, self._seq_hint)
+
+    def add_event(self, ev, line):
+        """The event row; its `sequence` (see next_sequence) is the row's seq."""
+        with self.lock:
+            self._w()
+            self.db.execute("INSERT INTO events (seq, id, t, severity, event, path, json) "
+                            "VALUES (?,?,?,?,?,?,?)",
+                            (ev.get("sequence"), ev["id"], event_epoch(ev), ev["severity"],
+                             ev["event"], ev.get("path", ""), line))
 
     def prune_events(self):
         with self.lock:
             self._w()
             self.db.execute("DELETE FROM events WHERE seq <= (SELECT max(seq) FROM events) - ?",
                             (EVENTS_KEEP,))
+
+    def chain_locked(self, key, fn):
+        """fn(head) -> new head, run holding the database's write lock, so
+        that processes appending to one events file (the daemon, scan, pause)
+        take turns and each continues the chain where the last one stopped
+        (also across a logrotate: the head is here, not in the file). head
+        is (lines, sha256 hex of the last line) or None. The open transaction
+        is committed first (its events were already handed to the sinks)."""
+        with self.lock:
+            self._commit_quiet()
+            self._w()
+            head = self.chain_head(key)
+            new = fn(head)
+            if new is not None and new != head:
+                self.set_meta(key, "%d %s" % new)
+            self._commit_quiet()
+
+    def chain_head(self, key):
+        raw = self.meta(key)
+        if not raw or " " not in raw:
+            return None
+        n, h = raw.split(" ", 1)
+        return int(n), h
 
     def events_since(self, t):
         with self.lock:
@@ -1705,9 +1779,10 @@ class StateGuard:
                 continue
             if not isinstance(ev, dict):
                 continue
-            last_t = last_t or ev.get("time")
-            if ev.get("baseline_id"):
-                return ev["baseline_id"], last_t
+            ours = ev.get("fimwatch") if isinstance(ev.get("fimwatch"), dict) else ev
+            last_t = last_t or ev.get("time") or ev.get("@timestamp")    # [log] format = ecs
+            if ours.get("baseline_id"):
+                return ours["baseline_id"], last_t
         return None, last_t
 
     # -- the database, before the daemon opens it --
@@ -3542,24 +3617,163 @@ def syslog_message(ev):
         if k in ev:
             kv.append((k, ev[k]))
     kv.append(("id", ev["id"]))
+    kv.append(("sequence", ev.get("sequence")))
     return " ".join(parts + ["%s=%s" % (k, logfmt_value(v)) for k, v in kv if v is not None])
 
 
+CHAIN_ZERO = "0" * 64       # chain_prev of the very first line
+
+
+def line_hash(raw):
+    """The chain hash of one events-file line (its bytes, without the newline)."""
+    return hashlib.sha256(raw).hexdigest()
+
+
+def chain_line(line, n, prev):
+    """The events-file form of an event line: the event, then chain_n (its
+    place in the chain: 1, 2, ...) and chain_prev (line_hash of the line
+    before it), so removing, editing or reordering a line breaks the chain."""
+    return '%s, "chain_n": %d, "chain_prev": "%s"}' % (line[:-1], n, prev)
+
+
+def last_line_head(fd, size, window=1 << 16):
+    """(chain_n, hash) of the last complete chained line of an open events
+    file, or None: what another process (or we, before a kill -9) wrote
+    after the head the database knows."""
+    if size <= 0:
+        return None
+    data = os.pread(fd, min(size, window), max(0, size - window))
+    if not data.endswith(b"\n"):
+        return None
+    raw = data[:-1].rsplit(b"\n", 1)[-1]
+    m = re.search(rb'"chain_n": (\d+), "chain_prev": "[0-9a-f]{64}"}$', raw)
+    return (int(m.group(1)), line_hash(raw)) if m else None
+
+
+def last_sequence_in(path, window=1 << 16):
+    """The `sequence` of the last line of an events file, or 0."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            data = os.pread(f.fileno(), min(size, window), max(0, size - window))
+    except OSError:
+        return 0
+    found = re.findall(rb'"sequence": (\d+)', data)
+    return int(found[-1]) if found else 0
+
+
+# ECS (Elastic Common Schema) form of an event: [log] format = ecs and the
+# `ecs` webhook format. Field names and types follow ECS's generated field
+# table (tests/ecs_fields.json says which version); event.action uses the
+# words of Auditbeat's file_integrity module; fimwatch's own fields that ECS
+# has no name for live under `fimwatch.`.
+ECS_VERSION = "8.11.0"
+ECS_ACTION = {"created": "created", "modified": "updated", "attributes": "attributes_modified",
+              "deleted": "deleted", "moved": "moved"}
+ECS_TYPE = {"created": "creation", "modified": "change", "attributes": "change",
+            "deleted": "deletion", "moved": "change", "started": "start", "stopped": "end"}
+ECS_MAX_LINE = 8000          # bytes; an ECS line stays under 8 KiB (chain fields included)
+_ECS_FILE = (("size", "size"), ("mode", "mode"), ("owner", "owner"), ("group", "group"),
+             ("sha256", "hash.sha256"), ("target", "target_path"))
+
+
+def _ecs_file(ev):
+    f = {"path": ev["path"], "name": os.path.basename(ev["path"]),
+         "directory": os.path.dirname(ev["path"]), "type": ev.get("kind", "file")}
+    for ours, theirs in _ECS_FILE:
+        if ours in ev:
+            f[theirs] = ev[ours]
+    for k in ("uid", "gid"):
+        if k in ev:
+            f[k] = str(ev[k])           # keyword in ECS
+    if "mtime" in ev:
+        f["mtime"] = ev["mtime"]
+    return f
+
+
+def _ecs_extras(ev):
+    """fimwatch's fields without an ECS name (previous, changes, diff...)."""
+    skip = {"id", "sequence", "host_id", "time", "host", "event", "severity", "message",
+            "path", "kind", "process", "users", "package"} | {k for k, _ in _ECS_FILE} \
+        | {"uid", "gid", "mtime"}
+    return {k: v for k, v in ev.items() if k not in skip}
+
+
+def ecs_event(ev):
+    """The ECS document of an event (a new dict; ev is not changed)."""
+    is_file = ev["event"] in ECS_ACTION
+    doc = {"@timestamp": ev["time"], "message": syslog_message(ev),
+           "ecs": {"version": ECS_VERSION},
+           "event": {"id": ev["id"], "sequence": ev.get("sequence"),
+                     "kind": "state" if ev["event"] == "heartbeat" else "event",
+                     "category": ["file"] if is_file else ["host"],
+                     "type": [ECS_TYPE.get(ev["event"], "info")],
+                     "action": ECS_ACTION.get(ev["event"], ev["event"]),
+                     "severity": SYSLOG_PRI.get(ev["severity"], 6),
+                     "module": "fimwatch", "dataset": "fimwatch.events"},
+           "log": {"level": ev["severity"]},
+           "host": {"name": ev.get("host", ""), "id": ev.get("host_id", "")},
+           "fimwatch": _ecs_extras(ev)}
+    if is_file:
+        doc["file"] = _ecs_file(ev)
+    proc = ev.get("process")
+    if isinstance(proc, dict):
+        doc["process"] = {k: proc[o] for o, k in (("pid", "pid"), ("exe", "executable"),
+                                                  ("cmdline", "command_line")) if o in proc}
+        if proc.get("user"):
+            doc["user"] = {"name": proc["user"]}
+    if ev.get("users"):
+        doc["related"] = {"user": list(ev["users"])}
+    if isinstance(ev.get("package"), dict) and ev["package"].get("name"):
+        doc["package"] = {"name": ev["package"]["name"]}
+    return doc
+
+
+def ecs_line(ev, limit=ECS_MAX_LINE):
+    """The ECS document as one JSON line under `limit` bytes: a long diff
+    (then any long text field of fimwatch.*) is cut, with a marker."""
+    doc = ecs_event(ev)
+    line = event_json(doc)
+    over = len(line.encode("utf-8", "surrogateescape")) - limit
+    if over <= 0:
+        return line
+    extra = doc["fimwatch"]
+    for k in ["diff"] + sorted(extra, key=lambda k: -len(json.dumps(extra[k]))):
+        if over <= 0:
+            break
+        text = extra.get(k)
+        text = text if isinstance(text, str) else json.dumps(text, ensure_ascii=False)
+        keep = max(0, len(text) - over - 64)
+        extra[k] = text[:keep] + "\n[cut by fimwatch: %d characters more]" % (len(text) - keep)
+        doc["fimwatch_cut"] = True
+        line = event_json(doc)
+        over = len(line.encode("utf-8", "surrogateescape")) - limit
+    return line
+
+
 class EventsFileSink:
-    """[log] events_file: one JSON event per line; reopened when logrotate
-    moves it away. A line that cannot be written (a full disk) is kept, in
-    order, and written at a later flush: every line once, none torn for good
-    (a partly written line is finished from where it stopped)."""
+    """[log] events_file: one JSON event per line, each chained to the one
+    before it (chain_n, chain_prev; `fimwatch verify-log`); reopened when
+    logrotate moves it away. The chain head is kept in the database
+    (Store.chain_locked), so several writing processes and a rotation
+    continue one chain. A line that cannot be written (a full disk) is kept,
+    in order, and written at a later flush: every line once, none torn for
+    good (a partly written line is written again whole, same chain place)."""
     name = "events_file"
     MAX_PENDING = 100000
 
-    def __init__(self, path):
+    def __init__(self, path, store=None, fmt="fimwatch"):
         self.path = path
+        self.store = store
+        self.fmt = fmt
+        self.key = "chain:" + path
+        self.head = None           # (n, hash) of the last line we wrote
         self.f = None
         self.checked = 0.0
         self.dirty = False
-        self.pending = deque()     # encoded lines not yet (fully) written
-        self.off = 0               # bytes of pending[0] already in the file
+        self.pending = deque()     # event lines (str) not yet written
+        self.cur = None            # (bytes, n, hash) of the line being written
+        self.off = 0               # bytes of cur already in the file
         self.error = None
         self.dropped = 0
 
@@ -3594,31 +3808,60 @@ class EventsFileSink:
                 self.close()
         if len(self.pending) >= self.MAX_PENDING:
             self.pending.popleft()
-            self.off = 0
             self.dropped += 1
-        self.pending.append((line + "\n").encode("utf-8", "surrogateescape"))
+        self.pending.append(ecs_line(ev, ECS_MAX_LINE - 120) if self.fmt == "ecs" else line)
         self.dirty = True
+
+    def _start(self, head):
+        """The chain head to continue: the latest of the database's, ours and
+        the file's own last line (by chain_n)."""
+        fd = self.f.fileno()
+        try:
+            tail = last_line_head(fd, os.fstat(fd).st_size)
+        except OSError:
+            tail = None
+        best = max((h for h in (head, self.head, tail) if h), default=(0, CHAIN_ZERO))
+        return best
+
+    def _write(self, head):
+        """Write what is pending after head; returns the new head. An OSError
+        stops it (kept in self._err); what was written whole counts."""
+        n, h = self._start(head)
+        fd = self.f.fileno()
+        try:
+            while self.pending or self.cur:
+                if self.cur is None or self.cur[1] != n + 1:
+                    if self.off:           # a fragment, now out of turn: end it
+                        os.write(fd, b"\n")
+                    raw = chain_line(self.pending[0], n + 1, h).encode("utf-8", "surrogateescape")
+                    self.cur, self.off = (raw, n + 1, line_hash(raw)), 0
+                raw = self.cur[0]
+                self.off += os.write(fd, raw[self.off:] + b"\n")
+                if self.off >= len(raw) + 1:
+                    n, h = self.cur[1], self.cur[2]
+                    self.pending.popleft()
+                    self.cur, self.off = None, 0
+        except OSError as e:
+            self._err = e
+        self.head = (n, h)
+        return self.head
 
     def flush(self):
         """Once per main-loop turn (and at close), not once per event."""
         if not self.pending:
             return
+        self._err = None
         try:
             if self.f is None:
                 self._open()
-            fd = self.f.fileno()
-            while self.pending:
-                b = self.pending[0]
-                self.off += os.write(fd, b[self.off:] if self.off else b)
-                if self.off >= len(b):
-                    self.pending.popleft()
-                    self.off = 0
+            if self.store is not None:
+                self.store.chain_locked(self.key, self._write)
+            else:
+                self._write(None)
         except OSError as e:
-            if self.error is None:
-                self.error = e
-                sys.stderr.write("fimwatch: events_file: %s: %s; %d line(s) kept in memory "
-                                 "and written when it works again\n"
-                                 % (esc(self.path), e.strerror or e, len(self.pending)))
+            self._err = e
+        if self._err is not None:
+            self._failed(self._err)
             return
         self.dirty = False
         if self.error is not None:
@@ -3627,6 +3870,13 @@ class EventsFileSink:
                 esc(self.path), "; %d line(s) were dropped (more than %d waited)"
                 % (self.dropped, self.MAX_PENDING) if self.dropped else ""))
             self.dropped = 0
+
+    def _failed(self, e):
+        if self.error is None:
+            self.error = e
+            sys.stderr.write("fimwatch: events_file: %s: %s; %d line(s) kept in memory "
+                             "and written when it works again\n"
+                             % (esc(self.path), e.strerror or e, len(self.pending)))
 
     def close(self):
         self.flush()
@@ -3638,14 +3888,94 @@ class EventsFileSink:
             self.f = None
 
 
+def _sd_value(v):
+    """An RFC 5424 PARAM-VALUE: '"', '\\' and ']' escaped (section 6.3.3)."""
+    return esc(str(v)).replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
+
+
+def rfc5424_packet(ev, pri, pid):
+    """`<PRI>1 TIME HOST fimwatch PID EVENT [fimwatch@32473 id= sequence=
+    host_id= severity= path=] MESSAGE`: the structured data is what a
+    collector indexes without parsing the message."""
+    sd = " ".join('%s="%s"' % (k, _sd_value(ev[k])) for k in
+                  ("id", "sequence", "host_id", "severity", "detected", "path") if k in ev)
+    host = re.sub(r"[^!-~]", "", ev.get("host") or "")[:255] or "-"
+    msgid = re.sub(r"[^!-~]", "", ev["event"])[:32] or "-"
+    head = "<%d>1 %s %s fimwatch %d %s [%s %s] " % (pri, ev["time"], host, pid, msgid, SD_ID, sd)
+    return head.encode("utf-8", "replace") + syslog_message(ev).encode("utf-8", "replace")
+
+
+class JournalSink:
+    """[journal]: the journald native protocol (systemd's
+    /run/systemd/journal/socket): MESSAGE (the syslog line), PRIORITY,
+    MESSAGE_ID (one per event type) and FIMWATCH_* fields, so `journalctl -o
+    json` and journal-upload/remote carry every field, not only the text."""
+    name = "journal"
+    MAX = 200 * 1024             # below the socket's default datagram limit
+
+    def __init__(self, path, facility, min_severity):
+        self.path, self.facility = path, FACILITIES[facility]
+        self.min_rank = SEV_RANK[min_severity]
+        self.sock = None
+
+    def wants(self, ev):
+        return SEV_RANK.get(ev["severity"], 0) >= self.min_rank
+
+    def send(self, ev, line):
+        data = journal_packet(ev, line, self.facility)
+        for attempt in (1, 2):
+            try:
+                if self.sock is None:
+                    self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                    self.sock.settimeout(1.0)
+                self.sock.sendto(data, self.path)
+                return
+            except OSError:
+                self.close()
+                if attempt == 2:
+                    raise
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def message_id(event):
+    """The journal MESSAGE_ID of an event type: 128 bits, the same on every host."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, "https://fimwatch/event/" + event).hex
+
+
+def journal_packet(ev, line, facility):
+    """The native protocol: KEY\\n, 64-bit little-endian length, value, \\n for
+    every field (safe for any bytes). Scalar event fields become FIMWATCH_KEY;
+    FIMWATCH_JSON holds the whole event."""
+    fields = [("MESSAGE", syslog_message(ev)), ("PRIORITY", SYSLOG_PRI.get(ev["severity"], 6)),
+              ("SYSLOG_FACILITY", facility), ("SYSLOG_IDENTIFIER", "fimwatch"),
+              ("MESSAGE_ID", message_id(ev["event"]))]
+    for k, v in ev.items():
+        if isinstance(v, (str, int, float, bool)) and re.match(r"^[a-z][a-z0-9_]*$", k):
+            fields.append(("FIMWATCH_" + k.upper(), v))
+    if ev.get("changes"):
+        fields.append(("FIMWATCH_CHANGES", ",".join(change_list(ev))))
+    if len(line) < JournalSink.MAX // 2:
+        fields.append(("FIMWATCH_JSON", line))
+    out = bytearray()
+    for k, v in fields:
+        b = (v if isinstance(v, str) else json.dumps(v)).encode("utf-8", "surrogateescape")
+        out += k.encode() + b"\n" + struct.pack("<Q", len(b)) + b + b"\n"
+    return bytes(out)
+
+
 class SyslogSink:
     """[syslog]: RFC 3164 lines to a unix datagram socket (/dev/log) or UDP."""
     name = "syslog"
     MAX = 4096
 
-    def __init__(self, address, facility, min_severity):
+    def __init__(self, address, facility, min_severity, fmt="rfc3164"):
         self.address, self.facility = address, FACILITIES[facility]
         self.min_rank = SEV_RANK[min_severity]
+        self.fmt = fmt
         self.sock = None
         self.pid = os.getpid()
 
@@ -3668,12 +3998,17 @@ class SyslogSink:
             self.udp = True
         self.sock = s
 
-    def send(self, ev, line=None):
+    def packet(self, ev):
         pri = self.facility * 8 + SYSLOG_PRI.get(ev["severity"], 6)
+        if self.fmt == "rfc5424":
+            return rfc5424_packet(ev, pri, self.pid)
         stamp = time.strftime("%b %d %H:%M:%S", time.localtime(event_epoch(ev)))
         host = (" " + ev.get("host", "")) if self.address[:1] != "/" else ""
-        data = ("<%d>%s%s fimwatch[%d]: %s" % (pri, stamp, host, self.pid,
+        return ("<%d>%s%s fimwatch[%d]: %s" % (pri, stamp, host, self.pid,
                                                syslog_message(ev))).encode("utf-8", "replace")
+
+    def send(self, ev, line=None):
+        data = self.packet(ev)
         if len(data) > self.MAX:
             data = data[:self.MAX - 3] + b"..."
         for attempt in (1, 2):
@@ -3928,6 +4263,8 @@ def webhook_body(fmt, ev):
     if fmt == "json":
         return (json.dumps(ev, ensure_ascii=False).encode("utf-8"),
                 "application/json", {})
+    if fmt == "ecs":
+        return ecs_line(ev).encode("utf-8", "surrogateescape"), "application/json", {}
     text = chat_text(ev)
     if fmt in ("slack", "mattermost"):
         body = {"text": text}
@@ -4289,40 +4626,104 @@ def build_channels(cfg, store):
     return chans
 
 
+def host_identity(state_dir, machine_id=MACHINE_ID):
+    """`host_id`: sha256 of /etc/machine-id and of the install id (state_dir/
+    install.id, made by install.sh or else here), cut to 32 hex digits. Cloned
+    images share a machine-id; two installs never share an install id. The
+    machine-id itself is not shown: machine-id(5) asks that it stay private."""
+    try:
+        with open(machine_id, encoding="ascii", errors="replace") as f:
+            mid = f.read().strip()
+    except OSError:
+        mid = ""
+    path = os.path.join(state_dir, INSTALL_ID)
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            inst = f.read().strip()
+    except OSError:
+        inst = ""
+    if not inst:
+        inst = uuid.uuid4().hex
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(inst + "\n")
+        except FileExistsError:             # another process made it first: use theirs
+            return host_identity(state_dir, machine_id)
+        except OSError:
+            pass                            # read-only or full: an id for this process only
+    return hashlib.sha256(("%s\n%s" % (mid, inst)).encode()).hexdigest()[:32]
+
+
 class Dispatcher:
-    """Stores each event (its id fixed before any sink sees it), then hands it
-    to every sink that wants it. A failing sink is counted, never fatal."""
+    """Stamps each event with its `sequence` and `host_id`, stores it, and
+    spools it for the channels (same transaction); the local sinks (events
+    file, syslog) get it only once that transaction is committed (Store's
+    on_commit), so a crash can never show a receiver an id that the restart
+    then reports again under another. While the state database takes no
+    writes (StateDB), a commit holds them in memory and the local sinks still
+    get every event at once: they need no disk. A failing sink is counted,
+    never fatal."""
 
     def __init__(self, cfg, store, local=True, channels=True, echo=None):
         self.cfg, self.store, self.echo = cfg, store, echo
-        self.sinks = []
+        self.host_id = host_identity(cfg.state_dir)
+        self.local = []
         if local and cfg.events_file:
-            self.sinks.append(EventsFileSink(cfg.events_file))
+            self.local.append(EventsFileSink(cfg.events_file, store, cfg.get("log", "format")))
         if local and cfg.get("syslog", "enabled"):
-            self.sinks.append(SyslogSink(cfg.get("syslog", "address"),
+            self.local.append(SyslogSink(cfg.get("syslog", "address"),
                                          cfg.get("syslog", "facility"),
-                                         cfg.get("syslog", "min_severity")))
+                                         cfg.get("syslog", "min_severity"),
+                                         cfg.get("syslog", "format")))
+        if local and cfg.get("journal", "enabled"):
+            self.local.append(JournalSink(cfg.get("journal", "socket"),
+                                          cfg.get("syslog", "facility"),
+                                          cfg.get("journal", "min_severity")))
         self.channels = build_channels(cfg, store) if channels else []
-        self.sinks += self.channels
+        self.committed = deque()           # (event, line) stored, waiting for the commit
+        store.on_commit.append(self.after_commit)
         self.errors = {}
         self.count = 0
 
+    @property
+    def sinks(self):
+        return self.local + self.channels
+
     def emit(self, ev):
-        line = event_json(ev)
-        self.store.add_event(ev, line)
+        """Stamp, store and spool ev; returns the event as stored and sent."""
+        with self.store.lock:
+            stamped = {"id": ev["id"], "sequence": self.store.next_sequence(),
+                       "host_id": self.host_id}
+            stamped.update((k, v) for k, v in ev.items() if k not in stamped)
+            ev = stamped
+            line = event_json(ev)
+            self.store.add_event(ev, line)
+            for c in self.channels:
+                self._send(c, ev, line)
+        self.committed.append((ev, line))
         self.count += 1
         if self.echo:
             self.echo(ev)
-        for s in self.sinks:
-            try:
-                if s.wants(ev):
-                    s.send(ev, line)
-            except Exception as e:
-                n = self.errors.get(s.name if hasattr(s, "name") else s.id, 0)
-                key = getattr(s, "id", None) or s.name
-                self.errors[key] = n + 1
-                if n < 5 or n % 1000 == 0:
-                    sys.stderr.write("fimwatch: %s: %s\n" % (key, esc(str(e))[:300]))
+        return ev
+
+    def after_commit(self):
+        """Store.on_commit: hand what was committed to the local sinks."""
+        while self.committed:
+            ev, line = self.committed.popleft()
+            for s in self.local:
+                self._send(s, ev, line)
+
+    def _send(self, s, ev, line):
+        try:
+            if s.wants(ev):
+                s.send(ev, line)
+        except Exception as e:
+            key = getattr(s, "id", None) or s.name
+            n = self.errors.get(key, 0)
+            self.errors[key] = n + 1
+            if n < 5 or n % 1000 == 0:
+                sys.stderr.write("fimwatch: %s: %s\n" % (key, esc(str(e))[:300]))
 
     def start(self):
         for c in self.channels:
@@ -4338,6 +4739,8 @@ class Dispatcher:
 
     def close(self, timeout=5.0):
         self.store.commit()
+        if self.after_commit in self.store.on_commit:
+            self.store.on_commit.remove(self.after_commit)
         deadline = time.monotonic() + timeout
         for c in self.channels:
             c.close(deadline)
@@ -4414,6 +4817,41 @@ class StateLock:
             os.close(fd)
 
 
+def stop_reason(state_dir, systemctl="systemctl"):
+    """Why a clean stop is not news: "upgrade" (install.sh left its mark in
+    state_dir less than an hour ago), "shutdown" (the system is going down),
+    else None: someone stopped the monitor."""
+    mark = os.path.join(state_dir, UPGRADE_MARK)
+    try:
+        fresh = time.time() - os.stat(mark).st_mtime < 3600
+        os.unlink(mark)
+        if fresh:
+            return "upgrade"
+    except OSError:
+        pass
+    try:
+        r = subprocess.run([systemctl, "is-system-running"], stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, timeout=2)
+        if r.stdout.strip() == b"stopping":
+            return "shutdown"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return None
+
+
+def stopped_event(cfg):
+    """A clean stop: a `warning` (it goes to email and webhooks) unless it is
+    an upgrade or a system shutdown. A kill -9 has no stopped event at all:
+    the missing heartbeat and the next start's `gap` show it."""
+    why = stop_reason(cfg.state_dir)
+    what = {"upgrade": "stopped for an upgrade", "shutdown": "stopped: the system shuts down",
+            None: "fimwatch was stopped (not by an upgrade or a shutdown)"}[why]
+    return new_event(cfg.hostname, "stopped", "notice" if why else "warning", "realtime", "",
+                     reason=why or "stopped",
+                     message="%s; changes from now on are reported when it starts again"
+                             % what)
+
+
 class Daemon:
     def __init__(self, cfg):
         self.cfg = cfg
@@ -4457,8 +4895,8 @@ class Daemon:
         ev = upgrade_notice(store, cfg.hostname)
         if ev is not None:
             self.dispatch.emit(ev)
-        self.dispatch.flush()
         store.commit()
+        self.dispatch.flush()
         self.check_state()
         self.log("watching %d directories, %d baseline entries (%.1fs)"
                  % (eng.watches(), started["baseline_entries"], started["seconds"]))
@@ -4482,6 +4920,8 @@ class Daemon:
         findings = self.guard.examine()
         self.store = Store(cfg.state_dir)
         self.store.db = StateDB(self.store.db)
+        if cfg.events_file and not self.store.last_sequence():
+            self.store.seed_sequence(last_sequence_in(cfg.events_file))
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self.wake_w)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -4526,9 +4966,7 @@ class Daemon:
             self.eng.flush_due(budget=5.0, force=True)
         except Exception as e:            # still record the stop
             self.log("error while flushing: %s" % e)
-        self.dispatch.emit(new_event(self.cfg.hostname, "stopped", "notice", "realtime", "",
-                                     message="fimwatch stopped; changes from now on are "
-                                             "reported when it starts again"))
+        self.dispatch.emit(stopped_event(self.cfg))
         store.set_meta("state", "stopped")
         store.set_meta("stopped_at", time.time())
         store.commit()
@@ -4571,7 +5009,8 @@ class Daemon:
         wd_every = wd_usec / 3e6 if wd_usec else None
         now = time.monotonic()
         self.timers = {"beat": now + HEARTBEAT_EVERY, "prune": now + 3600,
-                       "dog": now if wd_every else None}
+                       "dog": now if wd_every else None,
+                       "heartbeat": now + self.cfg.heartbeat if self.cfg.heartbeat else None}
         while not self.stop:
             now = time.monotonic()
             wake = min([self.eng.next_wakeup(now)]
@@ -4617,6 +5056,36 @@ class Daemon:
         if now >= t["prune"]:
             store.prune_events()
             t["prune"] = now + 3600
+        if t["heartbeat"] is not None and now >= t["heartbeat"]:
+            self.dispatch.emit(self.heartbeat_event())
+            every = self.cfg.heartbeat
+            t["heartbeat"] = now + every if every else None
+
+    def _chain_fields(self):
+        """The events file's chain head: a remote copy of the heartbeats
+        proves that the local file once had this many lines, ending so."""
+        head = self.store.chain_head("chain:" + self.cfg.events_file) \
+            if self.cfg.events_file else None
+        return {"chain_head": {"n": head[0], "sha256": head[1]}} if head else {}
+
+    def heartbeat_event(self):
+        """[fimwatch] heartbeat: 'still watching', with the counts a receiver
+        compares (no event lost between two beats: last_sequence) and the
+        events file's chain head, so a remote copy can prove the local file
+        was cut. A receiver alerts when none came for 2 intervals plus a bit."""
+        store, eng, every = self.store, self.eng, self.cfg.heartbeat
+        now = time.time()
+        counts = store.events_by_severity(now - 86400)
+        return new_event(
+            self.cfg.hostname, "heartbeat", "info", "realtime", "",
+            interval=every, next_before=iso_s(now + 2 * every + 60),
+            last_sequence=store.last_sequence(), watches=eng.watches(),
+            unwatched=len(eng.unwatched), baseline_entries=store.count(),
+            events_24h={k: counts.get(k, 0) for k in SEVERITIES},
+            spooled=sum(store.spool_summary(c)[0] for c in store.spool_channels()),
+            state_db="failing" if store.db.failing() else "ok",
+            **self._chain_fields(),
+            message="fimwatch is watching; next heartbeat within %s" % fmt_duration(every))
     def report_findings(self, findings):
         """What StateGuard found before the database was opened: said first,
         before the (fresh) baseline is built."""
@@ -4626,8 +5095,8 @@ class Daemon:
             self.log(fields["message"])
             self.dispatch.emit(new_event(self.cfg.hostname, event, sev, "startup", "",
                                          **fields))
-        self.dispatch.flush()
         self.store.commit()
+        self.dispatch.flush()
 
     def report_root_swaps(self):
         for p, was, now in check_root_swaps(self.cfg, self.store):
@@ -4763,7 +5232,8 @@ def cmd_scan(cfg, args):
                           channels=not args.no_alert and not first,
                           echo=None if first else (lambda ev: print_event(ev, args.json)))
     if args.no_alert and cfg.events_file:
-        dispatch.sinks.insert(0, EventsFileSink(cfg.events_file))
+        dispatch.local.insert(0, EventsFileSink(cfg.events_file, store,
+                                                cfg.get("log", "format")))
     eng = _one_shot_engine(cfg, store, dispatch)
     mode = "build" if first else ("quick" if args.quick else "full")
     for root in eng.roots + eng.scan_only:
@@ -5168,6 +5638,125 @@ def cmd_events(cfg, args):
     return EXIT_OK
 
 
+ChainLine = collections.namedtuple("ChainLine", "where n prev hash kind")
+
+
+def _chain_entry(where, raw):
+    """One events-file line as the chain sees it; kind: chained, plain (an
+    event from before 0.2: no chain fields) or torn (not JSON)."""
+    try:
+        ev = json.loads(raw)
+    except ValueError:
+        return ChainLine(where, None, None, line_hash(raw), "torn")
+    if not isinstance(ev, dict) or not isinstance(ev.get("chain_n"), int):
+        return ChainLine(where, None, None, line_hash(raw), "plain")
+    return ChainLine(where, ev["chain_n"], ev.get("chain_prev"), line_hash(raw), "chained")
+
+
+def read_chain(paths):
+    """[ChainLine] of the complete lines of the files, in the order given
+    (logrotate's .gz copies are read too)."""
+    import gzip
+    out = []
+    for path in paths:
+        opener = gzip.open if path.endswith(".gz") else open
+        try:
+            with opener(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise FimwatchError("verify-log: %s: %s" % (esc(path), e.strerror or e))
+        if not data.endswith(b"\n"):
+            data = data[:data.rfind(b"\n") + 1]          # a line being written now
+        for i, raw in enumerate(data.splitlines(), 1):
+            out.append(_chain_entry("%s:%d" % (esc(path), i), raw))
+    return out
+
+
+def _chain_break(a, b, i, chained, first_at):
+    """What happened between two chained lines that do not follow."""
+    if b.n <= a.n:
+        return "reordered: %s (chain_n %d) comes after %s (chain_n %d)" % (
+            b.where, b.n, a.where, a.n)
+    if b.n > a.n + 1:
+        if any(first_at.get(m, -1) > i for m in range(a.n + 1, min(b.n, a.n + 10000))):
+            return "reordered: %s (chain_n %d) comes before lines with smaller chain_n" % (
+                b.where, b.n)
+        return "%d line(s) removed before %s (chain_n %d to %d are missing)" % (
+            b.n - a.n - 1, b.where, a.n + 1, b.n - 1)
+    return "edited: %s (the next line, %s, was chained to other content)" % (a.where, b.where)
+
+
+def verify_chain(lines, head=None):
+    """(problem or None, notes): the first line removed, edited, reordered
+    or inserted, checked also against head (lines, hash) from the database."""
+    notes, chained = [], []
+    for ln in lines:
+        if ln.kind == "plain" and chained:
+            return "inserted or edited: %s has no chain fields" % ln.where, notes
+        if ln.kind == "torn":
+            notes.append("%s is a torn line (a crash or a full disk): skipped" % ln.where)
+        if ln.kind == "chained":
+            chained.append(ln)
+    first_at = {}
+    for i, ln in enumerate(chained):
+        first_at.setdefault(ln.n, i)
+    for i in range(1, len(chained)):
+        a, b = chained[i - 1], chained[i]
+        if not (b.n == a.n + 1 and b.prev == a.hash):
+            return _chain_break(a, b, i, chained, first_at), notes
+    if chained and head:
+        last = chained[-1]
+        if head[0] > last.n:
+            return ("%d line(s) removed at the end: the state database's chain head is "
+                    "chain_n %d, the file ends at %d (%s)" % (head[0] - last.n, head[0],
+                                                              last.n, last.where)), notes
+        if head[0] == last.n and head[1] != last.hash:
+            return "edited: %s (the last line; the state database has another hash)" \
+                % last.where, notes
+    return None, notes
+
+
+def rotated_copies(path):
+    """logrotate's copies of path (name.1, name.2.gz, name-20261201), oldest first."""
+    import glob
+    found = [p for p in glob.glob(glob.escape(path) + ".*") + glob.glob(glob.escape(path) + "-*")
+             if os.path.isfile(p)]
+    return sorted(found, key=lambda p: os.stat(p).st_mtime)
+
+
+def _db_chain_head(cfg, path):
+    try:
+        store = Store(cfg.state_dir, create=False)
+    except FimwatchError:
+        return None
+    try:
+        return store.chain_head("chain:" + path)
+    finally:
+        store.db.close()
+
+
+def cmd_verify_log(cfg, args):
+    paths = [os.path.abspath(p) for p in args.files] if args.files else \
+        rotated_copies(cfg.events_file) + [cfg.events_file] if cfg.events_file else []
+    if not paths:
+        raise FimwatchError("verify-log: no [log] events_file configured; name the files")
+    lines = read_chain(paths)
+    head = _db_chain_head(cfg, paths[-1]) if paths[-1] == cfg.events_file else None
+    problem, notes = verify_chain(lines, head)
+    for n in notes:
+        print("note: %s" % n)
+    if problem:
+        print("TAMPERED: %s" % problem)
+        return EXIT_CHANGES
+    chained = [ln for ln in lines if ln.kind == "chained"]
+    print("intact: %d line(s) in %d file(s)%s%s" % (
+        len(lines), len(paths),
+        ", chain_n %d to %d" % (chained[0].n, chained[-1].n) if chained else "",
+        "; the end matches the state database" if head else
+        "; not compared with the state database (no chain head there)"))
+    return EXIT_OK
+
+
 def cmd_test_alert(cfg, args):
     store = Store(cfg.state_dir)
     ev = new_event(cfg.hostname, "test", "info", "realtime", "",
@@ -5333,6 +5922,12 @@ def build_parser():
                         "OnFailure= unit)")
     sp.add_argument("unit", metavar="UNIT")
     sp.add_argument("--result", metavar="TEXT", help="e.g. exit-code, watchdog, start-limit-hit")
+    sp = sub.add_parser("verify-log", help="check the hash chain of the events file "
+                        "(exit 1: a line was removed, edited or reordered)",
+                        epilog="exit 0 intact, 1 tampered, 2 error")
+    sp.add_argument("files", nargs="*", metavar="FILE",
+                    help="events files, oldest first (default: [log] events_file and "
+                         "its logrotate copies)")
     sp = sub.add_parser("events", help="recent events from the state database")
     sp.add_argument("--since", default=86400.0, metavar="DURATION", type=_arg_duration(),
                     help="how far back (default 24h; e.g. 30m, 7d)")
@@ -5346,7 +5941,7 @@ def build_parser():
 COMMANDS = {"run": cmd_run, "scan": cmd_scan, "accept": cmd_accept, "status": cmd_status,
             "test-alert": cmd_test_alert, "check-config": cmd_check_config,
             "pause": cmd_pause, "resume": cmd_resume, "events": cmd_events,
-            "notify-failure": cmd_notify_failure}
+            "notify-failure": cmd_notify_failure, "verify-log": cmd_verify_log}
 
 
 def main(argv=None):

@@ -459,6 +459,10 @@ stop_for_upgrade() {
     pending_changes || return 0
     STEP="stopping $SERVICE for the upgrade"
     info "stopping $SERVICE to upgrade it"
+    # The daemon reads this mark at its stop: an upgrade is a `notice`, any
+    # other clean stop a `warning` (someone stopped the monitor). A custom
+    # [fimwatch] state_dir does not get the mark: that stop is a warning.
+    run touch "$STATEDIR/upgrading"
     run systemctl stop "$SERVICE"
     STOPPED_FOR_UPGRADE=1
 }
