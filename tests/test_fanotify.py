@@ -90,6 +90,13 @@ def test_writes_outside_the_roots_are_not_events(fim):
     os.mkdir(fim.outside / "sub")
     write(fim.outside / "sub" / "f", "y\n")
     write(fim.state_dir / "junk", "z\n")
+    # Same name outside, by another process, within the settle window: the
+    # root's file must not be pinned on it (nor touched at all).
+    p = write(fim.root / "same.txt", "mine\n")
+    subprocess.run([sys.executable, "-c", "open(%r, 'w').write('other')"
+                    % str(fim.outside / "same.txt")], check=True)
+    e = d.wait_for(is_event("created", p), since=m)
+    assert e["process"]["pid"] == os.getpid(), e
     d.assert_quiet(lambda e: e.get("event") in te.FILE_EVENTS
                    and not e.get("path", "").startswith(str(fim.root)),
                    since=m, control=control_file())
