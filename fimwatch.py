@@ -1954,16 +1954,23 @@ def fsid_of(path):
     return struct.pack("=Q", os.statvfs(path).f_fsid & 0xFFFFFFFFFFFFFFFF)
 
 
-def dir_handle(path, fsid):
-    """fsid + struct file_handle of path: the key fanotify's records carry."""
+_handle_bufs = []
+
+
+def dir_handle(path):
+    """(mount id, struct file_handle of path): with the fsid in front, the
+    key fanotify's records carry. One syscall; the buffers are reused (a walk
+    calls this for every directory)."""
     ctypes, libc = _libc()
-    buf = ctypes.create_string_buffer(8 + 128)
+    if not _handle_bufs:
+        mid = ctypes.c_int()
+        _handle_bufs.extend((ctypes.create_string_buffer(8 + 128), mid, ctypes.byref(mid)))
+    buf, mid, mid_ref = _handle_bufs
     struct.pack_into("=Ii", buf, 0, 128, 0)
-    mount_id = ctypes.c_int()
-    if libc.name_to_handle_at(AT_FDCWD, os.fsencode(path), buf, ctypes.byref(mount_id), 0):
+    if libc.name_to_handle_at(AT_FDCWD, os.fsencode(path), buf, mid_ref, 0):
         raise _oserror(ctypes, "name_to_handle_at")
-    n = struct.unpack_from("=I", buf.raw, 0)[0]
-    return fsid + buf.raw[:8 + n]
+    raw = buf.raw
+    return mid.value, raw[:8 + struct.unpack_from("=I", raw, 0)[0]]
 
 
 def _refusal(e):
@@ -2012,7 +2019,7 @@ def _probe_root(fd, root, why):
                 why = "overlayfs: its file handles do not name the files written"
             else:
                 fanotify_mark_fs(fd, path)
-                dir_handle(path, fsid_of(path))
+                dir_handle(path)
                 return ("fanotify", "filesystem mark, writer named")
         except OSError as e:
             why = "cannot mark %s: %s" % (esc(path), _refusal(e))
@@ -2146,6 +2153,7 @@ class FanotifyBackend:
     def __init__(self, fd=None):
         self.fd, self.flags = (fd, 0) if fd is not None else fanotify_open()
         self.marked = set()          # fsids with our filesystem mark
+        self.mounts = {}             # mount id -> fsid (marked)
         self.dirs = {}               # fsid + handle -> directory path
         self.keys = {}               # directory path -> fsid + handle
         self.froms = {}              # object handle -> (path, isdir) of a MOVED_FROM
@@ -2171,15 +2179,19 @@ class FanotifyBackend:
     def watch(self, d):
         """Record d's handle (marking its filesystem the first time); OSError
         when the filesystem refuses the mark or has no handles."""
-        fsid = fsid_of(d)
-        if fsid not in self.marked:
-            try:
-                fanotify_mark_fs(self.fd, d)
-            except OSError as e:         # a submount that refuses: say so, not skip
-                raise OSError(errno.EACCES, "fanotify cannot mark its filesystem: "
-                              + _refusal(e))
-            self.marked.add(fsid)
-        key = dir_handle(d, fsid)
+        mount_id, handle = dir_handle(d)
+        fsid = self.mounts.get(mount_id)
+        if fsid is None:
+            fsid = fsid_of(d)
+            if fsid not in self.marked:
+                try:
+                    fanotify_mark_fs(self.fd, d)
+                except OSError as e:     # a submount that refuses: say so, not skip
+                    raise OSError(errno.EACCES, "fanotify cannot mark its filesystem: "
+                                  + _refusal(e))
+                self.marked.add(fsid)
+            self.mounts[mount_id] = fsid
+        key = fsid + handle
         old = self.keys.get(d)
         if old is not None and old != key:
             self.dirs.pop(old, None)
