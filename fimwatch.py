@@ -1928,12 +1928,13 @@ def _oserror(ctypes, what):
     return OSError(e, "%s: %s" % (what, os.strerror(e)))
 
 
-def fanotify_open():
+def fanotify_open(target_fid=True):
     """A notification group in DFID_NAME + FID mode (+ TARGET_FID where the
-    kernel has it); returns (fd, flags). OSError when refused."""
+    kernel has it, unless target_fid=False: 5.10's mode); returns (fd, flags).
+    OSError when refused."""
     ctypes, libc = _libc()
     base = FAN_REPORT_FID | FAN_REPORT_DIR_FID | FAN_REPORT_NAME | FAN_CLOEXEC | FAN_NONBLOCK
-    for flags in (base | FAN_REPORT_TARGET_FID, base):
+    for flags in (base | FAN_REPORT_TARGET_FID, base)[0 if target_fid else 1:]:
         fd = libc.fanotify_init(flags, os.O_RDONLY | os.O_CLOEXEC | os.O_LARGEFILE)
         if fd >= 0:
             return fd, flags
@@ -2856,9 +2857,7 @@ class Engine:
             users = self._users
             if users:
                 ev["users"] = users
-            proc = self.backend.writer(p) if self.backend is not None else None
-            if proc:
-                ev["process"] = proc
+            ev.update(self._writer(p))
         if (self.pkgdb is not None and kind == "file" and event in ("modified", "created")
                 and new is not None and p.startswith(PACKAGE_PREFIXES)):
             pkg = self.pkgdb.check(p)
@@ -2869,6 +2868,11 @@ class Engine:
                     # should be: an upgrade, not an intrusion. Still recorded.
                     ev["severity"] = "info"
         self.emit_cb(ev)
+
+    def _writer(self, p):
+        """{"process": ...} when the backend knows who changed p (fanotify)."""
+        proc = self.backend.writer(p) if self.backend is not None else None
+        return {"process": proc} if proc else {}
 
     # -- raw events --
     def touch(self, p):
@@ -2987,8 +2991,9 @@ class Engine:
             return
         self.rescan_state = "running"
         self.emit_cb(new_event(self.cfg.hostname, "error", "notice", "realtime", "",
-                               message="inotify queue overflowed; rescanning the watched "
-                                       "trees so no change is lost"))
+                               message="%s queue overflowed; rescanning the watched "
+                                       "trees so no change is lost"
+                                       % getattr(self.backend, "name", "inotify")))
         self.scans.append(self._rescan())
 
     # -- background walks: rescans, start-up comparison, scheduled scans --
@@ -4456,8 +4461,7 @@ def cmd_status(cfg, args):
                     ", DROPPED %d after 7 days" % c["dropped"] if c["dropped"] else ""))
         else:
             print("  no baseline yet in %s" % cfg.state_dir)
-        for b in st["backends"]:
-            print("  backend:    %s: %s (%s)" % (b["path"], b["backend"], b["reason"]))
+        _print_backends(st["backends"], "  backend:    ")
         if st["inotify_watches_by_process"]:
             print("  inotify watches by process (limit %s per user):" % limit)
             for w in st["inotify_watches_by_process"]:
@@ -4479,6 +4483,11 @@ def _backends_status(cfg, running):
     if rows is None:
         rows = choose_backends(_watch_roots(cfg), cfg.get("watch", "backend"))
     return [{"path": esc(r), "backend": b, "reason": why} for r, b, why in rows]
+
+
+def _print_backends(rows, prefix):
+    for b in rows:
+        print("%s%s: %s (%s)" % (prefix, b["path"], b["backend"], b["reason"]))
 
 
 def _watch_roots(cfg):
@@ -4533,8 +4542,7 @@ def cmd_check_config(cfg, args):
     if limit is not None and need > limit * 0.9:
         print("# WARNING: raise it: sysctl -w fs.inotify.max_user_watches=%d (install.sh does)"
               % (need * 2 + 8192))
-    for b in _backends_status(cfg, False):
-        print("# backend: %s: %s (%s)" % (b["path"], b["backend"], b["reason"]))
+    _print_backends(_backends_status(cfg, False), "# backend: ")
     for p, r in cfg.resolved_roots():
         if p != r:
             print("# note: %s is a symlink: %s is watched (and reported under that name)"

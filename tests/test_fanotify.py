@@ -229,3 +229,69 @@ def test_core_engine_test_on_backend(fim, monkeypatch, backend, test):
     monkeypatch.setenv("FIMWATCH_TEST_BACKEND", backend)   # read by every write_config
     fim.write_config()
     test(fim)
+
+
+# --- the backend alone: renames with and without FAN_REPORT_TARGET_FID ---------
+
+class RecordingEngine:
+    """The Engine calls a backend makes, recorded."""
+
+    def __init__(self):
+        self.calls = []
+
+    def wanted(self, p, isdir):
+        return True
+
+    def internal_error(self, what, e):
+        raise e
+
+    def __getattr__(self, name):
+        if name not in ("changed", "dir_created", "moved", "moved_out", "dir_gone",
+                        "watch_lost", "overflow"):
+            raise AttributeError(name)
+        return lambda *a: self.calls.append((name,) + a)
+
+
+def renames_seen(tmp_path, target_fid):
+    import fimwatch
+    root = tmp_path / "r"
+    (root / "d1").mkdir(parents=True)
+    write(root / "f1", "x\n")
+    fd, flags = fimwatch.fanotify_open(target_fid=target_fid)
+    b = fimwatch.FanotifyBackend(fd)
+    try:
+        for d in (root, root / "d1"):
+            b.watch(str(d))
+        # Another process: the backend drops its own pid's records.
+        subprocess.run(["sh", "-c", "mv f1 f2 && mv d1 d2"], cwd=str(root), check=True)
+        eng = RecordingEngine()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and len(eng.calls) < 4:
+            b.read(eng)
+            time.sleep(0.02)
+        b.read(eng)
+        b.read(eng)                      # unpaired MOVED_FROMs wait one read
+        return flags, eng.calls, b, str(root)
+    finally:
+        b.close()
+
+
+def test_renames_are_paired_by_the_object_handle(tmp_path):
+    import fimwatch
+    flags, calls, b, root = renames_seen(tmp_path, True)
+    if not flags & fimwatch.FAN_REPORT_TARGET_FID:
+        pytest.skip("kernel %s has no FAN_REPORT_TARGET_FID (5.17)" % os.uname().release)
+    assert ("moved", root + "/f1", root + "/f2", False) in calls, calls
+    assert ("moved", root + "/d1", root + "/d2", True) in calls, calls
+    assert not [c for c in calls if c[0] in ("moved_out", "dir_created")], calls
+
+
+def test_renames_without_target_fid_are_delete_and_create(tmp_path):
+    """Linux 5.10 (Debian 11): no object handle on MOVED_FROM/TO, so no
+    pairing: the old name left, the new one appeared (a dir is walked anew)."""
+    _, calls, b, root = renames_seen(tmp_path, False)
+    assert not [c for c in calls if c[0] == "moved"], calls
+    assert ("moved_out", root + "/f1", False) in calls, calls
+    assert ("changed", root + "/f2", False) in calls, calls
+    assert ("moved_out", root + "/d1", True) in calls, calls
+    assert ("dir_created", root + "/d2") in calls, calls
