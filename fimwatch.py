@@ -2017,7 +2017,7 @@ def _probe_root(fd, root, why):
             path = os.path.dirname(path)       # a file root, or one not there yet
         try:
             if _fs_type(path) == OVERLAYFS_MAGIC:
-                why = "overlayfs: its file handles do not name the files written"
+                why = "overlayfs: a filesystem mark there misses writes to the layers below"
             else:
                 fanotify_mark_fs(fd, path)
                 dir_handle(path)

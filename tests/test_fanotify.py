@@ -295,3 +295,43 @@ def test_renames_without_target_fid_are_delete_and_create(tmp_path):
     assert ("changed", root + "/f2", False) in calls, calls
     assert ("moved_out", root + "/d1", True) in calls, calls
     assert ("dir_created", root + "/d2") in calls, calls
+
+
+@pytest.fixture
+def overlay(tmp_path):
+    """An overlayfs mount (lower, upper, work under tmp_path); skip if refused."""
+    base = tmp_path / "ovl"
+    dirs = {n: base / n for n in ("lower", "upper", "work", "merged")}
+    for p in dirs.values():
+        p.mkdir(parents=True)
+    r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        "lowerdir=%(lower)s,upperdir=%(upper)s,workdir=%(work)s" % dirs,
+                        str(dirs["merged"])], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if r.returncode != 0:
+        pytest.skip("cannot mount overlayfs here: %s" % r.stderr.strip())
+    try:
+        yield dirs["merged"]
+    finally:
+        subprocess.run(["umount", "-l", str(dirs["merged"])])
+
+
+def test_auto_mixes_backends_per_root_overlayfs_on_inotify(fim, overlay):
+    """One root on ext4 (fanotify), one on overlayfs (inotify): both seen, in
+    one daemon; status names each root's backend and the overlay's reason."""
+    fim.write_config(watch={"backend": "auto", "paths": "%s %s" % (fim.root, overlay)})
+    cc = fim.cli("check-config", check=0)
+    assert "# backend: %s: fanotify (" % fim.root in cc.stdout, cc.stdout
+    assert "# backend: %s: inotify (overlayfs" % overlay in cc.stdout, cc.stdout
+    d = fim.daemon()
+    st = fim.cli("status", check=0).stdout
+    assert "backend:    %s: inotify (overlayfs" % overlay in st, st
+    a = write(fim.root / "on-ext4", "x\n")
+    b = write(overlay / "on-overlay", "y\n")
+    os.mkdir(overlay / "sub")
+    c = write(overlay / "sub" / "deeper", "z\n")
+    assert "process" in d.wait_for(is_event("created", a)), "fanotify root lost its writer"
+    assert "process" not in d.wait_for(is_event("created", b))
+    d.wait_for(is_event("created", c))
+    os.rename(fim.root / "on-ext4", fim.root / "renamed")
+    d.wait_for(is_event("moved", fim.root / "renamed"))
+    d.stop()
