@@ -1904,6 +1904,8 @@ PROC = "/proc"
 BACKENDS = ("auto", "fanotify", "inotify")
 _FAN_META = struct.Struct("=IBBHQii")      # struct fanotify_event_metadata
 _FAN_INFO = struct.Struct("=BBH8sIi")      # info header, fsid, file_handle head
+_U32 = struct.Struct("=I")
+NOISE_DELAY = 0.02               # s; see FanotifyBackend.read
 
 _libc_cache = []
 
@@ -2162,6 +2164,10 @@ class FanotifyBackend:
         self.procs = ProcessCache()
         self.writers = collections.OrderedDict()     # path -> process info
         self.me = os.getpid()
+        self.noise, self.relevant = False, 0
+        # 0 during the start-up walks (they drain the queue every 64
+        # directories and must not sleep); NOISE_DELAY once watching.
+        self.delay = 0.0
 
     def fileno(self):
         return self.fd
@@ -2239,7 +2245,12 @@ class FanotifyBackend:
 
     def read(self, eng):
         """Drain the fanotify queue into eng; returns the number of records."""
-        n = 0
+        if self.noise and self.delay:
+            # The last wake-up was only other files on the same filesystem:
+            # let them gather, so a busy neighbour costs a few reads per
+            # second instead of one per write (latency: the delay, once).
+            time.sleep(self.delay)
+        n, self.relevant = 0, 0
         self.procs.new_batch()
         while True:
             try:
@@ -2253,6 +2264,7 @@ class FanotifyBackend:
             n += self._parse(eng, data)
             if n > 200000:            # let the rest of the loop breathe
                 break
+        self.noise = n > 0 and not self.relevant
         # A MOVED_FROM whose MOVED_TO may be in the next read: wait one turn.
         if self.froms and n:
             self.from_reads += 1
@@ -2280,16 +2292,25 @@ class FanotifyBackend:
             if mask & FAN_Q_OVERFLOW:
                 self._finish_moves(eng)
                 eng.overflow()
-            elif pid != me:
-                dkey, name, okey = self._records(data, off + mlen, off + ln)
-                d = dirs.get(dkey)
-                if d is not None:
-                    try:
-                        self._one(eng, d, name, okey, mask, pid)
-                    except Exception as e:   # one bad record must not end the watching
-                        eng.internal_error("fanotify record in %r" % d, e)
+            elif pid != me and off + mlen + 16 <= end:
+                # The first info record names the directory (or, for a self
+                # event, the object): most records on a filesystem mark are
+                # outside the trees and end at this lookup.
+                o = off + mlen
+                if data[o + 4:o + 20 + _U32.unpack_from(data, o + 12)[0]] in dirs:
+                    self.relevant += 1
+                    self._dispatch(eng, data, o, off + ln, mask, pid)
             off += ln
         return n
+
+    def _dispatch(self, eng, data, off, end, mask, pid):
+        dkey, name, okey = self._records(data, off, end)
+        d = self.dirs.get(dkey)
+        if d is not None:
+            try:
+                self._one(eng, d, name, okey, mask, pid)
+            except Exception as e:       # one bad record must not end the watching
+                eng.internal_error("fanotify record in %r" % d, e)
 
     @staticmethod
     def _records(data, off, end):
@@ -4155,6 +4176,9 @@ class Daemon:
         if prev is not None and cfg.scan_interval == prev.cfg.scan_interval:
             eng.timers["scan"] = prev.timers["scan"]     # a reload does not postpone it
         eng.start(mode, detected, keepalive=self.keepalive, stopping=lambda: self.stop)
+        for part in getattr(eng.backend, "parts", {0: eng.backend}).values():
+            if isinstance(part, FanotifyBackend):
+                part.delay = NOISE_DELAY       # start-up is over: coalesce noise
         return eng
 
     def keepalive(self):

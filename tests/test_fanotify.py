@@ -103,6 +103,30 @@ def test_writes_outside_the_roots_are_not_events(fim):
     d.stop()
 
 
+def test_changes_inside_are_seen_while_a_neighbour_writes_outside(fim):
+    """Writes elsewhere on the filesystem make the backend coalesce its reads
+    (NOISE_DELAY): a change in the tree meanwhile is still reported, fast."""
+    fan(fim)
+    d = fim.daemon()
+    code = ("import sys, time\nend = time.time() + 4\nn = 0\n"
+            "while time.time() < end:\n"
+            "    open(sys.argv[1] + '/n%d' % (n % 50), 'w').write('x'); n += 1\n"
+            "    time.sleep(0.001)\n")
+    noise = subprocess.Popen([sys.executable, "-c", code, str(fim.outside)])
+    try:
+        time.sleep(0.5)
+        for i in range(5):
+            p = write(fim.root / ("during-%d" % i), "x\n")
+            t0 = time.monotonic()
+            d.wait_for(is_event("created", p))
+            assert time.monotonic() - t0 < 1.0
+            time.sleep(0.1)
+    finally:
+        noise.kill()
+        noise.wait()
+    d.stop()
+
+
 def test_directory_rename_is_one_moved_event_and_the_new_name_is_watched(fim):
     os.mkdir(fim.root / "a")
     write(fim.root / "a" / "f.txt", "one\n")
