@@ -33,7 +33,8 @@ Map of this file (`grep -n '^# [A-Z]' fimwatch.py` lists these banners):
   State safety        StateDB (writes held on a full disk), StateGuard (lost state)
   Context for events  logged-in users, PackageDB, diffs
   The event           new_event(): a plain dict, never changed once emitted
-  Pipeline 1 of 3     watcher backends: InotifyBackend -> Engine calls
+  Pipeline 1 of 3     watcher backends: InotifyBackend, FanotifyBackend (the
+                      writer's pid), MixedBackend -> Engine calls; the mount table
   Pipeline 2 of 3     Engine: walks, settle queue, compare, apply -> events
   Pipeline 3 of 3     alert sinks: events file, syslog; messages for humans;
                       channels (spool, email, webhooks) behind the Dispatcher
@@ -407,6 +408,7 @@ SCHEMA = {
         "scan_only": ("paths", ""),
         "poll_interval": ("duration", "1m"),
         "editor_grace": ("duration", "24h"),
+        "backend": ("choice:auto|fanotify|inotify", "auto"),
     },
     "severity": {
         "critical": ("patterns", "/etc/passwd /etc/shadow /etc/group /etc/gshadow "
@@ -2350,6 +2352,9 @@ class InotifyBackend:
     def watching(self, d):
         return d in self.wd2path.values()
 
+    def writer(self, path):
+        return None                      # inotify does not say who
+
     def prune_gone(self):
         """Drop the watches of directories that no longer exist (after a rescan)."""
         for wd in [wd for wd, p in self.wd2path.items() if not os.path.isdir(p)]:
@@ -2439,6 +2444,588 @@ class InotifyBackend:
         eng.changed(p, isdir)
         if isdir:                        # a tree moved in from outside
             eng.dir_created(p)
+
+
+# ---------------------------------------------------------------------------
+# Pipeline 1 of 3, continued: fanotify, one mark per filesystem, the writer's pid
+# ---------------------------------------------------------------------------
+#
+# fanotify_init(FAN_REPORT_DFID_NAME | FAN_REPORT_FID) (Linux >= 5.9) reports
+# each change as (fsid, handle of the directory, name), plus the handle of the
+# object itself; FAN_MARK_FILESYSTEM sees the whole filesystem with one mark.
+# the backend keeps a handle -> directory map of the watched trees only (seeded
+# by watch(d) during the walks, rewritten on renames), so a record whose
+# directory is not in the map is outside the roots and dropped after one dict
+# lookup. The record's pid is the writer: /proc is read at once, since it may
+# be about to exit. FAN_REPORT_TARGET_FID (5.17) adds the moved object's handle
+# to MOVED_FROM/MOVED_TO, which pairs a rename exactly; before 5.17 (Debian 11)
+# a rename is reported as a delete and a create (or a dir tree as new).
+
+FAN_CLOEXEC, FAN_NONBLOCK = 0x1, 0x2
+FAN_REPORT_FID, FAN_REPORT_DIR_FID, FAN_REPORT_NAME = 0x200, 0x400, 0x800
+FAN_REPORT_TARGET_FID = 0x1000
+FAN_MARK_ADD, FAN_MARK_FILESYSTEM = 0x1, 0x100
+FAN_Q_OVERFLOW, FAN_ONDIR, FAN_EVENT_ON_CHILD = 0x4000, 0x40000000, 0x08000000
+FAN_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO
+            | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF
+            | FAN_ONDIR | FAN_EVENT_ON_CHILD)      # same bit values as inotify's
+FAN_INFO_FID, FAN_INFO_DFID_NAME = 1, 2
+AT_FDCWD = -100
+OVERLAYFS_MAGIC = 0x794C7630
+PROC = "/proc"
+_FAN_META = struct.Struct("=IBBHQii")      # struct fanotify_event_metadata
+_FAN_INFO = struct.Struct("=BBH8sIi")      # info header, fsid, file_handle head
+_U32 = struct.Struct("=I")
+NOISE_DELAY = 0.02               # s; see FanotifyBackend.read
+
+_libc_cache = []
+
+
+def _libc():
+    """libc through ctypes, loaded on first use (ctypes adds ~0.3 MB of memory
+    that an inotify-only daemon does not need)."""
+    if not _libc_cache:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
+        libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64,
+                                       ctypes.c_int, ctypes.c_char_p]
+        libc.name_to_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p,
+                                           ctypes.c_void_p, ctypes.c_int]
+        _libc_cache.append((ctypes, libc))
+    return _libc_cache[0]
+
+
+def _oserror(ctypes, what):
+    e = ctypes.get_errno()
+    return OSError(e, "%s: %s" % (what, os.strerror(e)))
+
+
+def fanotify_open(target_fid=True):
+    """A notification group in DFID_NAME + FID mode (+ TARGET_FID where the
+    kernel has it, unless target_fid=False: 5.10's mode); returns (fd, flags).
+    OSError when refused."""
+    ctypes, libc = _libc()
+    base = FAN_REPORT_FID | FAN_REPORT_DIR_FID | FAN_REPORT_NAME | FAN_CLOEXEC | FAN_NONBLOCK
+    for flags in (base | FAN_REPORT_TARGET_FID, base)[0 if target_fid else 1:]:
+        fd = libc.fanotify_init(flags, os.O_RDONLY | os.O_CLOEXEC | os.O_LARGEFILE)
+        if fd >= 0:
+            return fd, flags
+        if ctypes.get_errno() != errno.EINVAL:
+            break
+    raise _oserror(ctypes, "fanotify_init")
+
+
+def fanotify_mark_fs(fd, path):
+    ctypes, libc = _libc()
+    if libc.fanotify_mark(fd, FAN_MARK_ADD | FAN_MARK_FILESYSTEM, FAN_MASK, AT_FDCWD,
+                          os.fsencode(path)) != 0:
+        raise _oserror(ctypes, "fanotify_mark")
+
+
+def fsid_of(path):
+    """The filesystem id as fanotify reports it (statfs f_fsid, two ints)."""
+    return struct.pack("=Q", os.statvfs(path).f_fsid & 0xFFFFFFFFFFFFFFFF)
+
+
+_handle_bufs = []
+
+
+def dir_handle(path):
+    """(mount id, struct file_handle of path): with the fsid in front, the
+    key fanotify's records carry. One syscall; the buffers are reused (a walk
+    calls this for every directory)."""
+    ctypes, libc = _libc()
+    if not _handle_bufs:
+        mid = ctypes.c_int()
+        _handle_bufs.extend((ctypes.create_string_buffer(8 + 128), mid, ctypes.byref(mid)))
+    buf, mid, mid_ref = _handle_bufs
+    struct.pack_into("=Ii", buf, 0, 128, 0)
+    if libc.name_to_handle_at(AT_FDCWD, os.fsencode(path), buf, mid_ref, 0):
+        raise _oserror(ctypes, "name_to_handle_at")
+    raw = buf.raw
+    return mid.value, raw[:8 + struct.unpack_from("=I", raw, 0)[0]]
+
+
+def _refusal(e):
+    """Why fanotify cannot be used, from the errno of init or mark."""
+    if e.errno == errno.EPERM:
+        return "no CAP_SYS_ADMIN in the initial user namespace (%s)" % e.strerror
+    if e.errno == errno.EINVAL:
+        return "kernel %s lacks FAN_REPORT_DFID_NAME/FAN_MARK_FILESYSTEM (needs 5.9)" \
+            % os.uname().release
+    if e.errno in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENODEV, errno.ESTALE):
+        return "the filesystem refuses a fanotify mark with file handles (%s)" % e.strerror
+    if e.errno == errno.ENOSYS:
+        return "kernel without fanotify"
+    return e.strerror or str(e)
+
+
+def choose_backends(roots, want, probe_fd=None):
+    """[(root, backend, reason)] for each watched root: `want` is the config's
+    [watch] backend. auto: fanotify where the kernel, our capabilities and the
+    root's filesystem take a mark, inotify otherwise (with the reason)."""
+    if want == "inotify":
+        return [(r, "inotify", "configured") for r in roots]
+    fd, why = probe_fd, None
+    if fd is None:
+        try:
+            fd = fanotify_open()[0]
+        except OSError as e:
+            why = "fanotify_init refused: " + _refusal(e)
+    out = []
+    try:
+        for r in roots:
+            out.append((r,) + _probe_root(fd, r, why))
+    finally:
+        if probe_fd is None and fd is not None:
+            os.close(fd)
+    return out
+
+
+def _probe_root(fd, root, why):
+    if why is None:
+        path = root
+        while not os.path.isdir(path) and path != "/":
+            path = os.path.dirname(path)       # a file root, or one not there yet
+        try:
+            if _fs_type(path) == OVERLAYFS_MAGIC:
+                why = "overlayfs: a filesystem mark there misses writes to the layers below"
+            else:
+                fanotify_mark_fs(fd, path)
+                dir_handle(path)
+                return ("fanotify", "filesystem mark, writer named")
+        except OSError as e:
+            why = "cannot mark %s: %s" % (esc(path), _refusal(e))
+    return ("inotify", why)
+
+
+def _fs_type(path):
+    """statfs f_type (Python's statvfs has no f_type): ctypes statfs."""
+    ctypes, libc = _libc()
+    buf = ctypes.create_string_buffer(256)
+    if libc.statfs(os.fsencode(path), buf) != 0:
+        raise _oserror(ctypes, "statfs")
+    return struct.unpack_from("=q", buf.raw, 0)[0]
+
+
+def _proc_read(pid, name, limit=4096):
+    with open("%s/%d/%s" % (PROC, pid, name), "rb") as f:
+        return f.read(limit)
+
+
+def _proc_status(pid):
+    """(ppid, real uid, comm) from /proc/PID/status."""
+    ppid, uid, comm = 0, None, ""
+    for line in _proc_read(pid, "status", 2048).split(b"\n"):
+        k, _, v = line.partition(b":")
+        if k == b"PPid":
+            ppid = int(v)
+        elif k == b"Uid":
+            uid = int(v.split()[0])
+        elif k == b"Name":
+            comm = v.strip().decode("utf-8", "replace")
+    return ppid, uid, comm
+
+
+def _unit_of(pid):
+    """The systemd unit or session scope of pid, from its cgroup path."""
+    try:
+        cg = _proc_read(pid, "cgroup").decode("utf-8", "replace")
+    except OSError:
+        return None
+    for part in reversed(cg.strip().split("\n")[-1].split("/")):
+        if part.endswith((".service", ".scope")):
+            return esc(part)
+    return None
+
+
+def process_info(pid):
+    """What /proc says about pid now: the `process` field of an event, or
+    None when the process is gone. The chain walks parents up to (not
+    including) pid 1: e.g. ["sshd", "bash", "sudo", "vim"]."""
+    try:
+        ppid, uid, comm = _proc_status(pid)
+        raw = _proc_read(pid, "cmdline", 2048)
+    except (OSError, ValueError):
+        return None
+    info = {"pid": pid, "ppid": ppid, "comm": esc(comm),
+            "cmdline": esc(raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace"))[:500]}
+    try:
+        info["exe"] = esc(os.readlink("%s/%d/exe" % (PROC, pid)))
+    except OSError:
+        info["exe"] = None                     # a kernel thread, or not ours to read
+    if uid is not None:
+        info["uid"], info["user"] = uid, user_name(uid)
+    try:
+        login = int(_proc_read(pid, "loginuid", 32))
+        if login != 0xFFFFFFFF:
+            info["login_uid"], info["login_user"] = login, user_name(login)
+        sess = int(_proc_read(pid, "sessionid", 32))
+        if sess != 0xFFFFFFFF:
+            info["session"] = sess
+    except (OSError, ValueError):
+        pass
+    unit = _unit_of(pid)
+    if unit:
+        info["unit"] = unit
+    info["chain"] = _chain(ppid) + [esc(comm)]
+    return info
+
+
+def _chain(pid, depth=12):
+    out = []
+    while pid > 1 and len(out) < depth:
+        try:
+            ppid, _, comm = _proc_status(pid)
+        except (OSError, ValueError):
+            break
+        out.append(esc(comm))
+        pid = ppid
+    return out[::-1]
+
+
+class ProcessCache:
+    """pid -> process info, read once per pid per read() of the queue; a pid
+    that has exited since is named from what an earlier record of it read
+    (confidence "cached"), else by number only ("none")."""
+    KEEP = 512
+
+    def __init__(self):
+        self.seen = collections.OrderedDict()     # pid -> info, last read
+        self.batch = {}
+
+    def new_batch(self):
+        self.batch = {}
+
+    def get(self, pid):
+        info = self.batch.get(pid)
+        if info is not None:
+            return info
+        live = process_info(pid)
+        if live is not None:
+            info = dict(live, confidence="live")
+            self.seen[pid] = live
+            self.seen.move_to_end(pid)
+            if len(self.seen) > self.KEEP:
+                self.seen.popitem(last=False)
+        elif pid in self.seen:
+            info = dict(self.seen[pid], confidence="cached")
+        else:
+            info = {"pid": pid, "confidence": "none"}
+        self.batch[pid] = info
+        return info
+
+
+class FanotifyBackend:
+    """fanotify(7) with FAN_MARK_FILESYSTEM: the same Engine calls as
+    InotifyBackend, from one mark per filesystem and a handle -> directory
+    map; writer(path) names the process behind the last record of path."""
+    name = "fanotify"
+    WRITERS_KEEP = 4096
+
+    def __init__(self, fd=None):
+        self.fd, self.flags = (fd, 0) if fd is not None else fanotify_open()
+        self.marked = set()          # fsids with our filesystem mark
+        self.mounts = {}             # mount id -> fsid (marked)
+        self.dirs = {}               # fsid + handle -> directory path
+        self.keys = {}               # directory path -> fsid + handle
+        self.froms = {}              # object handle -> (path, isdir) of a MOVED_FROM
+        self.from_reads = 0
+        self.procs = ProcessCache()
+        self.writers = collections.OrderedDict()     # path -> process info
+        self.me = os.getpid()
+        self.noise, self.relevant = False, 0
+        # 0 during the start-up walks (they drain the queue every 64
+        # directories and must not sleep); NOISE_DELAY once watching.
+        self.delay = 0.0
+
+    def fileno(self):
+        return self.fd
+
+    def close(self):
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
+
+    def count(self):
+        return len(self.dirs)
+
+    def watch(self, d):
+        """Record d's handle (marking its filesystem the first time); OSError
+        when the filesystem refuses the mark or has no handles."""
+        mount_id, handle = dir_handle(d)
+        fsid = self.mounts.get(mount_id)
+        if fsid is None:
+            fsid = fsid_of(d)
+            if fsid not in self.marked:
+                try:
+                    fanotify_mark_fs(self.fd, d)
+                except OSError as e:     # a submount that refuses: say so, not skip
+                    raise OSError(errno.EACCES, "fanotify cannot mark its filesystem: "
+                                  + _refusal(e))
+                self.marked.add(fsid)
+            self.mounts[mount_id] = fsid
+        key = fsid + handle
+        old = self.keys.get(d)
+        if old is not None and old != key:
+            self.dirs.pop(old, None)
+        self.dirs[key] = d
+        self.keys[d] = key
+
+    def unwatch(self, d):
+        key = self.keys.pop(d, None)
+        if key is not None and self.dirs.get(key) == d:
+            del self.dirs[key]
+
+    def unwatch_tree(self, top):
+        pre = top + "/"
+        for d in [d for d in self.keys if d == top or d.startswith(pre)]:
+            self.unwatch(d)
+
+    def rename(self, src, dst):
+        pre, n = src + "/", len(src)
+        moved = [d for d in self.keys if d == src or d.startswith(pre)]
+        keys = [(d, self.keys.pop(d)) for d in moved]
+        for d, key in keys:
+            self.keys[dst + d[n:]] = key
+            self.dirs[key] = dst + d[n:]
+        for p in [p for p in self.writers if p.startswith(pre)]:
+            self.writers[dst + p[n:]] = self.writers.pop(p)
+
+    def watching(self, d):
+        return d in self.keys
+
+    def prune_gone(self):
+        for d in [d for d in self.keys if not os.path.isdir(d)]:
+            self.unwatch(d)
+
+    def writer(self, path):
+        """The process behind the last record of path (then forgotten)."""
+        return self.writers.pop(path, None)
+
+    def _note_writer(self, path, pid):
+        w = self.writers
+        w[path] = self.procs.get(pid)
+        w.move_to_end(path)
+        if len(w) > self.WRITERS_KEEP:     # records that never became an event
+            w.popitem(last=False)
+
+    def read(self, eng):
+        """Drain the fanotify queue into eng; returns the number of records."""
+        if self.noise and self.delay:
+            # The last wake-up was only other files on the same filesystem:
+            # let them gather, so a busy neighbour costs a few reads per
+            # second instead of one per write (latency: the delay, once).
+            time.sleep(self.delay)
+        n, self.relevant = 0, 0
+        self.procs.new_batch()
+        while True:
+            try:
+                data = os.read(self.fd, 1 << 18)
+            except BlockingIOError:
+                break
+            except InterruptedError:
+                continue
+            if not data:
+                break
+            n += self._parse(eng, data)
+            if n > 200000:            # let the rest of the loop breathe
+                break
+        self.noise = n > 0 and not self.relevant
+        # A MOVED_FROM whose MOVED_TO may be in the next read: wait one turn.
+        if self.froms and n:
+            self.from_reads += 1
+            if self.from_reads > 1:
+                self._finish_moves(eng)
+        else:
+            self._finish_moves(eng)
+        return n
+
+    def _finish_moves(self, eng):
+        froms, self.froms = self.froms, {}
+        for path, isdir in froms.values():
+            eng.moved_out(path, isdir)
+
+    def _parse(self, eng, data):
+        n, off, end = 0, 0, len(data)
+        meta, dirs, me = _FAN_META, self.dirs, self.me
+        while off + meta.size <= end:
+            ln, _, _, mlen, mask, fd, pid = meta.unpack_from(data, off)
+            if ln < meta.size:
+                break
+            n += 1
+            if fd >= 0:                  # only without FID modes; never ours to keep
+                os.close(fd)
+            if mask & FAN_Q_OVERFLOW:
+                self._finish_moves(eng)
+                eng.overflow()
+            elif pid != me and off + mlen + 16 <= end:
+                # The first info record names the directory (or, for a self
+                # event, the object): most records on a filesystem mark are
+                # outside the trees and end at this lookup.
+                o = off + mlen
+                if data[o + 4:o + 20 + _U32.unpack_from(data, o + 12)[0]] in dirs:
+                    self.relevant += 1
+                    self._dispatch(eng, data, o, off + ln, mask, pid)
+            off += ln
+        return n
+
+    def _dispatch(self, eng, data, off, end, mask, pid):
+        dkey, name, okey = self._records(data, off, end)
+        d = self.dirs.get(dkey)
+        if d is not None:
+            try:
+                self._one(eng, d, name, okey, mask, pid)
+            except Exception as e:       # one bad record must not end the watching
+                eng.internal_error("fanotify record in %r" % d, e)
+
+    @staticmethod
+    def _records(data, off, end):
+        """(dir key, name, object key) from the info records of one event."""
+        dkey = name = okey = None
+        info = _FAN_INFO
+        while off + info.size <= end:
+            typ, _, ln, fsid, hb, _ = info.unpack_from(data, off)
+            if ln < info.size:
+                break
+            key = data[off + 4:off + info.size + hb]
+            if typ == FAN_INFO_DFID_NAME:
+                dkey = key
+                name = data[off + info.size + hb:off + ln].split(b"\0", 1)[0]
+            elif typ == FAN_INFO_FID:
+                okey = key
+            off += ln
+        if dkey is None:                 # a self event: the object is the directory
+            dkey, name = okey, b"."
+        return dkey, name, okey
+
+    def _one(self, eng, d, name, okey, mask, pid):
+        isdir = bool(mask & FAN_ONDIR)
+        if name == b".":                 # the directory itself
+            if mask & (IN_DELETE_SELF | IN_MOVE_SELF):
+                self._self_gone(eng, d, mask)
+            elif eng.wanted(d, True):
+                self._note_writer(d, pid)
+                eng.changed(d, True)
+            return
+        p = d + "/" + os.fsdecode(name)
+        if not eng.wanted(p, isdir):
+            return
+        self._note_writer(p, pid)
+        if mask & IN_MOVED_FROM and not mask & IN_MOVED_TO:
+            eng.changed(p, isdir)
+            if okey is None:             # before 5.17: no pairing, it left
+                eng.moved_out(p, isdir)
+            else:
+                self.froms[okey] = (p, isdir)
+                self.from_reads = 0
+            return
+        if mask & IN_MOVED_TO:
+            src = self.froms.pop(okey, None) if okey is not None else None
+            if src is not None:
+                eng.moved(src[0], p, isdir and src[1])
+                return
+        eng.changed(p, isdir)
+        if isdir and mask & (IN_CREATE | IN_MOVED_TO) and not mask & IN_DELETE:
+            eng.dir_created(p)
+
+    def _self_gone(self, eng, d, mask):
+        eng.dir_gone(d)
+        if mask & IN_DELETE_SELF:        # inotify's IN_IGNORED: the watch is gone
+            self.unwatch(d)
+            eng.watch_lost(d)
+
+
+class MixedBackend:
+    """Roots on fanotify and roots on inotify in one Engine: each directory
+    goes to the backend of its root; one epoll fd wakes the loop for both."""
+    name = "mixed"
+
+    def __init__(self, parts, choice):
+        self.parts = parts                       # {"fanotify": b, "inotify": b}
+        self.route = sorted(choice.items(), key=lambda kv: -len(kv[0]))
+        self.ep = select.epoll()
+        for b in parts.values():
+            self.ep.register(b.fileno(), select.EPOLLIN)
+
+    def _for(self, d):
+        for r, name in self.route:
+            if d == r or d.startswith(r + "/") or r.startswith(d + "/"):
+                return self.parts[name]
+        return self.parts["inotify"]
+
+    def fileno(self):
+        return self.ep.fileno()
+
+    def close(self):
+        for b in self.parts.values():
+            b.close()
+        self.ep.close()
+
+    def count(self):
+        return sum(b.count() for b in self.parts.values())
+
+    def watch(self, d):
+        self._for(d).watch(d)
+
+    def unwatch(self, d):
+        self._for(d).unwatch(d)
+
+    def unwatch_tree(self, top):
+        for b in self.parts.values():
+            b.unwatch_tree(top)
+
+    def rename(self, src, dst):
+        for b in self.parts.values():
+            b.rename(src, dst)
+
+    def watching(self, d):
+        return any(b.watching(d) for b in self.parts.values())
+
+    def prune_gone(self):
+        for b in self.parts.values():
+            b.prune_gone()
+
+    def writer(self, path):
+        return self.parts["fanotify"].writer(path)
+
+    def read(self, eng):
+        return sum(b.read(eng) for b in self.parts.values())
+
+
+def make_backend(want, roots, ino_mod):
+    """The Engine's backend for `roots` and [(root, backend, reason)]. The
+    probe's group becomes the backend's, so its marks are the ones used.
+    backend = fanotify refused on any root is an error (exit 2)."""
+    fd = None
+    if want != "inotify":
+        try:
+            fd = fanotify_open()[0]
+        except OSError:
+            pass
+    choices = choose_backends(roots, want, probe_fd=fd) if fd is not None else \
+        choose_backends(roots, want)
+    refused = [c for c in choices if c[1] == "inotify" and c[2] != "configured"]
+    if want == "fanotify" and refused:
+        if fd is not None:
+            os.close(fd)
+        raise FimwatchError("[watch] backend = fanotify: %s: %s (use backend = auto to "
+                            "fall back to inotify)" % (esc(refused[0][0]), refused[0][2]))
+    names = {c[1] for c in choices} or {"inotify"}
+    parts = {}
+    if "fanotify" in names:
+        parts["fanotify"] = FanotifyBackend(fd)
+    elif fd is not None:
+        os.close(fd)
+    if "inotify" in names:
+        parts["inotify"] = InotifyBackend(ino_mod)
+    if len(parts) == 1:
+        return next(iter(parts.values())), choices
+    return MixedBackend(parts, {c[0]: c[1] for c in choices}), choices
 
 
 # ---------------------------------------------------------------------------
@@ -3066,6 +3653,7 @@ class Engine:
             users = self._users
             if users:
                 ev["users"] = users
+            ev.update(self._writer(p))
         if (self.pkgdb is not None and kind == "file" and event in ("modified", "created")
                 and new is not None and p.startswith(PACKAGE_PREFIXES)):
             pkg = self.pkgdb.check(p, new.sha256 or "")
@@ -3076,6 +3664,11 @@ class Engine:
                     # should be: an upgrade, not an intrusion. Still recorded.
                     ev["severity"] = "info"
         self.emit_cb(ev)
+
+    def _writer(self, p):
+        """{"process": ...} when the backend knows who changed p (fanotify)."""
+        proc = self.backend.writer(p) if self.backend is not None else None
+        return {"process": proc} if proc else {}
 
     # -- raw events --
     def touch(self, p, attrib=False):
@@ -3263,8 +3856,9 @@ class Engine:
             return
         self.rescan_state = "running"
         self.emit_cb(new_event(self.cfg.hostname, "error", "notice", "realtime", "",
-                               message="inotify queue overflowed; rescanning the watched "
-                                       "trees so no change is lost"))
+                               message="%s queue overflowed; rescanning the watched "
+                                       "trees so no change is lost"
+                                       % getattr(self.backend, "name", "inotify")))
         self.scans.append(self._rescan())
 
     # -- background walks: rescans, start-up comparison, scheduled scans --
@@ -3576,7 +4170,7 @@ class Engine:
 #
 # events_file and syslog are local and cheap: syslog gets each event as it is
 # emitted, the events file once per loop turn, after the database commit.
-# Email and webhooks are Channels: every event they want is first put
+# email and webhooks are Channels: every event they want is first put
 # in the durable spool (SQLite), then a worker thread per channel delivers it,
 # batching bursts into digests, retrying with backoff. A dead or slow channel
 # therefore never stalls detection and survives kill -9.
@@ -3662,7 +4256,7 @@ def last_sequence_in(path, window=1 << 16):
     return int(found[-1]) if found else 0
 
 
-# ECS (Elastic Common Schema) form of an event: [log] format = ecs and the
+# the ECS (Elastic Common Schema) form of an event: [log] format = ecs and the
 # `ecs` webhook format. Field names and types follow ECS's generated field
 # table (tests/ecs_fields.json says which version); event.action uses the
 # words of Auditbeat's file_integrity module; fimwatch's own fields that ECS
@@ -4978,8 +5572,11 @@ class Daemon:
 
     def start_engine(self, ino_mod, mode, detected, prev=None):
         cfg = self.cfg
-        eng = self.eng = Engine(cfg, self.store, self.dispatch.emit, InotifyBackend(ino_mod),
-                                progress=_tty())
+        eng = self.eng = Engine(cfg, self.store, self.dispatch.emit, None, progress=_tty())
+        eng.backend, choices = make_backend(cfg.get("watch", "backend"), eng.roots, ino_mod)
+        self.store.set_meta("backends", json.dumps(choices))
+        for root, name, why in choices:
+            self.log("%s: %s (%s)" % (esc(root), name, why))
         carry = None
         if prev is not None:                  # a reload does not postpone polls and scans
             carry = {"poll": prev.timers["poll"] if cfg.poll_interval ==
@@ -4988,6 +5585,9 @@ class Daemon:
                      prev.cfg.scan_interval else None}
         eng.start(mode, detected, keepalive=self.keepalive, stopping=lambda: self.stop,
                   carry=carry)
+        for part in getattr(eng.backend, "parts", {0: eng.backend}).values():
+            if isinstance(part, FanotifyBackend):
+                part.delay = NOISE_DELAY       # start-up is over: coalesce noise
         return eng
 
     def keepalive(self):
@@ -5395,6 +5995,7 @@ def status_info(cfg):
             st.update(_state_status(cfg, store, pid))
         finally:
             store.close()
+    st["backends"] = _backends_status(cfg, bool(pid))
     st["inotify_watches_by_process"] = [{"pid": p, "command": c, "watches": n}
                                         for n, p, c in inotify_usage()]
     return st
@@ -5434,6 +6035,7 @@ def cmd_status(cfg, args):
         _print_state_status(cfg, st)
     else:
         print("  no baseline yet in %s" % cfg.state_dir)
+    _print_backends(st["backends"], "  backend:    ")
     if st["inotify_watches_by_process"]:
         print("  inotify watches by process (limit %s per user):" % st["watch_limit"])
         for w in st["inotify_watches_by_process"]:
@@ -5441,6 +6043,30 @@ def cmd_status(cfg, args):
     if not st["running"]:
         print("  start it:   systemctl start fimwatch   (or: fimwatch run)")
     return EXIT_OK if st["running"] else EXIT_CHANGES
+
+
+def _backends_status(cfg, running):
+    """[{path, backend, reason}]: what the running daemon chose for each
+    root (recorded at its start), else what it would choose now."""
+    rows = None
+    if running and os.path.exists(os.path.join(cfg.state_dir, DB_NAME)):
+        store = Store(cfg.state_dir, create=False)
+        raw = store.meta("backends")
+        store.close()
+        rows = json.loads(raw) if raw else None
+    if rows is None:
+        rows = choose_backends(_watch_roots(cfg), cfg.get("watch", "backend"))
+    return [{"path": esc(r), "backend": b, "reason": why} for r, b, why in rows]
+
+
+def _print_backends(rows, prefix):
+    for b in rows:
+        print("%s%s: %s (%s)" % (prefix, b["path"], b["backend"], b["reason"]))
+
+
+def _watch_roots(cfg):
+    roots = sorted(set(r for _, r in cfg.resolved_roots()))
+    return [r for r in roots if not any(r.startswith(o + "/") for o in roots if o != r)]
 
 
 def count_dirs(tops, exclude, limit=2000000):
@@ -5598,6 +6224,7 @@ def _print_watch_notes(cfg):
     if limit is not None and need > limit * 0.9:
         print("# WARNING: raise it: sysctl -w fs.inotify.max_user_watches=%d (install.sh does)"
               % recommended_watches(need))
+    _print_backends(_backends_status(cfg, False), "# backend: ")
     for p, r in cfg.resolved_roots():
         if p != r:
             print("# note: %s is a symlink: %s is watched (and reported under that name)"

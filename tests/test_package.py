@@ -122,6 +122,7 @@ def _engine(db):
     eng.pkgdb = db
     eng.stats = {"changes": 0, "events": 0}
     eng._users, eng._users_at = [], -10.0
+    eng.backend = None                   # no watcher: no `process` to add
     got = []
     eng._emit = got.append
     return eng, got

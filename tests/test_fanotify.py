@@ -1,0 +1,361 @@
+"""The fanotify backend: who wrote (`process`), paths from handles, the
+fallback to inotify and why, overflow -> rescan, and a core set of the
+engine tests on both backends.
+
+fanotify's FAN_MARK_FILESYSTEM sees the whole filesystem of the temp tree
+(other test suites on this machine too): the backend must keep to the roots.
+"""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+import test_events as te
+from conftest import IS_ROOT, REPO, control_file, describe, is_event, write
+
+pytestmark = pytest.mark.skipif(not IS_ROOT, reason="fanotify needs CAP_SYS_ADMIN")
+
+USERNS = ["unshare", "--user", "--map-root-user", "--"]
+
+
+def fan(fim, **watch):
+    fim.write_config(watch=dict({"backend": "fanotify"}, **watch))
+
+
+# --- attribution ---------------------------------------------------------------
+
+def test_write_by_a_child_names_its_process(fim):
+    fan(fim)
+    d = fim.daemon()
+    p = fim.root / "by-child.txt"
+    code = "import sys, time; open(sys.argv[1], 'w').write('hi\\n'); time.sleep(2)"
+    child = subprocess.Popen([sys.executable, "-c", code, str(p), "marker-arg"])
+    try:
+        e = d.wait_for(is_event("created", p))
+    finally:
+        child.kill()
+        child.wait()
+    proc = e.get("process")
+    assert proc, e
+    assert proc["pid"] == child.pid, proc
+    assert proc["exe"] == os.path.realpath(sys.executable), proc
+    assert "marker-arg" in proc["cmdline"] and proc["cmdline"].startswith(sys.executable), proc
+    assert proc["uid"] == os.getuid() and proc["user"] == "root", proc
+    assert proc["ppid"] == os.getpid(), proc
+    assert proc["confidence"] == "live", proc
+    assert proc["chain"][-1] == os.path.basename(sys.executable)[:15], proc
+    d.stop()
+
+
+def test_short_lived_dropper_is_still_named(fim):
+    """write + delete within 50 ms, then exit: the deleted event carries the
+    dropper's pid (and its exe, when /proc could still be read)."""
+    p = write(fim.root / "payload.sh", "#!/bin/sh\ntrue\n")
+    fan(fim)
+    d = fim.daemon()
+    code = ("import os, sys; f = sys.argv[1]; open(f, 'w').write('evil\\n'); "
+            "os.unlink(f)")
+    t0 = time.monotonic()
+    child = subprocess.run([sys.executable, "-c", code, str(p)], check=True)
+    assert time.monotonic() - t0 < 1.0
+    del child
+    e = d.wait_for(is_event("deleted", p))
+    proc = e.get("process")
+    assert proc and isinstance(proc["pid"], int) and proc["pid"] != d.pid, e
+    assert proc["confidence"] in ("live", "cached", "none"), proc
+    if proc["confidence"] != "none":
+        assert proc["exe"] == os.path.realpath(sys.executable), proc
+    d.stop()
+
+
+def test_inotify_events_carry_no_process(fim):
+    fim.write_config(watch={"backend": "inotify"})
+    d = fim.daemon()
+    p = write(fim.root / "x.txt", "x\n")
+    e = d.wait_for(is_event("created", p))
+    assert "process" not in e, e
+    d.stop()
+
+
+# --- handles: only the roots, renames, directories ------------------------------
+
+def test_writes_outside_the_roots_are_not_events(fim):
+    fan(fim)
+    d = fim.daemon()
+    m = d.mark()
+    write(fim.outside / "elsewhere.txt", "x\n")
+    os.mkdir(fim.outside / "sub")
+    write(fim.outside / "sub" / "f", "y\n")
+    write(fim.state_dir / "junk", "z\n")
+    # Same name outside, by another process, within the settle window: the
+    # root's file must not be pinned on it (nor touched at all).
+    p = write(fim.root / "same.txt", "mine\n")
+    subprocess.run([sys.executable, "-c", "open(%r, 'w').write('other')"
+                    % str(fim.outside / "same.txt")], check=True)
+    e = d.wait_for(is_event("created", p), since=m)
+    assert e["process"]["pid"] == os.getpid(), e
+    d.assert_quiet(lambda e: e.get("event") in te.FILE_EVENTS
+                   and not e.get("path", "").startswith(str(fim.root)),
+                   since=m, control=control_file())
+    d.stop()
+
+
+def test_changes_inside_are_seen_while_a_neighbour_writes_outside(fim):
+    """Writes elsewhere on the filesystem make the backend coalesce its reads
+    (NOISE_DELAY): a change in the tree meanwhile is still reported, fast."""
+    fan(fim)
+    d = fim.daemon()
+    code = ("import sys, time\nend = time.time() + 4\nn = 0\n"
+            "while time.time() < end:\n"
+            "    open(sys.argv[1] + '/n%d' % (n % 50), 'w').write('x'); n += 1\n"
+            "    time.sleep(0.001)\n")
+    noise = subprocess.Popen([sys.executable, "-c", code, str(fim.outside)])
+    try:
+        time.sleep(0.5)
+        for i in range(5):
+            p = write(fim.root / ("during-%d" % i), "x\n")
+            t0 = time.monotonic()
+            d.wait_for(is_event("created", p))
+            assert time.monotonic() - t0 < 1.0
+            time.sleep(0.1)
+    finally:
+        noise.kill()
+        noise.wait()
+    d.stop()
+
+
+def test_directory_rename_is_one_moved_event_and_the_new_name_is_watched(fim):
+    os.mkdir(fim.root / "a")
+    write(fim.root / "a" / "f.txt", "one\n")
+    fan(fim)
+    d = fim.daemon()
+    os.rename(fim.root / "a", fim.root / "b")
+    e = d.wait_for(is_event("moved", fim.root / "b"))
+    assert e["from"] == str(fim.root / "a"), e
+    write(fim.root / "b" / "f.txt", "two\n")
+    d.wait_for(is_event("modified", fim.root / "b" / "f.txt"))
+    os.mkdir(fim.root / "b" / "new")
+    write(fim.root / "b" / "new" / "g", "g\n")
+    d.wait_for(is_event("created", fim.root / "b" / "new" / "g"))
+    d.stop()
+
+
+def test_deleted_root_is_watched_for_again(fim):
+    fan(fim)
+    d = fim.daemon()
+    write(fim.root / "f", "x\n")
+    d.wait_for(is_event("created", fim.root / "f"))
+    os.unlink(fim.root / "f")
+    os.rmdir(fim.root)
+    d.wait_for(is_event("deleted", fim.root))
+    os.mkdir(fim.root)
+    write(fim.root / "back", "x\n")
+    d.wait_for(is_event("created", fim.root / "back"), timeout=15)
+    d.stop()
+
+
+# --- overflow -------------------------------------------------------------------
+
+@pytest.mark.timeout(120)
+def test_queue_overflow_triggers_a_rescan_that_finds_the_lost_change(fim):
+    victim = write(fim.root / "victim.txt", "before\n")
+    fan(fim)
+    d = fim.daemon()
+    with open("/proc/sys/fs/fanotify/max_queued_events") as f:
+        limit = int(f.read())
+    if limit > 200000:
+        pytest.skip("fs.fanotify.max_queued_events=%d: too many to overflow" % limit)
+    m = d.mark()
+    with d.paused():
+        # Distinct names: fanotify merges repeated records of one object.
+        for i in range(limit // 2 + 200):
+            q = fim.outside / ("f%d" % i)
+            q.touch()
+            q.unlink()
+        write(victim, "after, while the queue was full\n")
+    d.wait_for(lambda e: e.get("event") == "rescan", since=m, timeout=60)
+    d.wait_for(is_event("modified", victim), since=m)
+    d.stop()
+
+
+# --- choosing the backend, and saying why ---------------------------------------
+
+def test_auto_falls_back_to_inotify_without_cap_sys_admin(fim):
+    """In a user namespace the daemon has no CAP_SYS_ADMIN in the initial
+    namespace: auto must use inotify and status/check-config say why."""
+    fim.write_config(watch={"backend": "auto"})
+    r = subprocess.run(USERNS + [sys.executable, "fimwatch.py", "--config", str(fim.conf),
+                                 "check-config"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       cwd=str(REPO), timeout=60)
+    assert r.returncode == 0, describe(r)
+    assert "# backend: %s: inotify (" % fim.root in r.stdout, r.stdout
+    assert "CAP_SYS_ADMIN" in r.stdout, r.stdout
+    d = fim.daemon(watch_limit=100000)
+    p = write(fim.root / "seen.txt", "x\n")
+    e = d.wait_for(is_event("created", p))
+    assert "process" not in e, e
+    st = fim.cli("status", check=0)
+    assert "backend:    %s: inotify (" % fim.root in st.stdout, st.stdout
+    assert "CAP_SYS_ADMIN" in st.stdout, st.stdout
+    js = fim.cli("status", "--json", check=0)
+    assert '"backend": "inotify"' in js.stdout, js.stdout
+    d.stop()
+
+
+def test_auto_uses_fanotify_as_root_and_status_says_so(fim):
+    fim.write_config(watch={"backend": "auto"})
+    cc = fim.cli("check-config", check=0)
+    assert "# backend: %s: fanotify (" % fim.root in cc.stdout, cc.stdout
+    d = fim.daemon()
+    st = fim.cli("status", check=0)
+    assert "backend:    %s: fanotify (" % fim.root in st.stdout, st.stdout
+    p = write(fim.root / "f.txt", "x\n")
+    assert "process" in d.wait_for(is_event("created", p))
+    d.stop()
+
+
+def test_backend_fanotify_refused_is_a_config_error(fim):
+    fan(fim)
+    argv = USERNS + [sys.executable, "fimwatch.py", "--config", str(fim.conf), "run"]
+    r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       cwd=str(REPO), timeout=30)
+    assert r.returncode == 2, describe(r)
+    assert "backend = fanotify" in r.stderr and "CAP_SYS_ADMIN" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_unknown_backend_is_a_config_error(fim):
+    fim.write_config(watch={"backend": "dnotify"})
+    r = fim.cli("check-config", check=2)
+    assert "backend" in r.stderr, r.stderr
+
+
+# --- a core set of the engine tests on both backends ---------------------------
+
+CORE = [te.test_created_event_has_the_spec_fields, te.test_modified_event_has_previous_state,
+        te.test_deleted_event_has_no_current_state, te.test_chmod_is_an_attributes_event,
+        te.test_chown_is_an_attributes_event, te.test_rename_is_a_moved_event,
+        te.test_file_replaced_by_directory_reports_a_type_change,
+        te.test_touch_alone_is_not_an_event, te.test_burst_of_writes_is_one_event,
+        te.test_vim_save_sequence_is_exactly_one_modified,
+        te.test_swap_and_lock_files_are_never_reported,
+        te.test_move_then_edit_in_one_settle_window_reports_the_edit,
+        te.test_rename_over_an_existing_file_reports_both_sides]
+
+
+@pytest.mark.parametrize("backend", ["inotify", "fanotify"])
+@pytest.mark.parametrize("test", CORE, ids=[t.__name__[5:] for t in CORE])
+def test_core_engine_test_on_backend(fim, monkeypatch, backend, test):
+    monkeypatch.setenv("FIMWATCH_TEST_BACKEND", backend)   # read by every write_config
+    fim.write_config()
+    test(fim)
+
+
+# --- the backend alone: renames with and without FAN_REPORT_TARGET_FID ---------
+
+class RecordingEngine:
+    """The Engine calls a backend makes, recorded."""
+
+    def __init__(self):
+        self.calls = []
+
+    def wanted(self, p, isdir):
+        return True
+
+    def internal_error(self, what, e):
+        raise e
+
+    def __getattr__(self, name):
+        if name not in ("changed", "dir_created", "moved", "moved_out", "dir_gone",
+                        "watch_lost", "overflow"):
+            raise AttributeError(name)
+        return lambda *a: self.calls.append((name,) + a)
+
+
+def renames_seen(tmp_path, target_fid):
+    import fimwatch
+    root = tmp_path / "r"
+    (root / "d1").mkdir(parents=True)
+    write(root / "f1", "x\n")
+    fd, flags = fimwatch.fanotify_open(target_fid=target_fid)
+    b = fimwatch.FanotifyBackend(fd)
+    try:
+        for d in (root, root / "d1"):
+            b.watch(str(d))
+        # Another process: the backend drops its own pid's records.
+        subprocess.run(["sh", "-c", "mv f1 f2 && mv d1 d2"], cwd=str(root), check=True)
+        eng = RecordingEngine()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and len(eng.calls) < 4:
+            b.read(eng)
+            time.sleep(0.02)
+        b.read(eng)
+        b.read(eng)                      # unpaired MOVED_FROMs wait one read
+        return flags, eng.calls, b, str(root)
+    finally:
+        b.close()
+
+
+def test_renames_are_paired_by_the_object_handle(tmp_path):
+    import fimwatch
+    flags, calls, b, root = renames_seen(tmp_path, True)
+    if not flags & fimwatch.FAN_REPORT_TARGET_FID:
+        pytest.skip("kernel %s has no FAN_REPORT_TARGET_FID (5.17)" % os.uname().release)
+    assert ("moved", root + "/f1", root + "/f2", False) in calls, calls
+    assert ("moved", root + "/d1", root + "/d2", True) in calls, calls
+    assert not [c for c in calls if c[0] in ("moved_out", "dir_created")], calls
+
+
+def test_renames_without_target_fid_are_delete_and_create(tmp_path):
+    """Linux 5.10 (Debian 11): no object handle on MOVED_FROM/TO, so no
+    pairing: the old name left, the new one appeared (a dir is walked anew)."""
+    _, calls, b, root = renames_seen(tmp_path, False)
+    assert not [c for c in calls if c[0] == "moved"], calls
+    assert ("moved_out", root + "/f1", False) in calls, calls
+    assert ("changed", root + "/f2", False) in calls, calls
+    assert ("moved_out", root + "/d1", True) in calls, calls
+    assert ("dir_created", root + "/d2") in calls, calls
+
+
+@pytest.fixture
+def overlay(tmp_path):
+    """An overlayfs mount (lower, upper, work under tmp_path); skip if refused."""
+    base = tmp_path / "ovl"
+    dirs = {n: base / n for n in ("lower", "upper", "work", "merged")}
+    for p in dirs.values():
+        p.mkdir(parents=True)
+    r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        "lowerdir=%(lower)s,upperdir=%(upper)s,workdir=%(work)s" % dirs,
+                        str(dirs["merged"])], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if r.returncode != 0:
+        pytest.skip("cannot mount overlayfs here: %s" % r.stderr.strip())
+    try:
+        yield dirs["merged"]
+    finally:
+        subprocess.run(["umount", "-l", str(dirs["merged"])])
+
+
+def test_auto_mixes_backends_per_root_overlayfs_on_inotify(fim, overlay):
+    """One root on ext4 (fanotify), one on overlayfs (inotify): both seen, in
+    one daemon; status names each root's backend and the overlay's reason."""
+    fim.write_config(watch={"backend": "auto", "paths": "%s %s" % (fim.root, overlay)})
+    cc = fim.cli("check-config", check=0)
+    assert "# backend: %s: fanotify (" % fim.root in cc.stdout, cc.stdout
+    assert "# backend: %s: inotify (overlayfs" % overlay in cc.stdout, cc.stdout
+    d = fim.daemon()
+    st = fim.cli("status", check=0).stdout
+    assert "backend:    %s: inotify (overlayfs" % overlay in st, st
+    a = write(fim.root / "on-ext4", "x\n")
+    b = write(overlay / "on-overlay", "y\n")
+    os.mkdir(overlay / "sub")
+    c = write(overlay / "sub" / "deeper", "z\n")
+    assert "process" in d.wait_for(is_event("created", a)), "fanotify root lost its writer"
+    assert "process" not in d.wait_for(is_event("created", b))
+    d.wait_for(is_event("created", c))
+    os.rename(fim.root / "on-ext4", fim.root / "renamed")
+    d.wait_for(is_event("moved", fim.root / "renamed"))
+    d.stop()
