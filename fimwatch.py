@@ -3805,12 +3805,19 @@ def event_summary(ev):
 
 
 def event_subject(ev):
-    if ev["event"] == "digest":
+    """SPEC's subject; with a summary, the summary says what happened (a
+    change's path stays first, a digest's summary replaces 'N changes')."""
+    if ev["event"] == "digest" and ev.get("summary"):
+        s = "[fimwatch] %s %s on %s (%d files)" % (ev["severity"].upper(), ev["summary"],
+                                                   ev["host"], ev.get("count", 0))
+    elif ev["event"] == "digest":
         s = "[fimwatch] %s %d changes on %s" % (ev["severity"].upper(), ev.get("count", 0),
                                                   ev["host"])
     elif ev.get("path"):
         s = "[fimwatch] %s %s %s on %s" % (ev["severity"].upper(), ev["event"], ev["path"],
                                            ev["host"])
+        if ev.get("summary"):
+            s += ": " + ev["summary"]
     else:
         s = "[fimwatch] %s %s on %s" % (ev["severity"].upper(), ev["event"], ev["host"])
     # The fields are escaped already (esc); only a control character that got
@@ -3840,9 +3847,32 @@ def _local_time(ev):
     return ev.get("time", "")[:19].replace("T", " ")
 
 
+def three_lines(ev, head=None):
+    """What happened, who, what now: the first lines of every email (head:
+    what happened, when there is no summary)."""
+    if ev.get("summary"):
+        what = "%s on %s: %s" % (ev["severity"].upper(), ev["host"], ev["summary"])
+    elif ev["event"] == "digest":
+        what = "%s: %d changes on %s%s." % (ev["severity"].upper(), ev.get("count", 0),
+                                            ev["host"], " (" + ev["reason"] + ")"
+                                            if ev.get("reason") else "")
+    else:
+        what = head or "%s: %s on %s." % (ev["severity"].upper(), ev["event"], ev["host"])
+    p = ev.get("process") or {}
+    who = ["process %s (pid %s, user %s)" % (p.get("exe", "?"), p.get("pid", "?"),
+                                              p.get("user", "?"))] if p else []
+    if ev.get("users"):
+        who.append("logged in: " + ", ".join(ev["users"]))
+    who = "Who:  " + ("; ".join(who) if who else "not known (nobody was logged in)")
+    now = "Next: expected (you, a deploy, an upgrade)? Nothing to do: fimwatch already " \
+          "keeps the new state. If not, see below."
+    return [what, who, now]
+
+
 def _digest_text(ev):
-    out = ["%d changes on %s%s." % (ev.get("count", 0), ev["host"],
-                                    " (" + ev["reason"] + ")" if ev.get("reason") else ""), ""]
+    if ev.get("reason") == CHANGE_TOGETHER:
+        return _together_text(ev)
+    out = three_lines(ev) + [""]
     if ev.get("by_severity"):
         out.append("By severity: " + ", ".join("%s %d" % kv for kv in ev["by_severity"].items()))
     if ev.get("by_directory"):
@@ -3852,8 +3882,26 @@ def _digest_text(ev):
     out += ["", "Changes%s:" % (" (first %d)" % shown if shown < ev.get("count", 0) else "")]
     out += ["  %s  %s" % (_local_time(e), event_summary(e)) for e in ev["events"]]
     out += ["", "All events: fimwatch events --since 24h   (or the events_file log)",
-            "If these changes were expected: fimwatch accept"]
+            "To leave a note that you checked them: fimwatch accept"]
     return out
+
+
+CHANGE_TOGETHER = "changes made together"
+
+
+def _together_text(ev):
+    """One change that touched several files (useradd: passwd, shadow, group,
+    gshadow and their backups): the summary, then the files, then diffs."""
+    out = three_lines(ev) + ["", "When:      %s UTC (detected: %s)" % (
+        _local_time(ev), ev.get("detected"))]
+    out += ["", "Files changed together (%d):" % ev.get("count", 0)]
+    for e in ev["events"]:
+        line = "  %-8s %s%s" % (e["event"], e.get("path"),
+                                "  (backup)" if backup_base(e.get("path") or "") else "")
+        out.append(line + ("  - " + e["summary"] if e.get("summary") else ""))
+    for e in [e for e in ev["events"] if e.get("diff") and not backup_base(e["path"])][:5]:
+        out += ["", "Diff of %s:" % e["path"], e["diff"].rstrip("\n")]
+    return out + _advice(ev["events"][0], "")
 
 
 _WHAT_HAPPENED = {"created": "was created", "modified": "was modified",
@@ -3869,6 +3917,8 @@ def _change_text(ev):
         out = ["%s: %s %s on %s." % (sev, ev["path"], what, ev["host"])]
     else:
         out = ["%s: %s on %s." % (sev, ev["event"], ev["host"])]
+    if ev.get("path"):
+        out = three_lines(ev, out[0]) + ([""] + out if ev.get("summary") else [])
     if ev.get("message"):
         out.append(ev["message"])
     out += ["", "When:      %s UTC (detected: %s)" % (_local_time(ev), ev.get("detected"))]
@@ -3911,19 +3961,50 @@ def _context_lines(ev):
     return out
 
 
-def _advice(ev):
+def _advice(ev, path=None):
+    """What to do next, as README says it: no acknowledgement needed."""
     if not ev.get("path") or ev["event"] not in ("created", "modified", "attributes",
                                                   "deleted", "moved"):
         return []
     who = "who was logged in (above), " if ev.get("users") else ""
     if ev.get("process"):
         who = "the process (above), " + who
+    path = ev["path"] if path is None else path
     return ["", "What to do:",
-            "  - If you (or a deploy, or a package upgrade) made this change, take it",
-            "    into the baseline:  fimwatch accept %s" % ev["path"],
+            "  - If you (or a deploy, or a package upgrade) made this change: nothing.",
+            "    fimwatch has recorded the new state; to leave a note that you checked",
+            "    it:  fimwatch accept%s" % (" " + path if path else ""),
             "  - If nobody expected it: look at %s`last`," % who,
             "    `journalctl --since '%s'`, and the file itself before touching it."
             % _local_time(ev)]
+def change_key(ev):
+    """Which change an event belongs to, for one message per change: the
+    account databases of one directory and their backups together, a unit
+    and its enablement link, the writes of one process, a file and the
+    backups tools write beside it (passwd-, *.dpkg-old)."""
+    p = ev.get("path") or ""
+    if not p:
+        return ("event", ev.get("id"))
+    base = backup_base(p) or p
+    d, name = os.path.split(base)
+    if name in ACCOUNT_DBS:
+        return ("accounts", d)
+    if "/systemd/" in p and name.endswith(_UNIT_SUFFIXES):
+        return ("unit", name)
+    proc = ev.get("process") or {}
+    if proc.get("pid"):
+        return ("process", proc.get("pid"), proc.get("exe"))
+    return ("path", base)
+
+
+def change_groups(pairs):
+    """[(seq, event)] -> [[(seq, event), ...]] by change_key, first seen first."""
+    groups = {}
+    for seq, ev in pairs:
+        groups.setdefault(change_key(ev), []).append((seq, ev))
+    return list(groups.values())
+
+
 def digest_listing(events, limit):
     """The events a digest lists: every critical one first (however many),
     then the rest by severity, highest first, each group in time order."""
@@ -3949,7 +4030,24 @@ def make_digest(events, host, reason="", limit=50, dropped=0):
                           ).hex
     if dropped:
         ev["dropped"] = dropped
+    _digest_context(ev, events)
     return ev
+
+
+def _digest_context(ev, events):
+    """A digest's summary (what its changes mean together), the login
+    sessions and the first known writing process."""
+    summary = combined_summary(events)
+    if summary:
+        ev["summary"] = summary
+        if any(e.get("detected") != "realtime" for e in events):
+            ev["detected"] = events[0].get("detected")
+    users = sorted({u for e in events for u in e.get("users") or ()})
+    if users:
+        ev["users"] = users
+    proc = next((e["process"] for e in events if e.get("process")), None)
+    if proc:
+        ev["process"] = proc
 
 
 def send_email(conf, ev, host, sendmail=None, timeout=60):
@@ -3997,11 +4095,17 @@ def send_email(conf, ev, host, sendmail=None, timeout=60):
 def chat_text(ev):
     if ev["event"] == "digest":
         lines = ["*fimwatch*: %d changes on %s" % (ev.get("count", 0), ev["host"])]
+        if ev.get("summary"):
+            lines = ["*fimwatch* on %s: %s %s (%d files)" % (
+                ev["host"], ev["severity"].upper(), ev["summary"], ev.get("count", 0))]
         lines += ["• " + event_summary(e) for e in ev["events"][:15]]
         if ev.get("count", 0) > 15:
             lines.append("… and %d more (fimwatch events --since 24h)" % (ev["count"] - 15))
         return "\n".join(lines)
     s = "*fimwatch* on %s: %s" % (ev["host"], event_summary(ev))
+    if ev.get("summary"):
+        s = "*fimwatch* on %s: %s %s\n%s" % (ev["host"], ev["severity"].upper(),
+                                             ev["summary"], event_summary(ev))
     if ev.get("message") and ev.get("path"):
         s += "\n" + ev["message"]
     if ev.get("users"):
@@ -4010,7 +4114,8 @@ def chat_text(ev):
         s += "\npackage %s: %s" % (ev["package"]["name"], "verified" if ev["package"]["verified"]
                                    else "NOT verified")
     if ev.get("path") and ev["event"] in ("created", "modified", "attributes", "deleted", "moved"):
-        s += "\nexpected? `fimwatch accept %s`" % ev["path"]
+        s += "\nexpected? nothing to do (to note that you checked: `fimwatch accept %s`)" \
+            % ev["path"]
     return s
 
 
@@ -4286,23 +4391,32 @@ class Channel:
             except ValueError:
                 events.append((r.seq, None))     # unreadable: dropped with the next send
         valid = [e for _, e in events if e is not None]
+        groups = change_groups([(s, e) for s, e in events if e is not None])
         dropped = int(self.store.meta(self._meta_key("dropped_unreported"), 0) or 0)
         cap = self.max_per_hour
-        if len(valid) > self.BURST or (was_paused and valid) or \
-                (cap and len(self.sent) + len(valid) > cap):
+        if len(groups) > self.BURST or (was_paused and valid) or \
+                (cap and len(self.sent) + len(groups) > cap):
             reason = "maintenance window ended" if was_paused else \
                 "more than %d alerts this hour" % cap if cap and len(self.sent) >= cap else \
                 "burst of changes"
             return [([r.seq for r in rows], make_digest(valid, self.cfg.hostname, reason,
                                                          self.DIGEST_LIMIT, dropped))]
-        out, bad = [], []
-        for seq, e in events:
-            if e is None:
-                bad.append(seq)
-                continue
+        return self._per_change(groups, [s for s, e in events if e is None], dropped)
+
+    def _per_change(self, groups, bad, dropped):
+        """One message per change: an event alone as itself, the events of
+        one change (change_groups) as one digest with their summary."""
+        out = []
+        for group in groups:
+            seqs = [s for s, _ in group]
+            if len(group) == 1:
+                e = group[0][1]
+            else:
+                e = make_digest([e for _, e in group], self.cfg.hostname, CHANGE_TOGETHER,
+                                self.DIGEST_LIMIT)
             if dropped:
                 e, dropped = dict(e, dropped=dropped), 0
-            out.append((bad + [seq], e))
+            out.append((bad + seqs, e))
             bad = []
         return out
 
