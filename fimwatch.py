@@ -3616,7 +3616,7 @@ META_KEYS = ("capability", "acl", "flags", "xattrs", "rdev", "links")
 def syslog_message(ev):
     """`<severity> <event> <path> key=value ...` (SPEC's syslog line)."""
     parts = [ev["severity"], ev["event"], logfmt_value(ev.get("path") or "-")]
-    kv = [("detected", ev.get("detected"))]
+    kv = [("summary", ev.get("summary")), ("detected", ev.get("detected"))]
     for k in ("kind", "from", "size", "mode", "owner", "group", "target", "sha256") + META_KEYS:
         if k in ev:
             kv.append((k, ev[k]))

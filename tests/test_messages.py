@@ -182,3 +182,24 @@ def test_new_enabled_unit_is_one_mail(world, smtp, capsys):
         "CRITICAL on testhost: unit evil.service added: ExecStart=/usr/local/bin/evil -q, " \
         "WantedBy=multi-user.target; unit evil.service enabled (multi-user.target.wants)"
     assert "+ExecStart=/usr/local/bin/evil -q" in body
+
+
+def test_syslog_line_carries_the_summary(world, tmp_path):
+    import socket
+    from test_syslog import receive
+    fim, etc, _ = world
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(str(tmp_path / "devlog"))
+    try:
+        fim.write_config(syslog={"enabled": "yes", "address": str(tmp_path / "devlog"),
+                                 "facility": "authpriv", "min_severity": "info"},
+                         fimwatch={"diff_paths": "%s/**" % fim.root},
+                         severity={"critical": "%s/etc/**" % fim.root, "info": ""})
+        fim.daemon()
+        usermod_aG_sudo(etc)
+        line = receive(s, b"%s/group " % os.fsencode(str(etc))).decode()
+        assert ' summary="alice added to group sudo" ' in line, line
+        line = receive(s, b"%s/gshadow " % os.fsencode(str(etc))).decode()
+        assert ' summary="alice added to group sudo" ' in line, line
+    finally:
+        s.close()
