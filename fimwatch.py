@@ -2437,7 +2437,8 @@ def summarize(ev, kind=None, old=None, new=None):
         new = []
     if kind and old is not None and new is not None:
         phrases = _text_phrases(kind, ev, old, new) + phrases
-    elif kind is None and ev.get("event") == "created" and "/cron." in ev.get("path", ""):
+    elif kind is None and ev.get("event") == "created" and ev.get("kind") == "file" and \
+            os.path.basename(os.path.dirname(ev.get("path", ""))).startswith("cron."):
         phrases.insert(0, ("new %s job" % os.path.basename(os.path.dirname(ev["path"])),
                            False))
     return join_phrases([p for p, _ in phrases]), any(c for _, c in phrases)

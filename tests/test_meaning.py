@@ -208,3 +208,10 @@ def test_combined_summary_puts_the_account_first():
     assert fimwatch.combined_summary(evs[:2]) == \
         "shadow entry for eviltest added; gshadow entry for eviltest added"
     assert fimwatch.combined_summary([{"path": "/x"}]) is None
+
+
+def test_new_cron_daily_script():
+    ev = {"event": "created", "path": "/etc/cron.daily/zz-evil", "kind": "file", "mode": "0755"}
+    assert summarize(ev) == ("new cron.daily job; new executable", False)
+    ev = {"event": "created", "path": "/etc/cron.deny", "kind": "file", "mode": "0644"}
+    assert summarize(ev) == (None, False)
