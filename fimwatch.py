@@ -3931,18 +3931,24 @@ def _change_text(ev):
     return out + _advice(ev)
 
 
+def before_after_rows(ev):
+    """[(field, before, after)] of the fields that an event has."""
+    prev = ev.get("previous") or {}
+    if not ev.get("path"):
+        return []
+    return [(k, _cell(prev.get(k, "-")) if ev["event"] != "created" else "-",
+             _cell(ev.get(k, "-")))
+            for k in ("size", "mode", "owner", "group", "target", "sha256") + META_KEYS
+            if k in ev or k in prev]
+
+
 def _before_after(ev):
     """The table of the fields that an event has, before and after."""
-    prev = ev.get("previous") or {}
-    rows = [k for k in ("size", "mode", "owner", "group", "target", "sha256") + META_KEYS
-            if k in ev or k in prev]
-    if not rows or not ev.get("path"):
+    rows = before_after_rows(ev)
+    if not rows:
         return []
-    out = ["", "            %-34s %s" % ("before", "after")]
-    for k in rows:
-        before = _cell(prev.get(k, "-")) if ev["event"] != "created" else "-"
-        out.append("  %-9s %-34s %s" % (k, before, _cell(ev.get(k, "-"))))
-    return out
+    return ["", "            %-34s %s" % ("before", "after")] + \
+        ["  %-9s %-34s %s" % row for row in rows]
 
 
 def _context_lines(ev):
@@ -4004,6 +4010,39 @@ def change_groups(pairs):
     for seq, ev in pairs:
         groups.setdefault(change_key(ev), []).append((seq, ev))
     return list(groups.values())
+
+
+def event_html(ev):
+    """The HTML part beside the plain text, where a table helps: the before/
+    after of one change, the files of one change made together. None where
+    the plain text says it as well. Everything in it is in the plain text.
+    Only alerts with a summary (what a change means) get one: the rest stay
+    the single text/plain part they always were."""
+    if not ev.get("summary"):
+        return None
+    import html
+    e = html.escape
+    rows = []
+    if ev["event"] == "digest" and ev.get("reason") == CHANGE_TOGETHER:
+        head = ("event", "file", "what it means")
+        rows = [(x["event"], x.get("path", "") + (" (backup)" if backup_base(
+            x.get("path") or "") else ""), x.get("summary", "")) for x in ev["events"]]
+    elif ev["event"] != "digest" and ev.get("path"):
+        head = ("", "before", "after")
+        rows = before_after_rows(ev)
+    if not rows:
+        return None
+    top = "".join("<p>%s</p>" % (("<b>%s</b>" if i == 0 else "%s") % e(ln))
+                  for i, ln in enumerate(three_lines(ev)))
+    table = "<table border=1 cellpadding=4 style='border-collapse:collapse'><tr>%s</tr>%s" \
+        "</table>" % ("".join("<th>%s</th>" % e(h) for h in head),
+                      "".join("<tr>%s</tr>" % "".join("<td>%s</td>" % e(str(c)) for c in r)
+                              for r in rows))
+    diffs = [x for x in (ev.get("events") or [ev]) if x.get("diff")][:5]
+    pre = "".join("<pre>%s</pre>" % e(x["diff"]) for x in diffs)
+    return "<html><body>%s%s%s<p>%s</p></body></html>" % (
+        top, table, pre, e("-- fimwatch %s on %s, event id %s" % (__version__, ev["host"],
+                                                                 ev["id"])))
 
 
 def digest_listing(events, limit):
@@ -4069,6 +4108,9 @@ def send_email(conf, ev, host, sendmail=None, timeout=60):
     msg["X-Fimwatch-Event"] = ev["id"]
     msg["X-Fimwatch-Severity"] = ev["severity"]
     msg.set_content(event_text(ev))
+    html = event_html(ev)
+    if html:
+        msg.add_alternative(html, subtype="html")
     prog = sendmail or conf["sendmail"]
     cmd = [prog, "-oi", "-t"]
     # Inside fimwatch.service's sandbox an MTA's sendmail cannot work (no

@@ -110,7 +110,15 @@ def one_mail(smtp):
     time.sleep(GATHER * 2.5)
     mails = smtp.received()
     assert len(mails) == 1, [(m.msg["Subject"], m.body()[:400]) for m in mails]
+    one_mail.msg = mails[0].msg
     return mails[0].msg["Subject"], mails[0].body()
+
+
+def html_part(msg):
+    """The HTML alternative: everything in it must also be in the plain text."""
+    part = msg.get_body(("html",))
+    assert part is not None and msg.get_content_type() == "multipart/alternative"
+    return part.get_content()
 
 
 def show(capsys, subject, body):
@@ -135,6 +143,10 @@ def test_useradd_is_one_mail_saying_the_user_was_added(world, smtp, capsys):
         if name not in ("subuid", "subgid"):          # their backups were empty already
             assert "%s/%s-  (backup)" % (etc, name) in body, name
     assert "+eviltest:x:1001:1001::/home/eviltest:/bin/sh" in body     # passwd's diff
+    html = html_part(one_mail.msg)
+    assert "<b>CRITICAL on testhost: user eviltest (uid 1001) added;" in html
+    assert "<td>%s/passwd- (backup)</td>" % etc in html
+    assert "<td>user eviltest (uid 1001) added</td>" in html
     for secret in ("SaltSalt", "RootHash", "AliceHash", "$y$"):
         assert secret not in body
 
@@ -159,6 +171,8 @@ def test_authorized_keys_append_is_one_mail_with_the_fingerprint(world, smtp, ca
         "CRITICAL on testhost: SSH key added: ssh-ed25519 %s mallory@evil" % fp
     assert subject.startswith("[fimwatch] CRITICAL modified %s/.ssh/authorized_keys on "
                               "testhost: SSH key added: ssh-ed" % home)    # capped at 160
+    html = html_part(one_mail.msg)
+    assert "<td>mode</td><td>0600</td><td>0600</td>" in html and fp in html
 
 
 def test_new_cron_job_is_one_mail_with_its_content(world, smtp, capsys):
