@@ -87,6 +87,7 @@ from typing import NamedTuple, Optional
 # ---------------------------------------------------------------------------
 
 DEFAULT_CONFIG = "/etc/fimwatch/fimwatch.conf"
+DEFAULT_STATE_DIR = "/var/lib/fimwatch"
 LIBDIR = "/usr/local/lib/fimwatch"          # private copy of inotify_simple
 SENDMAIL = "/usr/sbin/sendmail"
 DEV_LOG = "/dev/log"
@@ -370,7 +371,7 @@ _CHANNEL_COMMON = {"enabled": ("bool", "no"), "min_severity": ("severity", "warn
                    "retry_min": ("duration", "15s")}
 SCHEMA = {
     "fimwatch": {
-        "state_dir": ("path", "/var/lib/fimwatch"),
+        "state_dir": ("path", DEFAULT_STATE_DIR),
         "hostname": ("str", ""),
         "settle": ("duration", "500ms"),
         "hash_max_size": ("size", "256M"),
@@ -5139,6 +5140,27 @@ def _state_status(cfg, store, pid):
     return st
 
 
+def status_without_config(path, err):
+    """`status` when the config does not load: the error, and still whether
+    the daemon runs (it keeps the config it started with). state_dir is
+    read leniently from the file, else the default. Exit 2: a config error."""
+    parser = configparser.ConfigParser(strict=False, interpolation=None,
+                                       inline_comment_prefixes=("#", ";"))
+    try:
+        parser.read(path, encoding="utf-8")
+        state_dir = parser.get("fimwatch", "state_dir", fallback="") or DEFAULT_STATE_DIR
+    except (configparser.Error, UnicodeError, OSError):
+        state_dir = DEFAULT_STATE_DIR
+    pid = StateLock(state_dir).holder() if os.path.isdir(state_dir) else None
+    sys.stderr.write("fimwatch: error: %s\n" % err)
+    if pid:
+        print("fimwatch: running (pid %s), with the config it started with; fix %s "
+              "before a reload or restart (fimwatch check-config)" % (pid, esc(path)))
+    else:
+        print("fimwatch: NOT running; fix %s first (fimwatch check-config)" % esc(path))
+    return EXIT_ERROR
+
+
 def status_info(cfg):
     """Everything `status` shows, as one dict (what --json prints)."""
     pid = StateLock(cfg.state_dir).holder() if os.path.isdir(cfg.state_dir) else None
@@ -5584,7 +5606,12 @@ def main(argv=None):
         return EXIT_ERROR
     path = args.config or os.environ.get("FIMWATCH_CONFIG") or DEFAULT_CONFIG
     try:
-        cfg = load_config(path)
+        try:
+            cfg = load_config(path)
+        except ConfigError as e:
+            if args.command != "status":
+                raise
+            return status_without_config(path, e)
         return COMMANDS[args.command](cfg, args)
     except FimwatchError as e:
         sys.stderr.write("fimwatch: error: %s\n" % e)
