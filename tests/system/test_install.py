@@ -901,7 +901,7 @@ def test_ct_service_ready(box):
     r = ct.sh("systemctl reload fimwatch.service", check=False)
     assert r.returncode != 0 and "failed" in r.stderr, (r.returncode, r.stderr)
     r = ct.sh("journalctl -u fimwatch --no-pager -o cat -n 20", check=False)
-    assert "no_such_key" in r.stdout, r.stdout
+    assert "fimwatch: error: /etc/fimwatch/fimwatch.conf:" in r.stdout, r.stdout
     r = ct.sh("fimwatch status", check=False)
     assert r.returncode == 2 and r.stdout.startswith("fimwatch: running"), r.stdout + r.stderr
     ct.sh("cat > /etc/fimwatch/fimwatch.conf", input=conf)
