@@ -3990,8 +3990,9 @@ def _advice(ev, path=None):
 def change_key(ev):
     """Which change an event belongs to, for one message per change: the
     account databases of one directory and their backups together, a unit
-    and its enablement link, the writes of one process, a file and the
-    backups tools write beside it (passwd-, *.dpkg-old)."""
+    and its enablement link, the writes of one process, the files of one
+    package, a file and the backups tools write beside it (passwd-,
+    *.dpkg-old)."""
     p = ev.get("path") or ""
     if not p:
         return ("event", ev.get("id"))
@@ -4004,6 +4005,8 @@ def change_key(ev):
     proc = ev.get("process") or {}
     if proc.get("pid"):
         return ("process", proc.get("pid"), proc.get("exe"))
+    if (ev.get("package") or {}).get("name"):
+        return ("package", ev["package"]["name"])
     return ("path", base)
 
 

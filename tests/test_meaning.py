@@ -215,3 +215,33 @@ def test_new_cron_daily_script():
     assert summarize(ev) == ("new cron.daily job; new executable", False)
     ev = {"event": "created", "path": "/etc/cron.deny", "kind": "file", "mode": "0644"}
     assert summarize(ev) == (None, False)
+
+
+def test_change_groups_one_action_one_group():
+    def ev(path, **kw):
+        return dict({"id": path, "path": path, "event": "modified"}, **kw)
+    evs = [ev("/etc/passwd"), ev("/etc/passwd-"), ev("/etc/shadow"), ev("/etc/subgid-"),
+           ev("/etc/systemd/system/x.service"),
+           ev("/etc/systemd/system/multi-user.target.wants/x.service"),
+           ev("/etc/app.conf"), ev("/etc/app.conf.dpkg-old"),
+           ev("/srv/a", process={"pid": 7, "exe": "/usr/bin/rsync"}),
+           ev("/srv/b", process={"pid": 7, "exe": "/usr/bin/rsync"}),
+           ev("/usr/bin/x", package={"name": "x"}), ev("/usr/lib/x.so", package={"name": "x"}),
+           ev("/etc/other"), ev("", event="started")]
+    groups = fimwatch.change_groups([(i, e) for i, e in enumerate(evs)])
+    assert [[s for s, _ in g] for g in groups] == \
+        [[0, 1, 2, 3], [4, 5], [6, 7], [8, 9], [10, 11], [12], [13]]
+
+
+def test_chat_text_leads_with_the_summary():
+    ev = {"id": "1", "host": "web1", "event": "modified", "severity": "critical",
+          "path": "/etc/group", "summary": "alice added to group sudo", "changes": ["content"]}
+    lines = fimwatch.chat_text(ev).splitlines()
+    assert lines[0] == "*fimwatch* on web1: CRITICAL alice added to group sudo"
+    assert lines[1] == "CRITICAL modified /etc/group (content)"
+    dg = fimwatch.make_digest([ev, dict(ev, id="2", path="/etc/group-", summary=None)], "web1",
+                              fimwatch.CHANGE_TOGETHER)
+    assert fimwatch.chat_text(dg).splitlines()[0] == \
+        "*fimwatch* on web1: CRITICAL alice added to group sudo (2 files)"
+    assert fimwatch.event_subject(dg) == \
+        "[fimwatch] CRITICAL alice added to group sudo on web1 (2 files)"
