@@ -32,6 +32,9 @@ Map of this file (`grep -n '^# [A-Z]' fimwatch.py` lists these banners):
   Baseline store      Store: every SQL statement (baseline, events, meta, spool)
   State safety        StateDB (writes held on a full disk), StateGuard (lost state)
   Context for events  logged-in users, PackageDB, diffs
+  Meaning             facts() of account databases, sudoers, sshd_config,
+                      authorized_keys, cron, units; summarize() says in words
+                      what a change means ("user eviltest (uid 1001) added")
   The event           new_event(): a plain dict, never changed once emitted
   Pipeline 1 of 3     watcher backends: InotifyBackend, FanotifyBackend (the
                       writer's pid), MixedBackend -> Engine calls; the mount table
@@ -94,6 +97,7 @@ from typing import NamedTuple, Optional
 # ---------------------------------------------------------------------------
 
 DEFAULT_CONFIG = "/etc/fimwatch/fimwatch.conf"
+DEFAULT_STATE_DIR = "/var/lib/fimwatch"
 LIBDIR = "/usr/local/lib/fimwatch"          # private copy of inotify_simple
 SENDMAIL = "/usr/sbin/sendmail"
 DEV_LOG = "/dev/log"
@@ -390,7 +394,7 @@ _CHANNEL_COMMON = {"enabled": ("bool", "no"), "min_severity": ("severity", "warn
                    "retry_min": ("duration", "15s")}
 SCHEMA = {
     "fimwatch": {
-        "state_dir": ("path", "/var/lib/fimwatch"),
+        "state_dir": ("path", DEFAULT_STATE_DIR),
         "hostname": ("str", ""),
         "settle": ("duration", "500ms"),
         "hash_max_size": ("size", "256M"),
@@ -1411,6 +1415,17 @@ class Store:
                 self.db.execute("INSERT OR REPLACE INTO content VALUES (?,?)",
                                 (os.fsencode(path), data))
 
+    # -- facts for summaries (see "Meaning"), kept in the content table under
+    # "facts:PATH", a key no path can have --
+    def get_facts(self, path):
+        data = self.get_content("facts:" + path)
+        return None if data is None else data.decode("utf-8", "replace").split("\n") \
+            if data else []
+
+    def put_facts(self, path, lines):
+        self.put_content("facts:" + path, None if lines is None else
+                         "\n".join(lines).encode("utf-8", "surrogateescape"))
+
     # -- key/value --
     def meta(self, key, default=None):
         with self.lock:
@@ -2136,6 +2151,451 @@ def unified_diff(old, new, path):
     lines = [_SECRET_RE.sub(r"\1[redacted]", ln) for ln in lines]
     return "".join("\t".join(esc(part) for part in ln.rstrip("\n").split("\t")) + "\n"
                    for ln in lines) or None
+
+
+# ---------------------------------------------------------------------------
+# Meaning: what a change to the files attackers touch first says, in words
+# ---------------------------------------------------------------------------
+# facts(kind, data) turns a file's bytes into "facts": short lines without
+# any secret (a shadow hash becomes a digest of it, a key its fingerprint),
+# which the Store keeps per path. summarize() compares the old and the new
+# facts and says what changed ("user eviltest (uid 1001) added"). All pure
+# functions; what does not parse gives no summary, and the alert shows the
+# diff as before, never nothing.
+
+MEANING_MAX = 1 << 20                # files larger than this are not parsed
+ACCOUNT_DBS = ("passwd", "shadow", "group", "gshadow", "subuid", "subgid")
+_LINE_FILES = ("ld.so.preload", "hosts", "resolv.conf", "nsswitch.conf", "hosts.allow",
+               "hosts.deny")
+_UNIT_SUFFIXES = (".service", ".timer", ".socket", ".path", ".mount")
+# the backups and leftovers tools write beside the file they change
+BACKUP_SUFFIXES = ("-", ".lock", ".dpkg-old", ".dpkg-dist", ".dpkg-new", ".dpkg-bak",
+                   ".ucf-old", ".ucf-dist", ".ucf-new", ".bak", ".old")
+_SUMMARY_MAX = 5                     # phrases in one summary, then "(+N more)"
+
+
+def meaning_kind(path):
+    """Which parser reads path ('passwd', 'sudoers', 'cron', ...), or None."""
+    d, base = os.path.split(path)
+    parent = os.path.basename(d)
+    if parent == "pam.d" or base in _LINE_FILES:
+        return "lines"
+    if base in ACCOUNT_DBS and "bin" not in parent:
+        return base
+    if base == "sudoers" or parent == "sudoers.d":
+        return "sudoers"
+    if base == "sshd_config" or parent == "sshd_config.d":
+        return "sshd"
+    if base in ("authorized_keys", "authorized_keys2"):
+        return "keys"
+    if base == "crontab" or parent == "cron.d":
+        return "cron"
+    if parent == "crontabs" or d.endswith("/spool/cron"):
+        return "usercron"
+    if base.endswith(_UNIT_SUFFIXES) and "/systemd/" in path:
+        return "unit"
+    return None
+
+
+def backup_base(path):
+    """The path a tool's backup belongs to ('/etc/passwd' for '/etc/passwd-'),
+    or None if path does not look like such a backup."""
+    for suf in BACKUP_SUFFIXES:
+        if path.endswith(suf) and len(os.path.basename(path)) > len(suf):
+            return path[:-len(suf)]
+    return None
+
+
+def _clean(s, limit=160, redact=True):
+    """A fact or phrase fit for a summary: escaped, secrets redacted, capped."""
+    s = esc(" ".join(s.split()))
+    s = _SECRET_RE.sub(r"\1[redacted]", s) if redact else s
+    return s if len(s) <= limit else s[:limit - 3] + "..."
+
+
+def _logical_lines(text, comment="#", keep=()):
+    """Non-empty lines without comments, backslash continuations joined."""
+    out, cur = [], ""
+    for ln in text.splitlines():
+        if ln.endswith("\\"):
+            cur += ln[:-1] + " "
+            continue
+        ln, cur = cur + ln, ""
+        s = ln.strip()
+        if s.startswith(comment) and not s.startswith(keep):
+            continue
+        if s:
+            out.append(s)
+    return out
+
+
+def _shadow_state(field):
+    if field == "":
+        return "empty"
+    if field.startswith("!"):
+        return "locked"
+    if field in ("*", "x"):
+        return "none"
+    return "set"
+
+
+def _colon_facts(kind, text):
+    """Account databases: one fact per entry, never a password hash (shadow's
+    becomes its state and a short digest that only tells 'changed')."""
+    out = []
+    for ln in text.splitlines():
+        f = ln.split(":")
+        if not ln or ln.startswith("#") or len(f) < 3:
+            continue
+        if kind == "passwd" and len(f) >= 7:
+            out.append(":".join([f[0], f[2], f[3], f[5], f[6]]))
+        elif kind in ("shadow", "gshadow"):
+            dig = hashlib.sha256(b"fimwatch-meaning\0" + f[1].encode()).hexdigest()[:16]
+            extra = (":" + f[2] + ":" + ",".join(sorted(filter(None, f[3].split(","))))
+                     if kind == "gshadow" and len(f) >= 4 else "")
+            out.append("%s:%s:%s%s" % (f[0], _shadow_state(f[1]), dig, extra))
+        elif kind == "group" and len(f) >= 4:
+            out.append("%s:%s:%s" % (f[0], f[2], ",".join(sorted(filter(None, f[3].split(","))))))
+        elif kind in ("subuid", "subgid"):
+            out.append(":".join(f[:3]))
+    return out
+
+
+_KEY_TYPE_RE = re.compile(r"(?:ssh-(?:rsa|dss|ed25519)|ecdsa-sha2-nistp\d+|"
+                          r"sk-(?:ssh-ed25519|ecdsa-sha2-nistp256)@openssh\.com)"
+                          r"(?:-cert-v01@openssh\.com)?$")
+
+
+def key_fingerprint(blob_b64):
+    """'SHA256:...' as `ssh-keygen -lf` prints it, or None if not base64."""
+    import base64
+    import binascii
+    try:
+        blob = base64.b64decode(blob_b64, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def _key_facts(text):
+    """authorized_keys: 'type fingerprint comment' per key (options ignored)."""
+    out = []
+    for ln in _logical_lines(text):
+        toks = ln.split()
+        for i, t in enumerate(toks[:-1]):
+            if _KEY_TYPE_RE.match(t):
+                fp = key_fingerprint(toks[i + 1])
+                if fp:
+                    out.append(" ".join([t, fp] + toks[i + 2:]).strip())
+                break
+    return out
+
+
+def _sshd_facts(text):
+    """sshd_config: 'Keyword value' per directive; inside a Match block the
+    block's condition comes first ('Match User bob: Keyword value')."""
+    out, ctx = [], ""
+    for ln in _logical_lines(text):
+        key, _, val = ln.partition(" ")
+        if "=" in key:
+            key, _, val = ln.partition("=")
+        if key.lower() == "match":
+            ctx = "Match %s: " % " ".join(val.split())
+            continue
+        out.append("%s%s %s" % (ctx, key.strip(), " ".join(val.strip(" =").split())))
+    return out
+
+
+def _unit_facts(text):
+    """Unit files: '[Section] Key=value' per setting."""
+    out, sect = [], ""
+    for ln in _logical_lines(text, keep=()):
+        if ln.startswith(";"):
+            continue
+        if ln.startswith("[") and ln.endswith("]"):
+            sect = ln
+        elif "=" in ln:
+            k, _, v = ln.partition("=")
+            out.append(_clean("%s %s=%s" % (sect, k.strip(), v.strip())))
+    return out
+
+
+def facts(kind, data):
+    """The facts of a file's bytes for summarize(), or None (not text)."""
+    if kind is None or data is None or b"\0" in data or len(data) > MEANING_MAX:
+        return None
+    text = data.decode("utf-8", "replace")
+    if kind in ACCOUNT_DBS:
+        return _colon_facts(kind, text)
+    if kind == "keys":
+        return _key_facts(text)
+    if kind == "sshd":
+        return _sshd_facts(text)
+    if kind == "unit":
+        return _unit_facts(text)
+    if kind == "sudoers":
+        # No secrets in sudoers, and "NOPASSWD:" must not read as one.
+        return [_clean(ln, redact=False)
+                for ln in _logical_lines(text, keep=("#include", "#includedir"))]
+    return [_clean(ln) for ln in _logical_lines(text)]
+
+
+def _by_name(lines):
+    """{first colon field: the other fields} of account facts."""
+    return {ln.split(":", 1)[0]: ln.split(":")[1:] for ln in lines}
+
+
+def _passwd_phrases(old, new):
+    o, n = _by_name(old), _by_name(new)
+    out = []
+    for name in n:
+        uid, _gid, home, shell = n[name][:4]
+        was = o.get(name)
+        if was is None:
+            out.append(("uid 0 account %s added" % name, True) if uid == "0" and
+                       name != "root" else ("user %s (uid %s) added" % (name, uid), False))
+            continue
+        if was[0] != uid:
+            out.append(("uid of %s changed %s → %s" % (name, was[0], uid), uid == "0"))
+        if was[3] != shell:
+            out.append(("login shell of %s changed %s → %s" % (name, was[3], shell), False))
+        if was[2] != home:
+            out.append(("home of %s changed %s → %s" % (name, was[2], home), False))
+    out += [("user %s removed" % name, False) for name in o if name not in n]
+    return out
+
+
+_SHADOW_NEWS = {"locked": "account %s locked", "none": "password of %s removed (no login "
+                "by password)", "empty": "password of %s emptied: login WITHOUT a password",
+                "set": "password of %s set"}
+
+
+def _shadow_phrases(kind, old, new):
+    o, n = _by_name(old), _by_name(new)
+    out = []
+    for name, f in n.items():
+        was = o.get(name)
+        if was is None:
+            out.append(("%s entry for %s added" % (kind, name), f[0] == "empty"))
+        elif was[0] != f[0]:
+            out.append((_SHADOW_NEWS[f[0]] % name, f[0] == "empty"))
+        elif was[1] != f[1] and f[0] == "set":
+            out.append(("password of %s changed" % name, False))
+        if kind == "gshadow" and was is not None and len(f) > 3 and len(was) > 3:
+            out += _member_phrases(name, was[3], f[3])
+    out += [("%s entry for %s removed" % (kind, name), False) for name in o if name not in n]
+    return out
+
+
+def _member_phrases(group, old, new):
+    o, n = set(filter(None, old.split(","))), set(filter(None, new.split(",")))
+    return [("%s added to group %s" % (u, group), False) for u in sorted(n - o)] + \
+        [("%s removed from group %s" % (u, group), False) for u in sorted(o - n)]
+
+
+def _group_phrases(old, new):
+    o, n = _by_name(old), _by_name(new)
+    out = []
+    for name, f in n.items():
+        was = o.get(name)
+        if was is None:
+            out.append(("group %s (gid %s) added" % (name, f[0]), False))
+            out += [("%s added to group %s" % (u, name), False) for u in f[1].split(",") if u]
+            continue
+        if was[0] != f[0]:
+            out.append(("gid of group %s changed %s → %s" % (name, was[0], f[0]), False))
+        out += _member_phrases(name, was[1], f[1])
+    out += [("group %s removed" % name, False) for name in o if name not in n]
+    return out
+
+
+def _sub_phrases(kind, old, new):
+    what = "uids" if kind == "subuid" else "gids"
+    out = []
+    for ln in new:
+        if ln not in old:
+            f = ln.split(":") + ["", ""]
+            try:
+                rng = "%s-%d" % (f[1], int(f[1]) + int(f[2]) - 1)
+            except ValueError:
+                rng = "%s+%s" % (f[1], f[2])
+            out.append(("subordinate %s %s given to %s" % (what, rng, f[0]), False))
+    out += [("subordinate %s of %s removed" % (what, ln.split(":")[0]), False)
+            for ln in old if ln not in new]
+    return out
+
+
+def _sshd_phrases(old, new):
+    def first(lines):
+        d = {}
+        for ln in lines:
+            ctx, sep, rest = ln.partition(": ") if ln.startswith("Match ") else ("", "", ln)
+            k, _, v = rest.partition(" ")
+            d.setdefault((ctx + sep + k).lower(), (ctx + sep + k, v))   # the first value wins
+        return d
+    o, n = first(old), first(new)
+    out = []
+    for lk, (k, v) in n.items():
+        was = o.get(lk)
+        if was is None or was[1] != v:
+            out.append(("%s %s → %s" % (k, was[1] if was else "(unset)", v), False))
+    out += [("%s %s → (unset)" % (k, v), False) for lk, (k, v) in o.items() if lk not in n]
+    return out
+
+
+def _added_removed(old, new, what):
+    out = [("%s added: %s" % (what, ln), False) for ln in new if ln not in old]
+    return out + [("%s removed: %s" % (what, ln), False) for ln in old if ln not in new]
+
+
+def _cron_phrases(kind, ev, old, new):
+    """'cron job added: */5 * * * * as root: /tmp/x' per job line."""
+    owner = os.path.basename(ev.get("path") or "") if kind == "usercron" else None
+    out = []
+    for ln, verb in [(x, "added") for x in new if x not in old] + \
+            [(x, "removed") for x in old if x not in new]:
+        f = ln.split()
+        if re.match(r"^[A-Za-z_]\w*\s*=", ln):
+            out.append(("cron variable %s: %s" % (verb, ln), False))
+            continue
+        n = 1 if ln.startswith("@") else 5
+        user = owner or (f[n] if len(f) > n else "?")
+        cmd = " ".join(f[n + (0 if owner else 1):])
+        out.append(("cron job %s: %s as %s: %s" % (verb, " ".join(f[:n]), user, cmd), False))
+    return out
+
+
+def _unit_phrases(ev, old, new):
+    name = os.path.basename(ev.get("path") or "")
+    if not old and ev.get("event") == "created":
+        keys = [ln.split(" ", 1)[1] for ln in new if ln.split(" ", 1)[1].startswith(
+            ("ExecStart=", "User=", "WantedBy="))]
+        return [("unit %s added%s" % (name, ": " + ", ".join(keys) if keys else ""), False)]
+    return _added_removed(old, new, "unit %s: setting" % name)
+
+
+def _sudoers_phrases(old, new):
+    out = []
+    for ph, crit in _added_removed(old, new, "sudoers rule"):
+        if ph.startswith("sudoers rule added") and re.search(r"NOPASSWD|!authenticate", ph):
+            ph, crit = ph + " (NOPASSWD: no password asked)", True
+        out.append((ph, crit))
+    return out
+
+
+def _meta_phrases(ev):
+    """What the metadata says: setuid/setgid, capabilities, a new executable,
+    a unit enabled (a symlink in a .wants directory)."""
+    path, prev = ev.get("path") or "", ev.get("previous") or {}
+    d = os.path.dirname(path)
+    if ev.get("kind") == "symlink" and d.endswith((".wants", ".requires")):
+        what = "enabled" if ev.get("event") == "created" else \
+            "disabled" if ev.get("event") == "deleted" else None
+        if what:
+            return [("unit %s %s (%s)" % (os.path.basename(path), what, os.path.basename(d)),
+                     False)]
+    if ev.get("kind") != "file" or ev.get("event") == "deleted":
+        return []
+    mode, pmode = int(ev.get("mode") or "0", 8), int(prev.get("mode") or "0", 8)
+    new_bits = mode & ~pmode if ev.get("event") != "created" else mode
+    out = []
+    if new_bits & 0o4000:
+        root = ev.get("uid") == 0
+        out.append(("new setuid-%s binary" % ("root" if root else ev.get("owner", "?"))
+                    if ev.get("event") == "created" else
+                    "setuid bit set (runs as %s)" % ev.get("owner", "?"), root))
+    elif new_bits & 0o2000 and not mode & 0o040000:
+        out.append(("setgid bit set (runs as group %s)" % ev.get("group", "?"), False))
+    if ev.get("capability") and ev.get("capability") != prev.get("capability"):
+        # Said, but at the path's level: capabilities are set by packages
+        # (ping, mtr) more often than setuid bits are.
+        out.append(("file capabilities set: %s" % ev["capability"], False))
+    if not out and ev.get("event") == "created" and mode & 0o111:
+        out.append(("new executable", False))
+    return out
+
+
+def _text_phrases(kind, ev, old, new):
+    if kind == "passwd":
+        return _passwd_phrases(old, new)
+    if kind in ("shadow", "gshadow"):
+        return _shadow_phrases(kind, old, new)
+    if kind == "group":
+        return _group_phrases(old, new)
+    if kind in ("subuid", "subgid"):
+        return _sub_phrases(kind, old, new)
+    if kind == "sshd":
+        return _sshd_phrases(old, new)
+    if kind == "keys":
+        return _added_removed(old, new, "SSH key")
+    if kind in ("cron", "usercron"):
+        return _cron_phrases(kind, ev, old, new)
+    if kind == "unit":
+        return _unit_phrases(ev, old, new)
+    if kind == "sudoers":
+        return _sudoers_phrases(old, new)
+    return _added_removed(old, new, "line")
+
+
+def summarize(ev, kind=None, old=None, new=None):
+    """(summary, critical) of a change event: what it means in words, or
+    (None, False). old/new: facts() of the file before and after (None:
+    unknown, then only the metadata speaks)."""
+    phrases = _meta_phrases(ev)
+    if ev.get("event") == "created" and old is None:
+        old = []
+    if ev.get("event") == "deleted" and new is None and old is not None:
+        new = []
+    if kind and old is not None and new is not None:
+        phrases = _text_phrases(kind, ev, old, new) + phrases
+    elif kind is None and ev.get("event") == "created" and ev.get("kind") == "file" and \
+            os.path.basename(os.path.dirname(ev.get("path", ""))).startswith("cron."):
+        phrases.insert(0, ("new %s job" % os.path.basename(os.path.dirname(ev["path"])),
+                           False))
+    return join_phrases([p for p, _ in phrases]), any(c for _, c in phrases)
+
+
+def join_phrases(phrases):
+    """'a; b; c (+2 more)' from distinct phrases, or None for none."""
+    seen = []
+    for p in phrases:
+        p = _clean(p, 200, redact=False)    # facts are redacted where secrets may be
+        if p and p not in seen:
+            seen.append(p)
+    if not seen:
+        return None
+    more = len(seen) - _SUMMARY_MAX
+    return "; ".join(seen[:_SUMMARY_MAX]) + (" (+%d more)" % more if more > 0 else "")
+
+
+def add_summary(ev, kind=None, old=None, new=None):
+    """Set ev's `summary` (and raise it to critical where the change calls
+    for it: a uid 0 account, NOPASSWD, a setuid-root binary). Called once,
+    before the event is emitted."""
+    try:
+        text, critical = summarize(ev, kind, old, new)
+    except (ValueError, IndexError, KeyError, TypeError):
+        return                        # a parse failure: the diff speaks, as before
+    if text:
+        ev["summary"] = text
+        if critical:
+            ev["severity"] = "critical"
+
+
+_SECONDARY_RE = re.compile(r"^(shadow|gshadow) entry for |^subordinate ")
+
+
+def combined_summary(events):
+    """One summary for changes made together: the phrases of every event,
+    the account database first, without repeats; an entry in shadow or the
+    subordinate ids only when nothing else is said."""
+    order = {k: i for i, k in enumerate(("passwd", "group") + ACCOUNT_DBS)}
+    ranked = sorted((e for e in events if e.get("summary")),
+                    key=lambda e: order.get(os.path.basename(e.get("path") or ""), 99))
+    phrases = [p for e in ranked
+               for p in re.sub(r" \(\+\d+ more\)$", "", e["summary"]).split("; ")]
+    main = [p for p in phrases if not _SECONDARY_RE.match(p)]
+    return join_phrases(main or phrases)
 
 
 # ---------------------------------------------------------------------------
@@ -3553,19 +4013,26 @@ class Engine:
         if self.cfg.diff_max_size and self.cfg.diff_paths.match(p) \
                 and not self.cfg.no_diff.match(p):
             keep, out = self.cfg.diff_max_size, []
+        kind = meaning_kind(p)
+        raw = [] if kind else None      # read for its meaning, kept only as facts
         new = snapshot(p, self.cfg.hash_max_size, old, trust=(mode == "quick"), st=st,
-                       keep=keep, out=out, dir_fd=dir_fd, name=name)
+                       keep=max(keep, MEANING_MAX if kind else 0), out=raw if kind else out,
+                       dir_fd=dir_fd, name=name)
+        if kind and out is not None and raw and len(raw[0]) <= keep:
+            out.append(raw[0])
         if mode == "full" and new is not None and new.kind == "file":
             self.stats["files"] += 1
             if not new.skipped:
                 self.stats["bytes"] += new.size
-        self.apply(p, old, new, detected, silent=(mode == "build"), content=out)
+        self.apply(p, old, new, detected, silent=(mode == "build"), content=out,
+                   meaning=(kind, facts(kind, raw[0]) if raw else None) if kind else None)
 
-    def apply(self, p, old, new, detected, silent=False, content=None):
+    def apply(self, p, old, new, detected, silent=False, content=None, meaning=None):
         """Emit the event, if any, then record new as the baseline of p. The
         event row is written first, in the same transaction: a crash in
         between repeats it at the next start instead of losing it. silent:
-        record only (a baseline being built or accepted)."""
+        record only (a baseline being built or accepted). meaning: (kind,
+        facts of the new content) for summarize(), facts None if not read."""
         if old is not None and old.kind == "dir" and (new is None or new.kind != "dir"):
             self._tree_gone(p, old, new, detected, silent)
             if new is None:
@@ -3581,8 +4048,10 @@ class Engine:
             if silent:
                 self.stats["silent"] += 1
             else:
-                self._report(p, old, new, r, detected, keep_text)
+                self._report(p, old, new, r, detected, keep_text, meaning)
         self._record(p, old, new, content, keep_text)
+        if meaning is not None and meaning[1] is not None:
+            self.store.put_facts(p, meaning[1])
 
     def _tree_gone(self, p, old, new, detected, silent):
         """A directory gone or replaced by a file or symlink: everything that
@@ -3609,11 +4078,18 @@ class Engine:
             return content[0]
         return None
 
-    def _report(self, p, old, new, r, detected, keep_text):
+    def _report(self, p, old, new, r, detected, keep_text, meaning=None):
         event, changes = r
         extra = {}
-        if keep_text is not None and event == "modified":
-            prev_text = self.store.get_content(p)
+        if meaning is not None:
+            kind, now = meaning
+            was = self.store.get_facts(p) if event != "created" else []
+            if was is None and event == "modified":     # kept before facts were
+                was = facts(kind, self.store.get_content(p))
+            extra["meaning"] = (kind, was, now)
+        if keep_text is not None and event in ("modified", "created"):
+            # A new small text file is shown as a diff from nothing.
+            prev_text = self.store.get_content(p) if event == "modified" else b""
             d = unified_diff(prev_text, keep_text, esc(p)) if prev_text is not None else None
             if d:
                 extra["diff"] = d
@@ -3630,7 +4106,7 @@ class Engine:
                 and old.sha256 != new.sha256:
             self.store.put_content(p, None)         # the kept text is stale
 
-    def emit_change(self, event, p, detected, old, new, changes, **extra):
+    def emit_change(self, event, p, detected, old, new, changes, meaning=None, **extra):
         cfg = self.cfg
         self.stats["changes"] += 1
         sev = cfg.severity_for(p)
@@ -3663,6 +4139,7 @@ class Engine:
                     # The new content is what the package database says it
                     # should be: an upgrade, not an intrusion. Still recorded.
                     ev["severity"] = "info"
+        add_summary(ev, *(meaning or (None, None, None)))
         self.emit_cb(ev)
 
     def _writer(self, p):
@@ -4191,7 +4668,7 @@ META_KEYS = ("capability", "acl", "flags", "xattrs", "rdev", "links")
 def syslog_message(ev):
     """`<severity> <event> <path> key=value ...` (SPEC's syslog line)."""
     parts = [ev["severity"], ev["event"], logfmt_value(ev.get("path") or "-")]
-    kv = [("detected", ev.get("detected"))]
+    kv = [("summary", ev.get("summary")), ("detected", ev.get("detected"))]
     for k in ("kind", "from", "size", "mode", "owner", "group", "target", "sha256") + META_KEYS:
         if k in ev:
             kv.append((k, ev[k]))
@@ -4640,12 +5117,19 @@ def event_summary(ev):
 
 
 def event_subject(ev):
-    if ev["event"] == "digest":
+    """SPEC's subject; with a summary, the summary says what happened (a
+    change's path stays first, a digest's summary replaces 'N changes')."""
+    if ev["event"] == "digest" and ev.get("summary"):
+        s = "[fimwatch] %s %s on %s (%d files)" % (ev["severity"].upper(), ev["summary"],
+                                                   ev["host"], ev.get("count", 0))
+    elif ev["event"] == "digest":
         s = "[fimwatch] %s %d changes on %s" % (ev["severity"].upper(), ev.get("count", 0),
                                                   ev["host"])
     elif ev.get("path"):
         s = "[fimwatch] %s %s %s on %s" % (ev["severity"].upper(), ev["event"], ev["path"],
                                            ev["host"])
+        if ev.get("summary"):
+            s += ": " + ev["summary"]
     else:
         s = "[fimwatch] %s %s on %s" % (ev["severity"].upper(), ev["event"], ev["host"])
     # The fields are escaped already (esc); only a control character that got
@@ -4675,9 +5159,32 @@ def _local_time(ev):
     return ev.get("time", "")[:19].replace("T", " ")
 
 
+def three_lines(ev, head=None):
+    """What happened, who, what now: the first lines of every email (head:
+    what happened, when there is no summary)."""
+    if ev.get("summary"):
+        what = "%s on %s: %s" % (ev["severity"].upper(), ev["host"], ev["summary"])
+    elif ev["event"] == "digest":
+        what = "%s: %d changes on %s%s." % (ev["severity"].upper(), ev.get("count", 0),
+                                            ev["host"], " (" + ev["reason"] + ")"
+                                            if ev.get("reason") else "")
+    else:
+        what = head or "%s: %s on %s." % (ev["severity"].upper(), ev["event"], ev["host"])
+    p = ev.get("process") or {}
+    who = ["process %s (pid %s, user %s)" % (p.get("exe", "?"), p.get("pid", "?"),
+                                              p.get("user", "?"))] if p else []
+    if ev.get("users"):
+        who.append("logged in: " + ", ".join(ev["users"]))
+    who = "Who:  " + ("; ".join(who) if who else "not known (nobody was logged in)")
+    now = "Next: expected (you, a deploy, an upgrade)? Nothing to do: fimwatch already " \
+          "keeps the new state. If not, see below."
+    return [what, who, now]
+
+
 def _digest_text(ev):
-    out = ["%d changes on %s%s." % (ev.get("count", 0), ev["host"],
-                                    " (" + ev["reason"] + ")" if ev.get("reason") else ""), ""]
+    if ev.get("reason") == CHANGE_TOGETHER:
+        return _together_text(ev)
+    out = three_lines(ev) + [""]
     if ev.get("by_severity"):
         out.append("By severity: " + ", ".join("%s %d" % kv for kv in ev["by_severity"].items()))
     if ev.get("by_directory"):
@@ -4687,8 +5194,26 @@ def _digest_text(ev):
     out += ["", "Changes%s:" % (" (first %d)" % shown if shown < ev.get("count", 0) else "")]
     out += ["  %s  %s" % (_local_time(e), event_summary(e)) for e in ev["events"]]
     out += ["", "All events: fimwatch events --since 24h   (or the events_file log)",
-            "If these changes were expected: fimwatch accept"]
+            "To leave a note that you checked them: fimwatch accept"]
     return out
+
+
+CHANGE_TOGETHER = "changes made together"
+
+
+def _together_text(ev):
+    """One change that touched several files (useradd: passwd, shadow, group,
+    gshadow and their backups): the summary, then the files, then diffs."""
+    out = three_lines(ev) + ["", "When:      %s UTC (detected: %s)" % (
+        _local_time(ev), ev.get("detected"))]
+    out += ["", "Files changed together (%d):" % ev.get("count", 0)]
+    for e in ev["events"]:
+        line = "  %-8s %s%s" % (e["event"], e.get("path"),
+                                "  (backup)" if backup_base(e.get("path") or "") else "")
+        out.append(line + ("  - " + e["summary"] if e.get("summary") else ""))
+    for e in [e for e in ev["events"] if e.get("diff") and not backup_base(e["path"])][:5]:
+        out += ["", "Diff of %s:" % e["path"], e["diff"].rstrip("\n")]
+    return out + _advice(ev["events"][0], "")
 
 
 _WHAT_HAPPENED = {"created": "was created", "modified": "was modified",
@@ -4704,6 +5229,8 @@ def _change_text(ev):
         out = ["%s: %s %s on %s." % (sev, ev["path"], what, ev["host"])]
     else:
         out = ["%s: %s on %s." % (sev, ev["event"], ev["host"])]
+    if ev.get("path"):
+        out = three_lines(ev, out[0]) + ([""] + out if ev.get("summary") else [])
     if ev.get("message"):
         out.append(ev["message"])
     out += ["", "When:      %s UTC (detected: %s)" % (_local_time(ev), ev.get("detected"))]
@@ -4715,18 +5242,24 @@ def _change_text(ev):
     return out + _advice(ev)
 
 
+def before_after_rows(ev):
+    """[(field, before, after)] of the fields that an event has."""
+    prev = ev.get("previous") or {}
+    if not ev.get("path"):
+        return []
+    return [(k, _cell(prev.get(k, "-")) if ev["event"] != "created" else "-",
+             _cell(ev.get(k, "-")))
+            for k in ("size", "mode", "owner", "group", "target", "sha256") + META_KEYS
+            if k in ev or k in prev]
+
+
 def _before_after(ev):
     """The table of the fields that an event has, before and after."""
-    prev = ev.get("previous") or {}
-    rows = [k for k in ("size", "mode", "owner", "group", "target", "sha256") + META_KEYS
-            if k in ev or k in prev]
-    if not rows or not ev.get("path"):
+    rows = before_after_rows(ev)
+    if not rows:
         return []
-    out = ["", "            %-34s %s" % ("before", "after")]
-    for k in rows:
-        before = _cell(prev.get(k, "-")) if ev["event"] != "created" else "-"
-        out.append("  %-9s %-34s %s" % (k, before, _cell(ev.get(k, "-"))))
-    return out
+    return ["", "            %-34s %s" % ("before", "after")] + \
+        ["  %-9s %-34s %s" % row for row in rows]
 
 
 def _context_lines(ev):
@@ -4746,19 +5279,86 @@ def _context_lines(ev):
     return out
 
 
-def _advice(ev):
+def _advice(ev, path=None):
+    """What to do next, as README says it: no acknowledgement needed."""
     if not ev.get("path") or ev["event"] not in ("created", "modified", "attributes",
                                                   "deleted", "moved"):
         return []
     who = "who was logged in (above), " if ev.get("users") else ""
     if ev.get("process"):
         who = "the process (above), " + who
+    path = ev["path"] if path is None else path
     return ["", "What to do:",
-            "  - If you (or a deploy, or a package upgrade) made this change, take it",
-            "    into the baseline:  fimwatch accept %s" % ev["path"],
+            "  - If you (or a deploy, or a package upgrade) made this change: nothing.",
+            "    fimwatch has recorded the new state; to leave a note that you checked",
+            "    it:  fimwatch accept%s" % (" " + path if path else ""),
             "  - If nobody expected it: look at %s`last`," % who,
             "    `journalctl --since '%s'`, and the file itself before touching it."
             % _local_time(ev)]
+def change_key(ev):
+    """Which change an event belongs to, for one message per change: the
+    account databases of one directory and their backups together, a unit
+    and its enablement link, the writes of one process, the files of one
+    package, a file and the backups tools write beside it (passwd-,
+    *.dpkg-old)."""
+    p = ev.get("path") or ""
+    if not p:
+        return ("event", ev.get("id"))
+    base = backup_base(p) or p
+    d, name = os.path.split(base)
+    if name in ACCOUNT_DBS:
+        return ("accounts", d)
+    if "/systemd/" in p and name.endswith(_UNIT_SUFFIXES):
+        return ("unit", name)
+    proc = ev.get("process") or {}
+    if proc.get("pid"):
+        return ("process", proc.get("pid"), proc.get("exe"))
+    if (ev.get("package") or {}).get("name"):
+        return ("package", ev["package"]["name"])
+    return ("path", base)
+
+
+def change_groups(pairs):
+    """[(seq, event)] -> [[(seq, event), ...]] by change_key, first seen first."""
+    groups = {}
+    for seq, ev in pairs:
+        groups.setdefault(change_key(ev), []).append((seq, ev))
+    return list(groups.values())
+
+
+def event_html(ev):
+    """The HTML part beside the plain text, where a table helps: the before/
+    after of one change, the files of one change made together. None where
+    the plain text says it as well. Everything in it is in the plain text.
+    Only alerts with a summary (what a change means) get one: the rest stay
+    the single text/plain part they always were."""
+    if not ev.get("summary"):
+        return None
+    import html
+    e = html.escape
+    rows = []
+    if ev["event"] == "digest" and ev.get("reason") == CHANGE_TOGETHER:
+        head = ("event", "file", "what it means")
+        rows = [(x["event"], x.get("path", "") + (" (backup)" if backup_base(
+            x.get("path") or "") else ""), x.get("summary", "")) for x in ev["events"]]
+    elif ev["event"] != "digest" and ev.get("path"):
+        head = ("", "before", "after")
+        rows = before_after_rows(ev)
+    if not rows:
+        return None
+    top = "".join("<p>%s</p>" % (("<b>%s</b>" if i == 0 else "%s") % e(ln))
+                  for i, ln in enumerate(three_lines(ev)))
+    table = "<table border=1 cellpadding=4 style='border-collapse:collapse'><tr>%s</tr>%s" \
+        "</table>" % ("".join("<th>%s</th>" % e(h) for h in head),
+                      "".join("<tr>%s</tr>" % "".join("<td>%s</td>" % e(str(c)) for c in r)
+                              for r in rows))
+    diffs = [x for x in (ev.get("events") or [ev]) if x.get("diff")][:5]
+    pre = "".join("<pre>%s</pre>" % e(x["diff"]) for x in diffs)
+    return "<html><body>%s%s%s<p>%s</p></body></html>" % (
+        top, table, pre, e("-- fimwatch %s on %s, event id %s" % (__version__, ev["host"],
+                                                                 ev["id"])))
+
+
 def digest_listing(events, limit):
     """The events a digest lists: every critical one first (however many),
     then the rest by severity, highest first, each group in time order."""
@@ -4784,7 +5384,24 @@ def make_digest(events, host, reason="", limit=50, dropped=0):
                           ).hex
     if dropped:
         ev["dropped"] = dropped
+    _digest_context(ev, events)
     return ev
+
+
+def _digest_context(ev, events):
+    """A digest's summary (what its changes mean together), the login
+    sessions and the first known writing process."""
+    summary = combined_summary(events)
+    if summary:
+        ev["summary"] = summary
+        if any(e.get("detected") != "realtime" for e in events):
+            ev["detected"] = events[0].get("detected")
+    users = sorted({u for e in events for u in e.get("users") or ()})
+    if users:
+        ev["users"] = users
+    proc = next((e["process"] for e in events if e.get("process")), None)
+    if proc:
+        ev["process"] = proc
 
 
 def send_email(conf, ev, host, sendmail=None, timeout=60):
@@ -4805,6 +5422,9 @@ def send_email(conf, ev, host, sendmail=None, timeout=60):
     msg["X-Fimwatch-Event"] = ev["id"]
     msg["X-Fimwatch-Severity"] = ev["severity"]
     msg.set_content(event_text(ev))
+    html = event_html(ev)
+    if html:
+        msg.add_alternative(html, subtype="html")
     prog = sendmail or conf["sendmail"]
     cmd = [prog, "-oi", "-t"]
     # Inside fimwatch.service's sandbox an MTA's sendmail cannot work (no
@@ -4832,11 +5452,17 @@ def send_email(conf, ev, host, sendmail=None, timeout=60):
 def chat_text(ev):
     if ev["event"] == "digest":
         lines = ["*fimwatch*: %d changes on %s" % (ev.get("count", 0), ev["host"])]
+        if ev.get("summary"):
+            lines = ["*fimwatch* on %s: %s %s (%d files)" % (
+                ev["host"], ev["severity"].upper(), ev["summary"], ev.get("count", 0))]
         lines += ["• " + event_summary(e) for e in ev["events"][:15]]
         if ev.get("count", 0) > 15:
             lines.append("… and %d more (fimwatch events --since 24h)" % (ev["count"] - 15))
         return "\n".join(lines)
     s = "*fimwatch* on %s: %s" % (ev["host"], event_summary(ev))
+    if ev.get("summary"):
+        s = "*fimwatch* on %s: %s %s\n%s" % (ev["host"], ev["severity"].upper(),
+                                             ev["summary"], event_summary(ev))
     if ev.get("message") and ev.get("path"):
         s += "\n" + ev["message"]
     if ev.get("users"):
@@ -4845,7 +5471,8 @@ def chat_text(ev):
         s += "\npackage %s: %s" % (ev["package"]["name"], "verified" if ev["package"]["verified"]
                                    else "NOT verified")
     if ev.get("path") and ev["event"] in ("created", "modified", "attributes", "deleted", "moved"):
-        s += "\nexpected? `fimwatch accept %s`" % ev["path"]
+        s += "\nexpected? nothing to do (to note that you checked: `fimwatch accept %s`)" \
+            % ev["path"]
     return s
 
 
@@ -5128,20 +5755,32 @@ class Channel:
             except ValueError:
                 self._count_dropped([r.seq])     # unreadable: counted as dropped
         valid = [e for _, e in events]
+        groups = change_groups(events)
         dropped = int(self.store.meta(self._meta_key("dropped_unreported"), 0) or 0)
         cap = self.max_per_hour
-        if len(valid) > self.BURST or (was_paused and valid) or \
-                (cap and len(self.sent) + len(valid) > cap):
+        if len(groups) > self.BURST or (was_paused and valid) or \
+                (cap and len(self.sent) + len(groups) > cap):
             reason = "maintenance window ended" if was_paused else \
                 "more than %d alerts this hour" % cap if cap and len(self.sent) >= cap else \
                 "burst of changes"
             return [([r.seq for r in rows], make_digest(valid, self.cfg.hostname, reason,
                                                          self.DIGEST_LIMIT, dropped))]
+        return self._per_change(groups, dropped)
+
+    def _per_change(self, groups, dropped):
+        """One message per change: an event alone as itself, the events of
+        one change (change_groups) as one digest with their summary."""
         out = []
-        for seq, e in events:
+        for group in groups:
+            seqs = [s for s, _ in group]
+            if len(group) == 1:
+                e = group[0][1]
+            else:
+                e = make_digest([e for _, e in group], self.cfg.hostname, CHANGE_TOGETHER,
+                                self.DIGEST_LIMIT)
             if dropped:
                 e, dropped = dict(e, dropped=dropped), 0
-            out.append(([seq], e))
+            out.append((seqs, e))
         return out
 
     def _deliver_one(self, seqs, ev, rows, now):
@@ -5983,6 +6622,27 @@ def _state_status(cfg, store, pid):
     return st
 
 
+def status_without_config(path, err):
+    """`status` when the config does not load: the error, and still whether
+    the daemon runs (it keeps the config it started with). state_dir is
+    read leniently from the file, else the default. Exit 2: a config error."""
+    parser = configparser.ConfigParser(strict=False, interpolation=None,
+                                       inline_comment_prefixes=("#", ";"))
+    try:
+        parser.read(path, encoding="utf-8")
+        state_dir = parser.get("fimwatch", "state_dir", fallback="") or DEFAULT_STATE_DIR
+    except (configparser.Error, UnicodeError, OSError):
+        state_dir = DEFAULT_STATE_DIR
+    pid = StateLock(state_dir).holder() if os.path.isdir(state_dir) else None
+    sys.stderr.write("fimwatch: error: %s\n" % err)
+    if pid:
+        print("fimwatch: running (pid %s), with the config it started with; fix %s "
+              "before a reload or restart (fimwatch check-config)" % (pid, esc(path)))
+    else:
+        print("fimwatch: NOT running; fix %s first (fimwatch check-config)" % esc(path))
+    return EXIT_ERROR
+
+
 def status_info(cfg):
     """Everything `status` shows, as one dict (what --json prints)."""
     pid = StateLock(cfg.state_dir).holder() if os.path.isdir(cfg.state_dir) else None
@@ -6580,7 +7240,12 @@ def main(argv=None):
         return EXIT_ERROR
     path = args.config or os.environ.get("FIMWATCH_CONFIG") or DEFAULT_CONFIG
     try:
-        cfg = load_config(path)
+        try:
+            cfg = load_config(path)
+        except ConfigError as e:
+            if args.command != "status":
+                raise
+            return status_without_config(path, e)
         return COMMANDS[args.command](cfg, args)
     except FimwatchError as e:
         sys.stderr.write("fimwatch: error: %s\n" % e)

@@ -442,3 +442,18 @@ def test_status_json_reports_what_spec_lists(fim):
     assert set(ev) >= {"critical", "warning", "notice", "info"}, st
     assert ev["warning"] >= 1, st
     d.stop()
+
+
+def test_status_with_a_broken_config_still_says_whether_the_daemon_runs(fim):
+    """Issue 15: a typo in the config must not hide whether the daemon (which
+    keeps the config it started with) is running."""
+    d = fim.daemon()
+    good = fim.conf.read_text()
+    fim.conf.write_text(good + "\n[watch]\nno_such_key = 1\n")
+    r = fim.cli("status")
+    assert r.returncode == 2, describe(r)
+    assert r.stderr.startswith("fimwatch: error:") and r.stderr.count("\n") == 1, describe(r)
+    assert r.stdout.startswith("fimwatch: running (pid %d)" % d.pid), describe(r)
+    d.stop()
+    r = fim.cli("status")
+    assert r.returncode == 2 and r.stdout.startswith("fimwatch: NOT running"), describe(r)

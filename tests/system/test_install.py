@@ -142,7 +142,8 @@ def test_unit_security_exposure(tmp_path):
 def test_unit_contract():
     text = (REPO / "fimwatch.service").read_text()
     for line in ["Type=notify", "NotifyAccess=main", "ExecStart=/usr/local/sbin/fimwatch run",
-                 "ExecReload=/bin/sh -c 'kill -HUP \"$$MAINPID\"'", "Restart=always",
+                 "ExecReload=/bin/sh -c '/usr/local/sbin/fimwatch check-config >/dev/null "
+                 "&& kill -HUP \"$$MAINPID\"'", "Restart=always",
                  "RestartPreventExitStatus=2", "ProtectSystem=strict",
                  "ProtectHome=read-only", "StateDirectory=fimwatch", "UMask=0077",
                  "SystemCallFilter=@system-service", "SystemCallArchitectures=native",
@@ -896,6 +897,19 @@ def test_ct_service_ready(box):
     after = ct.show("fimwatch.service", "ActiveState", "MainPID", "NRestarts")
     assert after == {"ActiveState": "active", "MainPID": props["MainPID"],
                      "NRestarts": props["NRestarts"]}, after
+    # A broken config: the reload fails visibly, the daemon keeps running
+    # with the old one, and status still says it runs.
+    conf = ct.read("/etc/fimwatch/fimwatch.conf")
+    ct.sh("printf '\\n[fimwatch]\\nno_such_key = 1\\n' >> /etc/fimwatch/fimwatch.conf")
+    r = ct.sh("systemctl reload fimwatch.service", check=False)
+    assert r.returncode != 0 and "failed" in r.stderr, (r.returncode, r.stderr)
+    r = ct.sh("journalctl -u fimwatch --no-pager -o cat -n 20", check=False)
+    assert "fimwatch: error: /etc/fimwatch/fimwatch.conf:" in r.stdout, r.stdout
+    r = ct.sh("fimwatch status", check=False)
+    assert r.returncode == 2 and r.stdout.startswith("fimwatch: running"), r.stdout + r.stderr
+    ct.sh("cat > /etc/fimwatch/fimwatch.conf", input=conf)
+    assert ct.show("fimwatch.service", "ActiveState", "MainPID") == {
+        "ActiveState": "active", "MainPID": props["MainPID"]}
     box.notes["ready"] = True
 
 
@@ -936,8 +950,8 @@ def test_ct_passwd_change_reaches_journal_and_mail(box):
     assert "critical" in hits[-1], hits
 
     def mail():
-        text = ct.sh("cat %s" % mailbox).stdout
-        subjects = re.findall(r"^Subject: (.*)$", text, re.M)
+        # parsed, not grepped: a subject with a summary is long enough to be folded
+        subjects = [m["Subject"] for m in _mails(box)]
         return [s for s in subjects if "/etc/passwd" in s]
     try:
         subjects = ct.wait_for("the alert mail in %s" % mailbox, mail, 60)
@@ -946,6 +960,7 @@ def test_ct_passwd_change_reaches_journal_and_mail(box):
                   "-u fimwatch -u 'fimwatch-sendmail@*'; fimwatch status", check=False)
         raise AssertionError("no alert mail for /etc/passwd in %s\n%s" % (mailbox, r.stdout))
     assert any("CRITICAL" in s and "modified" in s for s in subjects), subjects
+    assert any(s.endswith(": user fimtest (uid 4242) added") for s in subjects), subjects
     box.notes["mail"] = True
 
     # The sandboxed daemon reads root-only files: a change to /etc/shadow is
@@ -958,6 +973,51 @@ def test_ct_passwd_change_reaches_journal_and_mail(box):
     ev = ct.wait_for("/etc/shadow modified", shadow, 30)[-1]
     assert ev.get("sha256") and ev.get("previous", {}).get("sha256"), ev
     assert "diff" not in ev, ev
+
+
+def _mails(box):
+    """The messages in root's mailbox, parsed (bodies decoded)."""
+    import email
+    import email.policy
+    text = box.ct.sh("cat %s" % _mailbox(box)).stdout
+    chunks = re.split(r"^From \S+ .*\n", text, flags=re.M)
+    return [email.message_from_string(c, policy=email.policy.default) for c in chunks
+            if c.strip()]
+
+
+def _one_new_mail(box, before, token, timeout=60):
+    """The one mail that arrived since `before` mails, whose subject has
+    token; waits two more gather windows to be sure no second one follows."""
+    box.ct.wait_for("a mail about %s" % token,
+                    lambda: any(token in m["Subject"] for m in _mails(box)[before:]), timeout)
+    time.sleep(3)
+    new = [m for m in _mails(box)[before:] if "[fimwatch]" in m["Subject"]]
+    assert len(new) == 1, [m["Subject"] for m in new]
+    return new[0]["Subject"], new[0].get_body(("plain",)).get_content()
+
+
+@pytest.mark.timeout(240)
+def test_ct_useradd_and_usermod_are_one_mail_each_saying_so(box):
+    """Issue 15's "done when", with the real tools: `useradd` (passwd,
+    shadow, group, gshadow, subuid, subgid and their backups) is one mail
+    whose first line says the user was added; `usermod -aG sudo` one that
+    says so."""
+    _require(box, "mail")
+    before = len(_mails(box))
+    box.ct.sh("useradd eviltest")
+    uid = box.ct.sh("id -u eviltest").stdout.strip()
+    subject, body = _one_new_mail(box, before, "eviltest")
+    sys.stdout.write("\n--- %s\n%s\n" % (subject, "\n".join(body.splitlines()[:20])))
+    first = body.splitlines()[0]
+    assert re.match(r"^CRITICAL on \S+: user eviltest \(uid %s\) added; group eviltest "
+                    r"\(gid \d+\) added$" % uid, first), body
+    assert "/etc/passwd-  (backup)" in body and "/etc/shadow" in body, body
+    assert "$y$" not in body and "$6$" not in body
+    before = len(_mails(box))
+    box.ct.sh("usermod -aG sudo eviltest || (groupadd -f sudo && usermod -aG sudo eviltest)")
+    subject, body = _one_new_mail(box, before, "sudo")
+    sys.stdout.write("\n--- %s\n%s\n" % (subject, "\n".join(body.splitlines()[:20])))
+    assert re.match(r"^CRITICAL on \S+: eviltest added to group sudo$", body.splitlines()[0]), body
 
 
 def _assert_ct_quiet(ct, pred, since, timeout=60):
