@@ -3560,7 +3560,6 @@ _IOPRIO_SYSCALLS = {"x86_64": (251, 252), "aarch64": (30, 31), "i686": (289, 290
                     "armv7l": (314, 315), "ppc64le": (273, 274), "s390x": (282, 283),
                     "riscv64": (30, 31)}
 IOPRIO_IDLE = 3 << 13            # IOPRIO_CLASS_IDLE, level 0
-_libc = []
 
 
 def ioprio(value):
@@ -3569,10 +3568,7 @@ def ioprio(value):
     nums = _IOPRIO_SYSCALLS.get(os.uname().machine)
     if nums is None:
         return None
-    if not _libc:
-        import ctypes                # only daemons with scan_interval load it
-        _libc.append(ctypes.CDLL(None, use_errno=True))
-    libc = _libc[0]
+    libc = _libc()[1]                # ctypes: only daemons with scan_interval load it
     prev = libc.syscall(nums[1], 1, 0)
     if prev < 0 or libc.syscall(nums[0], 1, 0, value) < 0:
         return None
@@ -3665,9 +3661,7 @@ class Engine:
         self._set_roots(cfg)
 
     def _set_roots(self, cfg):
-        roots = sorted(set(r for _, r in cfg.resolved_roots()))
-        # A root inside another root is covered by it.
-        self.roots = [r for r in roots if not any(r.startswith(o + "/") for o in roots if o != r)]
+        self.roots = _watch_roots(cfg)
         self.scan_only = [r for r in cfg.scan_only
                           if not any(r == o or r.startswith(o + "/") for o in self.roots)]
         # fimwatch's own files never watch themselves (a write to the events
@@ -6211,8 +6205,8 @@ class Daemon:
 
     def start_engine(self, ino_mod, mode, detected, prev=None):
         cfg = self.cfg
-        eng = self.eng = Engine(cfg, self.store, self.dispatch.emit, None, progress=_tty())
-        eng.backend, choices = make_backend(cfg.get("watch", "backend"), eng.roots, ino_mod)
+        backend, choices = make_backend(cfg.get("watch", "backend"), _watch_roots(cfg), ino_mod)
+        eng = self.eng = Engine(cfg, self.store, self.dispatch.emit, backend, progress=_tty())
         self.store.set_meta("backends", json.dumps(choices))
         for root, name, why in choices:
             self.log("%s: %s (%s)" % (esc(root), name, why))
@@ -6725,6 +6719,8 @@ def _print_backends(rows, prefix):
 
 
 def _watch_roots(cfg):
+    """The watched directories: configured paths resolved, a root inside
+    another root left out (it is covered by it)."""
     roots = sorted(set(r for _, r in cfg.resolved_roots()))
     return [r for r in roots if not any(r.startswith(o + "/") for o in roots if o != r)]
 
