@@ -2397,7 +2397,7 @@ class PackageTx:
                 return True
             if p.startswith(SCRIPT_PREFIXES):
                 item = {"path": ev["path"], "event": event}
-                if p in ("/etc/passwd", "/etc/group") and ev.get("diff"):
+                if p.endswith(("/etc/passwd", "/etc/group")) and ev.get("diff"):
                     item["added"] = _added_names(ev["diff"])
                 self.scripts.append(item)
                 return True
@@ -3512,9 +3512,13 @@ class Engine:
         self.emit_cb(ev)
 
     def _tx_of(self, p):
-        """The ended transaction whose held changes p belongs to, or None."""
+        """The ended transaction whose held changes p belongs to, or None.
+        A file found new when its directory is compared belongs with it."""
         for tx in self.tx_closing:
-            if p in tx.paths:
+            q = p
+            while q not in tx.paths and q not in ("/", ""):
+                q = os.path.dirname(q)
+            if q in tx.paths:
                 return tx
         return None
 
@@ -3983,13 +3987,21 @@ class Engine:
             return
         now = time.monotonic()
         ended = self.pkgtx.poll(now)
-        if ended is not None:
-            self.tx_closing.append(ended)
-            for p in ended.paths:
-                ent = self.pending.get(p)
-                if ent is not None:
-                    ent[0] = now
-                    heapq.heappush(self.due, (now, p))
+        if ended is None:
+            return
+        # What the watched trees queued before the lock was released is read
+        # now, or a file written last could miss its transaction.
+        self.read_events()
+        ended.ended = time.monotonic()
+        self.tx_closing.append(ended)
+        for p in ended.paths:                 # held: compared now
+            ent = self.pending.get(p)
+            if ent is not None:
+                ent[0] = now
+                heapq.heappush(self.due, (now, p))
+        for p, ent in self.pending.items():   # seen, not settled yet: the digest waits
+            if ent[1] >= ended.start_mono and p.startswith(PACKAGE_PREFIXES):
+                ended.paths.setdefault(p, None)
 
     def tx_finish(self):
         while self.tx_closing and not any(p in self.pending for p in self.tx_closing[0].paths):
