@@ -29,6 +29,7 @@ Map of this file (`grep -n '^# [A-Z]' fimwatch.py` lists these banners):
   Baseline store      Store: every SQL statement (baseline, events, meta, spool)
   State safety        StateDB (writes held on a full disk), StateGuard (lost state)
   Context for events  logged-in users, PackageDB, diffs
+  Package transactions  PackageWatch (dpkg's lock), PackageTx -> `transaction`
   The event           new_event(): a plain dict, never changed once emitted
   Pipeline 1 of 3     watcher backends: InotifyBackend -> Engine calls
   Pipeline 2 of 3     Engine: walks, settle queue, compare, apply -> events
@@ -39,7 +40,8 @@ Map of this file (`grep -n '^# [A-Z]' fimwatch.py` lists these banners):
 
 An event's way: Daemon.loop -> Engine.read_events -> backend.read ->
 Engine.changed/moved/... -> Engine.touch (the settle queue) -> Engine.tick ->
-flush_due -> flush (a settled rename: try_move) -> flush_path -> visit
+flush_due (defer_for_dpkg: held while a package transaction runs) -> flush
+(a settled rename: try_move) -> flush_path -> visit
 (snapshot) -> apply (compare; _report adds the diff) -> emit_change (users,
 package) -> Dispatcher.emit (stored; syslog and the channels' spools at once)
 -> Store.commit_turn -> Dispatcher.flush (the events file) -> Channel worker
@@ -1998,37 +2000,32 @@ class PackageDB:
     def _read_status(self, index):
         """Conffiles (files under /etc are mostly conffiles: their md5 is in
         status, not in the md5sums lists) and the installed versions."""
-        versions, pkg, in_conf, ver, installed = {}, None, False, None, False
+        versions, cur = {}, {"pkg": None, "ver": None, "ok": False, "conf": False}
         try:
             with open(self.status_path, "rb") as f:
                 for line in f:
-                    if line.startswith((b"Package: ", b"Version: ", b"Status: ")) \
-                            or line.strip() == b"":
-                        if pkg and ver and installed:
-                            versions[pkg] = ver
-                        key, _, val = line.partition(b": ")
-                        val = val.strip().decode("utf-8", "replace")
-                        if key == b"Package":
-                            pkg, ver, installed = val, None, False
-                        elif key == b"Version":
-                            ver = val
-                        elif key == b"Status":
-                            installed = val.split()[-1:] not in (["not-installed"],
-                                                                 ["config-files"])
-                        in_conf = False
-                    elif line.startswith(b"Conffiles:"):
-                        in_conf = True
-                    elif in_conf and line.startswith(b" /"):
-                        parts = line.split()
-                        if len(parts) >= 2 and b"obsolete" not in parts[2:]:
-                            self._add(index, parts[0], pkg, parts[1].decode("ascii", "replace"))
-                    else:
-                        in_conf = False
-                if pkg and ver and installed:
-                    versions[pkg] = ver
+                    self._status_line(line, cur, versions, index)
         except OSError:
             pass
         return versions
+
+    def _status_line(self, line, cur, versions, index):
+        if cur["conf"] and line.startswith(b" /"):
+            parts = line.split()
+            if len(parts) >= 2 and b"obsolete" not in parts[2:]:
+                self._add(index, parts[0], cur["pkg"], parts[1].decode("ascii", "replace"))
+            return
+        cur["conf"] = line.startswith(b"Conffiles:")
+        key, _, val = line.partition(b": ")
+        val = val.strip().decode("utf-8", "replace")
+        if key == b"Package":
+            cur.update(pkg=val, ver=None, ok=False)
+        elif key == b"Version":
+            cur["ver"] = val
+        elif key == b"Status":
+            cur["ok"] = val.split()[-1:] not in (["not-installed"], ["config-files"])
+        if cur["ok"] and cur["ver"] and key in (b"Version", b"Status"):
+            versions[cur["pkg"]] = cur["ver"]
 
     def _apply_diversions(self, index):
         """dpkg-divert: the diverted package's file lives at the new path."""
@@ -3512,13 +3509,9 @@ class Engine:
         self.emit_cb(ev)
 
     def _tx_of(self, p):
-        """The ended transaction whose held changes p belongs to, or None.
-        A file found new when its directory is compared belongs with it."""
+        """The ended transaction whose held changes p belongs to, or None."""
         for tx in self.tx_closing:
-            q = p
-            while q not in tx.paths and q not in ("/", ""):
-                q = os.path.dirname(q)
-            if q in tx.paths:
+            if p in tx.paths:
                 return tx
         return None
 
