@@ -98,7 +98,7 @@ def pkgd(fim, tmp_path):
     dpkg.ship("tool", "1.0-1", {tool: b"tool 1\n"})
     (fim.root / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
     fim.write_config(severity={"critical": "%s/usr/bin/** %s/etc/passwd" % (fim.root, fim.root)},
-                     fimwatch={"diff_paths": "%s/etc/**" % fim.root})
+                     fimwatch={"diff_paths": "%s/etc/**" % fim.root, "package_check": "yes"})
     env = {"FIMTEST_DPKG": str(dpkg.dir), "FIMTEST_ROOT": str(fim.root)}
     d = fim.daemon(python=str(wrapper), env=env)
     return d, dpkg, tool
