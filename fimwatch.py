@@ -35,6 +35,7 @@ Map of this file (`grep -n '^# [A-Z]' fimwatch.py` lists these banners):
   Meaning             facts() of account databases, sudoers, sshd_config,
                       authorized_keys, cron, units; summarize() says in words
                       what a change means ("user eviltest (uid 1001) added")
+  Package transactions  PackageWatch (dpkg's lock), PackageTx -> `transaction`
   The event           new_event(): a plain dict, never changed once emitted
   Pipeline 1 of 3     watcher backends: InotifyBackend, FanotifyBackend (the
                       writer's pid), MixedBackend -> Engine calls; the mount table
@@ -46,7 +47,8 @@ Map of this file (`grep -n '^# [A-Z]' fimwatch.py` lists these banners):
 
 An event's way: Daemon.loop -> Engine.read_events -> backend.read ->
 Engine.changed/moved/... -> Engine.touch (the settle queue) -> Engine.tick ->
-flush_due -> flush (a settled rename: try_move) -> flush_path -> visit
+flush_due (defer_for_dpkg: held while a package transaction runs) -> flush
+(a settled rename: try_move) -> flush_path -> visit
 (snapshot) -> apply (compare; _report adds the diff) -> emit_change (users,
 package) -> Dispatcher.emit (stored; syslog and the channels' spools at once)
 -> Store.commit_turn -> Dispatcher.flush (the events file) -> Channel worker
@@ -107,6 +109,7 @@ UTMP = "/var/run/utmp"
 DPKG_INFO = "/var/lib/dpkg/info"
 DPKG_LOCK = "/var/lib/dpkg/lock"
 DPKG_STATUS = "/var/lib/dpkg/status"
+PROC_LOCKS = "/proc/locks"           # lock holders, read without opening the lock
 INOTIFY_SYSCTL = "/proc/sys/fs/inotify"
 MOUNTINFO = "/proc/self/mountinfo"   # poll(2) says POLLPRI when the mount table changes
 DB_NAME = "baseline.db"
@@ -2002,24 +2005,50 @@ def login_users(utmp=UTMP):
 
 
 class PackageDB:
-    """Which dpkg package owns a path, and does the file match its md5sum.
-    Loaded on first use and again when dpkg's info directory changes; dropped
-    after a few idle minutes so it costs no memory between upgrades."""
+    """Which dpkg packages own a path, and does the file match one of them.
+    Loaded on first use and again when dpkg's database changes; dropped after
+    a few idle minutes so it costs no memory between upgrades.
+
+    index: path -> a flat tuple (package, md5, package, md5, ...), every
+    owner of the path: md5sums lists, conffiles from status, and the
+    directories and symlinks of info/*.list (md5 None). A diversion moves
+    the diverted package's entry to the path it was diverted to; the
+    original path keeps only the diverting package (none for a local one).
+    versions: package -> the version status says is installed."""
 
     IDLE_DROP = 300
 
-    def __init__(self, info_dir=DPKG_INFO, lock=DPKG_LOCK, status=DPKG_STATUS):
-        self.info_dir, self.lock_path, self.status_path = info_dir, lock, status
+    def __init__(self, info_dir=None, lock=None, status=None):
+        self.info_dir = info_dir or DPKG_INFO
+        self.lock_path = lock or DPKG_LOCK
+        self.status_path = status or DPKG_STATUS
+        base = os.path.dirname(self.info_dir)
+        self.base = base
+        self.diversions_path = os.path.join(base, "diversions")
+        self.alternatives_dir = os.path.join(base, "alternatives")
+        self.frontend_path = os.path.join(os.path.dirname(self.lock_path), "lock-frontend")
         self.index, self.loaded_mtime, self.used = None, None, 0
+        self.versions = {}
 
     def available(self):
         return os.path.isdir(self.info_dir)
 
-    def _load(self):
-        try:
-            mtime = os.stat(self.info_dir).st_mtime_ns
-            mtime += os.stat(self.status_path).st_mtime_ns
-        except OSError:
+    def _mtime(self):
+        total = 0
+        for p in (self.info_dir, self.status_path, self.diversions_path):
+            try:
+                total += os.stat(p).st_mtime_ns
+            except FileNotFoundError:
+                if p != self.diversions_path:
+                    return None
+            except OSError:
+                return None
+        return total
+
+    def load(self):
+        """The index as dpkg's database is now (read again if it changed)."""
+        mtime = self._mtime()
+        if mtime is None:
             return False
         if self.index is not None and mtime == self.loaded_mtime:
             return True
@@ -2031,9 +2060,20 @@ class PackageDB:
         for fn in names:
             if fn.endswith(".md5sums"):
                 self._read_md5sums(fn, index)
-        self._read_conffiles(index)
+        self.versions = self._read_status(index)
+        for fn in names:
+            if fn.endswith(".list"):
+                self._read_list(fn, index)
+        self._apply_diversions(index)
         self.index, self.loaded_mtime = index, mtime
         return True
+
+    _load = load
+
+    @staticmethod
+    def _add(index, path, pkg, md5):
+        cur = index.get(path)
+        index[path] = (pkg, md5) if cur is None else cur + (pkg, md5)
 
     def _read_md5sums(self, fn, index):
         pkg = fn[:-8].split(":", 1)[0]
@@ -2042,32 +2082,76 @@ class PackageDB:
                 for line in f:
                     md5, _, rel = line.rstrip(b"\n").partition(b"  ")
                     if rel:
-                        index[b"/" + rel] = (pkg, md5.decode("ascii", "replace"))
+                        self._add(index, b"/" + rel, pkg, md5.decode("ascii", "replace"))
         except OSError:
             pass
 
-    def _read_conffiles(self, index):
-        """Files under /etc are mostly conffiles: their md5 is in the status
-        file ("Conffiles:"), not in the md5sums lists."""
+    def _read_list(self, fn, index):
+        """Directories and symlinks: listed, with no checksum to verify."""
+        pkg = fn[:-5].split(":", 1)[0]
+        try:
+            with open(os.path.join(self.info_dir, fn), "rb") as f:
+                for line in f:
+                    path = line.rstrip(b"\n")
+                    if path.startswith(b"/") and path not in index:
+                        index[path] = (pkg, None)
+        except OSError:
+            pass
+
+    def _read_status(self, index):
+        """Conffiles (files under /etc are mostly conffiles: their md5 is in
+        status, not in the md5sums lists) and the installed versions."""
+        versions, cur = {}, {"pkg": None, "ver": None, "ok": False, "conf": False}
         try:
             with open(self.status_path, "rb") as f:
-                pkg, in_conf = None, False
                 for line in f:
-                    if line.startswith(b"Package: "):
-                        pkg, in_conf = line[9:].strip().decode("utf-8", "replace"), False
-                    elif line.startswith(b"Conffiles:"):
-                        in_conf = True
-                    elif in_conf and line.startswith(b" /"):
-                        parts = line.split()
-                        if len(parts) >= 2 and b"obsolete" not in parts[2:]:
-                            index[parts[0]] = (pkg, parts[1].decode("ascii", "replace"))
-                    else:
-                        in_conf = False
+                    self._status_line(line, cur, versions, index)
         except OSError:
             pass
+        return versions
+
+    def _status_line(self, line, cur, versions, index):
+        if cur["conf"] and line.startswith(b" /"):
+            parts = line.split()
+            if len(parts) >= 2 and b"obsolete" not in parts[2:]:
+                self._add(index, parts[0], cur["pkg"], parts[1].decode("ascii", "replace"))
+            return
+        cur["conf"] = line.startswith(b"Conffiles:")
+        key, _, val = line.partition(b": ")
+        val = val.strip().decode("utf-8", "replace")
+        if key == b"Package":
+            cur.update(pkg=val, ver=None, ok=False)
+        elif key == b"Version":
+            cur["ver"] = val
+        elif key == b"Status":
+            cur["ok"] = val.split()[-1:] not in (["not-installed"], ["config-files"])
+        if cur["ok"] and cur["ver"] and key in (b"Version", b"Status"):
+            versions[cur["pkg"]] = cur["ver"]
+
+    def _apply_diversions(self, index):
+        """dpkg-divert: the diverted package's file lives at the new path."""
+        try:
+            with open(self.diversions_path, "rb") as f:
+                lines = f.read().split(b"\n")
+        except OSError:
+            return
+        for i in range(0, len(lines) - 2, 3):
+            orig, to, by = lines[i:i + 3]
+            by = by.decode("utf-8", "replace")
+            owners = index.get(orig, ())
+            pairs = [owners[j:j + 2] for j in range(0, len(owners), 2)]
+            moved = tuple(x for pr in pairs if pr[0] != by for x in pr)
+            kept = tuple(x for pr in pairs if pr[0] == by for x in pr)
+            if moved:
+                index[to] = moved + index.get(to, ())
+            if kept:
+                index[orig] = kept
+            else:
+                index.pop(orig, None)
 
     def lookup(self, path):
-        if not self._load():
+        """The owners of path as a flat (package, md5, ...) tuple, or None."""
+        if not self.load():
             return None
         self.used = time.monotonic()
         b = os.fsencode(path)
@@ -2095,7 +2179,9 @@ class PackageDB:
             os.close(fd)
 
     def check(self, path, sha256=None):
-        """{'name', 'manager', 'verified'} or None if no package owns path.
+        """{'name', 'manager', 'verified', 'digest'} or None if no package
+        owns path. Verified if the content matches any owner's md5 (the name
+        is then that owner's).
 
         With sha256 (what goes into the event and the baseline), md5 and
         sha256 come from one read and the file is verified only if that read
@@ -2104,30 +2190,40 @@ class PackageDB:
         hit = self.lookup(path)
         if hit is None:
             return None
-        pkg, md5 = hit
-        h = hashlib.md5(usedforsecurity=False) if sys.version_info >= (3, 9) else hashlib.md5()
-        h2 = hashlib.sha256()
-        try:
-            fd = os.open(path, _O_HASH)
-            try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    return {"name": pkg, "manager": "dpkg", "verified": False}
-                while True:
-                    chunk = os.read(fd, HASH_CHUNK)
-                    if not chunk:
-                        break
-                    h.update(chunk)
-                    h2.update(chunk)
-            finally:
-                os.close(fd)
-        except OSError:
-            return {"name": pkg, "manager": "dpkg", "verified": False}
-        same = sha256 is None or h2.hexdigest() == sha256
-        return {"name": pkg, "manager": "dpkg", "verified": same and h.hexdigest() == md5}
+        sums = {hit[i + 1]: hit[i] for i in range(len(hit) - 2, -1, -2) if hit[i + 1]}
+        res = {"name": hit[0], "manager": "dpkg", "verified": False, "digest": "md5"}
+        md5, sha = _md5_sha256(path)
+        if md5 is None or not (sha256 is None or sha == sha256) or md5 not in sums:
+            return res
+        res["name"], res["verified"] = sums[md5], True
+        return res
 
     def maybe_drop(self):
         if self.index is not None and time.monotonic() - self.used > self.IDLE_DROP:
             self.index = self.loaded_mtime = None
+
+
+def _md5_sha256(path):
+    """(md5, sha256) hex of a regular file from one read; (None, None) if it
+    cannot be read or is not a regular file (a FIFO is never opened for it)."""
+    h = hashlib.md5(usedforsecurity=False) if sys.version_info >= (3, 9) else hashlib.md5()
+    h2 = hashlib.sha256()
+    try:
+        fd = os.open(path, _O_HASH)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None, None
+            while True:
+                chunk = os.read(fd, HASH_CHUNK)
+                if not chunk:
+                    break
+                h.update(chunk)
+                h2.update(chunk)
+        finally:
+            os.close(fd)
+    except OSError:
+        return None, None
+    return h.hexdigest(), h2.hexdigest()
 
 
 _SECRET_RE = re.compile(r"(?i)((?:pass(?:word|wd|phrase)?|secret|token|api[_-]?key|"
@@ -2596,6 +2692,414 @@ def combined_summary(events):
                for p in re.sub(r" \(\+\d+ more\)$", "", e["summary"]).split("; ")]
     main = [p for p in phrases if not _SECONDARY_RE.match(p)]
     return join_phrases(main or phrases)
+
+
+# ---------------------------------------------------------------------------
+# Package transactions: one dpkg run, lock to unlock, summed up in one event
+#
+# A transaction is the time a process holds dpkg's lock-frontend or lock
+# (apt holds lock-frontend for its whole run and lets dpkg take lock; a bare
+# `dpkg -i` takes both). The holder's pid comes from /proc/locks, read
+# without opening the lock files: opening them would wake our own watch, and
+# taking a lock, even briefly, could make apt fail. A small inotify instance
+# of its own (PackageWatch) watches dpkg's directory (a lock file opened or
+# closed, status replaced) and info/ (md5sums landing): any of these makes
+# the locks be looked at in that loop turn; while a transaction runs they are
+# also looked at every second, in case a close went unseen. Without
+# inotify_simple they are looked at every 5 s.
+#
+# Changes under the package prefixes first seen while a transaction runs are
+# held (Engine.defer_for_dpkg) until it ends, then verified against dpkg's
+# database as it is then (PackageTx.take): what a package ships, what a
+# maintainer script or trigger is known to generate, and what matches no
+# package. One `transaction` event sums them up; only mismatches are also
+# reported one by one, at their normal severity.
+# ---------------------------------------------------------------------------
+
+TX_CHECK_EVERY = 1.0         # locks looked at this often while a transaction runs
+TX_SUSPECT_FOR = 3.0         # ... and every 0.25 s this long after a lock file was opened
+TX_POLL_EVERY = 5.0          # ... and this often without inotify
+TX_MAX_HOLD = 1800.0         # no change waits longer for its transaction to end
+TX_LIST_MAX = 200            # paths listed per kind in the digest
+FRONTENDS = {"apt": "apt", "apt-get": "apt-get", "aptitude": "aptitude",
+             "unattended-upgr": "unattended-upgrades",
+             "unattended-upgrade": "unattended-upgrades",
+             "packagekitd": "PackageKit", "synaptic": "synaptic", "dpkg": "dpkg"}
+# Files no package lists that a maintainer script or trigger writes.
+GENERATED = [(re.compile(_glob_to_re(g) + r"\Z"), why) for g, why in (
+    ("/etc/ld.so.cache", "ldconfig"),
+    ("/etc/ssl/certs/*", "update-ca-certificates"),
+    ("/etc/ca-certificates.conf", "update-ca-certificates"),
+    ("/boot/initrd.img-*", "update-initramfs"),
+    ("/usr/share/info/dir", "install-info"),
+    ("/usr/lib/locale/locale-archive", "locale-gen"),
+    ("/usr/share/mime/**", "update-mime-database"),
+    ("**/icon-theme.cache", "gtk-update-icon-cache"),
+    ("**/gschemas.compiled", "glib-compile-schemas"),
+    ("**/giomodule.cache", "gio-querymodules"),
+    ("**/*.dpkg-old", "dpkg (conffile kept)"),
+    ("**/*.dpkg-dist", "dpkg (conffile kept)"),
+    ("**/*.dpkg-bak", "dpkg (conffile kept)"),
+)]
+# Unowned changes here are a maintainer script's (adduser, systemctl enable...):
+# listed in the digest; anywhere else under the package prefixes they are
+# files that match no package.
+SCRIPT_PREFIXES = ("/etc/",)
+
+
+def lock_holders(paths, proc_locks=PROC_LOCKS):
+    """{path: pid} for those of paths a process holds a POSIX or OFD lock on
+    (pid None for an OFD lock); None if /proc/locks cannot be read."""
+    want = {}
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        want[st.st_ino] = (p, st.st_dev)
+    try:
+        with open(proc_locks) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    exact, loose = {}, {}
+    for ln in lines:
+        parts = ln.split()
+        if len(parts) < 6 or parts[1] == "->":          # "->": a waiter, not a holder
+            continue
+        try:
+            maj, mnr, ino = parts[5].split(":")
+            hit, pid = want.get(int(ino)), int(parts[4])
+            dev = os.makedev(int(maj, 16), int(mnr, 16))
+        except ValueError:
+            continue
+        if hit is not None:
+            # overlayfs and btrfs subvolumes show another device than stat()
+            (exact if dev == hit[1] else loose).setdefault(hit[0], pid if pid > 0 else None)
+    loose.update(exact)
+    return loose
+
+
+def lock_holder_info(pid, proc="/proc"):
+    """What can be read of the process holding dpkg's lock: pid, frontend,
+    cmdline, user (SUDO_USER), login_user (loginuid)."""
+    d = {"pid": pid, "frontend": "unknown"}
+    if pid is None:
+        return d
+    base = "%s/%d/" % (proc, pid)
+    try:
+        with open(base + "comm", "rb") as f:
+            comm = f.read().strip().decode("utf-8", "replace")
+        with open(base + "cmdline", "rb") as f:
+            argv = [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return d
+    name = comm
+    if comm.startswith("python") and len(argv) > 1:
+        name = os.path.basename(argv[1])
+    d["frontend"] = FRONTENDS.get(name, esc(name))
+    d["cmdline"] = esc(" ".join(argv))[:300]
+    try:
+        with open(base + "environ", "rb") as f:
+            env = dict(x.partition(b"=")[::2] for x in f.read().split(b"\0") if x)
+        if env.get(b"SUDO_USER"):
+            d["user"] = esc(env[b"SUDO_USER"].decode("utf-8", "replace"))
+    except OSError:
+        pass
+    try:
+        with open(base + "loginuid") as f:
+            uid = int(f.read().strip())
+        if uid != 0xFFFFFFFF:
+            d["login_user"] = user_name(uid)
+    except (OSError, ValueError):
+        pass
+    return d
+
+
+def _ver_order(c):
+    if c == "":
+        return 0
+    if c == "~":
+        return -1
+    return ord(c) if c.isalpha() else ord(c) + 256
+
+
+def _ver_part_cmp(a, b):
+    """dpkg's verrevcmp: non-digits by _ver_order, digit runs as numbers."""
+    i = j = 0
+    while i < len(a) or j < len(b):
+        while (i < len(a) and not a[i].isdigit()) or (j < len(b) and not b[j].isdigit()):
+            ac = _ver_order(a[i] if i < len(a) and not a[i].isdigit() else "")
+            bc = _ver_order(b[j] if j < len(b) and not b[j].isdigit() else "")
+            if ac != bc:
+                return ac - bc
+            i, j = i + 1, j + 1
+        i2, j2 = i, j
+        while i2 < len(a) and a[i2].isdigit():
+            i2 += 1
+        while j2 < len(b) and b[j2].isdigit():
+            j2 += 1
+        x, y = int(a[i:i2] or 0), int(b[j:j2] or 0)
+        if x != y:
+            return x - y
+        i, j = i2, j2
+    return 0
+
+
+def dpkg_version_cmp(a, b):
+    """<0, 0, >0 as Debian version a sorts before, with, after b."""
+    def split(v):
+        epoch, _, rest = v.partition(":") if ":" in v else ("0", "", v)
+        up, _, rev = rest.rpartition("-") if "-" in rest else (rest, "", "")
+        return int(epoch) if epoch.isdigit() else 0, up, rev
+    ea, ua, ra = split(a)
+    eb, ub, rb = split(b)
+    return (ea - eb) or _ver_part_cmp(ua, ub) or _ver_part_cmp(ra, rb)
+
+
+def generated_by(p, kind, new, db):
+    """Which maintainer script or trigger writes p, or None."""
+    for rx, why in GENERATED:
+        if rx.match(p):
+            return why
+    base = os.path.basename(p)
+    d = os.path.dirname(p)
+    if base == "__pycache__" and kind == "dir":
+        return "py3compile"
+    if os.path.basename(d) == "__pycache__" and base.endswith(".pyc") and \
+            os.path.exists(os.path.join(os.path.dirname(d), base.split(".", 1)[0] + ".py")):
+        return "py3compile"
+    target = new.target if new is not None and kind == "symlink" else None
+    if target is None:
+        return None
+    if d == "/etc/alternatives":
+        try:
+            with open(os.path.join(db.alternatives_dir, base), "rb") as f:
+                choices = f.read().split(b"\n")
+        except OSError:
+            return None
+        return "update-alternatives" if os.fsencode(target) in choices else None
+    if (d.startswith("/etc/systemd/system/") and d.endswith((".wants", ".requires"))) or \
+            re.match(r"/etc/rc[0-6S]\.d\Z", d):
+        full = target if target.startswith("/") else os.path.normpath(os.path.join(d, target))
+        if db.lookup(full) is not None:
+            return "deb-systemd-helper" if d.startswith("/etc/systemd/") else "update-rc.d"
+    return None
+
+
+def _added_names(diff):
+    """The user or group names a diff of /etc/passwd or /etc/group adds."""
+    out = []
+    for ln in (diff or "").splitlines():
+        if ln.startswith("+") and not ln.startswith("+++") and ":" in ln:
+            out.append(ln[1:].split(":", 1)[0])
+    return out
+
+
+class PackageTx:
+    """One package transaction: who ran it, and what each change it made
+    proved to be once it ended (take)."""
+
+    def __init__(self, holder, now, versions):
+        self.id = uuid.uuid4().hex[:12]
+        self.holder = holder
+        self.started, self.start_mono, self.ended = time.time(), now, None
+        self.before, self.after = dict(versions), {}
+        self.paths = {}               # path -> its owners when first held (lookup)
+        self.verified = collections.Counter()        # package -> files
+        self.removed = collections.Counter()
+        self.generated, self.scripts, self.mismatches = [], [], []
+
+    def take(self, db, p, ev, new, changes):
+        """Classify one change of this transaction; True if the digest holds
+        it, False if it is a mismatch to report on its own (ev is amended)."""
+        event, kind = ev["event"], ev.get("kind")
+        owners = db.lookup(p)
+        why = None
+        if event == "deleted":
+            if owners is None:
+                self.removed[(self.paths.get(p) or ("?",))[0]] += 1
+                return True
+            why = "a file of package %s is gone" % owners[0]
+        elif owners is not None and kind in ("dir", "symlink"):
+            self.verified[owners[0]] += 1
+            return True
+        elif owners is not None:
+            pkg = db.check(p, new.sha256 or "")
+            if pkg["verified"] and set(changes) <= {"content"}:
+                self.verified[pkg["name"]] += 1
+                return True
+            why = ("does not match package %s" % pkg["name"]) if pkg["verified"] is False \
+                else "%s changed; the package database records no %s" % (
+                    "/".join(changes), "/".join(changes))
+            ev["package"] = dict(pkg, transaction=self.id)
+        else:
+            gen = generated_by(p, kind, new, db)
+            if gen is not None:
+                self.generated.append({"path": ev["path"], "by": gen})
+                return True
+            if p.startswith(SCRIPT_PREFIXES):
+                item = {"path": ev["path"], "event": event}
+                if p.endswith(("/etc/passwd", "/etc/group")) and ev.get("diff"):
+                    item["added"] = _added_names(ev["diff"])
+                self.scripts.append(item)
+                return True
+            why = "matches no package"
+            ev["package"] = {"name": None, "manager": "dpkg", "verified": False,
+                             "transaction": self.id}
+        ev["message"] = "%s during package transaction %s: %s" % (event, self.id, why)
+        self.mismatches.append({"path": ev["path"], "event": event, "reason": why,
+                                "severity": ev["severity"]})
+        return False
+
+    def package_changes(self):
+        """{installed, upgraded, downgraded, reinstalled, removed: [names]}"""
+        out = {k: [] for k in ("installed", "upgraded", "downgraded", "reinstalled", "removed")}
+        for name, ver in sorted(self.after.items()):
+            old = self.before.get(name)
+            if old is None:
+                out["installed"].append("%s %s" % (name, ver))
+            elif old != ver:
+                key = "upgraded" if dpkg_version_cmp(ver, old) > 0 else "downgraded"
+                out[key].append("%s %s -> %s" % (name, old, ver))
+            elif self.verified.get(name):
+                out["reinstalled"].append("%s %s" % (name, ver))
+        out["removed"] = ["%s %s" % (n, v) for n, v in sorted(self.before.items())
+                          if n not in self.after]
+        return {k: v for k, v in out.items() if v}
+
+    def summary(self, pkgs):
+        h = self.holder
+        who = h.get("frontend", "unknown")
+        if h.get("user"):
+            who += " (by %s via sudo)" % h["user"]
+        elif h.get("login_user"):
+            who += " (by %s)" % h["login_user"]
+        done = ["%s %d package%s" % (k, len(v), "" if len(v) == 1 else "s")
+                for k, v in pkgs.items()] or ["changed no package"]
+        files = "%d file%s verified" % (sum(self.verified.values()),
+                                        "" if sum(self.verified.values()) == 1 else "s")
+        for n, what in ((len(self.generated), "generated"),
+                        (len(self.scripts), "by maintainer scripts"),
+                        (sum(self.removed.values()), "removed")):
+            if n:
+                files += ", %d %s" % (n, what)
+        return "%s %s: %s, %d mismatch%s" % (
+            who, " and ".join(done), files, len(self.mismatches),
+            "" if len(self.mismatches) == 1 else "es")
+
+    def digest(self, host, critical_paths=()):
+        """The `transaction` event: info when everything verified (syslog and
+        the events file only); the worst mismatch's severity, at least
+        warning, when something did not; notice when maintainer scripts
+        changed a critical path (listed, never paging)."""
+        sev = "info"
+        if self.mismatches:
+            sev = max(["warning"] + [m["severity"] for m in self.mismatches],
+                      key=SEV_RANK.get)
+        elif any(s["path"] in critical_paths for s in self.scripts):
+            sev = "notice"
+        pkgs = self.package_changes()
+        ev = new_event(host, "transaction", sev, "realtime", "", transaction=self.id,
+                       manager="dpkg", process=self.holder,
+                       started=iso_ms(self.started),
+                       duration=round(max(0.0, (self.ended or self.start_mono)
+                                          - self.start_mono), 1),
+                       packages=pkgs,
+                       files={"verified": sum(self.verified.values()),
+                              "generated": len(self.generated),
+                              "scripts": len(self.scripts),
+                              "removed": sum(self.removed.values()),
+                              "mismatches": len(self.mismatches)},
+                       verified=dict(sorted(self.verified.items())),
+                       mismatches=self.mismatches[:TX_LIST_MAX],
+                       generated=self.generated[:TX_LIST_MAX],
+                       scripts=self.scripts[:TX_LIST_MAX],
+                       message=self.summary(pkgs))
+        return ev
+
+
+class PackageWatch:
+    """Is a package transaction running: dpkg's locks, looked at when its
+    directory says so (see the banner above)."""
+
+    def __init__(self, db, use_inotify=True, proc_locks=PROC_LOCKS, proc="/proc"):
+        self.db, self.proc_locks, self.proc = db, proc_locks, proc
+        self.locks = (db.frontend_path, db.lock_path)
+        self.tx = None
+        self.ino = None
+        self.check_at, self.suspect_until, self.ignore_until = 0.0, 0.0, 0.0
+        if use_inotify:
+            try:
+                self.ino = import_inotify().INotify()
+                mask = 0x20 | IN_CLOSE_WRITE | 0x10 | IN_MOVED_TO | IN_CREATE | IN_DELETE
+                self.ino.add_watch(os.path.dirname(db.lock_path), mask)
+                self.ino.add_watch(db.info_dir, IN_CLOSE_WRITE | IN_MOVED_TO | IN_DELETE)
+            except (FimwatchError, OSError):
+                self.close()
+
+    def fileno(self):
+        return self.ino.fileno() if self.ino is not None else None
+
+    def close(self):
+        if self.ino is not None:
+            self.ino.close()
+            self.ino = None
+
+    def next_check(self, now):
+        if self.ino is None:
+            return self.check_at
+        if self.tx is not None or now < self.suspect_until:
+            return self.check_at
+        return None
+
+    def _drain(self, now):
+        if self.ino is None:
+            return
+        names = {os.path.basename(p) for p in self.locks}
+        events = self.ino.read(timeout=0)
+        if now < self.ignore_until:
+            return
+        for e in events:
+            self.check_at = now           # something happened there: look now
+            if e.name in names:
+                self.suspect_until = now + TX_SUSPECT_FOR
+
+    def holder(self):
+        """process_info of the lock holder (lock-frontend first), or None."""
+        held = lock_holders(self.locks, self.proc_locks)
+        if held is None:                      # no /proc/locks: F_GETLK, no pid
+            # busy() opens the lock: its own events are not a reason to look again
+            self.ignore_until = time.monotonic() + 0.2
+            return {"pid": None, "frontend": "unknown"} if self.db.busy() else None
+        for p in self.locks:
+            if p in held:
+                return lock_holder_info(held[p], self.proc)
+        return None
+
+    def poll(self, now):
+        """Look at the locks if due: the transaction that ended, or None."""
+        self._drain(now)
+        if now < self.check_at:
+            return None
+        h = self.holder()
+        if h is not None:
+            every = TX_CHECK_EVERY
+        elif self.ino is not None and now < self.suspect_until:
+            every = 0.25
+        else:
+            every = TX_POLL_EVERY
+        self.check_at = now + every
+        if h is not None and self.tx is None:
+            self.db.load()
+            self.tx = PackageTx(h, now, self.db.versions)
+        elif h is None and self.tx is not None:
+            tx, self.tx = self.tx, None
+            tx.ended = now
+            self.db.load()
+            tx.after = dict(self.db.versions)
+            return tx
+        return None
 
 
 # ---------------------------------------------------------------------------
@@ -3642,7 +4146,11 @@ class Engine:
         self.overflows = 0
         self.rescan_state = None
         self.pkgdb = PackageDB() if cfg.package_check else None
-        self.deferred = {}           # path -> first deferral (dpkg running)
+        # package transactions (daemon only): the one running, the ended ones
+        # whose held changes are being compared before their digest
+        self.pkgtx = PackageWatch(self.pkgdb) if self.pkgdb is not None and \
+            backend is not None and self.pkgdb.available() else None
+        self.tx_closing = []
         self.fresh = {}              # new path -> [first seen, Rec or None, snapshots]
         self.captures = 0            # snapshots of new paths this turn
         self.leftovers = {}          # editor swap/backup/lock names seen (check_leftovers)
@@ -3744,9 +4252,12 @@ class Engine:
 
     def wake_fds(self):
         """[(fd, poll events)] besides fileno() that should wake the loop."""
-        if self.mount_table is None:
-            return []
-        return [(self.mount_table.fileno(), select.POLLPRI | select.POLLERR)]
+        fds = []
+        if self.mount_table is not None:
+            fds.append((self.mount_table.fileno(), select.POLLPRI | select.POLLERR))
+        if self.pkgtx is not None and self.pkgtx.fileno() is not None:
+            fds.append((self.pkgtx.fileno(), select.POLLIN))
+        return fds
 
     def close(self):
         if self.backend is not None:
@@ -3754,6 +4265,8 @@ class Engine:
         if self.mount_table is not None:
             self.mount_table.close()
             self.mount_table = None
+        if self.pkgtx is not None:
+            self.pkgtx.close()
 
     # -- watch management --
     def watch_dir(self, d):
@@ -4124,15 +4637,17 @@ class Engine:
             if users:
                 ev["users"] = users
             ev.update(self._writer(p))
-        if (self.pkgdb is not None and kind == "file" and event in ("modified", "created")
+        tx = self._tx_of(p)
+        if tx is not None and tx.take(self.pkgdb, p, ev, new, changes):
+            return                       # verified or generated: in the digest
+        if (tx is None and self.pkgdb is not None and kind == "file"
+                and event in ("modified", "created")
                 and new is not None and p.startswith(PACKAGE_PREFIXES)):
+            # No package manager ran: a match is no all-clear (a trojan's
+            # cover put back looks just like this), so the severity stays.
             pkg = self.pkgdb.check(p, new.sha256 or "")
             if pkg is not None:
-                ev["package"] = pkg
-                if pkg["verified"] and set(changes) <= {"content"}:
-                    # The new content is what the package database says it
-                    # should be: an upgrade, not an intrusion. Still recorded.
-                    ev["severity"] = "info"
+                ev["package"] = dict(pkg, transaction="none")
         add_summary(ev, *(meaning or (None, None, None)))
         self.emit_cb(ev)
 
@@ -4140,6 +4655,13 @@ class Engine:
         """{"process": ...} when the backend knows who changed p (fanotify)."""
         proc = self.backend.writer(p) if self.backend is not None else None
         return {"process": proc} if proc else {}
+
+    def _tx_of(self, p):
+        """The ended transaction whose held changes p belongs to, or None."""
+        for tx in self.tx_closing:
+            if p in tx.paths:
+                return tx
+        return None
 
     # -- raw events --
     def touch(self, p, attrib=False):
@@ -4498,6 +5020,8 @@ class Engine:
             waits.append(self.due[0][0])
         if self.recheck:
             waits.append(self.recheck[0][0])
+        if self.pkgtx is not None and self.pkgtx.next_check(now) is not None:
+            waits.append(self.pkgtx.next_check(now))
         return min(waits)
 
     def tick(self, now):
@@ -4505,7 +5029,9 @@ class Engine:
         start what the timers say is due."""
         if self.mount_table is not None:
             self.check_mounts()
+        self.tx_turn(now)
         self.flush_due(budget=0.1)
+        self.tx_finish()
         end = time.monotonic() + 0.1
         while self.scans and time.monotonic() < end:
             try:
@@ -4560,7 +5086,7 @@ class Engine:
             if ent[0] > now and not force:
                 heapq.heappush(due, (ent[0], p))    # re-armed by a later event
                 continue
-            if self.defer_for_dpkg(p, now) and not force:
+            if self.defer_for_dpkg(p, now, ent[1]) and not force:
                 ent[0] = now + 2.0
                 heapq.heappush(due, (ent[0], p))
                 continue
@@ -4574,23 +5100,56 @@ class Engine:
                 break
         return n
 
-    def defer_for_dpkg(self, p, now):
-        """While dpkg is unpacking, changes to the files it manages wait (up to
-        30 minutes) so they can be checked against the new md5sums."""
-        if self.pkgdb is None or not p.startswith(PACKAGE_PREFIXES):
+    def defer_for_dpkg(self, p, now, first=None):
+        """A change under the package prefixes first seen (first: monotonic)
+        while a package transaction runs waits, up to 30 minutes, for it to
+        end: then it is verified against the database as dpkg left it. One
+        first seen before the transaction started is not the transaction's."""
+        if self.pkgtx is None or not p.startswith(PACKAGE_PREFIXES):
             return False
-        first = self.deferred.get(p)
         if first is None:
-            if not self.pkgdb.busy():
+            first = now
+        for tx in self.tx_closing:
+            if p in tx.paths:
                 return False
-            if self.pkgdb.lookup(p) is None and not p.endswith((".dpkg-new", ".dpkg-tmp")):
-                return False             # not dpkg's: report it now
-            self.deferred[p] = now
-            return True
-        if now - first > 1800 or not self.pkgdb.busy():
-            del self.deferred[p]
+            if tx.start_mono <= first <= tx.ended:    # settled after the end
+                tx.paths[p] = None
+                return False
+        tx = self.pkgtx.tx
+        if tx is None or first < tx.start_mono:
             return False
-        return True
+        if p not in tx.paths:
+            tx.paths[p] = self.pkgdb.lookup(p)
+        return now - tx.start_mono < TX_MAX_HOLD
+
+    def tx_turn(self, now):
+        """A transaction that ended: its held changes are compared now; once
+        none of them waits any more, its digest goes out."""
+        if self.pkgtx is None:
+            return
+        now = time.monotonic()
+        ended = self.pkgtx.poll(now)
+        if ended is None:
+            return
+        # What the watched trees queued before the lock was released is read
+        # now, or a file written last could miss its transaction.
+        self.read_events()
+        ended.ended = time.monotonic()
+        self.tx_closing.append(ended)
+        for p in ended.paths:                 # held: compared now
+            ent = self.pending.get(p)
+            if ent is not None:
+                ent[0] = now
+                heapq.heappush(self.due, (now, p))
+        for p, ent in self.pending.items():   # seen, not settled yet: the digest waits
+            if ent[1] >= ended.start_mono and p.startswith(PACKAGE_PREFIXES):
+                ended.paths.setdefault(p, None)
+
+    def tx_finish(self):
+        while self.tx_closing and not any(p in self.pending for p in self.tx_closing[0].paths):
+            tx = self.tx_closing.pop(0)
+            crit = [p for p in tx.paths if self.cfg.severity_for(p) == "critical"]
+            self.emit_cb(tx.digest(self.cfg.hostname, set(esc(p) for p in crit)))
 
     def flush(self, p):
         src = self.moves.pop(p, None)

@@ -208,6 +208,10 @@ def default_sections(root, state_dir, events_file):
             "settle": "100ms",
             "hash_max_size": "256M",
             "scan_interval": "0",
+            # off: on a Debian host the daemon would add two watches of its
+            # own (/var/lib/dpkg, info/) that watch-count tests do not expect;
+            # tests/test_transactions.py turns it on against a temp database
+            "package_check": "no",
         },
         "watch": {
             "paths": str(root),

@@ -49,9 +49,11 @@ def dpkg(tmp_path):
 
 def test_md5sums_file_verified_and_not(dpkg):
     db, tool, _, _ = dpkg
-    assert db.check(str(tool)) == {"name": "tool", "manager": "dpkg", "verified": True}
+    assert db.check(str(tool)) == {"name": "tool", "manager": "dpkg", "verified": True,
+                                   "digest": "md5"}
     tool.write_bytes(b"#!/bin/sh\necho trojan\n")
-    assert db.check(str(tool)) == {"name": "tool", "manager": "dpkg", "verified": False}
+    assert db.check(str(tool)) == {"name": "tool", "manager": "dpkg", "verified": False,
+                                   "digest": "md5"}
 
 
 def test_conffile_from_status(dpkg):
@@ -123,28 +125,29 @@ def _engine(db):
     eng.stats = {"changes": 0, "events": 0}
     eng._users, eng._users_at = [], -10.0
     eng.backend = None                   # no watcher: no `process` to add
+    eng.tx_closing = []
     got = []
     eng._emit = got.append
     return eng, got
 
 
-def test_verified_upgrade_is_info_and_tampering_stays_critical(dpkg, tmp_path, monkeypatch):
+def test_outside_a_transaction_a_match_is_no_all_clear(dpkg, tmp_path, monkeypatch):
+    """No package manager ran: the content matches the package, and the
+    event still has its normal severity, saying so (a trojan's cover put
+    back looks exactly like this)."""
     db, tool, _, _ = dpkg
     monkeypatch.setattr(fimwatch, "PACKAGE_PREFIXES", (str(tmp_path) + "/",))
     eng, got = _engine(db)
     old = fimwatch.snapshot(str(tool), 1 << 20)
     eng.emit_change("modified", str(tool), "realtime", old, old, ["content"])
-    assert got[-1]["severity"] == "info"
-    assert got[-1]["package"] == {"name": "tool", "manager": "dpkg", "verified": True}
+    assert got[-1]["severity"] == "critical"
+    assert got[-1]["package"] == {"name": "tool", "manager": "dpkg", "verified": True,
+                                  "digest": "md5", "transaction": "none"}
     tool.write_bytes(b"#!/bin/sh\necho trojan\n")
     new = fimwatch.snapshot(str(tool), 1 << 20)
     eng.emit_change("modified", str(tool), "realtime", old, new, ["content"])
     assert got[-1]["severity"] == "critical"
     assert got[-1]["package"]["verified"] is False
-    # a verified file whose mode changed is still an alert: the package says
-    # nothing about a setuid bit added after the fact
-    eng.emit_change("attributes", str(tool), "realtime", old, new, ["content", "mode"])
-    assert got[-1]["severity"] == "critical"
 
 
 def test_paths_outside_package_prefixes_never_load_the_index(dpkg, tmp_path):
@@ -172,3 +175,116 @@ def test_file_swapped_after_hashing_is_not_verified(dpkg, tmp_path, monkeypatch)
     assert got[-1]["sha256"] == evil.sha256
     assert got[-1]["package"]["verified"] is False
     assert got[-1]["severity"] == "critical"
+
+
+# -- the index: every owner, diversions, directories and symlinks ------------
+
+def test_every_owner_diversions_and_listed_dirs(dpkg, tmp_path):
+    """Two packages shipping one path: either's content verifies. A
+    diversion moves the diverted package's sum to the new path and the
+    original path keeps only the diverting package's. Directories and
+    symlinks of info/*.list are known to the index (no checksum)."""
+    db, tool, _, _ = dpkg
+    info = tmp_path / "info"
+    root = tmp_path / "root"
+    rel = str(tool).lstrip("/")
+    (info / "alt.md5sums").write_text("%s  %s\n" % (md5(b"alt build\n"), rel))
+    (info / "alt.list").write_text("%s\n%s\n" % (root / "bin", tool))
+    assert db.check(str(tool))["verified"] is True              # tool's own sum
+    tool.write_bytes(b"alt build\n")
+    assert db.check(str(tool)) == {"name": "alt", "manager": "dpkg", "verified": True,
+                                   "digest": "md5"}
+    assert db.lookup(str(root / "bin"))[0::2] == ("alt",)        # a listed directory
+    # alt diverts tool's file to tool.distrib
+    distrib = root / "bin" / "tool.distrib"
+    (tmp_path / "diversions").write_text("%s\n%s\nalt\n" % (tool, distrib))
+    db.index = None
+    assert db.lookup(str(tool))[0::2] == ("alt",)
+    distrib.write_bytes(b"#!/bin/sh\necho packaged\n")
+    assert db.check(str(distrib)) == {"name": "tool", "manager": "dpkg", "verified": True,
+                                      "digest": "md5"}
+    tool.write_bytes(b"#!/bin/sh\necho packaged\n")               # tool's content at
+    assert db.check(str(tool))["verified"] is False              # the diverted path
+
+
+def test_status_versions_of_installed_packages_only(dpkg, tmp_path):
+    db = dpkg[0]
+    (tmp_path / "status").write_text(
+        "Package: a\nStatus: install ok installed\nVersion: 1:2.0-1\n\n"
+        "Package: gone\nStatus: deinstall ok config-files\nVersion: 1.0\n\n"
+        "Package: b\nVersion: 3\nStatus: install ok installed\n")
+    db.load()
+    assert db.versions == {"a": "1:2.0-1", "b": "3"}
+
+
+@pytest.mark.parametrize("a, b, sign", [
+    ("1.0", "1.0", 0), ("1.0", "1.1", -1), ("1.10", "1.9", 1), ("1.0~rc1", "1.0", -1),
+    ("1:0.1", "2.0", 1), ("2.0-1", "2.0-1+deb12u1", -1), ("1.0a", "1.0+", -1),
+    ("2.36-9+deb12u4", "2.36-9+deb12u10", -1), ("1.0-1", "1.0-1~bpo1", 1)])
+def test_dpkg_version_cmp(a, b, sign):
+    r = fimwatch.dpkg_version_cmp(a, b)
+    assert (r > 0) - (r < 0) == sign
+    r = fimwatch.dpkg_version_cmp(b, a)
+    assert (r > 0) - (r < 0) == -sign
+
+
+# -- transactions: the lock holder ------------------------------------------------
+
+def _hold(lock, tmp_path, name="apt-get", env=None):
+    """A process named like a package frontend holding an fcntl lock."""
+    script = tmp_path / name
+    script.write_text("import fcntl, sys, time\n"
+                      "f = open(sys.argv[1], 'r+')\n"
+                      "fcntl.lockf(f, fcntl.LOCK_EX)\n"
+                      "print('locked', flush=True)\n"
+                      "time.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, str(script), str(lock)], stdout=subprocess.PIPE,
+                         text=True, env=dict(os.environ, **(env or {})))
+    assert p.stdout.readline().strip() == "locked"
+    return p
+
+
+def test_lock_holder_pid_frontend_and_sudo_user(dpkg, tmp_path):
+    db, _, _, lock = dpkg
+    watch = fimwatch.PackageWatch(db, use_inotify=False)
+    assert watch.holder() is None
+    holder = _hold(lock, tmp_path, env={"SUDO_USER": "alice"})
+    try:
+        h = watch.holder()
+        assert h["pid"] == holder.pid
+        assert h["frontend"] == "apt-get"
+        assert h["user"] == "alice"
+        assert "apt-get" in h["cmdline"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert watch.holder() is None
+
+
+def test_transaction_from_lock_to_unlock(dpkg, tmp_path):
+    """Started when the lock is taken (seen through inotify on the lock's
+    directory), ended when it is released: the versions before and after."""
+    db, _, _, lock = dpkg
+    watch = fimwatch.PackageWatch(db)
+    assert watch.fileno() is not None
+    assert watch.poll(time.monotonic()) is None and watch.tx is None
+    holder = _hold(lock, tmp_path, name="unattended-upgrade")
+    try:
+        deadline = time.monotonic() + 5
+        while watch.tx is None and time.monotonic() < deadline:
+            watch.poll(time.monotonic())
+            time.sleep(0.05)
+        assert watch.tx is not None
+        assert watch.tx.holder["frontend"] == "unattended-upgrades"
+        (tmp_path / "status").write_text(
+            "Package: tool\nStatus: install ok installed\nVersion: 2\n")
+    finally:
+        holder.kill()
+        holder.wait()
+    ended, deadline = None, time.monotonic() + 5
+    while ended is None and time.monotonic() < deadline:
+        ended = watch.poll(time.monotonic())
+        time.sleep(0.05)
+    assert ended is not None and watch.tx is None
+    assert ended.after == {"tool": "2"}
+    watch.close()
