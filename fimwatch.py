@@ -1510,6 +1510,12 @@ class Store:
             return [r[0] for r in self.db.execute(
                 "SELECT json FROM events WHERE t>=? ORDER BY seq", (t,))]
 
+    def events_after(self, sequence, limit):
+        """The stored lines of the events after `sequence`, oldest first."""
+        with self.lock:
+            return [r[0] for r in self.db.execute(
+                "SELECT json FROM events WHERE seq>? ORDER BY seq LIMIT ?", (sequence, limit))]
+
     def events_by_severity(self, since):
         with self.lock:
             return dict(self.db.execute("SELECT severity, count(*) FROM events WHERE t>=? "
@@ -5275,13 +5281,21 @@ def last_line_head(fd, size, window=1 << 16):
 
 
 def last_sequence_in(path, window=1 << 16):
-    """The `sequence` of the last line of an events file, or 0."""
+    """The `sequence` of the last line of an events file, or 0. Only a
+    regular file is read (never a FIFO or a device someone put there)."""
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            data = os.pread(f.fileno(), min(size, window), max(0, size - window))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return 0
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return 0
+        data = os.pread(fd, min(st.st_size, window), max(0, st.st_size - window))
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
     found = re.findall(rb'"sequence": (\d+)', data)
     return int(found[-1]) if found else 0
 
@@ -6714,7 +6728,30 @@ class Daemon:
             signal.signal(sig, self._signal)
         self.dispatch = Dispatcher(cfg, self.store)
         self.dispatch.start()
+        self._catch_up_local_sinks()
         return findings
+
+    def _catch_up_local_sinks(self, limit=10000):
+        """Events a daemon committed but was killed before it wrote them to
+        the events file (and syslog, which gets them at the same moment): sent
+        now, with their own id and sequence, so the file misses none. Judged
+        by the events file's last sequence; an empty (just rotated) file
+        tells nothing, and nothing is sent again then."""
+        cfg = self.cfg
+        last = last_sequence_in(cfg.events_file) if cfg.events_file else 0
+        if not last or last >= self.store.last_sequence():
+            return
+        lines = self.store.events_after(last, limit)
+        for line in lines:
+            try:
+                self.dispatch.committed.append((json.loads(line), line))
+            except ValueError:
+                continue
+        self.dispatch.after_commit()
+        self.dispatch.flush()
+        if lines:
+            self.log("%d event(s) recorded before the last stop but missing from %s: "
+                     "written now" % (len(lines), esc(cfg.events_file)))
 
     def _started_event(self, first, before, t_start):
         """The started event: whether we were gone, and for how long."""
