@@ -50,9 +50,10 @@ Engine.changed/moved/... -> Engine.touch (the settle queue) -> Engine.tick ->
 flush_due (defer_for_dpkg: held while a package transaction runs) -> flush
 (a settled rename: try_move) -> flush_path -> visit
 (snapshot) -> apply (compare; _report adds the diff) -> emit_change (users,
-package) -> Dispatcher.emit (stored; syslog and the channels' spools at once)
--> Store.commit_turn -> Dispatcher.flush (the events file) -> Channel worker
--> email or webhook. Two shortcuts: a directory rename is reported at once
+package, meaning) -> Dispatcher.emit (sequence, stored, spooled for the
+channels) -> Store.commit_turn -> Dispatcher.after_commit (syslog, journal,
+events file, written at Dispatcher.flush) -> Channel worker -> email or
+webhook. Two shortcuts: a directory rename is reported at once
 (moved -> dir_renamed -> emit_change), and background walks (start-up
 comparison, rescans, scheduled scans) go tick -> walk -> visit directly.
 State safety wraps the Store's connection (StateDB) and checks the database
@@ -5204,8 +5205,8 @@ class Engine:
 # ---------------------------------------------------------------------------
 # Pipeline 3 of 3: alert sinks, 1: local (events file, syslog)
 #
-# events_file and syslog are local and cheap: syslog gets each event as it is
-# emitted, the events file once per loop turn, after the database commit.
+# events_file, syslog and the journal are local and cheap: they get an event
+# once it is committed (the events file is written once per loop turn).
 # email and webhooks are Channels: every event they want is first put
 # in the durable spool (SQLite), then a worker thread per channel delivers it,
 # batching bursts into digests, retrying with backoff. A dead or slow channel
@@ -5543,30 +5544,21 @@ def rfc5424_packet(ev, pri, pid):
     return head.encode("utf-8", "replace") + syslog_message(ev).encode("utf-8", "replace")
 
 
-class JournalSink:
-    """[journal]: the journald native protocol (systemd's
-    /run/systemd/journal/socket): MESSAGE (the syslog line), PRIORITY,
-    MESSAGE_ID (one per event type) and FIMWATCH_* fields, so `journalctl -o
-    json` and journal-upload/remote carry every field, not only the text."""
-    name = "journal"
-    MAX = 200 * 1024             # below the socket's default datagram limit
-
-    def __init__(self, path, facility, min_severity):
-        self.path, self.facility = path, FACILITIES[facility]
-        self.min_rank = SEV_RANK[min_severity]
-        self.sock = None
+class _DatagramSink:
+    """A local sink that sends one datagram per event on a socket of its
+    own: reconnected once when the send fails (a restarted syslog daemon),
+    then the error goes to the Dispatcher, which counts it."""
+    sock = None
 
     def wants(self, ev):
         return SEV_RANK.get(ev["severity"], 0) >= self.min_rank
 
-    def send(self, ev, line):
-        data = journal_packet(ev, line, self.facility)
+    def _send(self, data):
         for attempt in (1, 2):
             try:
                 if self.sock is None:
-                    self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                    self.sock.settimeout(1.0)
-                self.sock.sendto(data, self.path)
+                    self._connect()
+                self.sock.send(data)
                 return
             except OSError:
                 self.close()
@@ -5577,6 +5569,28 @@ class JournalSink:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+
+
+class JournalSink(_DatagramSink):
+    """[journal]: the journald native protocol (systemd's
+    /run/systemd/journal/socket): MESSAGE (the syslog line), PRIORITY,
+    MESSAGE_ID (one per event type) and FIMWATCH_* fields, so `journalctl -o
+    json` and journal-upload/remote carry every field, not only the text."""
+    name = "journal"
+    MAX = 200 * 1024             # below the socket's default datagram limit
+
+    def __init__(self, path, facility, min_severity):
+        self.path, self.facility = path, FACILITIES[facility]
+        self.min_rank = SEV_RANK[min_severity]
+
+    def _connect(self):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        s.settimeout(1.0)
+        s.connect(self.path)
+        self.sock = s
+
+    def send(self, ev, line):
+        self._send(journal_packet(ev, line, self.facility))
 
 
 def message_id(event):
@@ -5605,7 +5619,7 @@ def journal_packet(ev, line, facility):
     return bytes(out)
 
 
-class SyslogSink:
+class SyslogSink(_DatagramSink):
     """[syslog]: RFC 3164 lines to a unix datagram socket (/dev/log) or UDP."""
     name = "syslog"
     MAX = 4096
@@ -5614,11 +5628,7 @@ class SyslogSink:
         self.address, self.facility = address, FACILITIES[facility]
         self.min_rank = SEV_RANK[min_severity]
         self.fmt = fmt
-        self.sock = None
         self.pid = os.getpid()
-
-    def wants(self, ev):
-        return SEV_RANK.get(ev["severity"], 0) >= self.min_rank
 
     def _connect(self):
         if self.address.startswith("/"):
@@ -5649,21 +5659,7 @@ class SyslogSink:
         data = self.packet(ev)
         if len(data) > self.MAX:
             data = data[:self.MAX - 3] + b"..."
-        for attempt in (1, 2):
-            try:
-                if self.sock is None:
-                    self._connect()
-                self.sock.send(data)
-                return
-            except OSError:
-                self.close()
-                if attempt == 2:
-                    raise
-
-    def close(self):
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
+        self._send(data)
 
 
 # ---------------------------------------------------------------------------
