@@ -594,3 +594,17 @@ def assert_scan_finds(fim, d, victim):
 
 
 ISO_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def hold_lock(lock, tmp_path, name="apt-get", env=None):
+    """A process named like a package frontend holding an fcntl lock."""
+    script = tmp_path / name
+    script.write_text("import fcntl, sys, time\n"
+                      "f = open(sys.argv[1], 'r+')\n"
+                      "fcntl.lockf(f, fcntl.LOCK_EX)\n"
+                      "print('locked', flush=True)\n"
+                      "time.sleep(120)\n")
+    p = subprocess.Popen([sys.executable, str(script), str(lock)], stdout=subprocess.PIPE,
+                         text=True, env=dict(os.environ, **(env or {})))
+    assert p.stdout.readline().strip() == "locked"
+    return p

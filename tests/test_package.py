@@ -16,6 +16,7 @@ import time
 import pytest
 
 import fimwatch
+from conftest import hold_lock
 
 
 def md5(data):
@@ -230,25 +231,11 @@ def test_dpkg_version_cmp(a, b, sign):
 
 # -- transactions: the lock holder ------------------------------------------------
 
-def _hold(lock, tmp_path, name="apt-get", env=None):
-    """A process named like a package frontend holding an fcntl lock."""
-    script = tmp_path / name
-    script.write_text("import fcntl, sys, time\n"
-                      "f = open(sys.argv[1], 'r+')\n"
-                      "fcntl.lockf(f, fcntl.LOCK_EX)\n"
-                      "print('locked', flush=True)\n"
-                      "time.sleep(60)\n")
-    p = subprocess.Popen([sys.executable, str(script), str(lock)], stdout=subprocess.PIPE,
-                         text=True, env=dict(os.environ, **(env or {})))
-    assert p.stdout.readline().strip() == "locked"
-    return p
-
-
 def test_lock_holder_pid_frontend_and_sudo_user(dpkg, tmp_path):
     db, _, _, lock = dpkg
     watch = fimwatch.PackageWatch(db, use_inotify=False)
     assert watch.holder() is None
-    holder = _hold(lock, tmp_path, env={"SUDO_USER": "alice"})
+    holder = hold_lock(lock, tmp_path, env={"SUDO_USER": "alice"})
     try:
         h = watch.holder()
         assert h["pid"] == holder.pid
@@ -268,7 +255,7 @@ def test_transaction_from_lock_to_unlock(dpkg, tmp_path):
     watch = fimwatch.PackageWatch(db)
     assert watch.fileno() is not None
     assert watch.poll(time.monotonic()) is None and watch.tx is None
-    holder = _hold(lock, tmp_path, name="unattended-upgrade")
+    holder = hold_lock(lock, tmp_path, name="unattended-upgrade")
     try:
         deadline = time.monotonic() + 5
         while watch.tx is None and time.monotonic() < deadline:

@@ -10,13 +10,12 @@ PACKAGE_PREFIXES, at the temp dirs and then runs fimwatch.main, so the real
 
 import hashlib
 import os
-import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import REPO, is_event
+from conftest import REPO, hold_lock, is_event
 
 WRAPPER = '''import os, re, sys
 sys.path.insert(0, %(repo)r)
@@ -71,16 +70,7 @@ class FakeDpkg:
         os.replace(tmp, self.dir / "status")
 
     def hold(self, tmp_path, name="apt-get", env=None):
-        script = tmp_path / name
-        script.write_text("import fcntl, sys, time\n"
-                          "f = open(sys.argv[1], 'r+')\n"
-                          "fcntl.lockf(f, fcntl.LOCK_EX)\n"
-                          "print('locked', flush=True)\n"
-                          "time.sleep(120)\n")
-        p = subprocess.Popen([sys.executable, str(script), str(self.dir / "lock-frontend")],
-                             stdout=subprocess.PIPE, text=True,
-                             env=dict(os.environ, **(env or {})))
-        assert p.stdout.readline().strip() == "locked"
+        p = hold_lock(self.dir / "lock-frontend", tmp_path, name, env)
         time.sleep(0.5)                 # the daemon looks at the lock at once (inotify)
         return p
 
