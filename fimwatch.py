@@ -392,71 +392,76 @@ class PatternSet:
 # Config
 # ---------------------------------------------------------------------------
 
-# section -> key -> (type, default). Types: str, path, paths, patterns,
-# duration, size, bool, int, severity, facility, choice:a|b
-_CHANNEL_COMMON = {"enabled": ("bool", "no"), "min_severity": ("severity", "warning"),
-                   "retry_min": ("duration", "15s")}
-SCHEMA = {
-    "fimwatch": {
-        "state_dir": ("path", DEFAULT_STATE_DIR),
-        "hostname": ("str", ""),
-        "settle": ("duration", "500ms"),
-        "hash_max_size": ("size", "256M"),
-        "scan_interval": ("duration", "24h"),
-        "scan_rate": ("size", "20M"),
-        "no_diff": ("patterns", DEFAULT_NO_DIFF),
-        "diff_max_size": ("size", "32K"),
-        "diff_paths": ("patterns", "/etc/** /var/www/** /var/spool/cron/** /usr/local/etc/**"),
-        "package_check": ("bool", "yes"),
-        "heartbeat": ("duration", "5m"),
-    },
-    "watch": {
-        "paths": ("paths", "/etc /usr/bin /usr/sbin /usr/local/bin /usr/local/sbin /var/www"),
-        "exclude": ("patterns", "*.swp *.swx *~ .#* 4913 /etc/mtab /var/www/**/cache/**"),
-        "scan_only": ("paths", ""),
-        "poll_interval": ("duration", "1m"),
-        "editor_grace": ("duration", "24h"),
-        "backend": ("choice:auto|fanotify|inotify", "auto"),
-    },
-    "severity": {
-        "critical": ("patterns", "/etc/passwd /etc/shadow /etc/group /etc/gshadow "
-                     "/etc/sudoers /etc/sudoers.d/** /etc/ssh/** /etc/pam.d/** "
-                     "/etc/systemd/system/** /etc/cron*/** /etc/ld.so.preload "
-                     "/usr/bin/** /usr/sbin/** /usr/local/bin/** /usr/local/sbin/**"),
-        "warning": ("patterns", ""),
-        "notice": ("patterns", ""),
-        "info": ("patterns", ""),
-    },
-    "syslog": {
-        "enabled": ("bool", "yes"),
-        "address": ("str", DEV_LOG),
-        "facility": ("facility", "authpriv"),
-        "min_severity": ("severity", "info"),
-        "format": ("choice:rfc3164|rfc5424", "rfc3164"),
-    },
-    "journal": {
-        "enabled": ("bool", "no"),
-        "socket": ("path", JOURNAL_SOCKET),
-        "min_severity": ("severity", "info"),
-    },
-    "email": dict(_CHANNEL_COMMON, **{
-        "to": ("str", "root"),
-        "from": ("str", ""),
-        "sendmail": ("path", SENDMAIL),
-        "max_per_hour": ("int", "12"),
-    }),
-    "webhook": dict(_CHANNEL_COMMON, **{
-        "url": ("secret", ""),
-        "format": ("choice:json|ecs|slack|discord|teams|mattermost|ntfy|gotify", "json"),
-        "secret": ("secret", ""),
-        "timeout": ("duration", "10s"),
-        "max_per_hour": ("int", "60"),
-    }),
-    "log": {
-        "events_file": ("pathorempty", "/var/log/fimwatch/events.jsonl"),
-        "format": ("choice:fimwatch|ecs", "fimwatch"),
-    },
-}
+# The config schema, one key a line: section, key, type, default (the rest of
+# the line; "-" for empty). Types: str, secret, path, pathorempty, paths,
+# patterns, duration, size, bool, int, severity, facility, choice:a|b.
+# Range limits are in LIMITS below. [webhook NAME] sections use "webhook".
+_SCHEMA_TABLE = """
+fimwatch  state_dir      path         %(state_dir)s
+fimwatch  hostname       str          -
+fimwatch  settle         duration     500ms
+fimwatch  hash_max_size  size         256M
+fimwatch  scan_interval  duration     24h
+fimwatch  scan_rate      size         20M
+fimwatch  no_diff        patterns     %(no_diff)s
+fimwatch  diff_max_size  size         32K
+fimwatch  diff_paths     patterns     /etc/** /var/www/** /var/spool/cron/** /usr/local/etc/**
+fimwatch  package_check  bool         yes
+fimwatch  heartbeat      duration     5m
+watch     paths          paths        %(paths)s
+watch     exclude        patterns     *.swp *.swx *~ .#* 4913 /etc/mtab /var/www/**/cache/**
+watch     scan_only      paths        -
+watch     poll_interval  duration     1m
+watch     editor_grace   duration     24h
+watch     backend        choice:auto|fanotify|inotify  auto
+severity  critical       patterns     %(critical)s
+severity  warning        patterns     -
+severity  notice         patterns     -
+severity  info           patterns     -
+syslog    enabled        bool         yes
+syslog    address        str          %(dev_log)s
+syslog    facility       facility     authpriv
+syslog    min_severity   severity     info
+syslog    format         choice:rfc3164|rfc5424  rfc3164
+journal   enabled        bool         no
+journal   socket         path         %(journal)s
+journal   min_severity   severity     info
+email     enabled        bool         no
+email     min_severity   severity     warning
+email     retry_min      duration     15s
+email     to             str          root
+email     from           str          -
+email     sendmail       path         %(sendmail)s
+email     max_per_hour   int          12
+webhook   enabled        bool         no
+webhook   min_severity   severity     warning
+webhook   retry_min      duration     15s
+webhook   url            secret       -
+webhook   format         choice:json|ecs|slack|discord|teams|mattermost|ntfy|gotify  json
+webhook   secret         secret       -
+webhook   timeout        duration     10s
+webhook   max_per_hour   int          60
+log       events_file    pathorempty  /var/log/fimwatch/events.jsonl
+log       format         choice:fimwatch|ecs  fimwatch
+""" % {"state_dir": DEFAULT_STATE_DIR, "no_diff": DEFAULT_NO_DIFF, "dev_log": DEV_LOG,
+       "journal": JOURNAL_SOCKET, "sendmail": SENDMAIL,
+       "paths": "/etc /usr/bin /usr/sbin /usr/local/bin /usr/local/sbin /var/www",
+       "critical": "/etc/passwd /etc/shadow /etc/group /etc/gshadow /etc/sudoers "
+                   "/etc/sudoers.d/** /etc/ssh/** /etc/pam.d/** /etc/systemd/system/** "
+                   "/etc/cron*/** /etc/ld.so.preload /usr/bin/** /usr/sbin/** "
+                   "/usr/local/bin/** /usr/local/sbin/**"}
+
+
+def _schema(table):
+    """section -> key -> (type, default), in the table's order."""
+    out = {}
+    for line in table.strip().splitlines():
+        sect, key, typ, default = line.split(None, 3)
+        out.setdefault(sect, {})[key] = (typ, "" if default == "-" else default)
+    return out
+
+
+SCHEMA = _schema(_SCHEMA_TABLE)
 
 
 class Config:
@@ -3266,6 +3271,36 @@ def watch_limit():
 # watching(d), prune_gone(), count(), close().
 
 
+def drain(fd, handle, limit=200000):
+    """Read a non-blocking notification fd until it is empty, or until limit
+    records were handled (the rest of the loop must breathe); handle(data)
+    takes one read's bytes and returns how many records they held."""
+    n = 0
+    while n <= limit:
+        try:
+            data = os.read(fd, 1 << 18)
+        except BlockingIOError:
+            break
+        except InterruptedError:
+            continue
+        if not data:
+            break
+        n += handle(data)
+    return n
+
+
+def end_of_read(backend, eng, n, waiting):
+    """After a backend's read: a MOVED_FROM whose MOVED_TO may be in the next
+    read waits one turn (its path was queued, so that turn comes within
+    settle); after that it was a move out of the trees."""
+    if waiting and n:
+        backend.from_reads += 1
+        if backend.from_reads > 1:
+            backend._finish_moves(eng)
+    else:
+        backend._finish_moves(eng)
+
+
 class InotifyBackend:
     """inotify(7): one watch per directory, the wd -> path map, and the
     pairing of MOVED_FROM with MOVED_TO (same cookie: a rename inside the
@@ -3278,7 +3313,7 @@ class InotifyBackend:
         self.parse = ino_mod.parse_events
         self.wd2path = {}
         self.last_from = None        # (cookie, path, isdir) of an unpaired MOVED_FROM
-        self.last_from_reads = 0
+        self.from_reads = 0
 
     def fileno(self):
         return self.ino.fileno()
@@ -3333,44 +3368,27 @@ class InotifyBackend:
 
     def read(self, eng):
         """Drain the inotify queue into eng; returns the number of records."""
-        n = 0
-        fd = self.ino.fileno()
-        while True:
-            try:
-                data = os.read(fd, 1 << 18)
-            except BlockingIOError:
-                break
-            except InterruptedError:
-                continue
-            if not data:
-                break
-            evs = self.parse(data)
-            n += len(evs)
-            for ev in evs:
-                try:
-                    self._one(eng, *ev)
-                except Exception as e:   # one bad name must not end the watching
-                    eng.internal_error("event %r" % (ev,), e)
-            if n > 200000:            # let the rest of the loop breathe
-                break
-        # A MOVED_FROM whose MOVED_TO may be in the next read: wait one turn
-        # (the path was queued, so that turn comes within settle).
-        if self.last_from is not None and n:
-            self.last_from_reads += 1
-            if self.last_from_reads > 1:
-                self._finish_move(eng)
-        else:
-            self._finish_move(eng)
+        n = drain(self.ino.fileno(), lambda data: self._records(eng, data))
+        end_of_read(self, eng, n, self.last_from is not None)
         return n
 
-    def _finish_move(self, eng):
+    def _records(self, eng, data):
+        evs = self.parse(data)
+        for ev in evs:
+            try:
+                self._one(eng, *ev)
+            except Exception as e:   # one bad name must not end the watching
+                eng.internal_error("event %r" % (ev,), e)
+        return len(evs)
+
+    def _finish_moves(self, eng):
         lf, self.last_from = self.last_from, None
         if lf is not None:
             eng.moved_out(lf[1], lf[2])
 
     def _one(self, eng, wd, mask, cookie, name):
         if mask & IN_Q_OVERFLOW:
-            self._finish_move(eng)
+            self._finish_moves(eng)
             eng.overflow()
             return
         d = self.wd2path.get(wd)
@@ -3384,7 +3402,7 @@ class InotifyBackend:
             return
         if self.last_from is not None and not (mask & IN_MOVED_TO
                                                and cookie == self.last_from[0]):
-            self._finish_move(eng)
+            self._finish_moves(eng)
         if mask & (IN_DELETE_SELF | IN_MOVE_SELF):
             eng.dir_gone(d)
             return
@@ -3397,7 +3415,7 @@ class InotifyBackend:
             return
         if mask & IN_MOVED_FROM:
             self.last_from = (cookie, p, isdir)
-            self.last_from_reads = 0
+            self.from_reads = 0
             eng.changed(p, isdir)
         elif mask & IN_MOVED_TO:
             self._moved_to(eng, p, isdir, cookie)
@@ -3792,28 +3810,11 @@ class FanotifyBackend:
             # let them gather, so a busy neighbour costs a few reads per
             # second instead of one per write (latency: the delay, once).
             time.sleep(self.delay)
-        n, self.relevant = 0, 0
+        self.relevant = 0
         self.procs.new_batch()
-        while True:
-            try:
-                data = os.read(self.fd, 1 << 18)
-            except BlockingIOError:
-                break
-            except InterruptedError:
-                continue
-            if not data:
-                break
-            n += self._parse(eng, data)
-            if n > 200000:            # let the rest of the loop breathe
-                break
+        n = drain(self.fd, lambda data: self._parse(eng, data))
         self.noise = n > 0 and not self.relevant
-        # A MOVED_FROM whose MOVED_TO may be in the next read: wait one turn.
-        if self.froms and n:
-            self.from_reads += 1
-            if self.from_reads > 1:
-                self._finish_moves(eng)
-        else:
-            self._finish_moves(eng)
+        end_of_read(self, eng, n, bool(self.froms))
         return n
 
     def _finish_moves(self, eng):
