@@ -2305,13 +2305,19 @@ def meaning_kind(path):
     return None
 
 
+_ACCOUNT_TEMP_RE = re.compile(r"^(%s)(?:\.\d+|\+)$" % "|".join(ACCOUNT_DBS))
+
+
 def backup_base(path):
     """The path a tool's backup belongs to ('/etc/passwd' for '/etc/passwd-'),
-    or None if path does not look like such a backup."""
+    or None if path does not look like such a backup. shadow-utils' own
+    temporary names count too: passwd.PID (the lock's link) and passwd+."""
     for suf in BACKUP_SUFFIXES:
         if path.endswith(suf) and len(os.path.basename(path)) > len(suf):
             return path[:-len(suf)]
-    return None
+    d, name = os.path.split(path)
+    m = _ACCOUNT_TEMP_RE.match(name)
+    return os.path.join(d, m.group(1)) if m else None
 
 
 def _clean(s, limit=160, redact=True):
@@ -6337,11 +6343,15 @@ class Channel:
         out = []
         for group in groups:
             seqs = [s for s, _ in group]
-            if len(group) == 1:
-                e = group[0][1]
+            # A tool's own lock and temp files (passwd.PID, passwd.lock) that
+            # lived for milliseconds are in the event log, not in the mail.
+            shown = [e for _, e in group if not (e["event"] == "transient" and
+                                                 backup_base(e.get("path") or ""))]
+            shown = shown or [e for _, e in group]
+            if len(shown) == 1:
+                e = shown[0]
             else:
-                e = make_digest([e for _, e in group], self.cfg.hostname, CHANGE_TOGETHER,
-                                self.DIGEST_LIMIT)
+                e = make_digest(shown, self.cfg.hostname, CHANGE_TOGETHER, self.DIGEST_LIMIT)
             if dropped:
                 e, dropped = dict(e, dropped=dropped), 0
             out.append((seqs, e))

@@ -34,12 +34,19 @@ def smtp():
 
 
 def like_shadow_utils(etc, name, new):
-    """Write new the way useradd/usermod do: a backup NAME- of the old
-    content, then NAME+ renamed over NAME."""
+    """Write new the way useradd/usermod do: the lock (NAME.PID linked to
+    NAME.lock), a backup NAME- of the old content, NAME+ renamed over NAME,
+    the lock removed. The lock files live for milliseconds: `transient`
+    events that belong to this change, not alerts of their own."""
     mode = 0o640 if name in SHADOWS else 0o644
+    tmp, lock = etc / ("%s.%d" % (name, os.getpid())), etc / (name + ".lock")
+    write(tmp, "%d" % os.getpid())
+    os.link(tmp, lock)
+    os.unlink(tmp)
     write(etc / (name + "-"), (etc / name).read_bytes(), mode)
     write(etc / (name + "+"), new, mode)
     os.rename(etc / (name + "+"), etc / name)
+    os.unlink(lock)
 
 
 def useradd(etc):

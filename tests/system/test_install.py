@@ -1155,6 +1155,12 @@ def test_ct_crash_loop_alerts_and_retries(box):
               "systemctl reset-failed fimwatch.service; systemctl start fimwatch.service"
               % dropin, check=False)
     assert ct.show("fimwatch.service", "ActiveState")["ActiveState"] == "active"
+    # The drop-in came (seen) and went (while the daemon was down): the restart
+    # reports its removal at start-up. Wait for it here, so that it is not news
+    # in a later test's quiet window.
+    ct.wait_for("the drop-in's removal reported",
+                lambda: [e for e in ct.events() if e.get("event") == "deleted"
+                         and e.get("path") == dropin], 60)
 
 
 @pytest.mark.timeout(600)
