@@ -1268,6 +1268,44 @@ def test_ct_full_disk_under_state_dir_keeps_watching(box):
     assert "tmpfs" not in ct.sh("findmnt -no FSTYPE %s || true" % sd).stdout
 
 
+@pytest.mark.timeout(240)
+def test_ct_state_fault_at_startup_is_restarted(box):
+    """The unit and the daemon agree: a state fault at start-up (state_dir
+    unwritable: chattr +i) is exit 3, not 2, so systemd keeps restarting it
+    (RestartPreventExitStatus=2 would leave it failed); repaired, the next
+    restart comes up by itself."""
+    _require(box, "ready")
+    ct = box.ct
+    sd = "/var/lib/fimwatch"
+    ct.sh("systemctl stop fimwatch.service; systemctl reset-failed fimwatch.service")
+    n0 = int(ct.show("fimwatch.service", "NRestarts")["NRestarts"])
+    t0 = int(ct.sh("date +%s").stdout)
+    try:
+        ct.sh("chattr +i %s" % sd)
+        ct.sh("systemctl start fimwatch.service", check=False)
+        seen = []
+
+        def restarted():
+            p = ct.show("fimwatch.service", "ActiveState", "SubState", "Result",
+                        "ExecMainStatus", "NRestarts")
+            seen.append(p)
+            return p if int(p["NRestarts"]) >= n0 + 2 else None
+        ct.wait_for("two restarts after a state fault", restarted, 30, interval=0.2)
+        statuses = {p["ExecMainStatus"] for p in seen if p["ExecMainStatus"] != "0"}
+        assert statuses == {"3"}, seen
+        assert not [p for p in seen if p["ActiveState"] == "failed"], seen
+        j = _ct_journal(ct, t0)
+        assert "status=3" in j, j[-3000:]
+    finally:
+        ct.sh("chattr -i %s" % sd, check=False)
+    # repaired: the next automatic restart comes up, no one starts it by hand
+    ct.wait_for("fimwatch.service active after the repair",
+                lambda: ct.show("fimwatch.service", "ActiveState", "SubState") ==
+                {"ActiveState": "active", "SubState": "running"}, 30, interval=0.2)
+    p = ct.show("fimwatch.service", "NRestarts")
+    assert int(p["NRestarts"]) >= n0 + 2, p
+
+
 @pytest.mark.timeout(600)
 def test_ct_reinstall_upgrades_and_keeps_config(box):
     _require(box, "installed")
