@@ -370,3 +370,22 @@ def test_root_on_another_filesystem_is_critical_and_not_silently_baselined(fim, 
     still_watching(d)
     d.stop()
     disk.umount()
+
+
+@needs_root
+def test_unwritable_state_dir_at_start_exits_3(fim):
+    """A state fault at start-up (state_dir immutable: nothing can be created
+    or renamed in it) is a one-line error and exit 3, the status the unit
+    restarts; never 2 (config error), never a traceback."""
+    fim.baseline()
+    if subprocess.run(["chattr", "+i", str(fim.state_dir)]).returncode != 0:
+        pytest.skip("chattr +i not supported here")
+    try:
+        r = fim.cli("run", timeout=30)
+    finally:
+        subprocess.run(["chattr", "-i", str(fim.state_dir)], check=True)
+    assert r.returncode == 3, (r.returncode, r.stderr[-2000:])
+    assert r.stderr.startswith("fimwatch: error: state_dir %s: " % fim.state_dir), r.stderr
+    assert "Traceback" not in r.stderr
+    d = fim.daemon()         # repaired: the baseline is still the one it was
+    d.assert_quiet(is_event("baseline_lost"), since=d.start_index, control=control_file())
