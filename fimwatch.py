@@ -6719,12 +6719,17 @@ class Daemon:
         the database, set up signals and the dispatcher. Returns what the
         guard found, to be reported once the dispatcher runs."""
         cfg = self.cfg
-        ensure_state_dir(cfg.state_dir)
-        self.lock = StateLock(cfg.state_dir)
-        self.lock.acquire()
-        os.umask(0o077)
-        self.guard = StateGuard(cfg.state_dir, cfg.events_file)
-        findings = self.guard.examine()
+        try:
+            ensure_state_dir(cfg.state_dir)
+            self.lock = StateLock(cfg.state_dir)
+            self.lock.acquire()
+            os.umask(0o077)
+            self.guard = StateGuard(cfg.state_dir, cfg.events_file)
+            findings = self.guard.examine()
+        except OSError as e:
+            # a read-only or immutable state_dir, a full disk, I/O errors: a
+            # state fault (exit 3, restarted by the unit), not a crash
+            raise StateError("state_dir %s: %s" % (cfg.state_dir, e))
         self.store = Store(cfg.state_dir)
         self.store.db = StateDB(self.store.db)
         if cfg.events_file and not self.store.last_sequence():

@@ -334,3 +334,58 @@ def test_root_swapped_for_symlink_is_critical_and_not_followed(fim):
     d2.wait_for(is_event("root_swapped", str(fim.root)), since=d2.start_index)
     d2.assert_quiet(lambda e: "planted" in (e.get("path") or ""), since=d2.start_index,
                     control=control)
+
+
+# ---------------------------------------------------------------------------
+# 4b. a watched root on another filesystem between runs is critical
+# ---------------------------------------------------------------------------
+
+@needs_root
+@pytest.mark.timeout(180)
+def test_root_on_another_filesystem_is_critical_and_not_silently_baselined(fim, tmpfs):
+    """README "When things go wrong": a watched path with something mounted
+    over it between runs is a `critical root_swapped` naming the path and
+    both devices, and what the mount holds is reported, never absorbed into
+    the baseline without a word. Positive control first: a plain restart on
+    the same filesystem says nothing of the kind."""
+    write(fim.root / "a.txt", "real\n")
+    fim.baseline()
+    d0 = fim.daemon()
+    d0.assert_quiet(is_event("root_swapped"), since=d0.start_index, control=control_file())
+    d0.stop()
+
+    disk = tmpfs(fim.root, "1m")
+    planted = write(fim.root / "planted.txt", "planted on the tmpfs\n")
+    dev_now = os.stat(fim.root).st_dev
+    d = fim.daemon()
+    ev = d.wait_for(is_event("root_swapped", str(fim.root), severity="critical"),
+                    since=d.start_index)
+    assert "different filesystem" in ev["message"], ev
+    assert ev["now"]["dev"] == dev_now and ev["was"]["dev"] != dev_now, ev
+    # the tmpfs's file is reported (not silently baselined), and so is the
+    # file it hides
+    created = d.wait_for(is_event("created", str(planted)), since=d.start_index)
+    assert created["detected"] == "startup", created
+    d.wait_for(is_event("deleted", str(fim.root / "a.txt")), since=d.start_index)
+    still_watching(d)
+    d.stop()
+    disk.umount()
+
+
+@needs_root
+def test_unwritable_state_dir_at_start_exits_3(fim):
+    """A state fault at start-up (state_dir immutable: nothing can be created
+    or renamed in it) is a one-line error and exit 3, the status the unit
+    restarts; never 2 (config error), never a traceback."""
+    fim.baseline()
+    if subprocess.run(["chattr", "+i", str(fim.state_dir)]).returncode != 0:
+        pytest.skip("chattr +i not supported here")
+    try:
+        r = fim.cli("run", timeout=30)
+    finally:
+        subprocess.run(["chattr", "-i", str(fim.state_dir)], check=True)
+    assert r.returncode == 3, (r.returncode, r.stderr[-2000:])
+    assert r.stderr.startswith("fimwatch: error: state_dir %s: " % fim.state_dir), r.stderr
+    assert "Traceback" not in r.stderr
+    d = fim.daemon()         # repaired: the baseline is still the one it was
+    d.assert_quiet(is_event("baseline_lost"), since=d.start_index, control=control_file())

@@ -154,6 +154,24 @@ def test_unit_contract():
     assert re.search(r"^CapabilityBoundingSet=.*CAP_DAC_READ_SEARCH", text, re.M)
 
 
+def test_unit_restarts_on_every_state_exit_status():
+    """The unit and the daemon agree: RestartPreventExitStatus= lists only the
+    config/usage status (2); a state, disk or database fault (StateError, an
+    sqlite3 error reaching main: exit 3) is never in it, so systemd restarts
+    it like a crash. Restart=always, and no SuccessExitStatus= hides 3."""
+    sys.path.insert(0, str(REPO))
+    import fimwatch
+    text = (REPO / "fimwatch.service").read_text()
+    prevent = []
+    for m in re.finditer(r"^RestartPreventExitStatus=(.*)$", text, re.M):
+        prevent = [] if not m.group(1).strip() else prevent + m.group(1).split()
+    assert prevent == [str(fimwatch.EXIT_ERROR)] == ["2"], prevent
+    assert fimwatch.EXIT_STATE == 3 and fimwatch.StateError.exit_code == fimwatch.EXIT_STATE
+    assert fimwatch.ConfigError.exit_code == fimwatch.EXIT_ERROR
+    assert str(fimwatch.EXIT_STATE) not in prevent
+    assert re.search(r"^Restart=always$", text, re.M)
+    assert not re.search(r"^SuccessExitStatus=", text, re.M)
+
 # ---------------------------------------------------------------------------
 # the wheel and a served copy of the checkout
 # ---------------------------------------------------------------------------
@@ -1161,6 +1179,137 @@ def test_ct_crash_loop_alerts_and_retries(box):
     ct.wait_for("the drop-in's removal reported",
                 lambda: [e for e in ct.events() if e.get("event") == "deleted"
                          and e.get("path") == dropin], 60)
+
+
+def _ct_journal(ct, since):
+    """The daemon's stderr (-u) and its journal sink (-t fimwatch) since a
+    container time (seconds since the epoch)."""
+    r = ct.sh("journalctl -u fimwatch.service --no-pager -o cat --since @%d; "
+              "journalctl -t fimwatch --no-pager -o cat --since @%d" % (since, since),
+              check=False)
+    return r.stdout
+
+
+def _ct_restart_clean(ct):
+    ct.sh("systemctl reset-failed fimwatch.service; systemctl restart fimwatch.service",
+          check=False)
+    ct.wait_for("fimwatch.service active",
+                lambda: ct.show("fimwatch.service", "ActiveState")["ActiveState"] == "active",
+                30)
+
+
+@pytest.mark.timeout(300)
+def test_ct_full_disk_under_state_dir_keeps_watching(box):
+    """Issue 9 with the real unit: state_dir (/var/lib/fimwatch, the unit's
+    StateDirectory=, the one place the sandbox lets it write) on a full disk.
+    The daemon stays up (same MainPID), reports the change in the journal and
+    the events file, says `warning state_error`; when space returns,
+    `notice state_recovered`, and each change is in the state database
+    exactly once with the id it was sent with."""
+    _require(box, "ready")
+    ct = box.ct
+    sd, save = "/var/lib/fimwatch", "/root/fimwatch-ct-state-save"
+    kb = int(ct.sh("du -sk %s" % sd).stdout.split()[0])
+    ct.sh("systemctl stop fimwatch.service")
+    mounted = False
+    try:
+        ct.sh("rm -rf {save} && cp -a {sd} {save} && "
+              "mount -t tmpfs -o size={size}k,mode=0700 tmpfs {sd} && "
+              "cp -a {save}/. {sd}/".format(save=save, sd=sd, size=kb + 3072))
+        mounted = True
+        n_started = len(_started_events(box))
+        ct.sh("systemctl start fimwatch.service")
+        ct.wait_for("the started event", lambda: _started_events(box)[n_started:], 30)
+        pid = _main_pid(box)
+        # The sandboxed daemon's own mount namespace sees the tmpfs, writable.
+        mi = ct.read("/proc/%d/mountinfo" % pid)
+        mine = [ln for ln in mi.splitlines() if ln.split()[4] == sd]
+        assert mine and "tmpfs" in mine[-1] and " rw," in " " + mine[-1].split()[5] + ",", mi
+        t0 = int(ct.sh("date +%s").stdout)
+        ct.sh("dd if=/dev/zero of=%s/filler bs=64k 2>/dev/null; true" % sd)
+        assert ct.sh("stat -f -c %%a %s" % sd).stdout.strip() == "0", "tmpfs not full"
+        paths = ["/etc/fimwatch-ct-diskfull-%d" % i for i in range(5)]
+        mark = len(ct.events())
+        for p in paths:
+            ct.sh("echo x > %s; sleep 0.3" % p)
+
+        def sent():
+            evs = [e for e in ct.events()[mark:] if e.get("path") in paths
+                   and e.get("event") == "created"]
+            return evs if len({e["path"] for e in evs}) == len(paths) else None
+        created = ct.wait_for("the changes in the events file", sent, 30)
+        ct.wait_for("warning state_error",
+                    lambda: [e for e in ct.events()[mark:] if e.get("event") == "state_error"
+                             and e.get("severity") == "warning"], 30)
+        p = ct.show("fimwatch.service", "ActiveState", "SubState", "MainPID")
+        assert p == {"ActiveState": "active", "SubState": "running", "MainPID": str(pid)}, p
+
+        def journal():
+            j = _ct_journal(ct, t0)
+            ok = "cannot write the state database" in j and all(x in j for x in paths)
+            return j if ok else None
+        ct.wait_for("the changes and the state error in the journal", journal, 30)
+
+        ct.sh("rm -f %s/filler" % sd)
+        ct.wait_for("notice state_recovered",
+                    lambda: [e for e in ct.events()[mark:] if e.get("event") == "state_recovered"
+                             and e.get("severity") == "notice"], 90, interval=0.5)
+        p = ct.show("fimwatch.service", "ActiveState", "MainPID")
+        assert p == {"ActiveState": "active", "MainPID": str(pid)}, p
+        # each change: once in the events file, once in the database, one id
+        assert sorted(e["path"] for e in created) == sorted(paths), created
+        r = ct.sh("fimwatch events --json --since 10m")
+        recorded = [json.loads(ln) for ln in r.stdout.splitlines() if ln.strip()]
+        ours = [e for e in recorded if e.get("path") in paths and e.get("event") == "created"]
+        assert sorted(e["path"] for e in ours) == sorted(paths), ours
+        assert {e["path"]: e["id"] for e in ours} == {e["path"]: e["id"] for e in created}
+    finally:
+        if mounted:
+            # The state on the tmpfs is the current one: take it back to the disk.
+            ct.sh("systemctl stop fimwatch.service; rm -f {sd}/filler; rm -rf {save} && "
+                  "cp -a {sd} {save} && umount {sd} && rm -rf {sd}/* && cp -a {save}/. {sd}/ "
+                  "&& rm -rf {save}".format(sd=sd, save=save), check=False)
+        ct.sh("rm -rf %s" % save, check=False)
+        _ct_restart_clean(ct)
+    assert "tmpfs" not in ct.sh("findmnt -no FSTYPE %s || true" % sd).stdout
+
+
+@pytest.mark.timeout(240)
+def test_ct_state_fault_at_startup_is_restarted(box):
+    """The unit and the daemon agree: a state fault at start-up (state_dir
+    unwritable: chattr +i) is exit 3, not 2, so systemd keeps restarting it
+    (RestartPreventExitStatus=2 would leave it failed); repaired, the next
+    restart comes up by itself."""
+    _require(box, "ready")
+    ct = box.ct
+    sd = "/var/lib/fimwatch"
+    ct.sh("systemctl stop fimwatch.service; systemctl reset-failed fimwatch.service")
+    n0 = int(ct.show("fimwatch.service", "NRestarts")["NRestarts"])
+    t0 = int(ct.sh("date +%s").stdout)
+    try:
+        ct.sh("chattr +i %s" % sd)
+        ct.sh("systemctl start fimwatch.service", check=False)
+        seen = []
+
+        def restarted():
+            p = ct.show("fimwatch.service", "ActiveState", "SubState", "Result",
+                        "ExecMainStatus", "NRestarts")
+            seen.append(p)
+            return p if int(p["NRestarts"]) >= n0 + 2 else None
+        ct.wait_for("two restarts after a state fault", restarted, 30, interval=0.2)
+        statuses = {p["ExecMainStatus"] for p in seen if p["ExecMainStatus"] != "0"}
+        assert statuses == {"3"}, seen
+        assert not [p for p in seen if p["ActiveState"] == "failed"], seen
+        j = _ct_journal(ct, t0)
+        assert "status=3" in j, j[-3000:]
+    finally:
+        ct.sh("chattr -i %s" % sd, check=False)
+    # repaired: the next automatic restart comes up, no one starts it by hand
+    ct.wait_for("fimwatch.service active after the repair",
+                lambda: ct.show("fimwatch.service", "ActiveState", "SubState") ==
+                {"ActiveState": "active", "SubState": "running"}, 30, interval=0.2)
+    p = ct.show("fimwatch.service", "NRestarts")
+    assert int(p["NRestarts"]) >= n0 + 2, p
 
 
 @pytest.mark.timeout(600)
