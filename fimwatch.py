@@ -6601,7 +6601,9 @@ class StateLock:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             pid = self.holder()
-            raise FimwatchError("another fimwatch daemon%s already uses %s"
+            # A state condition, not a typo: exit 3, so the unit keeps
+            # retrying and comes back once the other daemon is gone.
+            raise StateError("another fimwatch daemon%s already uses %s"
                                 % (" (pid %s)" % pid if pid else "", os.path.dirname(self.path)))
         os.ftruncate(self.fd, 0)
         os.write(self.fd, b"%d\n" % os.getpid())

@@ -137,7 +137,8 @@ def test_directory_chmod_is_attributes(fim):
 def test_second_instance_on_the_same_state_refuses(fim):
     d = fim.daemon()
     r = fim.cli("run", timeout=20)
-    assert r.returncode != 0, "a second daemon ran on the same state_dir:\n" + r.stderr
+    assert r.returncode == 3, "a second daemon on the same state_dir must exit 3 " \
+        "(a state condition systemd retries):\n" + r.stderr
     assert "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith("fimwatch: error:"), r.stderr
     p = write(fim.root / "still-alive.txt")
