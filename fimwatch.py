@@ -1818,6 +1818,18 @@ class StateGuard:
         return None, last_t
 
     # -- the database, before the daemon opens it --
+    def _check_openable(self):
+        """A database we may not open (permissions, an immutable file) is a
+        state fault, retried with exit 3, never "damaged": it is not moved
+        aside for that, and no fresh baseline replaces it."""
+        for flags in (os.O_RDONLY, os.O_RDWR):
+            try:
+                os.close(os.open(self.db, flags | os.O_CLOEXEC | os.O_NONBLOCK))
+            except OSError as e:
+                raise StateError("baseline database %s cannot be opened%s: %s (fix its "
+                                 "permissions; it is kept as it is)"
+                                 % (self.db, " for writing" if flags else "", e.strerror))
+
     def _probe(self):
         """meta of an intact database, or raises sqlite3.DatabaseError/ValueError."""
         conn = sqlite3.connect(self.db, timeout=60)
@@ -1859,6 +1871,7 @@ class StateGuard:
         size = os.path.getsize(self.db) if os.path.exists(self.db) else -1
         meta, reason, detail = None, None, ""
         if size > 0:
+            self._check_openable()
             try:
                 meta = self._probe()
             except (sqlite3.DatabaseError, ValueError) as e:

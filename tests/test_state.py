@@ -389,3 +389,24 @@ def test_unwritable_state_dir_at_start_exits_3(fim):
     assert "Traceback" not in r.stderr
     d = fim.daemon()         # repaired: the baseline is still the one it was
     d.assert_quiet(is_event("baseline_lost"), since=d.start_index, control=control_file())
+
+
+@needs_root
+def test_baseline_that_cannot_be_opened_is_a_state_fault_not_a_lost_baseline(fim):
+    """A baseline.db we may not open for writing (here immutable) is exit 3,
+    retried by systemd; it is neither moved aside nor replaced by a fresh
+    baseline, and once repaired the daemon goes on with it, quietly."""
+    fim.baseline()
+    db = fim.state_dir / "baseline.db"
+    if subprocess.run(["chattr", "+i", str(db)]).returncode != 0:
+        pytest.skip("chattr +i not supported here")
+    try:
+        r = fim.cli("run", timeout=30)
+    finally:
+        subprocess.run(["chattr", "-i", str(db)], check=True)
+    assert r.returncode == 3, (r.returncode, r.stderr[-2000:])
+    assert "cannot be opened for writing" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not list(fim.state_dir.glob("baseline.db.*-*")), list(fim.state_dir.iterdir())
+    d = fim.daemon()
+    d.assert_quiet(is_event("baseline_lost"), since=d.start_index, control=control_file())
+    d.stop()
