@@ -1007,24 +1007,31 @@ def hash_file(path, st, keep=0, dir_fd=None, meta=None):
             return None, None, None
         if meta is not None:
             meta.append(read_meta(fd, fst, True))
+        left = max(st.st_size, 0)
         if fst.st_size <= keep:
             data = os.read(fd, keep + 1)
             if len(data) <= keep:
                 return hashlib.sha256(data).hexdigest(), fst, data
             h = hashlib.sha256(data)
+            left -= len(data)
         else:
             h = hashlib.sha256()
         buf = getattr(_hash_buf, "buf", None)
         if buf is None:
             buf = _hash_buf.buf = bytearray(HASH_CHUNK)
         mv = memoryview(buf)
-        readinto = os.readv
-        while True:
-            n = readinto(fd, [buf])
+        # Never past the size lstat saw: a file that grows as fast as we read
+        # must not hold the loop. Its writes queue it again, and a later look
+        # hashes what it is then (or skips it once over hash_max_size).
+        while left > 0:
+            n = os.readv(fd, [mv[:min(HASH_CHUNK, left)]])
             if not n:
                 break
             h.update(mv[:n])
-        return h.hexdigest(), fst, None
+            left -= n
+        # Grown since lstat: what was hashed is what lstat saw, so record that
+        # (its older size and times make the next look hash it again).
+        return h.hexdigest(), (st if fst.st_size > st.st_size else fst), None
     finally:
         os.close(fd)
 

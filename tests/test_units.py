@@ -8,6 +8,7 @@ redaction. Every assertion here states one rule of SPEC.md, so breaking
 the rule in fimwatch.py fails the test."""
 
 import datetime
+import hashlib
 import os
 import time
 
@@ -326,3 +327,17 @@ def test_unified_diff_none_for_binary_and_private_keys():
     assert fimwatch.unified_diff(b"a\0b", b"a\0c", "/bin/x") is None
     key = b"-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n"
     assert fimwatch.unified_diff(b"x\n", key, "/root/k") is None
+
+
+def test_hash_file_reads_no_further_than_lstat_saw(tmp_path):
+    """A file that grows while it is hashed is hashed up to the size lstat
+    saw (never "until EOF", which a fast writer could put off for ever), and
+    the stat returned is that one, so the next look hashes it again."""
+    p = tmp_path / "grows"
+    p.write_bytes(b"a" * 100 + b"b" * (3 << 20))
+    st = os.lstat(p)
+    with open(p, "ab") as f:
+        f.write(b"c" * 5000)                 # grown after lstat, before the hash
+    sha, fst, data = fimwatch.hash_file(str(p), st)
+    assert sha == hashlib.sha256(b"a" * 100 + b"b" * (3 << 20)).hexdigest()
+    assert fst.st_size == st.st_size and data is None
