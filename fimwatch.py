@@ -3565,7 +3565,8 @@ def dir_handle(path):
 def _refusal(e):
     """Why fanotify cannot be used, from the errno of init or mark."""
     if e.errno == errno.EPERM:
-        return "no CAP_SYS_ADMIN in the initial user namespace (%s)" % e.strerror
+        return ("not permitted: no CAP_SYS_ADMIN in the initial user namespace, or a "
+                "system-call filter (a systemd unit's SystemCallFilter=) (%s)" % e.strerror)
     if e.errno == errno.EINVAL:
         return "kernel %s lacks FAN_REPORT_DFID_NAME/FAN_MARK_FILESYSTEM (needs 5.9)" \
             % os.uname().release
