@@ -1799,16 +1799,8 @@ class StateGuard:
     def witness(self):
         """(baseline_id, time) of the last event in the events file that names
         the baseline, or (None, time of the last event), or (None, None)."""
-        if not self.events_file:
-            return None, None
-        try:
-            with open(self.events_file, "rb") as f:
-                st = os.fstat(f.fileno())
-                if not stat.S_ISREG(st.st_mode):          # e.g. /dev/full: reads forever
-                    return None, None
-                f.seek(max(0, st.st_size - (1 << 20)))
-                data = f.read(1 << 20)
-        except OSError:
+        data = read_tail(self.events_file, 1 << 20) if self.events_file else None
+        if data is None:             # none, or not a regular file (a FIFO, /dev/full)
             return None, None
         last_t = None
         for raw in reversed(data.splitlines()):
@@ -5309,23 +5301,29 @@ def last_line_head(fd, size, window=1 << 16):
     return (int(m.group(1)), line_hash(raw)) if m else None
 
 
-def last_sequence_in(path, window=1 << 16):
-    """The `sequence` of the last line of an events file, or 0. Only a
-    regular file is read (never a FIFO or a device someone put there)."""
+def read_tail(path, window):
+    """The last window bytes of path, or None. Only a regular file is read:
+    opened O_NONBLOCK and O_NOFOLLOW, so a FIFO or a device someone put
+    there is never waited on or read for ever, and a symlink not followed."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
-        return 0
+        return None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            return 0
-        data = os.pread(fd, min(st.st_size, window), max(0, st.st_size - window))
+            return None
+        return os.pread(fd, min(st.st_size, window), max(0, st.st_size - window))
     except OSError:
-        return 0
+        return None
     finally:
         os.close(fd)
-    found = re.findall(rb'"sequence": (\d+)', data)
+
+
+def last_sequence_in(path, window=1 << 16):
+    """The `sequence` of the last line of an events file, or 0."""
+    data = read_tail(path, window)
+    found = re.findall(rb'"sequence": (\d+)', data or b"")
     return int(found[-1]) if found else 0
 
 
