@@ -3557,8 +3557,7 @@ def dir_handle(path):
 def _refusal(e):
     """Why fanotify cannot be used, from the errno of init or mark."""
     if e.errno == errno.EPERM:
-        return ("not permitted: no CAP_SYS_ADMIN in the initial user namespace, or a "
-                "system-call filter (a systemd unit's SystemCallFilter=) (%s)" % e.strerror)
+        return "not permitted: " + _eperm_cause()
     if e.errno == errno.EINVAL:
         return "kernel %s lacks FAN_REPORT_DFID_NAME/FAN_MARK_FILESYSTEM (needs 5.9)" \
             % os.uname().release
@@ -3567,6 +3566,39 @@ def _refusal(e):
     if e.errno == errno.ENOSYS:
         return "kernel without fanotify"
     return e.strerror or str(e)
+
+
+CAP_SYS_ADMIN = 21
+FANOTIFY_DROPIN = "/etc/systemd/system/fimwatch.service.d/fanotify.conf"   # install.sh's
+
+
+def _eperm_cause(proc=PROC):
+    """Which of the three things that refuse fanotify_init with EPERM it is,
+    from /proc/self: a user namespace, no CAP_SYS_ADMIN, or (with the
+    capability) a seccomp filter -- the unit's, or a container runtime's
+    (systemd-nspawn's and Docker's default filters refuse fanotify_init for
+    every process in the container, services included)."""
+    try:
+        with open(proc + "/self/uid_map") as f:
+            own_ns = f.read().split() != ["0", "0", "4294967295"]
+        with open(proc + "/self/status") as f:
+            status = dict(line.split(":", 1) for line in f if ":" in line)
+        has_cap = int(status["CapEff"], 16) >> CAP_SYS_ADMIN & 1
+        seccomp = status.get("Seccomp", "0").strip() != "0"
+    except (OSError, KeyError, ValueError):
+        return "no CAP_SYS_ADMIN in the initial user namespace, or a system-call filter"
+    if own_ns:
+        return ("in a user namespace (a container's, or the unit's PrivateUsers=): fanotify "
+                "needs CAP_SYS_ADMIN in the initial user namespace")
+    if not has_cap:
+        return ("no CAP_SYS_ADMIN (under systemd: the unit's drop-in %s grants it; install.sh "
+                "installs it unless [watch] backend = inotify)" % FANOTIFY_DROPIN)
+    if seccomp:
+        return ("CAP_SYS_ADMIN is there, so a seccomp system-call filter refuses it: the "
+                "unit's SystemCallFilter= (the drop-in %s lets fanotify_init and fanotify_mark "
+                "through) or a container's (systemd-nspawn and Docker refuse fanotify_init "
+                "unless told otherwise)" % FANOTIFY_DROPIN)
+    return "refused with CAP_SYS_ADMIN and no seccomp filter (a security module's policy?)"
 
 
 def choose_backends(roots, want, probe_fd=None):
@@ -7457,6 +7489,7 @@ def check_config_report(cfg, root=None):
         "roots": roots,
         "scan_only": list(cfg.scan_only),
         "exclude": list(cfg.exclude.patterns),
+        "backend": cfg.get("watch", "backend"),
         "watches_needed": need,
         "max_user_watches": read_sysctl("max_user_watches"),
         "recommended_max_user_watches": recommended_watches(need),

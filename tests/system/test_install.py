@@ -52,7 +52,7 @@ WHEEL_SHA256 = "e5da495f2064889f8e68b67f9358b0d102e03b783c2d42e5b8e132ab859a5d8a
 UNITS = ["fimwatch.service", "fimwatch-failure@.service",
          "fimwatch-sendmail.socket", "fimwatch-sendmail@.service"]
 SERVED = ["install.sh", "fimwatch.py", "fimwatch.conf.example",
-          "fimwatch-sendmail-relay"] + UNITS
+          "fimwatch-sendmail-relay", "fimwatch-fanotify.conf"] + UNITS
 CT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 EXPOSURE_MAX = 2.5
 
@@ -512,7 +512,7 @@ def _clean_stale_runs(runs):
 class Container:
     """A booted copy of a cached rootfs; `sh(cmd)` runs inside it."""
 
-    def __init__(self, distro):
+    def __init__(self, distro, nspawn_args=()):
         self.distro = distro
         rootfs = build_rootfs(distro)
         runs = CACHE / "run"
@@ -533,7 +533,7 @@ class Container:
         self.proc = subprocess.Popen(
             ["systemd-nspawn", "--quiet", "--register=no", "--keep-unit",
              "--machine=fimwatch-%s-%d" % (distro, os.getpid()),
-             "-D", str(self.dir), "--boot", "--console=pipe"],
+             "-D", str(self.dir), "--boot", "--console=pipe"] + list(nspawn_args),
             stdin=subprocess.DEVNULL, stdout=self.console, stderr=subprocess.STDOUT,
             start_new_session=True, env=env)
         try:

@@ -1,0 +1,192 @@
+"""System tests: the fanotify backend under the installed systemd unit.
+
+A booted Debian (tests/system/test_install.py's Container and Box: the same
+cached rootfs, the same piped install from 127.0.0.1) with one difference:
+systemd-nspawn's own seccomp allow-list refuses fanotify_init and
+fanotify_mark to every process in the container -- PID 1 and every service
+it starts inherit it, whatever the unit says (seen: a unit with no sandbox
+at all gets EPERM there, while a shell entered with nsenter, outside that
+filter, gets fanotify). A host has no such filter, so this container is
+given those two calls back (`--system-call-filter=`): what is tested is
+then fimwatch.service and its fanotify drop-in as on a host, not nspawn.
+
+* the installer puts the drop-in in place ([watch] backend = auto), the unit
+  gets CAP_SYS_ADMIN and nothing else more, `status` says fanotify, and a
+  write by a named shell is an event whose `process` names that shell;
+* `backend = inotify` + the installer again: the drop-in is removed and the
+  daemon runs under the unit's tighter set alone (no CAP_SYS_ADMIN).
+"""
+
+import re
+import time
+
+import pytest
+
+from test_install import (EXPOSURE_MAX, Box, Container, _container_skip_reason,
+                          _SharedMachineLock)
+
+pytestmark = pytest.mark.system
+
+DISTRO = "bookworm"
+# What a host allows and nspawn does not (see the docstring).
+NSPAWN_HOST_LIKE = ["--system-call-filter=fanotify_init fanotify_mark"]
+DROPIN = "/etc/systemd/system/fimwatch.service.d/fanotify.conf"
+CAP_SYS_ADMIN = 1 << 21
+CAP_DAC_READ_SEARCH = 1 << 2
+# The issue's budget for the unit with the drop-in (2.2 without).
+EXPOSURE_FANOTIFY_MAX = 3.0
+
+
+@pytest.fixture(scope="module")
+def fbox(tmp_path_factory):
+    reason = _container_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    with _SharedMachineLock():
+        ct = Container(DISTRO, nspawn_args=NSPAWN_HOST_LIKE)
+        b = None
+        try:
+            b = Box(ct, tmp_path_factory.mktemp("served-fanotify"))
+            # Before the install: in the baseline, so the test's writes are
+            # "modified" events of a file fimwatch knows.
+            ct.sh("mkdir -p /etc/watched && echo one > /etc/watched/f")
+            yield b
+        finally:
+            if b:
+                b.server.close()
+            ct.kill()
+
+
+def _require(box, step):
+    if not box.notes.get(step):
+        pytest.skip("needs the earlier step %r to have passed" % step)
+
+
+def _main_pid(ct):
+    return int(ct.show("fimwatch.service", "MainPID")["MainPID"])
+
+
+def _caps(ct, pid, which="CapBnd"):
+    status = ct.read("/proc/%d/status" % pid)
+    return int(re.search(r"^%s:\s*([0-9a-f]+)" % which, status, re.M).group(1), 16)
+
+
+def _exposure(ct):
+    r = ct.sh("systemd-analyze security --no-pager fimwatch.service", check=False)
+    m = re.search(r"Overall exposure level for fimwatch\.service: ([0-9.]+)", r.stdout)
+    assert m, r.stdout + r.stderr
+    return float(m.group(1))
+
+
+def _started(ct, since=0):
+    return [e for e in ct.events()[since:] if e.get("event") == "started"]
+
+
+@pytest.mark.timeout(600)
+def test_ct_fanotify_under_the_installed_unit(fbox):
+    ct = fbox.ct
+    r = fbox.pipe_install()
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "backend    fanotify: events name the process" in out, out
+    assert ct.exists(DROPIN), out
+    ct.wait_for("the started event", lambda: _started(ct), 60)
+    pid = _main_pid(ct)
+    # The drop-in adds CAP_SYS_ADMIN and no other capability.
+    assert _caps(ct, pid) == CAP_DAC_READ_SEARCH | CAP_SYS_ADMIN, hex(_caps(ct, pid))
+    assert _caps(ct, pid, "CapEff") == CAP_DAC_READ_SEARCH | CAP_SYS_ADMIN
+    st = ct.sh("fimwatch status", check=False)
+    assert st.returncode == 0, st.stdout + st.stderr
+    assert "backend:    /etc: fanotify (filesystem mark" in st.stdout, st.stdout
+    fbox.notes["fanotify"] = True
+
+    # The exposure, online, by the distro's own systemd: with the drop-in
+    # (as installed), and without it (the unit alone).
+    with_dropin = _exposure(ct)
+    ct.sh("mv %s /root/fanotify.conf.aside && systemctl daemon-reload" % DROPIN)
+    try:
+        without = _exposure(ct)
+    finally:
+        ct.sh("mv /root/fanotify.conf.aside %s && systemctl daemon-reload" % DROPIN)
+    print("exposure (%s, online): unit alone %s, with the fanotify drop-in %s"
+          % (DISTRO, without, with_dropin))
+    assert without <= EXPOSURE_MAX, without
+    assert without < with_dropin <= EXPOSURE_FANOTIFY_MAX, (without, with_dropin)
+
+
+@pytest.mark.timeout(180)
+def test_ct_named_shell_is_the_events_process(fbox):
+    """A write by `sh -c '...'` under the unit: the event's process is that
+    shell (its pid, cmdline, user; live), and the daemon is still the same."""
+    _require(fbox, "fanotify")
+    ct = fbox.ct
+    pid = _main_pid(ct)
+    n = len(ct.events())
+    script = "echo $$; echo two >> /etc/watched/f; sleep 1"
+    r = ct.sh("sh -c '%s' fimwatch-writer" % script)
+    shell_pid = int(r.stdout.split()[0])
+
+    def modified():
+        return [e for e in ct.events()[n:]
+                if e.get("event") == "modified" and e.get("path") == "/etc/watched/f"]
+    e = ct.wait_for("the modified event of /etc/watched/f", modified, 30)[0]
+    proc = e.get("process")
+    assert proc, e
+    assert proc["pid"] == shell_pid, proc
+    assert proc["comm"] == "sh", proc
+    assert "echo two >> /etc/watched/f" in proc["cmdline"], proc
+    assert proc["uid"] == 0 and proc["user"] == "root", proc
+    assert proc["confidence"] == "live", proc
+    assert proc["chain"][-1] == "sh", proc
+    print("process under the unit: %r" % proc)
+    assert _main_pid(ct) == pid
+    # The text channels lead with it too (the journal line names the writer).
+    r = ct.sh("journalctl -t fimwatch --no-pager -o cat -n 50", check=False)
+    assert any("/etc/watched/f" in ln and "sh" in ln for ln in r.stdout.splitlines()), r.stdout
+
+
+@pytest.mark.timeout(600)
+def test_ct_backend_inotify_runs_under_the_tighter_unit(fbox):
+    """`backend = inotify` and the installer again: the drop-in goes, the
+    daemon is restarted without CAP_SYS_ADMIN and still reports changes
+    (without a process). Then auto again: the drop-in is back."""
+    _require(fbox, "fanotify")
+    ct = fbox.ct
+    ct.sh("sed -i 's/^backend = auto$/backend = inotify/' /etc/fimwatch/fimwatch.conf")
+    assert "backend = inotify" in ct.read("/etc/fimwatch/fimwatch.conf")
+    n = len(ct.events())
+    r = fbox.pipe_install()
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "removing %s" % DROPIN in out, out
+    assert not ct.exists(DROPIN)
+    ct.wait_for("the restart's started event", lambda: _started(ct, n), 60)
+    pid = _main_pid(ct)
+    assert _caps(ct, pid) == CAP_DAC_READ_SEARCH, hex(_caps(ct, pid))
+    st = ct.sh("fimwatch status", check=False)
+    assert "backend:    /etc: inotify (configured)" in st.stdout, st.stdout
+    m = len(ct.events())
+    ct.sh("echo three >> /etc/watched/f")
+
+    def modified():
+        return [e for e in ct.events()[m:]
+                if e.get("event") == "modified" and e.get("path") == "/etc/watched/f"]
+    e = ct.wait_for("the modified event under inotify", modified, 30)[0]
+    assert "process" not in e, e
+    # The installer's removal of its own drop-in is not reported as a change.
+    assert not [e for e in ct.events()[n:] if e.get("path", "").startswith(DROPIN)], \
+        ct.events()[n:]
+
+    ct.sh("sed -i 's/^backend = inotify$/backend = auto/' /etc/fimwatch/fimwatch.conf")
+    n = len(ct.events())
+    r = fbox.pipe_install()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert ct.exists(DROPIN)
+    ct.wait_for("the restart's started event", lambda: _started(ct, n), 60)
+    deadline = time.monotonic() + 30
+    while True:
+        st = ct.sh("fimwatch status", check=False)
+        if "backend:    /etc: fanotify (" in st.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert "backend:    /etc: fanotify (" in st.stdout, st.stdout
