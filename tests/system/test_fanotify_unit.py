@@ -22,8 +22,8 @@ import time
 
 import pytest
 
-from test_install import (EXPOSURE_MAX, Box, Container, _container_skip_reason,
-                          _SharedMachineLock)
+from test_install import (EXPOSURE_FANOTIFY_MAX, EXPOSURE_MAX, Box, Container,
+                          _container_skip_reason, _SharedMachineLock)
 
 pytestmark = pytest.mark.system
 
@@ -33,8 +33,6 @@ NSPAWN_HOST_LIKE = ["--system-call-filter=fanotify_init fanotify_mark"]
 DROPIN = "/etc/systemd/system/fimwatch.service.d/fanotify.conf"
 CAP_SYS_ADMIN = 1 << 21
 CAP_DAC_READ_SEARCH = 1 << 2
-# The budget for the unit with the drop-in (2.2 without).
-EXPOSURE_FANOTIFY_MAX = 3.0
 
 
 @pytest.fixture(scope="module")
