@@ -3467,15 +3467,25 @@ class InotifyBackend:
 # be about to exit. FAN_REPORT_TARGET_FID (5.17) adds the moved object's handle
 # to MOVED_FROM/MOVED_TO, which pairs a rename exactly; before 5.17 (Debian 11)
 # a rename is reported as a delete and a create (or a dir tree as new).
+#
+# Who wrote, when the writer is gone before /proc is read (`echo > f`, cp, a
+# dropper): the mark also asks for FAN_OPEN_EXEC, so every execve of a binary
+# on a marked filesystem queues a record (pid, directory handle, name) ahead of
+# that process's writes. The backend keeps the last one per pid (the exec
+# cache) and names the exe from it when /proc cannot: the process has exited,
+# or /proc/PID/exe is not ours to read (under the unit: no CAP_SYS_PTRACE). A
+# directory handle outside the watched trees (/usr/bin when only /etc is
+# watched) is turned into a path with open_by_handle_at, once per handle.
 
 FAN_CLOEXEC, FAN_NONBLOCK = 0x1, 0x2
 FAN_REPORT_FID, FAN_REPORT_DIR_FID, FAN_REPORT_NAME = 0x200, 0x400, 0x800
 FAN_REPORT_TARGET_FID = 0x1000
 FAN_MARK_ADD, FAN_MARK_FILESYSTEM = 0x1, 0x100
 FAN_Q_OVERFLOW, FAN_ONDIR, FAN_EVENT_ON_CHILD = 0x4000, 0x40000000, 0x08000000
-FAN_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO
-            | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF
-            | FAN_ONDIR | FAN_EVENT_ON_CHILD)      # same bit values as inotify's
+FAN_OPEN_EXEC = 0x1000
+FAN_CHANGES = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO
+               | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF)   # inotify's bits
+FAN_MASK = FAN_CHANGES | FAN_OPEN_EXEC | FAN_ONDIR | FAN_EVENT_ON_CHILD
 FAN_INFO_FID, FAN_INFO_DFID_NAME = 1, 2
 AT_FDCWD = -100
 OVERLAYFS_MAGIC = 0x794C7630
@@ -3499,6 +3509,7 @@ def _libc():
                                        ctypes.c_int, ctypes.c_char_p]
         libc.name_to_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p,
                                            ctypes.c_void_p, ctypes.c_int]
+        libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         _libc_cache.append((ctypes, libc))
     return _libc_cache[0]
 
@@ -3552,6 +3563,39 @@ def dir_handle(path):
         raise _oserror(ctypes, "name_to_handle_at")
     raw = buf.raw
     return mid.value, raw[:8 + struct.unpack_from("=I", raw, 0)[0]]
+
+
+def path_of_handle(mount_fd, handle):
+    """The path of a directory from its struct file_handle (the bytes after the
+    fsid in a record), or None: open_by_handle_at (CAP_DAC_READ_SEARCH) on
+    mount_fd's filesystem, O_PATH (nothing is read), then the fd's link."""
+    ctypes, libc = _libc()
+    fd = libc.open_by_handle_at(mount_fd, handle, os.O_PATH | os.O_CLOEXEC)
+    if fd < 0:
+        return None
+    try:
+        path = os.readlink("/proc/self/fd/%d" % fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if not path.startswith("/") or path.endswith(" (deleted)"):
+        return None
+    return path
+
+
+def _mount_top(d):
+    """The top directory of d's filesystem (as mounted above d), or None."""
+    try:
+        dev = os.lstat(d).st_dev if d else None
+        while dev is not None and d != "/":
+            up = os.path.dirname(d)
+            if os.lstat(up).st_dev != dev:
+                break
+            d = up
+    except OSError:
+        return None
+    return d if dev is not None else None
 
 
 def _refusal(e):
@@ -3727,13 +3771,16 @@ def _chain(pid, depth=12):
 
 class ProcessCache:
     """pid -> process info, read once per pid per read() of the queue; a pid
-    that has exited since is named from what an earlier record of it read
-    (confidence "cached"), else by number only ("none")."""
+    that has exited since is named from what an earlier record of it read,
+    or from the exec cache (exe_of(pid): the binary it last executed), with
+    confidence "cached"; else by number only ("none"). A live process whose
+    /proc/PID/exe we may not read gets its exe from the exec cache too."""
     KEEP = 512
 
-    def __init__(self):
+    def __init__(self, exe_of=None):
         self.seen = collections.OrderedDict()     # pid -> info, last read
         self.batch = {}
+        self.exe_of = exe_of or (lambda pid: None)
 
     def new_batch(self):
         self.batch = {}
@@ -3744,6 +3791,8 @@ class ProcessCache:
             return info
         live = process_info(pid)
         if live is not None:
+            if live.get("exe") is None:
+                live["exe"] = self.exe_of(pid)
             info = dict(live, confidence="live")
             self.seen[pid] = live
             self.seen.move_to_end(pid)
@@ -3752,7 +3801,9 @@ class ProcessCache:
         elif pid in self.seen:
             info = dict(self.seen[pid], confidence="cached")
         else:
-            info = {"pid": pid, "confidence": "none"}
+            exe = self.exe_of(pid)
+            info = {"pid": pid, "exe": exe, "confidence": "cached"} if exe else \
+                {"pid": pid, "confidence": "none"}
         self.batch[pid] = info
         return info
 
@@ -3763,6 +3814,8 @@ class FanotifyBackend:
     map; writer(path) names the process behind the last record of path."""
     name = "fanotify"
     WRITERS_KEEP = 4096
+    EXECS_KEEP = 4096            # pids whose last exec is remembered
+    HANDLES_KEEP = 1024          # directory handles resolved by open_by_handle_at
 
     def __init__(self, fd=None):
         self.fd, self.flags = (fd, 0) if fd is not None else fanotify_open()
@@ -3772,7 +3825,10 @@ class FanotifyBackend:
         self.keys = {}               # directory path -> fsid + handle
         self.froms = {}              # object handle -> (path, isdir) of a MOVED_FROM
         self.from_reads = 0
-        self.procs = ProcessCache()
+        self.execs = collections.OrderedDict()      # pid -> (dir key, name) of its exe
+        self.handle_paths = collections.OrderedDict()   # dir key -> path or None
+        self.mark_dirs = {}          # fsid -> a directory on it (the first marked)
+        self.procs = ProcessCache(self.exe_of)
         self.writers = collections.OrderedDict()     # path -> process info
         self.me = os.getpid()
         self.noise, self.relevant = False, 0
@@ -3808,6 +3864,7 @@ class FanotifyBackend:
                     raise OSError(errno.EACCES, "fanotify cannot mark its filesystem: "
                                   + _refusal(e))
                 self.marked.add(fsid)
+                self.mark_dirs[fsid] = d
             self.mounts[mount_id] = fsid
         key = fsid + handle
         old = self.keys.get(d)
@@ -3846,6 +3903,51 @@ class FanotifyBackend:
     def writer(self, path):
         """The process behind the last record of path (then forgotten)."""
         return self.writers.pop(path, None)
+
+    def _note_exec(self, data, off, end, pid):
+        dkey, name, _ = self._records(data, off, end)
+        if dkey is None or name is None or name.startswith(b"ld-") and b".so" in name:
+            return                       # the ELF interpreter, opened after the binary
+        ex = self.execs
+        ex[pid] = (dkey, name)
+        ex.move_to_end(pid)
+        if len(ex) > self.EXECS_KEEP:
+            ex.popitem(last=False)
+
+    def exe_of(self, pid):
+        """The binary pid last executed, as the exec cache saw it, or None."""
+        entry = self.execs.get(pid)
+        if entry is None:
+            return None
+        dkey, name = entry
+        d = self.dirs.get(dkey) or self._dir_of_handle(dkey)
+        if d is None:
+            return None
+        return esc((d if d != "/" else "") + "/" + os.fsdecode(name))
+
+    def _dir_of_handle(self, dkey):
+        """A directory outside the map, by handle (cached, misses too)."""
+        hp = self.handle_paths
+        if dkey in hp:
+            return hp[dkey]
+        path = None
+        top = _mount_top(self.mark_dirs.get(dkey[:8]))
+        if top is not None:
+            # Opened for this lookup only: a held fd on a watched directory
+            # would keep its inode, and with it IN_DELETE_SELF, from the kernel.
+            try:
+                mfd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                mfd = None
+            if mfd is not None:
+                try:
+                    path = path_of_handle(mfd, dkey[8:])
+                finally:
+                    os.close(mfd)
+        hp[dkey] = path
+        if len(hp) > self.HANDLES_KEEP:
+            hp.popitem(last=False)
+        return path
 
     def _note_writer(self, path, pid):
         w = self.writers
@@ -3891,6 +3993,11 @@ class FanotifyBackend:
                 # event, the object): most records on a filesystem mark are
                 # outside the trees and end at this lookup.
                 o = off + mlen
+                if mask & FAN_OPEN_EXEC:
+                    self._note_exec(data, o, off + ln, pid)
+                    if not mask & FAN_CHANGES:
+                        off += ln
+                        continue
                 if data[o + 4:o + 20 + _U32.unpack_from(data, o + 12)[0]] in dirs:
                     self.relevant += 1
                     self._dispatch(eng, data, o, off + ln, mask, pid)

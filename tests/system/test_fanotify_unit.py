@@ -2,12 +2,12 @@
 
 A booted Debian (tests/system/test_install.py's Container and Box: the same
 cached rootfs, the same piped install from 127.0.0.1) with one difference:
-systemd-nspawn's own seccomp allow-list refuses fanotify_init and
-fanotify_mark to every process in the container -- PID 1 and every service
+systemd-nspawn's own seccomp allow-list refuses fanotify_init,
+fanotify_mark and open_by_handle_at to every process in the container -- PID 1 and every service
 it starts inherit it, whatever the unit says (seen: a unit with no sandbox
 at all gets EPERM there, while a shell entered with nsenter, outside that
 filter, gets fanotify). A host has no such filter, so this container is
-given those two calls back (`--system-call-filter=`): what is tested is
+given those three calls back (`--system-call-filter=`): what is tested is
 then fimwatch.service and its fanotify drop-in as on a host, not nspawn.
 
 * the installer puts the drop-in in place ([watch] backend = auto), the unit
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.system
 
 DISTRO = "bookworm"
 # What a host allows and nspawn does not (see the docstring).
-NSPAWN_HOST_LIKE = ["--system-call-filter=fanotify_init fanotify_mark"]
+NSPAWN_HOST_LIKE = ["--system-call-filter=fanotify_init fanotify_mark open_by_handle_at"]
 DROPIN = "/etc/systemd/system/fimwatch.service.d/fanotify.conf"
 CAP_SYS_ADMIN = 1 << 21
 CAP_DAC_READ_SEARCH = 1 << 2
@@ -132,6 +132,9 @@ def test_ct_named_shell_is_the_events_process(fbox):
     assert proc, e
     assert proc["pid"] == shell_pid, proc
     assert proc["comm"] == "sh", proc
+    # /proc/PID/exe is not the daemon's to read under the unit (no
+    # CAP_SYS_PTRACE): the exe comes from the exec cache (FAN_OPEN_EXEC).
+    assert proc["exe"] == ct.sh("readlink -f /bin/sh").stdout.strip(), proc
     assert "echo two >> /etc/watched/f" in proc["cmdline"], proc
     assert proc["uid"] == 0 and proc["user"] == "root", proc
     assert proc["confidence"] == "live", proc
@@ -141,6 +144,32 @@ def test_ct_named_shell_is_the_events_process(fbox):
     # The text channels lead with it too (the journal line names the writer).
     r = ct.sh("journalctl -t fimwatch --no-pager -o cat -n 50", check=False)
     assert any("/etc/watched/f" in ln and "sh" in ln for ln in r.stdout.splitlines()), r.stdout
+
+
+@pytest.mark.timeout(180)
+def test_ct_short_lived_writers_are_named(fbox):
+    """cp, sed -i and a dropper that writes and exits at once, each run from
+    the container's shell: every event names the right exe (the exec cache),
+    although each process is gone when the daemon reads its record."""
+    _require(fbox, "fanotify")
+    ct = fbox.ct
+    n = len(ct.events())
+    ct.sh("cp /etc/hostname /etc/watched/g; sed -i s/o/0/ /etc/watched/f; "
+          "printf '#!/bin/sh\necho evil > /etc/watched/h\n' > /root/dropper; "
+          "chmod 755 /root/dropper; /root/dropper")
+    want = {"/etc/watched/g": "/usr/bin/cp", "/etc/watched/f": "/usr/bin/sed",
+            "/etc/watched/h": ct.sh("readlink -f /bin/sh").stdout.strip()}
+
+    def events():
+        got = {e["path"]: e for e in ct.events()[n:] if e.get("path") in want
+               and e.get("event") in ("created", "modified")}
+        return got if len(got) == len(want) else None
+    got = ct.wait_for("events of %s" % " ".join(want), events, 30)
+    named = {p: (got[p].get("process") or {}).get("exe") for p in want}
+    print("short-lived writers under the unit: %r" % {
+        p: got[p].get("process") for p in want})
+    assert named == want, (named, [got[p].get("process") for p in want])
+    assert all(got[p]["process"]["confidence"] in ("live", "cached") for p in want)
 
 
 @pytest.mark.timeout(600)
