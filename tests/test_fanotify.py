@@ -7,6 +7,8 @@ fanotify's FAN_MARK_FILESYSTEM sees the whole filesystem of the temp tree
 """
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -69,6 +71,83 @@ def test_short_lived_dropper_is_still_named(fim):
     if proc["confidence"] != "none":
         assert proc["exe"] == os.path.realpath(sys.executable), proc
     d.stop()
+
+
+WRITERS = {"sh": (lambda f: ["sh", "-c", "echo x >> %s" % f], "/bin/sh"),
+           "cp": (lambda f: ["cp", "/etc/hostname", f], "/bin/cp"),
+           "sed": (lambda f: ["sed", "-i", "s/a/b/", f], "/bin/sed")}
+
+
+def test_short_lived_writers_are_named_by_the_exec_cache(fim):
+    """sh -c 'echo x >> f', cp and sed -i, 20 each, each gone at once: every
+    event names the right exe (the binary, not the ELF interpreter that is
+    opened for exec after it), from the exec cache when /proc came too late.
+    The binaries are outside the tree: their directory is found by handle."""
+    n = 20
+    for name in WRITERS:
+        for i in range(n):
+            write(fim.root / ("%s-%d" % (name, i)), "a\n")
+    fan(fim)
+    d = fim.daemon()
+    m = d.mark()
+    for name, (argv, _) in WRITERS.items():
+        for i in range(n):
+            subprocess.run(argv(str(fim.root / ("%s-%d" % (name, i)))), check=True)
+    for name, (_, exe) in WRITERS.items():
+        exe = os.path.realpath(exe)
+        evs = [d.wait_for(is_event("modified", fim.root / ("%s-%d" % (name, i))), since=m)
+               for i in range(n)]
+        procs = [e.get("process") or {} for e in evs]
+        wrong = [p for p in procs if p.get("exe") != exe]
+        assert not wrong, (name, exe, wrong[:3])
+        assert all(p["confidence"] in ("live", "cached") for p in procs), procs
+    d.stop()
+
+
+@pytest.mark.skipif(not shutil.which("capsh"), reason="capsh (libcap2-bin) missing")
+def test_exe_from_the_exec_cache_when_proc_exe_is_unreadable(fim, tmp_path):
+    """As under the unit: a daemon without CAP_SYS_PTRACE may not read a
+    root process's /proc/PID/exe (it has capabilities the daemon lacks); the
+    live writer's exe comes from the exec cache, its cmdline from /proc."""
+    wrapper = tmp_path / "python-without-ptrace"
+    wrapper.write_text('#!/bin/sh\nexec capsh --drop=cap_sys_ptrace -- -c \'exec "$0" "$@"\' '
+                       '%s "$@"\n' % sys.executable)
+    wrapper.chmod(0o755)
+    fan(fim)
+    d = fim.daemon(python=str(wrapper))
+    status = open("/proc/%d/status" % d.pid).read()
+    eff = int(re.search(r"^CapEff:\s*([0-9a-f]+)", status, re.M).group(1), 16)
+    assert not eff & (1 << 19), "the daemon still has CAP_SYS_PTRACE"     # the premise
+    p = fim.root / "by-live-child.txt"
+    code = "import sys, time; open(sys.argv[1], 'w').write('hi\\n'); time.sleep(2)"
+    child = subprocess.Popen([sys.executable, "-c", code, str(p), "marker-arg"])
+    try:
+        e = d.wait_for(is_event("created", p))
+    finally:
+        child.kill()
+        child.wait()
+    proc = e.get("process")
+    assert proc and proc["pid"] == child.pid and proc["confidence"] == "live", e
+    assert "marker-arg" in proc["cmdline"], proc
+    assert proc["exe"] == os.path.realpath(sys.executable), proc
+    d.stop()
+
+
+def test_directory_handle_to_path(tmp_path):
+    """open_by_handle_at turns a directory's handle back into its path; a
+    handle of a deleted directory gives None, not an error."""
+    import fimwatch
+    d = tmp_path / "some" / "dir"
+    d.mkdir(parents=True)
+    handle = fimwatch.dir_handle(str(d))[1]
+    mfd = os.open(fimwatch._mount_top(str(d)), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert fimwatch.path_of_handle(mfd, handle) == str(d)
+        d.rmdir()
+        assert fimwatch.path_of_handle(mfd, handle) is None
+        assert fimwatch.path_of_handle(mfd, b"\x08\0\0\0\x01\0\0\0" + b"\xff" * 8) is None
+    finally:
+        os.close(mfd)
 
 
 def test_inotify_events_carry_no_process(fim):
