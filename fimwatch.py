@@ -3905,9 +3905,16 @@ class FanotifyBackend:
         return self.writers.pop(path, None)
 
     def _note_exec(self, data, off, end, pid):
-        dkey, name, _ = self._records(data, off, end)
-        if dkey is None or name is None or name.startswith(b"ld-") and b".so" in name:
+        # Every execve on the filesystem comes here: read only the first info
+        # record (the directory and name, as the kernel puts it first).
+        if data[off] != FAN_INFO_DFID_NAME:
+            return
+        o = off + 20 + _U32.unpack_from(data, off + 12)[0]
+        z = data.find(b"\0", o, end)
+        name = data[o:z if z >= 0 else end]
+        if name.startswith(b"ld-") and b".so" in name:
             return                       # the ELF interpreter, opened after the binary
+        dkey = data[off + 4:off + 20 + _U32.unpack_from(data, off + 12)[0]]
         ex = self.execs
         ex[pid] = (dkey, name)
         ex.move_to_end(pid)
