@@ -29,17 +29,21 @@ def fan(fim, **watch):
 
 # --- attribution ---------------------------------------------------------------
 
-def test_write_by_a_child_names_its_process(fim):
-    fan(fim)
-    d = fim.daemon()
-    p = fim.root / "by-child.txt"
+def live_child_write(d, p):
+    """A python child writes p and stays alive 2 s: (the created event, the child)."""
     code = "import sys, time; open(sys.argv[1], 'w').write('hi\\n'); time.sleep(2)"
     child = subprocess.Popen([sys.executable, "-c", code, str(p), "marker-arg"])
     try:
-        e = d.wait_for(is_event("created", p))
+        return d.wait_for(is_event("created", p)), child
     finally:
         child.kill()
         child.wait()
+
+
+def test_write_by_a_child_names_its_process(fim):
+    fan(fim)
+    d = fim.daemon()
+    e, child = live_child_write(d, fim.root / "by-child.txt")
     proc = e.get("process")
     assert proc, e
     assert proc["pid"] == child.pid, proc
@@ -118,14 +122,7 @@ def test_exe_from_the_exec_cache_when_proc_exe_is_unreadable(fim, tmp_path):
     status = open("/proc/%d/status" % d.pid).read()
     eff = int(re.search(r"^CapEff:\s*([0-9a-f]+)", status, re.M).group(1), 16)
     assert not eff & (1 << 19), "the daemon still has CAP_SYS_PTRACE"     # the premise
-    p = fim.root / "by-live-child.txt"
-    code = "import sys, time; open(sys.argv[1], 'w').write('hi\\n'); time.sleep(2)"
-    child = subprocess.Popen([sys.executable, "-c", code, str(p), "marker-arg"])
-    try:
-        e = d.wait_for(is_event("created", p))
-    finally:
-        child.kill()
-        child.wait()
+    e, child = live_child_write(d, fim.root / "by-live-child.txt")
     proc = e.get("process")
     assert proc and proc["pid"] == child.pid and proc["confidence"] == "live", e
     assert "marker-arg" in proc["cmdline"], proc

@@ -22,8 +22,7 @@ import time
 
 import pytest
 
-from test_install import (EXPOSURE_FANOTIFY_MAX, EXPOSURE_MAX, Box, Container,
-                          _container_skip_reason, _SharedMachineLock)
+from test_install import EXPOSURE_FANOTIFY_MAX, EXPOSURE_MAX, _main_pid, _require, booted_box
 
 pytestmark = pytest.mark.system
 
@@ -37,31 +36,11 @@ CAP_DAC_READ_SEARCH = 1 << 2
 
 @pytest.fixture(scope="module")
 def fbox(tmp_path_factory):
-    reason = _container_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    with _SharedMachineLock():
-        ct = Container(DISTRO, nspawn_args=NSPAWN_HOST_LIKE)
-        b = None
-        try:
-            b = Box(ct, tmp_path_factory.mktemp("served-fanotify"))
-            # Before the install: in the baseline, so the test's writes are
-            # "modified" events of a file fimwatch knows.
-            ct.sh("mkdir -p /etc/watched && echo one > /etc/watched/f")
-            yield b
-        finally:
-            if b:
-                b.server.close()
-            ct.kill()
-
-
-def _require(box, step):
-    if not box.notes.get(step):
-        pytest.skip("needs the earlier step %r to have passed" % step)
-
-
-def _main_pid(ct):
-    return int(ct.show("fimwatch.service", "MainPID")["MainPID"])
+    with booted_box(DISTRO, tmp_path_factory, nspawn_args=NSPAWN_HOST_LIKE) as b:
+        # Before the install: in the baseline, so the test's writes are
+        # "modified" events of a file fimwatch knows.
+        b.ct.sh("mkdir -p /etc/watched && echo one > /etc/watched/f")
+        yield b
 
 
 def _caps(ct, pid, which="CapBnd"):
@@ -89,7 +68,7 @@ def test_ct_fanotify_under_the_installed_unit(fbox):
     assert "backend    fanotify: events name the process" in out, out
     assert ct.exists(DROPIN), out
     ct.wait_for("the started event", lambda: _started(ct), 60)
-    pid = _main_pid(ct)
+    pid = _main_pid(fbox)
     # The drop-in adds CAP_SYS_ADMIN and no other capability.
     assert _caps(ct, pid) == CAP_DAC_READ_SEARCH | CAP_SYS_ADMIN, hex(_caps(ct, pid))
     assert _caps(ct, pid, "CapEff") == CAP_DAC_READ_SEARCH | CAP_SYS_ADMIN
@@ -118,7 +97,7 @@ def test_ct_named_shell_is_the_events_process(fbox):
     shell (its pid, cmdline, user; live), and the daemon is still the same."""
     _require(fbox, "fanotify")
     ct = fbox.ct
-    pid = _main_pid(ct)
+    pid = _main_pid(fbox)
     n = len(ct.events())
     script = "echo $$; echo two >> /etc/watched/f; sleep 1"
     r = ct.sh("sh -c '%s' fimwatch-writer" % script)
@@ -140,7 +119,7 @@ def test_ct_named_shell_is_the_events_process(fbox):
     assert proc["confidence"] == "live", proc
     assert proc["chain"][-1] == "sh", proc
     print("process under the unit: %r" % proc)
-    assert _main_pid(ct) == pid
+    assert _main_pid(fbox) == pid
     # The text channels lead with it too (the journal line names the writer).
     r = ct.sh("journalctl -t fimwatch --no-pager -o cat -n 50", check=False)
     assert any("/etc/watched/f" in ln and "sh" in ln for ln in r.stdout.splitlines()), r.stdout
@@ -188,7 +167,7 @@ def test_ct_backend_inotify_runs_under_the_tighter_unit(fbox):
     assert "removing %s" % DROPIN in out, out
     assert not ct.exists(DROPIN)
     ct.wait_for("the restart's started event", lambda: _started(ct, n), 60)
-    pid = _main_pid(ct)
+    pid = _main_pid(fbox)
     assert _caps(ct, pid) == CAP_DAC_READ_SEARCH, hex(_caps(ct, pid))
     st = ct.sh("fimwatch status", check=False)
     assert "backend:    /etc: inotify (configured)" in st.stdout, st.stdout

@@ -23,6 +23,7 @@ debootstrap, systemd-nspawn and nsenter; skipped with the reason otherwise.
   process group) and its copy removed.
 """
 
+import contextlib
 import fcntl
 import functools
 import glob
@@ -724,21 +725,29 @@ class Box:
         return r
 
 
-@pytest.fixture(scope="module", params=DISTROS)
-def box(request, tmp_path_factory):
+@contextlib.contextmanager
+def booted_box(distro, tmp_path_factory, nspawn_args=()):
+    """A Box on a freshly booted container, always torn down (skips when
+    containers cannot run here)."""
     reason = _container_skip_reason()
     if reason:
         pytest.skip(reason)
     with _SharedMachineLock():
-        ct = Container(request.param)
+        ct = Container(distro, nspawn_args=nspawn_args)
         b = None
         try:
-            b = Box(ct, tmp_path_factory.mktemp("served-" + request.param))
+            b = Box(ct, tmp_path_factory.mktemp("served-" + distro))
             yield b
         finally:
             if b:
                 b.server.close()
             ct.kill()
+
+
+@pytest.fixture(scope="module", params=DISTROS)
+def box(request, tmp_path_factory):
+    with booted_box(request.param, tmp_path_factory) as b:
+        yield b
 
 
 def _require(box, step):
