@@ -294,6 +294,25 @@ def test_auto_uses_fanotify_as_root_and_status_says_so(fim):
     d.stop()
 
 
+@pytest.mark.skipif(not shutil.which("capsh"), reason="capsh (libcap2-bin) missing")
+def test_refusal_without_cap_sys_admin_names_the_drop_in(fim):
+    """Root without CAP_SYS_ADMIN (as under the unit without its fanotify
+    drop-in): auto falls back, and the reason says which drop-in grants it."""
+    fim.write_config(watch={"backend": "auto"})
+    r = subprocess.run(["capsh", "--drop=cap_sys_admin", "--", "-c",
+                        'exec "$0" "$@"', sys.executable, "fimwatch.py", "--config",
+                        str(fim.conf), "check-config"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       cwd=str(REPO), timeout=60)
+    assert r.returncode == 0, describe(r)
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("# backend: ")]
+    # Linux >= 5.13 gives an unprivileged FID group: then the mark is refused.
+    assert len(line) == 1 and line[0].startswith("# backend: %s: inotify (" % fim.root), line
+    assert ("not permitted: no CAP_SYS_ADMIN (under systemd: the unit's drop-in /etc/systemd/"
+            "system/fimwatch.service.d/fanotify.conf grants it; install.sh installs it unless "
+            "[watch] backend = inotify))") in line[0], line
+
+
 def test_backend_fanotify_refused_is_a_config_error(fim):
     fan(fim)
     argv = USERNS + [sys.executable, "fimwatch.py", "--config", str(fim.conf), "run"]
