@@ -4750,6 +4750,10 @@ class Engine:
                  "message": "%s appeared and vanished within the settle window"
                             % esc(p)}
         if rec is None:
+            # Gone at first sight: it may have been made while fimwatch was
+            # not watching (stopped, or before its start-up comparison read it).
+            extra["message"] = ("%s was not in the baseline and was deleted before fimwatch "
+                                "could read it" % esc(p))
             self.stats["changes"] += 1
             ev = new_event(self.cfg.hostname, "transient", self.cfg.severity_for(p),
                            "realtime", esc(p), captured=False, **extra)
