@@ -2033,14 +2033,23 @@ class PackageDB:
     Loaded on first use and again when dpkg's database changes; dropped after
     a few idle minutes so it costs no memory between upgrades.
 
-    index: path -> a flat tuple (package, md5, package, md5, ...), every
+    lookup(path): a flat tuple (package, md5, package, md5, ...), every
     owner of the path: md5sums lists, conffiles from status, and the
     directories and symlinks of info/*.list (md5 None). A diversion moves
     the diverted package's entry to the path it was diverted to; the
     original path keeps only the diverting package (none for a local one).
-    versions: package -> the version status says is installed."""
+    versions: package -> the version status says is installed.
+
+    The index is kept small (a 1,000-package system lists ~110,000 paths):
+    a path with one owner maps to an int, the owner's number in self.pkgs
+    (its md5 is read from that package's md5sums file when asked, with a
+    small cache), or to ~number for a listed directory or symlink; only
+    paths with several owners, conffiles and diversions hold a tuple, where
+    an md5 of FROM_MD5SUMS means "the owner's md5sums file says"."""
 
     IDLE_DROP = 300
+    FROM_MD5SUMS = True
+    MD5_CACHE = 8
 
     def __init__(self, info_dir=None, lock=None, status=None):
         self.info_dir = info_dir or DPKG_INFO
@@ -2053,6 +2062,8 @@ class PackageDB:
         self.frontend_path = os.path.join(os.path.dirname(self.lock_path), "lock-frontend")
         self.index, self.loaded_mtime, self.used = None, None, 0
         self.versions = {}
+        self.pkgs, self.md5sums_file, self.numbers = [], {}, {}
+        self.md5_cache = collections.OrderedDict()
 
     def available(self):
         return os.path.isdir(self.info_dir)
@@ -2081,6 +2092,8 @@ class PackageDB:
         except OSError:
             return False
         index = {}
+        self.pkgs, self.md5sums_file, self.numbers = [], {}, {}
+        self.md5_cache.clear()
         for fn in names:
             if fn.endswith(".md5sums"):
                 self._read_md5sums(fn, index)
@@ -2094,33 +2107,72 @@ class PackageDB:
 
     _load = load
 
-    @staticmethod
-    def _add(index, path, pkg, md5):
+    def _number(self, pkg):
+        k = self.numbers.get(pkg)
+        if k is None:
+            k = self.numbers[pkg] = len(self.pkgs)
+            self.pkgs.append(pkg)
+        return k
+
+    def _owners(self, v):
+        """An index value as the flat (package, md5-or-marker, ...) tuple."""
+        if isinstance(v, tuple):
+            return v
+        if v < 0:
+            return (self.pkgs[~v], None)
+        return (self.pkgs[v], self.FROM_MD5SUMS)
+
+    def _add(self, index, path, pkg, md5):
         cur = index.get(path)
-        index[path] = (pkg, md5) if cur is None else cur + (pkg, md5)
+        index[path] = (pkg, md5) if cur is None else self._owners(cur) + (pkg, md5)
 
     def _read_md5sums(self, fn, index):
         pkg = fn[:-8].split(":", 1)[0]
+        k = self._number(pkg)
+        self.md5sums_file.setdefault(pkg, []).append(fn)
         try:
             with open(os.path.join(self.info_dir, fn), "rb") as f:
                 for line in f:
-                    md5, _, rel = line.rstrip(b"\n").partition(b"  ")
+                    _, _, rel = line.rstrip(b"\n").partition(b"  ")
                     if rel:
-                        self._add(index, b"/" + rel, pkg, md5.decode("ascii", "replace"))
+                        path = b"/" + rel
+                        cur = index.get(path)
+                        index[path] = k if cur is None else \
+                            self._owners(cur) + (pkg, self.FROM_MD5SUMS)
         except OSError:
             pass
 
     def _read_list(self, fn, index):
         """Directories and symlinks: listed, with no checksum to verify."""
-        pkg = fn[:-5].split(":", 1)[0]
+        neg = ~self._number(fn[:-5].split(":", 1)[0])
         try:
             with open(os.path.join(self.info_dir, fn), "rb") as f:
                 for line in f:
                     path = line.rstrip(b"\n")
                     if path.startswith(b"/") and path not in index:
-                        index[path] = (pkg, None)
+                        index[path] = neg
         except OSError:
             pass
+
+    def _md5_of(self, pkg, path):
+        """The md5 pkg's md5sums file gives for path (bytes), or None."""
+        sums = self.md5_cache.get(pkg)
+        if sums is None:
+            sums = {}
+            for fn in self.md5sums_file.get(pkg, ()):
+                try:
+                    with open(os.path.join(self.info_dir, fn), "rb") as f:
+                        for line in f:
+                            md5, _, rel = line.rstrip(b"\n").partition(b"  ")
+                            if rel:
+                                sums[b"/" + rel] = md5.decode("ascii", "replace")
+                except OSError:
+                    pass
+            self.md5_cache[pkg] = sums
+            while len(self.md5_cache) > self.MD5_CACHE:
+                self.md5_cache.popitem(last=False)
+        self.md5_cache.move_to_end(pkg)
+        return sums.get(path)
 
     def _read_status(self, index):
         """Conffiles (files under /etc are mostly conffiles: their md5 is in
@@ -2162,9 +2214,12 @@ class PackageDB:
         for i in range(0, len(lines) - 2, 3):
             orig, to, by = lines[i:i + 3]
             by = by.decode("utf-8", "replace")
-            owners = index.get(orig, ())
+            owners = self._owners(index[orig]) if orig in index else ()
             pairs = [owners[j:j + 2] for j in range(0, len(owners), 2)]
-            moved = tuple(x for pr in pairs if pr[0] != by for x in pr)
+            # the md5sums files name the original path: resolve it now
+            moved = tuple(x for pr in pairs if pr[0] != by
+                          for x in (pr[0], self._md5_of(pr[0], orig)
+                                    if pr[1] is self.FROM_MD5SUMS else pr[1]))
             kept = tuple(x for pr in pairs if pr[0] == by for x in pr)
             if moved:
                 index[to] = moved + index.get(to, ())
@@ -2179,12 +2234,19 @@ class PackageDB:
             return None
         self.used = time.monotonic()
         b = os.fsencode(path)
+        key = b
         hit = self.index.get(b)
-        if hit is None and b.startswith(b"/usr/"):       # merged-/usr systems
-            hit = self.index.get(b[4:])
-        elif hit is None:
-            hit = self.index.get(b"/usr" + b)
-        return hit
+        if hit is None:                                  # merged-/usr systems
+            key = b[4:] if b.startswith(b"/usr/") else b"/usr" + b
+            hit = self.index.get(key)
+        if hit is None:
+            return None
+        hit = self._owners(hit)
+        if self.FROM_MD5SUMS not in hit[1::2]:
+            return hit
+        return tuple(x for i in range(0, len(hit), 2)
+                     for x in (hit[i], self._md5_of(hit[i], key)
+                               if hit[i + 1] is self.FROM_MD5SUMS else hit[i + 1]))
 
     def busy(self):
         """Is dpkg running? Tested with F_GETLK, which never takes the lock
@@ -2225,6 +2287,8 @@ class PackageDB:
     def maybe_drop(self):
         if self.index is not None and time.monotonic() - self.used > self.IDLE_DROP:
             self.index = self.loaded_mtime = None
+            self.pkgs, self.md5sums_file, self.numbers = [], {}, {}
+            self.md5_cache.clear()
 
 
 def _md5_sha256(path):

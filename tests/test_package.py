@@ -275,3 +275,31 @@ def test_transaction_from_lock_to_unlock(dpkg, tmp_path):
     assert ended is not None and watch.tx is None
     assert ended.after == {"tool": "2"}
     watch.close()
+
+
+def test_compact_index_reads_md5_from_the_owners_list(tmp_path):
+    """One owner per path is kept as a number (the index of a 1,000-package
+    system must stay small: bench/pkg_index.py); its md5 comes from that
+    package's md5sums file (an arch-qualified name too), also once more
+    packages were asked than the small cache holds."""
+    info = tmp_path / "info"
+    info.mkdir()
+    files = {}
+    for n in range(12):
+        f = tmp_path / ("f%d" % n)
+        f.write_bytes(b"content %d\n" % n)
+        files[n] = f
+        name = "p%d:amd64" % n if n % 2 else "p%d" % n
+        (info / (name + ".md5sums")).write_text(
+            "%s  %s\n" % (md5(f.read_bytes()), str(f).lstrip("/")))
+    (tmp_path / "status").write_text("Package: p0\nStatus: install ok installed\n")
+    (tmp_path / "lock").write_bytes(b"")
+    db = fimwatch.PackageDB(info_dir=str(info), lock=str(tmp_path / "lock"),
+                            status=str(tmp_path / "status"))
+    for rnd in range(2):
+        for n, f in files.items():
+            assert db.check(str(f)) == {"name": "p%d" % n, "manager": "dpkg",
+                                        "verified": True, "digest": "md5"}
+    assert isinstance(db.index[os.fsencode(files[3])], int)
+    files[5].write_bytes(b"trojan\n")
+    assert db.check(str(files[5]))["verified"] is False
