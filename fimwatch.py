@@ -110,6 +110,8 @@ UTMP = "/var/run/utmp"
 DPKG_INFO = "/var/lib/dpkg/info"
 DPKG_LOCK = "/var/lib/dpkg/lock"
 DPKG_STATUS = "/var/lib/dpkg/status"
+APT_ARCHIVES = "/var/cache/apt/archives"   # where apt keeps the .debs it installed
+DEB_SHA_MAX = 16 << 20     # a bigger .deb is not unpacked in the loop (~2 s): md5 only
 PROC_LOCKS = "/proc/locks"           # lock holders, read without opening the lock
 INOTIFY_SYSCTL = "/proc/sys/fs/inotify"
 MOUNTINFO = "/proc/self/mountinfo"   # poll(2) says POLLPRI when the mount table changes
@@ -2051,8 +2053,10 @@ class PackageDB:
     FROM_MD5SUMS = True
     MD5_CACHE = 8
 
-    def __init__(self, info_dir=None, lock=None, status=None):
+    def __init__(self, info_dir=None, lock=None, status=None, archives=None):
         self.info_dir = info_dir or DPKG_INFO
+        self.archives = archives or APT_ARCHIVES
+        self.deb_sums = collections.OrderedDict()   # (pkg, version) -> {path: sha256}
         self.lock_path = lock or DPKG_LOCK
         self.status_path = status or DPKG_STATUS
         base = os.path.dirname(self.info_dir)
@@ -2282,13 +2286,102 @@ class PackageDB:
         if md5 is None or not (sha256 is None or sha == sha256) or md5 not in sums:
             return res
         res["name"], res["verified"] = sums[md5], True
+        # An md5sums file is easy to edit to match a trojan: where apt kept
+        # the .deb, the package's own sha256 decides.
+        shipped = self.deb_sha256(res["name"], path)
+        if shipped is not None:
+            res["digest"] = "sha256"
+            if shipped != sha:
+                res["verified"] = False
+                res["mismatch"] = ("md5 matches the md5sums list but not the sha256 in %s's "
+                                   ".deb: the list may have been edited" % res["name"])
         return res
+
+    def deb_sha256(self, pkg, path):
+        """The sha256 of path in the installed version's .deb in apt's
+        archive cache, or None (no .deb, too big, unreadable, or compressed
+        with what this Python cannot read, e.g. zstd before 3.14)."""
+        ver = self.versions.get(pkg)
+        if not ver:
+            return None
+        key = (pkg, ver)
+        sums = self.deb_sums.get(key)
+        if sums is None:
+            sums = self.deb_sums[key] = self._read_deb(pkg, ver)
+            while len(self.deb_sums) > self.MD5_CACHE:
+                self.deb_sums.popitem(last=False)
+        b = os.fsencode(path)
+        return sums.get(b) or sums.get(b[4:] if b.startswith(b"/usr/") else b"/usr" + b)
+
+    def _read_deb(self, pkg, ver):
+        prefix = "%s_%s_" % (pkg, ver.replace(":", "%3a"))
+        try:
+            names = [n for n in os.listdir(self.archives)
+                     if n.startswith(prefix) and n.endswith(".deb")]
+        except OSError:
+            return {}
+        for n in names:
+            sums = deb_member_sha256(os.path.join(self.archives, n))
+            if sums:
+                return sums
+        return {}
 
     def maybe_drop(self):
         if self.index is not None and time.monotonic() - self.used > self.IDLE_DROP:
             self.index = self.loaded_mtime = None
             self.pkgs, self.md5sums_file, self.numbers = [], {}, {}
             self.md5_cache.clear()
+
+
+class _Slice:
+    """A read-only window of `size` bytes of a file object (an ar member)."""
+
+    def __init__(self, f, size):
+        self.f, self.left = f, size
+
+    def read(self, n=-1):
+        n = self.left if n is None or n < 0 else min(n, self.left)
+        data = self.f.read(n)
+        self.left -= len(data)
+        return data
+
+
+def deb_member_sha256(deb):
+    """{b"/path": sha256 hex} of every regular file in a .deb's data.tar
+    (ar archive; gz, xz or bz2, and zst where Python's tarfile can), or {}:
+    not a regular file, over DEB_SHA_MAX, not a .deb, or unreadable."""
+    import tarfile
+    try:
+        fd = os.open(deb, _O_HASH)
+    except OSError:
+        return {}
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > DEB_SHA_MAX or f.read(8) != b"!<arch>\n":
+            return {}
+        while True:
+            hdr = f.read(60)
+            if len(hdr) < 60:
+                return {}
+            name, size = hdr[:16].strip().rstrip(b"/"), int(hdr[48:58] or 0)
+            if name.startswith(b"data.tar"):
+                break
+            f.seek(size + (size & 1), 1)
+        sums = {}
+        try:
+            with tarfile.open(fileobj=_Slice(f, size), mode="r|*") as tar:
+                for m in tar:
+                    if not m.isreg():
+                        continue
+                    h = hashlib.sha256()
+                    src = tar.extractfile(m)
+                    for chunk in iter(lambda: src.read(HASH_CHUNK), b""):
+                        h.update(chunk)
+                    name = m.name[2:] if m.name.startswith("./") else m.name
+                    sums[os.fsencode("/" + name.lstrip("/"))] = h.hexdigest()
+        except (tarfile.TarError, OSError, EOFError, ValueError):
+            return {}
+        return sums
 
 
 def _md5_sha256(path):
@@ -3026,6 +3119,8 @@ class PackageTx:
             why = ("does not match package %s" % pkg["name"]) if pkg["verified"] is False \
                 else "%s changed; the package database records no %s" % (
                     "/".join(changes), "/".join(changes))
+            if pkg.get("mismatch"):           # the md5sums list lies: tampering
+                why, ev["severity"] = pkg["mismatch"], "critical"
             ev["package"] = dict(pkg, transaction=self.id)
         else:
             gen = generated_by(p, kind, new, db)
@@ -4739,6 +4834,8 @@ class Engine:
             pkg = self.pkgdb.check(p, new.sha256 or "")
             if pkg is not None:
                 ev["package"] = dict(pkg, transaction="none")
+                if pkg.get("mismatch"):       # the md5sums list lies: tampering
+                    ev["severity"] = "critical"
         add_summary(ev, *(meaning or (None, None, None)))
         self.emit_cb(ev)
 

@@ -303,3 +303,78 @@ def test_compact_index_reads_md5_from_the_owners_list(tmp_path):
     assert isinstance(db.index[os.fsencode(files[3])], int)
     files[5].write_bytes(b"trojan\n")
     assert db.check(str(files[5]))["verified"] is False
+
+
+def build_deb(tmp_path, files, name="tool", version="1:1.0-1", compress="xz"):
+    """A real .deb (dpkg-deb) shipping files {absolute path: bytes}, in an
+    apt-style archive dir; returns that dir."""
+    tree = tmp_path / "debroot"
+    (tree / "DEBIAN").mkdir(parents=True)
+    (tree / "DEBIAN" / "control").write_text(
+        "Package: %s\nVersion: %s\nArchitecture: all\nMaintainer: t <t@example.org>\n"
+        "Description: test\n" % (name, version))
+    for path, data in files.items():
+        f = tree / str(path).lstrip("/")
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(data)
+    archives = tmp_path / "archives"
+    archives.mkdir()
+    deb = archives / ("%s_%s_all.deb" % (name, version.replace(":", "%3a")))
+    subprocess.run(["dpkg-deb", "-Z" + compress, "--root-owner-group", "--build", str(tree),
+                    str(deb)], check=True, capture_output=True)
+    return archives
+
+
+@pytest.mark.parametrize("compress", ["xz", "gzip"])
+def test_sha256_from_the_deb_catches_an_edited_md5sums(dpkg, tmp_path, compress):
+    """Where apt kept the .deb, its sha256 is the proof: a trojan whose md5
+    was written into the md5sums list is not verified."""
+    db, tool, _, _ = dpkg
+    good = tool.read_bytes()
+    db.archives = str(build_deb(tmp_path, {tool: good}, compress=compress))
+    (tmp_path / "status").write_text(
+        "Package: tool\nStatus: install ok installed\nVersion: 1:1.0-1\n")
+    assert db.check(str(tool)) == {"name": "tool", "manager": "dpkg", "verified": True,
+                                   "digest": "sha256"}
+    trojan = b"#!/bin/sh\necho trojan\n"
+    tool.write_bytes(trojan)
+    (tmp_path / "info" / "tool.md5sums").write_text(
+        "%s  %s\n" % (md5(trojan), str(tool).lstrip("/")))
+    db.index = None                                   # the edit is in place: reload
+    got = db.check(str(tool))
+    assert got["verified"] is False and got["digest"] == "sha256", got
+    assert "may have been edited" in got["mismatch"], got
+    os.unlink(os.path.join(db.archives, os.listdir(db.archives)[0]))   # apt clean
+    db.deb_sums.clear()
+    assert db.check(str(tool)) == {"name": "tool", "manager": "dpkg", "verified": True,
+                                   "digest": "md5"}   # no .deb: md5 is all there is
+
+
+def test_deb_reader_refuses_what_is_not_a_deb(tmp_path):
+    junk = tmp_path / "x_1_all.deb"
+    junk.write_bytes(b"!<arch>\ngarbage")
+    assert fimwatch.deb_member_sha256(str(junk)) == {}
+    os.mkfifo(str(tmp_path / "fifo.deb"))
+    assert fimwatch.deb_member_sha256(str(tmp_path / "fifo.deb")) == {}    # never blocks
+    assert fimwatch.deb_member_sha256(str(tmp_path / "missing.deb")) == {}
+
+
+def test_an_edited_md5sums_list_makes_the_change_critical(dpkg, tmp_path, monkeypatch):
+    """A file at a warning path whose md5 the md5sums list vouches for but
+    the .deb's sha256 does not: someone edited dpkg's database: critical."""
+    db, tool, _, _ = dpkg
+    db.archives = str(build_deb(tmp_path, {tool: tool.read_bytes()}))
+    (tmp_path / "status").write_text(
+        "Package: tool\nStatus: install ok installed\nVersion: 1:1.0-1\n")
+    monkeypatch.setattr(fimwatch, "PACKAGE_PREFIXES", (str(tmp_path) + "/",))
+    eng, got = _engine(db)
+    monkeypatch.setattr(eng.cfg, "severity_for", lambda path: "warning", raising=False)
+    old = fimwatch.snapshot(str(tool), 1 << 20)
+    trojan = b"#!/bin/sh\necho trojan\n"
+    tool.write_bytes(trojan)
+    (tmp_path / "info" / "tool.md5sums").write_text(
+        "%s  %s\n" % (md5(trojan), str(tool).lstrip("/")))
+    eng.emit_change("modified", str(tool), "realtime", old,
+                    fimwatch.snapshot(str(tool), 1 << 20), ["content"])
+    assert got[-1]["severity"] == "critical", got[-1]
+    assert got[-1]["package"]["verified"] is False and "mismatch" in got[-1]["package"]
