@@ -378,3 +378,67 @@ def test_an_edited_md5sums_list_makes_the_change_critical(dpkg, tmp_path, monkey
                     fimwatch.snapshot(str(tool), 1 << 20), ["content"])
     assert got[-1]["severity"] == "critical", got[-1]
     assert got[-1]["package"]["verified"] is False and "mismatch" in got[-1]["package"]
+
+
+POLICY = b"""inotify-tools:
+  Installed: 3.22.6.0-4
+  Candidate: 3.22.6.0-4
+  Version table:
+ *** 3.22.6.0-4 500
+        500 http://deb.example.org/debian bookworm/main amd64 Packages
+        100 /var/lib/dpkg/status
+mytool:
+  Installed: 2.0
+  Candidate: 2.0
+  Version table:
+ *** 2.0 100
+        100 /var/lib/dpkg/status
+     1.0 500
+        500 http://deb.example.org/debian bookworm/main amd64 Packages
+"""
+
+
+def test_apt_sources_parses_apt_cache_policy():
+    """apt-cache's output format, as apt 2.6 prints it (recorded: which
+    packages a host's sources have cannot be set up here without network)."""
+    def run(argv, **kw):
+        assert argv[0] == "apt-cache" and argv[-3:] == ["--", "inotify-tools", "mytool"]
+        return subprocess.CompletedProcess(argv, 0, POLICY, b"")
+    assert fimwatch.apt_sources(["mytool", "inotify-tools"], run=run) == {
+        "inotify-tools": ["http://deb.example.org/debian bookworm/main amd64 Packages",
+                          "/var/lib/dpkg/status"],
+        "mytool": ["/var/lib/dpkg/status"]}
+    assert fimwatch.apt_sources(["x"], run=lambda *a, **k: subprocess.CompletedProcess(
+        a, 100, b"", b"E: broken")) is None
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/apt-cache"), reason="no apt-cache here")
+def test_apt_sources_runs_the_real_apt_cache():
+    got = fimwatch.apt_sources(["dpkg"])
+    assert got is not None and "/var/lib/dpkg/status" in got["dpkg"], got
+
+
+def test_transaction_flags_downgrade_same_version_rebuild_and_local_deb(tmp_path):
+    info = tmp_path / "info"
+    info.mkdir()
+    for n in ("a", "b", "c", "d"):
+        (info / (n + ".md5sums")).write_text("%s  usr/bin/%s\n" % ("1" * 32, n))
+    before = fimwatch.md5sums_digests(str(info))
+    tx = fimwatch.PackageTx({"frontend": "dpkg"}, 0.0,
+                            {"a": "2.0", "b": "1.0", "c": "1.0", "d": "1.0"}, before)
+    (info / "b.md5sums").write_text("%s  usr/bin/b\n" % ("2" * 32))    # rebuilt, same version
+    tx.after = {"a": "1.0", "b": "1.0", "c": "1.0", "d": "1.0", "e": "3.0"}
+    tx.verified.update({"b": 1})
+    ev = tx.digest("h", sums_after=fimwatch.md5sums_digests(str(info)),
+                   sources={"e": ["/var/lib/dpkg/status"], "a": ["http://x Packages",
+                                                              "/var/lib/dpkg/status"]})
+    assert ev["severity"] == "warning", ev
+    assert ev["flags"] == [
+        "downgraded: a 2.0 -> 1.0",
+        "reinstalled with different files under the same version: b 1.0",
+        "in no configured apt source: e 3.0 (dpkg -i of a local .deb, or its source was removed)"]
+    assert "flagged: downgraded: a 2.0 -> 1.0" in ev["message"]
+    quiet = fimwatch.PackageTx({"frontend": "apt-get"}, 0.0, {"c": "1.0"}, before)
+    quiet.after = {"c": "1.1"}
+    ev = quiet.digest("h", sums_after=before, sources={"c": ["http://x Packages"]})
+    assert ev["severity"] == "info" and "flags" not in ev, ev
