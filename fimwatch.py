@@ -3830,6 +3830,21 @@ def path_of_handle(mount_fd, handle):
     return path
 
 
+def _is_script(path):
+    """Does the regular file at path start with #!? (Never follows a final
+    symlink, never blocks: O_NONBLOCK.)"""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and os.read(fd, 2) == b"#!"
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def _mount_top(d):
     """The top directory of d's filesystem (as mounted above d), or None."""
     try:
@@ -4018,15 +4033,16 @@ def _chain(pid, depth=12):
 class ProcessCache:
     """pid -> process info, read once per pid per read() of the queue; a pid
     that has exited since is named from what an earlier record of it read,
-    or from the exec cache (exe_of(pid): the binary it last executed), with
-    confidence "cached"; else by number only ("none"). A live process whose
-    /proc/PID/exe we may not read gets its exe from the exec cache too."""
+    or from the exec cache (executed(pid): the binary it last executed, and
+    the script it ran), with confidence "cached"; else by number only
+    ("none"). A live process whose /proc/PID/exe we may not read gets its
+    exe from the exec cache too."""
     KEEP = 512
 
-    def __init__(self, exe_of=None):
+    def __init__(self, executed=None):
         self.seen = collections.OrderedDict()     # pid -> info, last read
         self.batch = {}
-        self.exe_of = exe_of or (lambda pid: None)
+        self.executed = executed or (lambda pid: {})
 
     def new_batch(self):
         self.batch = {}
@@ -4038,7 +4054,7 @@ class ProcessCache:
         live = process_info(pid)
         if live is not None:
             if live.get("exe") is None:
-                live["exe"] = self.exe_of(pid)
+                live["exe"] = self.executed(pid).get("exe")
             info = dict(live, confidence="live")
             self.seen[pid] = live
             self.seen.move_to_end(pid)
@@ -4047,9 +4063,8 @@ class ProcessCache:
         elif pid in self.seen:
             info = dict(self.seen[pid], confidence="cached")
         else:
-            exe = self.exe_of(pid)
-            info = {"pid": pid, "exe": exe, "confidence": "cached"} if exe else \
-                {"pid": pid, "confidence": "none"}
+            ex = self.executed(pid)
+            info = dict(ex, pid=pid, confidence="cached" if ex else "none")
         self.batch[pid] = info
         return info
 
@@ -4071,10 +4086,11 @@ class FanotifyBackend:
         self.keys = {}               # directory path -> fsid + handle
         self.froms = {}              # object handle -> (path, isdir) of a MOVED_FROM
         self.from_reads = 0
-        self.execs = collections.OrderedDict()      # pid -> (dir key, name) of its exe
+        self.execs = collections.OrderedDict()      # pid -> (dir key, name, script key)
+        self.last_exec = None        # pid of the last exec record
         self.handle_paths = collections.OrderedDict()   # dir key -> path or None
         self.mark_dirs = {}          # fsid -> a directory on it (the first marked)
-        self.procs = ProcessCache(self.exe_of)
+        self.procs = ProcessCache(self.executed)
         self.writers = collections.OrderedDict()     # path -> process info
         self.me = os.getpid()
         self.noise, self.relevant = False, 0
@@ -4162,21 +4178,33 @@ class FanotifyBackend:
             return                       # the ELF interpreter, opened after the binary
         dkey = data[off + 4:off + 20 + _U32.unpack_from(data, off + 12)[0]]
         ex = self.execs
-        ex[pid] = (dkey, name)
+        # A script's execve opens the script, then its interpreter: two
+        # records in a row for one pid. The first is kept as the script.
+        before = ex.get(pid) if self.last_exec == pid else None
+        ex[pid] = (dkey, name, before and before[:2])
+        self.last_exec = pid
         ex.move_to_end(pid)
         if len(ex) > self.EXECS_KEEP:
             ex.popitem(last=False)
 
-    def exe_of(self, pid):
-        """The binary pid last executed, as the exec cache saw it, or None."""
+    def executed(self, pid):
+        """{"exe": path} of the binary pid last executed, as the exec cache
+        saw it, with "script": path when that was a #! script run by it;
+        {} when unknown."""
         entry = self.execs.get(pid)
-        if entry is None:
-            return None
-        dkey, name = entry
+        exe = self._exec_path(entry[:2]) if entry else None
+        if exe is None:
+            return {}
+        out = {"exe": esc(exe)}
+        script = self._exec_path(entry[2]) if entry[2] else None
+        if script is not None and _is_script(script):
+            out["script"] = esc(script)
+        return out
+
+    def _exec_path(self, key):
+        dkey, name = key
         d = self.dirs.get(dkey) or self._dir_of_handle(dkey)
-        if d is None:
-            return None
-        return esc((d if d != "/" else "") + "/" + os.fsdecode(name))
+        return None if d is None else (d if d != "/" else "") + "/" + os.fsdecode(name)
 
     def _dir_of_handle(self, dkey):
         """A directory outside the map, by handle (cached, misses too)."""

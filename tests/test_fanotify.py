@@ -108,6 +108,23 @@ def test_short_lived_writers_are_named_by_the_exec_cache(fim):
     d.stop()
 
 
+def test_dropper_script_is_named_with_its_interpreter(fim):
+    """A #! script outside the tree writes into it and exits: the event names
+    the interpreter as exe and the script as script (its execve opened both);
+    `sh -c 'exec cp ...'` is cp with no script (dash is no #! file)."""
+    dropper = write(fim.outside / "dropper", "#!/bin/sh\necho evil > %s\n" % (fim.root / "h"),
+                    mode=0o755)
+    fan(fim)
+    d = fim.daemon()
+    subprocess.run([str(dropper)], check=True)
+    subprocess.run(["sh", "-c", "exec cp /etc/hostname %s" % (fim.root / "c")], check=True)
+    proc = d.wait_for(is_event("created", fim.root / "h"))["process"]
+    assert proc["exe"] == os.path.realpath("/bin/sh") and proc["script"] == str(dropper), proc
+    proc = d.wait_for(is_event("created", fim.root / "c"))["process"]
+    assert proc["exe"] == os.path.realpath("/bin/cp") and "script" not in proc, proc
+    d.stop()
+
+
 @pytest.mark.skipif(not shutil.which("capsh"), reason="capsh (libcap2-bin) missing")
 def test_exe_from_the_exec_cache_when_proc_exe_is_unreadable(fim, tmp_path):
     """As under the unit: a daemon without CAP_SYS_PTRACE may not read a

@@ -148,6 +148,7 @@ def test_ct_short_lived_writers_are_named(fbox):
     print("short-lived writers under the unit: %r" % {
         p: got[p].get("process") for p in want})
     assert named == want, (named, [got[p].get("process") for p in want])
+    assert got["/etc/watched/h"]["process"].get("script") == "/root/dropper", got
     assert all(got[p]["process"]["confidence"] in ("live", "cached") for p in want)
 
 
