@@ -27,7 +27,7 @@
 #
 # The fanotify drop-in (fimwatch-fanotify.conf, installed as
 # /etc/systemd/system/fimwatch.service.d/fanotify.conf) gives the unit
-# CAP_SYS_ADMIN and the two fanotify system calls, so events name the process
+# CAP_SYS_ADMIN and the fanotify system calls, so events name the process
 # that made each change. It is installed unless the config says
 # `[watch] backend = inotify`, and removed when it does: set that and re-run
 # the installer for the unit's tighter sandbox alone.
