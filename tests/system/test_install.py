@@ -1113,8 +1113,10 @@ def test_ct_journal_upload_to_journal_remote_keeps_id_and_sequence(box):
         got = ct.wait_for("the events at journal-remote", remote, 60)
     finally:
         ct.sh("systemctl stop jupload jremote; true", check=False)
-        ct.sh("cat > /etc/fimwatch/fimwatch.conf && systemctl restart fimwatch.service",
-              input=conf)
+        # three restarts here: reset the start limit (5 in 5 min) that the
+        # later tests' kill -9 and crash-loop restarts must not run into
+        ct.sh("cat > /etc/fimwatch/fimwatch.conf && systemctl restart fimwatch.service && "
+              "systemctl reset-failed fimwatch.service", input=conf)
     seq = {g["FIMWATCH_ID"]: int(g["FIMWATCH_SEQUENCE"]) for g in got if g.get("FIMWATCH_ID")}
     assert {e["id"]: e["sequence"] for e in local} == {i: seq[i] for i in
                                                         (e["id"] for e in local)}, (local, seq)
