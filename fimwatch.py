@@ -6187,15 +6187,32 @@ def three_lines(ev, head=None):
                                             if ev.get("reason") else "")
     else:
         what = head or "%s: %s on %s." % (ev["severity"].upper(), ev["event"], ev["host"])
-    p = ev.get("process") or {}
-    who = ["process %s (pid %s, user %s)" % (p.get("exe", "?"), p.get("pid", "?"),
-                                              p.get("user", "?"))] if p else []
+    who = [process_phrase(ev["process"])] if isinstance(ev.get("process"), dict) else []
     if ev.get("users"):
         who.append("logged in: " + ", ".join(ev["users"]))
     who = "Who:  " + ("; ".join(who) if who else "not known (nobody was logged in)")
     now = "Next: expected (you, a deploy, an upgrade)? Nothing to do: fimwatch already " \
           "keeps the new state. If not, see below."
     return [what, who, now]
+
+
+def process_phrase(p):
+    """Who wrote, in words: "alice (session 4) ran /usr/bin/vim as root
+    (pid 812, seen live)"; the program is the script for a #! run."""
+    prog = p.get("script") or p.get("exe") or p.get("comm") or "an unknown program"
+    login, user = p.get("login_user"), p.get("user")
+    if login:
+        sess = " (session %s)" % p["session"] if p.get("session") is not None else ""
+        text = "%s%s ran %s" % (login, sess, prog)
+    else:
+        text = "process %s" % prog
+    if user and user != login:
+        text += " as %s" % user
+    text += " (pid %s" % p.get("pid", "?")
+    if p.get("confidence") and p["confidence"] != "live":
+        text += ", %s" % {"cached": "named from its exec, it had exited",
+                          "none": "not named"}.get(p["confidence"], p["confidence"])
+    return text + ")"
 
 
 def _digest_text(ev):
