@@ -3732,6 +3732,7 @@ FAN_OPEN_EXEC = 0x1000
 FAN_CHANGES = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO
                | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF)   # inotify's bits
 FAN_MASK = FAN_CHANGES | FAN_OPEN_EXEC | FAN_ONDIR | FAN_EVENT_ON_CHILD
+SETID_MASK = IN_ATTRIB | IN_MOVED_TO      # outside the trees: looked at for set-id
 FAN_INFO_FID, FAN_INFO_DFID_NAME = 1, 2
 AT_FDCWD = -100
 OVERLAYFS_MAGIC = 0x794C7630
@@ -4092,6 +4093,7 @@ class FanotifyBackend:
         self.mark_dirs = {}          # fsid -> a directory on it (the first marked)
         self.procs = ProcessCache(self.executed)
         self.writers = collections.OrderedDict()     # path -> process info
+        self.setid_seen = {}         # (dev, ino) -> (set-id bits, capability) reported
         self.me = os.getpid()
         self.noise, self.relevant = False, 0
         # 0 during the start-up walks (they drain the queue every 64
@@ -4282,8 +4284,64 @@ class FanotifyBackend:
                 if data[o + 4:o + 20 + _U32.unpack_from(data, o + 12)[0]] in dirs:
                     self.relevant += 1
                     self._dispatch(eng, data, o, off + ln, mask, pid)
+                elif mask & SETID_MASK and not mask & FAN_ONDIR:
+                    self._setid_outside(eng, data, o, off + ln, pid)
             off += ln
         return n
+
+    def _setid_outside(self, eng, data, off, end, pid):
+        """Set-id anywhere: a chmod, setcap or rename outside the watched
+        trees that leaves a set-id file or file capabilities is critical
+        (Samhain finds these only in a periodic full-disk scan). One lstat
+        per such record; the directory's handle is resolved once (cached)."""
+        dkey, name, _ = self._records(data, off, end)
+        if name is None or name == b".":
+            return
+        d = self._dir_of_handle(dkey)
+        if d is None:
+            return
+        p = (d if d != "/" else "") + "/" + os.fsdecode(name)
+        try:
+            st = os.lstat(p)
+        except OSError:
+            return
+        if not stat.S_ISREG(st.st_mode):
+            return
+        try:
+            cap = os.getxattr(p, _CAP_NAME, follow_symlinks=False)
+        except OSError:
+            cap = None
+        setid = st.st_mode & (stat.S_ISUID | stat.S_ISGID)
+        key = (st.st_dev, st.st_ino)
+        seen = self.setid_seen
+        state = (setid, cap)
+        if not setid and cap is None:
+            seen.pop(key, None)          # cleared: setting it again is news again
+            return
+        if seen.get(key) == state:
+            return
+        seen[key] = state
+        if len(seen) > self.WRITERS_KEEP:
+            seen.pop(next(iter(seen)))
+        what = []
+        if st.st_mode & stat.S_ISUID:
+            what.append("setuid-%s" % (user_name(st.st_uid) or st.st_uid))
+        if st.st_mode & stat.S_ISGID:
+            what.append("setgid-%s" % (group_name(st.st_gid) or st.st_gid))
+        if cap is not None:
+            what.append("file capabilities %s" % cap_text(cap))
+        ev = new_event(eng.cfg.hostname, "setid", "critical", "realtime", esc(p), kind="file",
+                       mode="%04o" % stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid,
+                       owner=user_name(st.st_uid), group=group_name(st.st_gid),
+                       capability=cap_text(cap) if cap is not None else None,
+                       summary="%s outside the watched paths" % " and ".join(what),
+                       message="%s is %s (outside the watched paths; seen by the "
+                               "filesystem mark)" % (esc(p), " and ".join(what)))
+        proc = self.procs.get(pid)
+        if proc:
+            ev["process"] = proc
+        eng.stats["changes"] += 1
+        eng.emit_cb(ev)
 
     def _dispatch(self, eng, data, off, end, mask, pid):
         dkey, name, okey = self._records(data, off, end)

@@ -196,6 +196,33 @@ def test_writes_outside_the_roots_are_not_events(fim):
     d.stop()
 
 
+def test_setid_anywhere_on_the_marked_filesystem_is_critical(fim):
+    """A setuid bit or file capabilities set outside the watched paths (on
+    the filesystem the mark covers) is a critical `setid` event, once; a
+    plain chmod there is not an event. The positive control comes last."""
+    fan(fim)
+    d = fim.daemon()
+    m = d.mark()
+    plain = write(fim.outside / "plain", "x\n")
+    os.chmod(plain, 0o755)                                    # nothing set-id: silent
+    evil = write(fim.outside / "rootshell", "#!/bin/sh\n")
+    os.chmod(evil, 0o4755)
+    e = d.wait_for(is_event("setid", evil), since=m)
+    assert e["severity"] == "critical" and e["mode"] == "4755", e
+    assert e["summary"] == "setuid-root outside the watched paths", e
+    assert e["process"]["pid"] == os.getpid(), e
+    os.utime(evil)                                            # same state: not again
+    if shutil.which("setcap"):
+        capped = write(fim.outside / "capped", "x\n")
+        subprocess.run(["setcap", "cap_setuid+ep", str(capped)], check=True)
+        e = d.wait_for(is_event("setid", capped), since=m)
+        assert "file capabilities cap_setuid=ep" in e["summary"], e
+    d.assert_quiet(lambda e: e.get("path") == str(plain) or
+                   len([x for x in d.events(m) if x.get("path") == str(evil)]) > 1,
+                   since=m, control=control_file())
+    d.stop()
+
+
 def test_changes_inside_are_seen_while_a_neighbour_writes_outside(fim):
     """Writes elsewhere on the filesystem make the backend coalesce its reads
     (NOISE_DELAY): a change in the tree meanwhile is still reported, fast."""
