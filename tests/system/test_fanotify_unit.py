@@ -18,6 +18,7 @@ then fimwatch.service and its fanotify drop-in as on a host, not nspawn.
 """
 
 import re
+import socket
 import time
 
 import pytest
@@ -123,6 +124,50 @@ def test_ct_named_shell_is_the_events_process(fbox):
     # The text channels lead with it too (the journal line names the writer).
     r = ct.sh("journalctl -t fimwatch --no-pager -o cat -n 50", check=False)
     assert any("/etc/watched/f" in ln and "sh" in ln for ln in r.stdout.splitlines()), r.stdout
+
+
+@pytest.mark.timeout(240)
+def test_ct_ssh_then_sudo_names_the_login_user(fbox):
+    """alice logs in with ssh (the distro's sshd, key auth, on a free port
+    of 127.0.0.1: the container shares the host's network) and runs
+    `sudo sh -c '... >> f; sleep 2'`: the event's process is that shell, as
+    root, and names alice as the login user (pam_loginuid: no auditd) with
+    her session, and the chain shows sshd ... sudo ... sh. (A writer that
+    exits at once is named by the exec cache, without the login user.)"""
+    _require(fbox, "fanotify")
+    ct = fbox.ct
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    ct.sh("id alice >/dev/null 2>&1 || useradd -m -s /bin/sh alice; "
+          "echo 'alice ALL=(ALL) NOPASSWD: ALL' > /etc/sudoers.d/alice; "
+          "chmod 440 /etc/sudoers.d/alice; rm -f /root/.ssh/id_ed25519*; mkdir -p /root/.ssh; "
+          "ssh-keygen -q -t ed25519 -N '' -f /root/.ssh/id_ed25519; "
+          "install -d -o alice -m 700 /home/alice/.ssh; "
+          "install -o alice -m 600 /root/.ssh/id_ed25519.pub /home/alice/.ssh/authorized_keys; "
+          "ssh-keygen -A >/dev/null; mkdir -p /run/sshd")
+    ct.sh("systemd-run --unit=fim-sshd /usr/sbin/sshd -D -p %d -o ListenAddress=127.0.0.1" % port)
+    try:
+        ct.wait_for("sshd listening", lambda: ct.sh(
+            "ssh -o BatchMode=yes -o StrictHostKeyChecking=no -p %d alice@127.0.0.1 true"
+            % port, check=False).returncode == 0, 30)
+        n = len(ct.events())
+        ct.sh("ssh -o BatchMode=yes -o StrictHostKeyChecking=no -p %d alice@127.0.0.1 "
+              "'sudo sh -c \"echo via-ssh >> /etc/watched/f; sleep 2\"'" % port)
+
+        def modified():
+            return [e for e in ct.events()[n:]
+                    if e.get("event") == "modified" and e.get("path") == "/etc/watched/f"]
+        e = ct.wait_for("the modified event of /etc/watched/f", modified, 30)[0]
+    finally:
+        ct.sh("systemctl stop fim-sshd; rm -f /etc/sudoers.d/alice", check=False)
+    proc = e.get("process") or {}
+    print("ssh -> sudo writer: %r" % proc)
+    assert proc.get("comm") == "sh" and proc.get("user") == "root", proc
+    assert proc.get("login_user") == "alice" and proc.get("session") is not None, proc
+    chain = proc.get("chain") or []
+    assert "sshd" in chain and "sudo" in chain and chain[-1] == "sh", proc
+    assert chain.index("sshd") < chain.index("sudo"), proc
 
 
 @pytest.mark.timeout(180)

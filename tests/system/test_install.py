@@ -50,10 +50,12 @@ CACHE = Path(os.environ.get("FIMWATCH_TEST_CACHE", "/var/cache/fimwatch-tests"))
 DISTROS = os.environ.get("FIMWATCH_TEST_DISTROS", "bookworm").split()
 # systemd-journal-remote: the journal-upload -> journal-remote test (its
 # socket unit is masked in the rootfs: the container shares the host's network)
+# openssh-server, sudo: the ssh -> sudo login chain test (tests run sshd on
+# a free port of 127.0.0.1 themselves; the distro's ssh units are masked).
 PACKAGES = ("systemd,systemd-sysv,dbus,python3,curl,exim4-daemon-light,bsd-mailx,"
-            "systemd-journal-remote")
+            "systemd-journal-remote,openssh-server,openssh-client,sudo")
 MASKED = ["systemd-journal-remote.socket", "systemd-journal-remote.service",
-          "systemd-journal-upload.service"]
+          "systemd-journal-upload.service", "ssh.service", "ssh.socket", "sshd.service"]
 WHEEL = "inotify_simple-2.0.1-py3-none-any.whl"
 WHEEL_SHA256 = "e5da495f2064889f8e68b67f9358b0d102e03b783c2d42e5b8e132ab859a5d8a"
 UNITS = ["fimwatch.service", "fimwatch-failure@.service",
