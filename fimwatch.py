@@ -2288,9 +2288,10 @@ ACCOUNT_DBS = ("passwd", "shadow", "group", "gshadow", "subuid", "subgid")
 _LINE_FILES = ("ld.so.preload", "hosts", "resolv.conf", "nsswitch.conf", "hosts.allow",
                "hosts.deny")
 _UNIT_SUFFIXES = (".service", ".timer", ".socket", ".path", ".mount")
-# the backups and leftovers tools write beside the file they change
+# the backups and leftovers tools write beside the file they change (.tmp:
+# visudo -f X edits X.tmp, then renames it over X)
 BACKUP_SUFFIXES = ("-", ".lock", ".dpkg-old", ".dpkg-dist", ".dpkg-new", ".dpkg-bak",
-                   ".ucf-old", ".ucf-dist", ".ucf-new", ".bak", ".old")
+                   ".ucf-old", ".ucf-dist", ".ucf-new", ".bak", ".old", ".tmp")
 _SUMMARY_MAX = 5                     # phrases in one summary, then "(+N more)"
 
 
@@ -2775,6 +2776,12 @@ GENERATED = [(re.compile(_glob_to_re(g) + r"\Z"), why) for g, why in (
 # listed in the digest; anywhere else under the package prefixes they are
 # files that match no package.
 SCRIPT_PREFIXES = ("/etc/",)
+# dpkg's own records (in its directory, and info/* there): only dpkg writes
+# them, holding its lock. Changed while no transaction runs they are an edit
+# by hand, the cover a trojan needs (an md5sums line made to match it, a
+# status or diversion rewritten): critical. The rest of dpkg's directory
+# (status-old, available, triggers/, alternatives/) is the path's own level.
+DPKG_RECORDS = ("status", "diversions", "statoverride")
 
 
 def lock_holders(paths, proc_locks=PROC_LOCKS):
@@ -2917,6 +2924,32 @@ def generated_by(p, kind, new, db):
     return None
 
 
+def package_managed(p, db):
+    """Does a package manager write p: the package prefixes, or dpkg's own
+    directory (where a transaction's changes are held for its digest)?"""
+    return p.startswith(PACKAGE_PREFIXES) or p.startswith(db.base + "/")
+
+
+def dpkg_record(p, db):
+    """Is p one of dpkg's records (DPKG_RECORDS, info/*)?"""
+    d, base = os.path.split(p)
+    return d == db.info_dir or (d == db.base and base in DPKG_RECORDS)
+
+
+def mark_record_edit(ev, p, db):
+    """A dpkg record changed outside a package transaction: critical, and
+    the summary says so first (the package the record is of, if any)."""
+    rel = os.path.relpath(p, db.base)
+    name = os.path.basename(p).split(".", 1)[0].split(":", 1)[0] \
+        if os.path.dirname(p) == db.info_dir else None
+    what = {"created": "added", "deleted": "removed"}.get(ev["event"], "edited")
+    phrase = "dpkg database %s outside a package transaction: %s" % (what, esc(rel))
+    ev["severity"] = "critical"
+    ev["summary"] = phrase + ("; " + ev["summary"] if ev.get("summary") else "")
+    ev["package"] = {"name": esc(name) if name else None, "manager": "dpkg",
+                     "verified": False, "transaction": "none"}
+
+
 def _added_names(diff):
     """The user or group names a diff of /etc/passwd or /etc/group adds."""
     out = []
@@ -2939,11 +2972,15 @@ class PackageTx:
         self.verified = collections.Counter()        # package -> files
         self.removed = collections.Counter()
         self.generated, self.scripts, self.mismatches = [], [], []
+        self.records = 0              # dpkg's own files it rewrote (status, info/*)
 
     def take(self, db, p, ev, new, changes):
         """Classify one change of this transaction; True if the digest holds
         it, False if it is a mismatch to report on its own (ev is amended)."""
         event, kind = ev["event"], ev.get("kind")
+        if p.startswith(db.base + "/"):
+            self.records += 1
+            return True
         owners = db.lookup(p)
         why = None
         if event == "deleted":
@@ -3011,7 +3048,8 @@ class PackageTx:
                                         "" if sum(self.verified.values()) == 1 else "s")
         for n, what in ((len(self.generated), "generated"),
                         (len(self.scripts), "by maintainer scripts"),
-                        (sum(self.removed.values()), "removed")):
+                        (sum(self.removed.values()), "removed"),
+                        (self.records, "dpkg records")):
             if n:
                 files += ", %d %s" % (n, what)
         return "%s %s: %s, %d mismatch%s" % (
@@ -3040,6 +3078,7 @@ class PackageTx:
                               "generated": len(self.generated),
                               "scripts": len(self.scripts),
                               "removed": sum(self.removed.values()),
+                              "records": self.records,
                               "mismatches": len(self.mismatches)},
                        verified=dict(sorted(self.verified.items())),
                        mismatches=self.mismatches[:TX_LIST_MAX],
@@ -4676,6 +4715,10 @@ class Engine:
             if pkg is not None:
                 ev["package"] = dict(pkg, transaction="none")
         add_summary(ev, *(meaning or (None, None, None)))
+        if tx is None and detected == "realtime" and self.pkgtx is not None and \
+                self.pkgtx.tx is None and dpkg_record(p, self.pkgdb) and \
+                self.pkgtx.holder() is None:
+            mark_record_edit(ev, p, self.pkgdb)
         self.emit_cb(ev)
 
     def _writer(self, p):
@@ -5132,7 +5175,7 @@ class Engine:
         while a package transaction runs waits, up to 30 minutes, for it to
         end: then it is verified against the database as dpkg left it. One
         first seen before the transaction started is not the transaction's."""
-        if self.pkgtx is None or not p.startswith(PACKAGE_PREFIXES):
+        if self.pkgtx is None or not package_managed(p, self.pkgdb):
             return False
         if first is None:
             first = now
@@ -5169,7 +5212,7 @@ class Engine:
                 ent[0] = now
                 heapq.heappush(self.due, (now, p))
         for p, ent in self.pending.items():   # seen, not settled yet: the digest waits
-            if ent[1] >= ended.start_mono and p.startswith(PACKAGE_PREFIXES):
+            if ent[1] >= ended.start_mono and package_managed(p, self.pkgdb):
                 ended.paths.setdefault(p, None)
 
     def tx_finish(self):
