@@ -2639,7 +2639,18 @@ def _meta_phrases(ev):
         out.append(("file capabilities set: %s" % ev["capability"], False))
     if not out and ev.get("event") == "created" and mode & 0o111:
         out.append(("new executable", False))
-    return out
+    return _package_phrases(ev) + out
+
+
+def _package_phrases(ev):
+    """A packaged file changed while no package manager ran (the `package`
+    field emit_change adds): matching the package is said, not an all-clear."""
+    pkg = ev.get("package") or {}
+    if pkg.get("transaction") != "none" or not pkg.get("name"):
+        return []
+    return [("matches package %s, but no package manager ran" % pkg["name"]
+             if pkg.get("verified") else
+             "does not match package %s (no package manager ran)" % pkg["name"], False)]
 
 
 def _text_phrases(kind, ev, old, new):
@@ -2722,7 +2733,22 @@ def combined_summary(events):
     phrases = [p for e in ranked
                for p in re.sub(r" \(\+\d+ more\)$", "", e["summary"]).split("; ")]
     main = [p for p in phrases if not _SECONDARY_RE.match(p)]
-    return join_phrases(main or phrases)
+    return join_phrases(main or phrases) or tree_summary(events)
+
+
+def tree_summary(events, least=4):
+    """'154 changes under /var/www/html/site: 154 created' for changes with
+    nothing else to say (a deploy) under one directory, or None."""
+    paths = [e.get("path") for e in events]
+    if len(paths) < least or not all(paths):
+        return None
+    top = os.path.commonpath(paths)
+    if top in ("/", "") or any(e.get("path") == top and e.get("kind") != "dir"
+                               for e in events):
+        return None                # unrelated paths, or changes of one file
+    counts = collections.Counter(e.get("event") for e in events)
+    return "%d changes under %s: %s" % (len(events), top, ", ".join(
+        "%d %s" % (n, what) for what, n in counts.most_common()))
 
 
 # ---------------------------------------------------------------------------
@@ -4727,10 +4753,16 @@ class Engine:
         return {"process": proc} if proc else {}
 
     def _tx_of(self, p):
-        """The ended transaction whose held changes p belongs to, or None."""
+        """The ended transaction whose held changes p belongs to, or None.
+        A change in dpkg's own directory while one runs is the running one's
+        (some reach here before it ends: dpkg's tmp.ci, filled and emptied
+        for each package, is compared as its entries come and go)."""
         for tx in self.tx_closing:
             if p in tx.paths:
                 return tx
+        running = self.pkgtx.tx if self.pkgtx is not None else None
+        if running is not None and p.startswith(self.pkgdb.base + "/"):
+            return running
         return None
 
     # -- raw events --
@@ -5796,6 +5828,8 @@ def three_lines(ev, head=None):
     what happened, when there is no summary)."""
     if ev.get("summary"):
         what = "%s on %s: %s" % (ev["severity"].upper(), ev["host"], ev["summary"])
+        if ev.get("reason") and ev["reason"] != CHANGE_TOGETHER:    # why one digest
+            what += " (%s)" % ev["reason"]
     elif ev["event"] == "digest":
         what = "%s: %d changes on %s%s." % (ev["severity"].upper(), ev.get("count", 0),
                                             ev["host"], " (" + ev["reason"] + ")"

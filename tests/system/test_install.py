@@ -742,7 +742,11 @@ def test_ct_no_systemd_no_pip_from_checkout(distro, tmp_path):
                   "cd /tmp && sh /root/fimwatch/install.sh && "
                   "echo INSTALLED && ls /etc/systemd/system/multi-user.target.wants/ && "
                   "fimwatch check-config >/dev/null && echo CONFIG-OK && "
-                  "! python3 -c 'import inotify_simple' 2>/dev/null && echo SITE-CLEAN")
+                  "! python3 -c 'import inotify_simple' 2>/dev/null && echo SITE-CLEAN && "
+                  # the installer brought pip in: --uninstall marks it automatic again
+                  "apt-mark showmanual | grep -qx python3-pip && echo PIP-MANUAL && "
+                  "sh /root/fimwatch/install.sh --uninstall && "
+                  "apt-mark showauto | grep -qx python3-pip && echo PIP-AUTO")
         t0 = time.monotonic()
         with _SharedMachineLock():
             r = subprocess.run(
@@ -762,6 +766,8 @@ def test_ct_no_systemd_no_pip_from_checkout(distro, tmp_path):
     assert "No service was installed" in r.stderr and "/usr/local/sbin/fimwatch run" in r.stderr
     assert "fimwatch.service" not in r.stdout, r.stdout
     assert "CONFIG-OK" in r.stdout and "SITE-CLEAN" in r.stdout, out[-3000:]
+    assert "PIP-MANUAL" in r.stdout and "PIP-AUTO" in r.stdout, out[-3000:]
+    assert "python3-pip (installed for fimwatch) is marked automatically installed" in r.stderr
 
 
 def _read_proc(name):
@@ -1160,8 +1166,8 @@ def test_ct_admin_tools_are_one_mail_each_saying_so(box):
     assert any(p.startswith("sudo ") for p in tx["packages"]["installed"]), tx["packages"]
     assert tx["files"]["verified"] > 20, tx["files"]
     assert tx["message"].startswith("apt-get installed "), tx["message"]
-    files = [(e["event"], e["path"]) for e in evs if e.get("path")]
-    assert not files, files
+    files = [(e["event"], e["path"], e["detected"], e["time"]) for e in evs if e.get("path")]
+    assert not files, (tx["started"], tx["duration"], tx["time"], files)
     _ct_control(box, n, before)                # and no mail but the control's
 
     # crontab -e, as root
@@ -1230,7 +1236,10 @@ def test_ct_deploy_of_150_files_is_one_mail(box):
     sys.stdout.write("\n--- %s\n%s\n" % (subject, "\n".join(body.splitlines()[:12])))
     evs = [e for e in ct.events()[n:] if (e.get("path") or "").startswith("/var/www/html/site")]
     assert len([e for e in evs if e["event"] == "created"]) == 154, len(evs)
-    assert "154" in subject, subject
+    host = ct.sh("hostname -f 2>/dev/null || hostname").stdout.strip()
+    assert body.splitlines()[0] == \
+        "WARNING on %s: 154 changes under /var/www/html/site: 154 created (burst of " \
+        "changes)" % host, body
     print("deploy: %.1fs" % (time.monotonic() - t0))
 
 
@@ -1281,11 +1290,15 @@ def test_ct_local_deb_one_transaction_then_edits_alerted(box):
     first, _ = _ct_first_line(box, len(_mails(box)), "fimtest-hello",
                               TROJAN + " > /usr/bin/fimtest-hello")
     ev = [e for e in ct.events() if e.get("path") == "/usr/bin/fimtest-hello"][-1]
-    assert ev["severity"] == "critical" and first.startswith("CRITICAL"), (first, ev)
+    host = ct.sh("hostname -f 2>/dev/null || hostname").stdout.strip()
+    assert first == "CRITICAL on %s: does not match package fimtest-pkg (no package " \
+        "manager ran)" % host, (first, ev)
     assert ev["package"] == {"name": "fimtest-pkg", "manager": "dpkg", "verified": False,
                              "digest": "md5", "transaction": "none"}, ev["package"]
-    _ct_first_line(box, len(_mails(box)), "fimtest-hello",
-                   r"printf '#!/bin/sh\necho hello\n' > /usr/bin/fimtest-hello")
+    first, _ = _ct_first_line(box, len(_mails(box)), "fimtest-hello",
+                              r"printf '#!/bin/sh\necho hello\n' > /usr/bin/fimtest-hello")
+    assert first == "CRITICAL on %s: matches package fimtest-pkg, but no package manager " \
+        "ran" % host, first
     ev = [e for e in ct.events() if e.get("path") == "/usr/bin/fimtest-hello"][-1]
     assert ev["severity"] == "critical", ev
     assert ev["package"]["verified"] is True and ev["package"]["transaction"] == "none", ev
@@ -1295,7 +1308,6 @@ def test_ct_local_deb_one_transaction_then_edits_alerted(box):
     first, body = _ct_first_line(
         box, len(_mails(box)), "fimtest-pkg.md5sums",
         "echo '%s  usr/bin/fimtest-hello' > /var/lib/dpkg/info/fimtest-pkg.md5sums" % md5)
-    host = ct.sh("hostname -f 2>/dev/null || hostname").stdout.strip()
     assert first == "CRITICAL on %s: dpkg database edited outside a package transaction: " \
         "info/fimtest-pkg.md5sums" % host, body
     ev = [e for e in ct.events() if e.get("path") == "/var/lib/dpkg/info/fimtest-pkg.md5sums"]
@@ -1636,12 +1648,18 @@ def _ct_remove(box, option, gone):
 
 @pytest.mark.timeout(300)
 def test_ct_uninstall_keeps_config_and_state(box):
+    """--uninstall leaves no unit, instance, slice or failed state behind
+    (the alert relay's instances ran: their slice is there before)."""
+    _require(box, "installed")
+    units = "systemctl list-units --all --plain --no-legend 'fimwatch*' 'system-fimwatch*'"
+    assert "slice" in box.ct.sh(units).stdout, box.ct.sh(units).stdout
     ct = _ct_remove(box, "--uninstall", [
         "/etc/systemd/system/fimwatch.service", "/usr/local/sbin/fimwatch",
         "/usr/local/lib/fimwatch", "/etc/sysctl.d/60-fimwatch.conf",
         "/etc/systemd/system/multi-user.target.wants/fimwatch.service"])
     assert ct.show("fimwatch.service", "ActiveState")["ActiveState"] in ("inactive", "failed")
     assert ct.show("fimwatch.service", "LoadState")["LoadState"] == "not-found"
+    assert ct.sh(units).stdout.strip() == "", ct.sh(units).stdout
     assert ct.exists("/etc/fimwatch/fimwatch.conf")
     assert ct.sh("ls /var/lib/fimwatch").stdout.strip()
     assert ct.exists("/var/log/fimwatch")
