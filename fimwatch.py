@@ -2778,6 +2778,7 @@ TX_SUSPECT_FOR = 3.0         # ... and every 0.25 s this long after a lock file 
 TX_POLL_EVERY = 5.0          # ... and this often without inotify
 TX_MAX_HOLD = 1800.0         # no change waits longer for its transaction to end
 TX_LIST_MAX = 200            # paths listed per kind in the digest
+TX_RECORD_GRACE = 5.0        # a dpkg record changed this soon after one ended is not "by hand"
 FRONTENDS = {"apt": "apt", "apt-get": "apt-get", "aptitude": "aptitude",
              "unattended-upgr": "unattended-upgrades",
              "unattended-upgrade": "unattended-upgrades",
@@ -3122,6 +3123,7 @@ class PackageWatch:
         self.db, self.proc_locks, self.proc = db, proc_locks, proc
         self.locks = (db.frontend_path, db.lock_path)
         self.tx = None
+        self.ended_at = float("-inf")   # monotonic time the last transaction ended
         self.ino = None
         self.check_at, self.suspect_until, self.ignore_until = 0.0, 0.0, 0.0
         if use_inotify:
@@ -3190,7 +3192,7 @@ class PackageWatch:
             self.tx = PackageTx(h, now, self.db.versions)
         elif h is None and self.tx is not None:
             tx, self.tx = self.tx, None
-            tx.ended = now
+            tx.ended = self.ended_at = now
             self.db.load()
             tx.after = dict(self.db.versions)
             return tx
@@ -4741,9 +4743,7 @@ class Engine:
             if pkg is not None:
                 ev["package"] = dict(pkg, transaction="none")
         add_summary(ev, *(meaning or (None, None, None)))
-        if tx is None and detected == "realtime" and self.pkgtx is not None and \
-                self.pkgtx.tx is None and dpkg_record(p, self.pkgdb) and \
-                self.pkgtx.holder() is None:
+        if tx is None and self._record_edit(p, detected):
             mark_record_edit(ev, p, self.pkgdb)
         self.emit_cb(ev)
 
@@ -4760,10 +4760,17 @@ class Engine:
         for tx in self.tx_closing:
             if p in tx.paths:
                 return tx
-        running = self.pkgtx.tx if self.pkgtx is not None else None
-        if running is not None and p.startswith(self.pkgdb.base + "/"):
-            return running
+        if self.pkgtx is not None and p.startswith(self.pkgdb.base + "/"):
+            # ... and dpkg emptying tmp.ci as it ends is the ending one's
+            return self.pkgtx.tx or (self.tx_closing[-1] if self.tx_closing else None)
         return None
+
+    def _record_edit(self, p, detected):
+        """A dpkg record changed by hand: no transaction runs or just ended."""
+        pw = self.pkgtx
+        return detected == "realtime" and pw is not None and pw.tx is None and \
+            not self.tx_closing and time.monotonic() - pw.ended_at > TX_RECORD_GRACE and \
+            dpkg_record(p, self.pkgdb) and pw.holder() is None
 
     # -- raw events --
     def touch(self, p, attrib=False):
