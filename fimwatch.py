@@ -3361,8 +3361,6 @@ class PackageTx:
         if flags:
             ev["flags"] = flags[:TX_LIST_MAX]
             ev["message"] += "; flagged: " + "; ".join(flags[:3])
-        if SEV_RANK[sev] >= SEV_RANK["warning"]:
-            ev["summary"] = ev["message"]         # the first line of its email
         return ev
 
 

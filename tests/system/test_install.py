@@ -1362,7 +1362,7 @@ def test_ct_local_deb_one_transaction_then_edits_alerted(box):
     subject, body = _one_new_mail(box, before, "transaction")
     sys.stdout.write("\n--- %s\n%s\n" % (subject, "\n".join(body.splitlines()[:6])))
     host = ct.sh("hostname -f 2>/dev/null || hostname").stdout.strip()
-    assert body.splitlines()[0] == "WARNING on %s: %s" % (host, tx["message"]), body
+    assert body.splitlines()[:2] == ["WARNING: transaction on %s." % host, tx["message"]], body
     _ct_control(box, n, len(_mails(box)))
     files = [(e["event"], e["path"]) for e in ct.events()[n:] if e.get("path")
              and not e["path"].startswith("/etc/fimwatch-control-")]
