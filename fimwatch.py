@@ -2445,9 +2445,10 @@ ACCOUNT_DBS = ("passwd", "shadow", "group", "gshadow", "subuid", "subgid")
 _LINE_FILES = ("ld.so.preload", "hosts", "resolv.conf", "nsswitch.conf", "hosts.allow",
                "hosts.deny")
 _UNIT_SUFFIXES = (".service", ".timer", ".socket", ".path", ".mount")
-# the backups and leftovers tools write beside the file they change
+# the backups and leftovers tools write beside the file they change (.tmp:
+# visudo -f X edits X.tmp, then renames it over X)
 BACKUP_SUFFIXES = ("-", ".lock", ".dpkg-old", ".dpkg-dist", ".dpkg-new", ".dpkg-bak",
-                   ".ucf-old", ".ucf-dist", ".ucf-new", ".bak", ".old")
+                   ".ucf-old", ".ucf-dist", ".ucf-new", ".bak", ".old", ".tmp")
 _SUMMARY_MAX = 5                     # phrases in one summary, then "(+N more)"
 
 
@@ -2795,7 +2796,18 @@ def _meta_phrases(ev):
         out.append(("file capabilities set: %s" % ev["capability"], False))
     if not out and ev.get("event") == "created" and mode & 0o111:
         out.append(("new executable", False))
-    return out
+    return _package_phrases(ev) + out
+
+
+def _package_phrases(ev):
+    """A packaged file changed while no package manager ran (the `package`
+    field emit_change adds): matching the package is said, not an all-clear."""
+    pkg = ev.get("package") or {}
+    if pkg.get("transaction") != "none" or not pkg.get("name"):
+        return []
+    return [("matches package %s, but no package manager ran" % pkg["name"]
+             if pkg.get("verified") else
+             "does not match package %s (no package manager ran)" % pkg["name"], False)]
 
 
 def _text_phrases(kind, ev, old, new):
@@ -2878,7 +2890,22 @@ def combined_summary(events):
     phrases = [p for e in ranked
                for p in re.sub(r" \(\+\d+ more\)$", "", e["summary"]).split("; ")]
     main = [p for p in phrases if not _SECONDARY_RE.match(p)]
-    return join_phrases(main or phrases)
+    return join_phrases(main or phrases) or tree_summary(events)
+
+
+def tree_summary(events, least=4):
+    """'154 changes under /var/www/html/site: 154 created' for changes with
+    nothing else to say (a deploy) under one directory, or None."""
+    paths = [e.get("path") for e in events]
+    if len(paths) < least or not all(paths):
+        return None
+    top = os.path.commonpath(paths)
+    if top in ("/", "") or any(e.get("path") == top and e.get("kind") != "dir"
+                               for e in events):
+        return None                # unrelated paths, or changes of one file
+    counts = collections.Counter(e.get("event") for e in events)
+    return "%d changes under %s: %s" % (len(events), top, ", ".join(
+        "%d %s" % (n, what) for what, n in counts.most_common()))
 
 
 # ---------------------------------------------------------------------------
@@ -2908,6 +2935,7 @@ TX_SUSPECT_FOR = 3.0         # ... and every 0.25 s this long after a lock file 
 TX_POLL_EVERY = 5.0          # ... and this often without inotify
 TX_MAX_HOLD = 1800.0         # no change waits longer for its transaction to end
 TX_LIST_MAX = 200            # paths listed per kind in the digest
+TX_RECORD_GRACE = 5.0        # a dpkg record changed this soon after one ended is not "by hand"
 FRONTENDS = {"apt": "apt", "apt-get": "apt-get", "aptitude": "aptitude",
              "unattended-upgr": "unattended-upgrades",
              "unattended-upgrade": "unattended-upgrades",
@@ -2932,6 +2960,12 @@ GENERATED = [(re.compile(_glob_to_re(g) + r"\Z"), why) for g, why in (
 # listed in the digest; anywhere else under the package prefixes they are
 # files that match no package.
 SCRIPT_PREFIXES = ("/etc/",)
+# dpkg's own records (in its directory, and info/* there): only dpkg writes
+# them, holding its lock. Changed while no transaction runs they are an edit
+# by hand, the cover a trojan needs (an md5sums line made to match it, a
+# status or diversion rewritten): critical. The rest of dpkg's directory
+# (status-old, available, triggers/, alternatives/) is the path's own level.
+DPKG_RECORDS = ("status", "diversions", "statoverride")
 
 
 def lock_holders(paths, proc_locks=PROC_LOCKS):
@@ -3074,6 +3108,32 @@ def generated_by(p, kind, new, db):
     return None
 
 
+def package_managed(p, db):
+    """Does a package manager write p: the package prefixes, or dpkg's own
+    directory (where a transaction's changes are held for its digest)?"""
+    return p.startswith(PACKAGE_PREFIXES) or p.startswith(db.base + "/")
+
+
+def dpkg_record(p, db):
+    """Is p one of dpkg's records (DPKG_RECORDS, info/*)?"""
+    d, base = os.path.split(p)
+    return d == db.info_dir or (d == db.base and base in DPKG_RECORDS)
+
+
+def mark_record_edit(ev, p, db):
+    """A dpkg record changed outside a package transaction: critical, and
+    the summary says so first (the package the record is of, if any)."""
+    rel = os.path.relpath(p, db.base)
+    name = os.path.basename(p).split(".", 1)[0].split(":", 1)[0] \
+        if os.path.dirname(p) == db.info_dir else None
+    what = {"created": "added", "deleted": "removed"}.get(ev["event"], "edited")
+    phrase = "dpkg database %s outside a package transaction: %s" % (what, esc(rel))
+    ev["severity"] = "critical"
+    ev["summary"] = phrase + ("; " + ev["summary"] if ev.get("summary") else "")
+    ev["package"] = {"name": esc(name) if name else None, "manager": "dpkg",
+                     "verified": False, "transaction": "none"}
+
+
 def _added_names(diff):
     """The user or group names a diff of /etc/passwd or /etc/group adds."""
     out = []
@@ -3108,17 +3168,20 @@ _POLICY_VERSION_RE = re.compile(r"^ (\*\*\*| {3}) (\S+) -?\d+$")
 _POLICY_SOURCE_RE = re.compile(r"^ {8}-?\d+ (.+)$")
 
 
-def apt_sources(names, run=subprocess.run):
+def apt_sources(names, run=subprocess.run, tmpdir=None):
     """{package: [sources of its installed version]} from `apt-cache policy`
     ("/var/lib/dpkg/status" alone: no configured apt source has it), or None
-    when apt-cache cannot say (missing, failed, over 20 s)."""
+    when apt-cache cannot say (missing, failed, over 20 s). tmpdir: where apt
+    may write its temp files (it checks each InRelease's signature through
+    one): under the unit /tmp is read-only, and apt-cache failed there."""
     if not names:
         return {}
     try:
         # no pkgcache.bin written (the unit's /var is read-only): built in memory
         r = run(["apt-cache", "-o", "Dir::Cache::pkgcache=", "-o", "Dir::Cache::srcpkgcache=",
                  "policy", "--"] + sorted(names), capture_output=True, timeout=20,
-                env={"LC_ALL": "C", "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"},
+                env=dict({"LC_ALL": "C", "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"},
+                         **({"TMPDIR": tmpdir} if tmpdir else {})),
                 stdin=subprocess.DEVNULL)
     except (OSError, subprocess.SubprocessError):
         return None
@@ -3155,11 +3218,15 @@ class PackageTx:
         self.verified = collections.Counter()        # package -> files
         self.removed = collections.Counter()
         self.generated, self.scripts, self.mismatches = [], [], []
+        self.records = 0              # dpkg's own files it rewrote (status, info/*)
 
     def take(self, db, p, ev, new, changes):
         """Classify one change of this transaction; True if the digest holds
         it, False if it is a mismatch to report on its own (ev is amended)."""
         event, kind = ev["event"], ev.get("kind")
+        if p.startswith(db.base + "/"):
+            self.records += 1
+            return True
         owners = db.lookup(p)
         why = None
         if event == "deleted":
@@ -3229,7 +3296,8 @@ class PackageTx:
                                         "" if sum(self.verified.values()) == 1 else "s")
         for n, what in ((len(self.generated), "generated"),
                         (len(self.scripts), "by maintainer scripts"),
-                        (sum(self.removed.values()), "removed")):
+                        (sum(self.removed.values()), "removed"),
+                        (self.records, "dpkg records")):
             if n:
                 files += ", %d %s" % (n, what)
         return "%s %s: %s, %d mismatch%s" % (
@@ -3283,6 +3351,7 @@ class PackageTx:
                               "generated": len(self.generated),
                               "scripts": len(self.scripts),
                               "removed": sum(self.removed.values()),
+                              "records": self.records,
                               "mismatches": len(self.mismatches)},
                        verified=dict(sorted(self.verified.items())),
                        mismatches=self.mismatches[:TX_LIST_MAX],
@@ -3303,6 +3372,7 @@ class PackageWatch:
         self.db, self.proc_locks, self.proc = db, proc_locks, proc
         self.locks = (db.frontend_path, db.lock_path)
         self.tx = None
+        self.ended_at = float("-inf")   # monotonic time the last transaction ended
         self.ino = None
         self.check_at, self.suspect_until, self.ignore_until = 0.0, 0.0, 0.0
         if use_inotify:
@@ -3371,7 +3441,7 @@ class PackageWatch:
             self.tx = PackageTx(h, now, self.db.versions, md5sums_digests(self.db.info_dir))
         elif h is None and self.tx is not None:
             tx, self.tx = self.tx, None
-            tx.ended = now
+            tx.ended = self.ended_at = now
             self.db.load()
             tx.after = dict(self.db.versions)
             return tx
@@ -5156,6 +5226,8 @@ class Engine:
                 if pkg.get("mismatch"):       # the md5sums list lies: tampering
                     ev["severity"] = "critical"
         add_summary(ev, *(meaning or (None, None, None)))
+        if tx is None and self._record_edit(p, detected):
+            mark_record_edit(ev, p, self.pkgdb)
         self.emit_cb(ev)
 
     def _writer(self, p):
@@ -5164,11 +5236,24 @@ class Engine:
         return {"process": proc} if proc else {}
 
     def _tx_of(self, p):
-        """The ended transaction whose held changes p belongs to, or None."""
+        """The ended transaction whose held changes p belongs to, or None.
+        A change in dpkg's own directory while one runs is the running one's
+        (some reach here before it ends: dpkg's tmp.ci, filled and emptied
+        for each package, is compared as its entries come and go)."""
         for tx in self.tx_closing:
             if p in tx.paths:
                 return tx
+        if self.pkgtx is not None and p.startswith(self.pkgdb.base + "/"):
+            # ... and dpkg emptying tmp.ci as it ends is the ending one's
+            return self.pkgtx.tx or (self.tx_closing[-1] if self.tx_closing else None)
         return None
+
+    def _record_edit(self, p, detected):
+        """A dpkg record changed by hand: no transaction runs or just ended."""
+        pw = self.pkgtx
+        return detected == "realtime" and pw is not None and pw.tx is None and \
+            not self.tx_closing and time.monotonic() - pw.ended_at > TX_RECORD_GRACE and \
+            dpkg_record(p, self.pkgdb) and pw.holder() is None
 
     # -- raw events --
     def touch(self, p, attrib=False):
@@ -5616,7 +5701,7 @@ class Engine:
         while a package transaction runs waits, up to 30 minutes, for it to
         end: then it is verified against the database as dpkg left it. One
         first seen before the transaction started is not the transaction's."""
-        if self.pkgtx is None or not p.startswith(PACKAGE_PREFIXES):
+        if self.pkgtx is None or not package_managed(p, self.pkgdb):
             return False
         if first is None:
             first = now
@@ -5653,7 +5738,7 @@ class Engine:
                 ent[0] = now
                 heapq.heappush(self.due, (now, p))
         for p, ent in self.pending.items():   # seen, not settled yet: the digest waits
-            if ent[1] >= ended.start_mono and p.startswith(PACKAGE_PREFIXES):
+            if ent[1] >= ended.start_mono and package_managed(p, self.pkgdb):
                 ended.paths.setdefault(p, None)
 
     def tx_finish(self):
@@ -5662,7 +5747,8 @@ class Engine:
             crit = [p for p in tx.paths if self.cfg.severity_for(p) == "critical"]
             changed = [n for n, v in tx.after.items() if tx.before.get(n) != v or n in tx.verified]
             self.emit_cb(tx.digest(self.cfg.hostname, set(esc(p) for p in crit),
-                                   md5sums_digests(self.pkgdb.info_dir), apt_sources(changed)))
+                                   md5sums_digests(self.pkgdb.info_dir),
+                                   apt_sources(changed, tmpdir=self.cfg.state_dir)))
 
     def flush(self, p):
         src = self.moves.pop(p, None)
@@ -6239,6 +6325,8 @@ def three_lines(ev, head=None):
     what happened, when there is no summary)."""
     if ev.get("summary"):
         what = "%s on %s: %s" % (ev["severity"].upper(), ev["host"], ev["summary"])
+        if ev.get("reason") and ev["reason"] != CHANGE_TOGETHER:    # why one digest
+            what += " (%s)" % ev["reason"]
     elif ev["event"] == "digest":
         what = "%s: %d changes on %s%s." % (ev["severity"].upper(), ev.get("count", 0),
                                             ev["host"], " (" + ev["reason"] + ")"

@@ -54,6 +54,9 @@ STATEDIR=/var/lib/fimwatch
 LOGDIR=/var/log/fimwatch
 UNITDIR=/etc/systemd/system
 SYSCTL_FILE=/etc/sysctl.d/60-fimwatch.conf
+# python3-pip, when this installer had to install it: --uninstall marks it
+# automatically installed again, so `apt autoremove` takes it away
+PIP_MARK=$LIBDIR/python3-pip.installed-by-fimwatch
 SERVICE=fimwatch.service
 SOCKET=fimwatch-sendmail.socket
 UNITS="fimwatch.service fimwatch-failure@.service fimwatch-sendmail.socket fimwatch-sendmail@.service"
@@ -73,6 +76,7 @@ PY=
 HAVE_SYSTEMD=0
 CHANGED_PATHS=
 STOPPED_FOR_UPGRADE=0
+PIP_BROUGHT=0
 STAGE=
 UNITS_CHANGED=0
 CONF_NOTE=
@@ -364,6 +368,7 @@ get_wheel() {
                 || { DEBIAN_FRONTEND=noninteractive apt-get update -q </dev/null >&2 \
                      && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-pip </dev/null >&2; } \
                 || fatal "apt-get install python3-pip failed"
+            PIP_BROUGHT=1
         fi
         printf 'inotify_simple==%s --hash=sha256:%s\n' "$INOTIFY_SIMPLE_VERSION" "$INOTIFY_SIMPLE_SHA256" >"$TMP/requirements.txt"
         info "downloading inotify_simple $INOTIFY_SIMPLE_VERSION with pip (--require-hashes)"
@@ -500,6 +505,7 @@ install_staged() {
     done <<EOT
 $list
 EOT
+    [ "$PIP_BROUGHT" = 0 ] || run touch "$ROOT$PIP_MARK"
 }
 
 install_config() {
@@ -803,7 +809,20 @@ uninstall() {
                 run systemctl disable --now --quiet "$u" || warn "could not stop $u"
             fi
         done
+        # what ran under the units: the relay and failure-alert instances,
+        # the slices systemd made for them, and failed states it would list
+        run systemctl stop 'fimwatch-sendmail@*.service' 'fimwatch-failure@*.service' \
+            'system-fimwatch\x2dsendmail.slice' 'system-fimwatch\x2dfailure.slice' \
+            2>/dev/null || true
         run systemctl reset-failed "$SERVICE" 2>/dev/null || true
+        run systemctl reset-failed 'fimwatch-*' 2>/dev/null || true
+    fi
+    if [ -z "$ROOT" ] && [ -e "$PIP_MARK" ] && have apt-mark; then
+        if run apt-mark auto python3-pip >/dev/null; then
+            info "python3-pip (installed for fimwatch) is marked automatically installed again: apt autoremove removes it"
+        else
+            warn "could not mark python3-pip automatically installed (apt-mark auto python3-pip)"
+        fi
     fi
     for f in $UNITS; do
         [ -e "$ROOT$UNITDIR/$f" ] && run rm -f "$ROOT$UNITDIR/$f"

@@ -210,6 +210,36 @@ def test_combined_summary_puts_the_account_first():
     assert fimwatch.combined_summary([{"path": "/x"}]) is None
 
 
+
+def test_a_deploy_is_summed_up_by_its_directory():
+    """Many changes with nothing else to say under one directory (a deploy)
+    get one summary; unrelated paths or one file's changes get none."""
+    site = [{"path": "/var/www/html/site", "event": "created", "kind": "dir"}] + \
+        [{"path": "/var/www/html/site/f%d.php" % i, "event": "created", "kind": "file"}
+         for i in range(150)] + \
+        [{"path": "/var/www/html/site/index.php", "event": "modified", "kind": "file"}]
+    assert fimwatch.combined_summary(site) == \
+        "152 changes under /var/www/html/site: 151 created, 1 modified"
+    assert fimwatch.combined_summary(site[1:4]) is None             # fewer than four
+    assert fimwatch.combined_summary([{"path": "/etc/x", "event": "modified", "kind": "file"},
+                                      {"path": "/usr/bin/y", "event": "created"}] * 2) is None
+    assert fimwatch.combined_summary([{"path": "/etc/x", "event": "modified",
+                                       "kind": "file"}] * 4) is None
+    # a summary the changes have wins
+    assert fimwatch.combined_summary(site + [{"path": "/var/www/html/site/.htaccess",
+                                              "summary": "line added: x"}]) == "line added: x"
+
+
+def test_a_packaged_file_changed_with_no_package_manager_says_so():
+    ev = {"event": "modified", "path": "/usr/bin/tool", "kind": "file", "mode": "0755",
+          "previous": {"mode": "0755"}, "package": {"name": "tool", "manager": "dpkg",
+                                                    "verified": False, "transaction": "none"}}
+    assert summarize(ev) == ("does not match package tool (no package manager ran)", False)
+    ev["package"]["verified"] = True
+    assert summarize(ev) == ("matches package tool, but no package manager ran", False)
+    ev["package"]["transaction"] = "0123abcd"        # a transaction's: its digest says it
+    assert summarize(ev) == (None, False)
+
 def test_new_cron_daily_script():
     ev = {"event": "created", "path": "/etc/cron.daily/zz-evil", "kind": "file", "mode": "0755"}
     assert summarize(ev) == ("new cron.daily job; new executable", False)

@@ -15,6 +15,8 @@ import time
 
 import pytest
 
+import fimwatch
+
 from conftest import REPO, hold_lock, is_event
 
 WRAPPER = '''import os, re, sys
@@ -77,6 +79,16 @@ class FakeDpkg:
 
 @pytest.fixture
 def pkgd(fim, tmp_path):
+    return _package_daemon(fim, tmp_path)
+
+
+@pytest.fixture
+def pkgd_db(fim, tmp_path):
+    """pkgd, with dpkg's own directory watched too (as /var/lib/dpkg can be)."""
+    return _package_daemon(fim, tmp_path, watch_db=True)
+
+
+def _package_daemon(fim, tmp_path, watch_db=False):
     wrapper = tmp_path / "python-wrapper"
     wrapper.write_text("#!/bin/sh\nexec %s %s \"$@\"\n" % (sys.executable, tmp_path / "wrap.py"))
     (tmp_path / "wrap.py").write_text(WRAPPER % {"repo": str(REPO)})
@@ -88,7 +100,8 @@ def pkgd(fim, tmp_path):
     dpkg.ship("tool", "1.0-1", {tool: b"tool 1\n"})
     (fim.root / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
     fim.write_config(severity={"critical": "%s/usr/bin/** %s/etc/passwd" % (fim.root, fim.root)},
-                     fimwatch={"diff_paths": "%s/etc/**" % fim.root, "package_check": "yes"})
+                     fimwatch={"diff_paths": "%s/etc/**" % fim.root, "package_check": "yes"},
+                     watch={"paths": "%s %s" % (fim.root, dpkg.dir) if watch_db else fim.root})
     env = {"FIMTEST_DPKG": str(dpkg.dir), "FIMTEST_ROOT": str(fim.root)}
     d = fim.daemon(python=str(wrapper), env=env)
     return d, dpkg, tool
@@ -174,3 +187,41 @@ def test_package_content_put_back_outside_a_transaction_still_alerts(pkgd, fim):
     assert ev["package"] == {"name": "tool", "manager": "dpkg", "verified": True,
                              "digest": "md5", "transaction": "none"}
     assert not d.matching(is_event("transaction"), since=mark)
+
+
+def test_dpkg_records_held_in_a_transaction_critical_outside(pkgd_db, fim, tmp_path):
+    """dpkg's records (status, info/*) change in every transaction: held and
+    counted in its digest. Edited while no package manager runs (an md5sums
+    line made to match a trojan, status rewritten) they are critical; the
+    rest of dpkg's directory keeps the path's level."""
+    d, dpkg, tool = pkgd_db
+    mark = d.mark()
+    holder = dpkg.hold(tmp_path)
+    try:
+        dpkg.ship("tool", "1.1-1", {tool: b"tool 2\n"})      # md5sums, list, status
+    finally:
+        holder.kill()
+        holder.wait()
+    dig = d.wait_for(is_event("transaction"), since=mark, timeout=15)
+    assert dig["severity"] == "info" and dig["files"]["records"] >= 2, dig["files"]
+    assert dig["message"].endswith(" dpkg records, 0 mismatches"), dig["message"]
+    time.sleep(0.3)
+    assert not _per_file(d.events(mark)), "a transaction's records are in its digest"
+
+    time.sleep(fimwatch.TX_RECORD_GRACE)     # dpkg's last writes are not edits by hand
+    mark = d.mark()
+    md5sums = dpkg.info / "tool.md5sums"
+    md5sums.write_text("%s  %s\n" % (md5(b"trojan\n"), dpkg.rel(tool)))
+    ev = d.wait_for(is_event("modified", path=str(md5sums)), since=mark)
+    assert ev["severity"] == "critical", ev
+    assert ev["summary"] == "dpkg database edited outside a package transaction: " \
+        "info/tool.md5sums", ev
+    assert ev["package"] == {"name": "tool", "manager": "dpkg", "verified": False,
+                             "transaction": "none"}
+    with open(dpkg.dir / "status", "a") as f:
+        f.write("\n")
+    ev = d.wait_for(is_event("modified", path=str(dpkg.dir / "status")), since=mark)
+    assert ev["severity"] == "critical" and ev["summary"].startswith("dpkg database edited "), ev
+    (dpkg.dir / "available").write_text("Package: x\n")      # not a record
+    ev = d.wait_for(is_event("created", path=str(dpkg.dir / "available")), since=mark)
+    assert ev["severity"] == "warning" and "summary" not in ev, ev

@@ -23,7 +23,8 @@ import time
 
 import pytest
 
-from test_install import EXPOSURE_FANOTIFY_MAX, EXPOSURE_MAX, _main_pid, _require, booted_box
+from test_install import (EXPOSURE_FANOTIFY_MAX, EXPOSURE_MAX, _ct_apt_install, _main_pid,
+                          _require, booted_box)
 
 pytestmark = pytest.mark.system
 
@@ -136,6 +137,7 @@ def test_ct_ssh_then_sudo_names_the_login_user(fbox):
     exits at once is named by the exec cache, without the login user.)"""
     _require(fbox, "fanotify")
     ct = fbox.ct
+    _ct_apt_install(fbox, "openssh-server sudo")
     with socket.socket() as sk:
         sk.bind(("127.0.0.1", 0))
         port = sk.getsockname()[1]
