@@ -5322,6 +5322,9 @@ class Engine:
             self.stats["changes"] += 1
             ev = new_event(self.cfg.hostname, "transient", self.cfg.severity_for(p),
                            "realtime", esc(p), captured=False, **extra)
+            tx = self._tx_of(p)          # a maintainer script's temp file: the digest's
+            if tx is not None and tx.take(self.pkgdb, p, ev, None, []):
+                return
             self.emit_cb(ev)
             return
         self.emit_change("transient", p, "realtime", None, rec, [], captured=True, **extra)

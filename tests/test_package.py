@@ -443,3 +443,25 @@ def test_transaction_flags_downgrade_same_version_rebuild_and_local_deb(tmp_path
     quiet.after = {"c": "1.1"}
     ev = quiet.digest("h", sums_after=before, sources={"c": ["http://x Packages"]})
     assert ev["severity"] == "info" and "flags" not in ev, ev
+
+
+def test_a_scripts_temp_file_gone_before_it_was_read_goes_to_the_digest(
+        dpkg, tmp_path_factory, monkeypatch):
+    """adduser's /etc/group.PID, made and removed by a maintainer script
+    before fimwatch could read it: held by the transaction, listed in its
+    digest, not an alert of its own (seen under real apt in a container)."""
+    db = dpkg[0]
+    etc = str(tmp_path_factory.mktemp("etc")) + "/"      # outside dpkg's dir (tmp_path)
+    monkeypatch.setattr(fimwatch, "PACKAGE_PREFIXES", (etc,))
+    monkeypatch.setattr(fimwatch, "SCRIPT_PREFIXES", (etc,))
+    eng, got = _engine(db)
+    eng.probe = fimwatch.re.compile(r"(?!)")
+    tx = fimwatch.PackageTx({"frontend": "apt-get"}, 0.0, {})
+    p = etc + "group.1074"
+    tx.paths[p] = None
+    eng.tx_closing = [tx]
+    eng.report_transient(p, [0.0, None, 0])
+    assert got == [] and tx.scripts == [{"path": p, "event": "transient"}], (got, tx.scripts)
+    eng.tx_closing = []                                   # no transaction: an alert
+    eng.report_transient(p, [0.0, None, 0])
+    assert got and got[-1]["event"] == "transient" and got[-1]["captured"] is False, got

@@ -138,6 +138,8 @@ def test_ct_ssh_then_sudo_names_the_login_user(fbox):
     _require(fbox, "fanotify")
     ct = fbox.ct
     _ct_apt_install(fbox, "openssh-server sudo")
+    # the rootfs masks ssh's units: apt started no sshd on the host's port 22
+    assert ct.sh("pgrep -x sshd", check=False).returncode == 1, ct.sh("ps -ef").stdout
     with socket.socket() as sk:
         sk.bind(("127.0.0.1", 0))
         port = sk.getsockname()[1]
