@@ -225,13 +225,16 @@ def esc(s):
 
 
 def iso_ms(t):
+    # formatted by hand: strftime costs four times as much, once per event
     d = datetime.datetime.fromtimestamp(t, datetime.timezone.utc)
-    return d.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (d.microsecond // 1000)
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (d.year, d.month, d.day, d.hour, d.minute,
+                                                    d.second, d.microsecond // 1000)
 
 
 def iso_s(t):
-    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime(
-        "%Y-%m-%dT%H:%M:%SZ")
+    d = datetime.datetime.fromtimestamp(t, datetime.timezone.utc)
+    return "%04d-%02d-%02dT%02d:%02d:%02dZ" % (d.year, d.month, d.day, d.hour, d.minute,
+                                               d.second)
 
 
 _DUR_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$", re.I)
@@ -1230,9 +1233,17 @@ def upgrade_notice(store, host):
 
 
 _REC_COLS = ", ".join(Rec._fields)
+_GET_FILE = "SELECT %s FROM files WHERE parent=? AND name=?" % _REC_COLS
 _PUT_FILE = "INSERT OR REPLACE INTO files (parent, name, %s) VALUES (%s)" % (
     _REC_COLS, ",".join("?" * (2 + len(Rec._fields))))
 EVENTS_KEEP = 200000
+# A transaction is split after this many row writes (Store._w): StateDB keeps
+# a transaction's writes in memory until its commit (to replay them after a
+# full disk), so this bounds that memory (~1.5 MB) while a baseline is built.
+TX_SPLIT = 5000
+# SQLite's page cache per connection, KiB (its default is 2,000): the
+# baseline's B-tree interior pages fit; the rest is in the OS page cache.
+SQLITE_CACHE_KIB = 1024
 
 
 def _split(path):
@@ -1278,6 +1289,7 @@ class Store:
                                       check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA cache_size=-%d" % SQLITE_CACHE_KIB)
             self.db.executescript(SCHEMA_SQL)
             self._upgrade_files_table()
         except sqlite3.Error as e:
@@ -1288,6 +1300,7 @@ class Store:
         self.on_commit = []            # called after each commit (wakes alert workers)
         self._seq_hint = 0             # the last event sequence this connection drew
         self._tx = False
+        self._seq_read = False         # next_sequence read the counter in this transaction
         self._writes = 0
 
     # -- transactions --
@@ -1295,8 +1308,9 @@ class Store:
         if not self._tx:
             self.db.execute("BEGIN IMMEDIATE")
             self._tx = True
+            self._seq_read = False
         self._writes += n
-        if self._writes >= 20000:
+        if self._writes >= TX_SPLIT:
             self.commit()
             self.db.execute("BEGIN IMMEDIATE")
             self._tx = True
@@ -1343,7 +1357,7 @@ class Store:
         """End of a main-loop turn or of a slice of a walk: the turn's events
         and the baseline rows they explain become durable together. Engine.apply
         writes each event row before its baseline row, so a crash (or the
-        20,000-write split in _w) can repeat a change at the next start,
+        TX_SPLIT-write split in _w) can repeat a change at the next start,
         never lose it."""
         self.commit()
 
@@ -1355,8 +1369,7 @@ class Store:
     # -- baseline --
     def get(self, path):
         with self.lock:
-            row = self.db.execute("SELECT %s FROM files WHERE parent=? AND name=?" % _REC_COLS,
-                                  _split(path)).fetchone()
+            row = self.db.execute(_GET_FILE, _split(path)).fetchone()
         return Rec(*row) if row else None
 
     def children(self, dirpath):
@@ -1481,11 +1494,14 @@ class Store:
         memory the reads lag behind them: _seq_hint remembers what we drew."""
         with self.lock:
             self._w()
-            row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name='events'") \
-                .fetchone()
-            n = max(int(row[0]) if row else 0, self._seq_hint) + 1
-            self._seq_hint = n
-            return n
+            if not self._seq_read:
+                # once per transaction: no other process can draw until it ends
+                row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name='events'") \
+                    .fetchone()
+                self._seq_hint = max(int(row[0]) if row else 0, self._seq_hint)
+                self._seq_read = True
+            self._seq_hint += 1
+            return self._seq_hint
 
     def seed_sequence(self, n):
         """After a lost baseline: go on from the last sequence the events file
@@ -3248,8 +3264,11 @@ def change_list(ev):
 
 
 
+_EVENT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": "))
+
+
 def event_json(ev):
-    return json.dumps(ev, ensure_ascii=False, separators=(", ", ": "))
+    return _EVENT_JSON.encode(ev)         # one encoder, not one per event
 
 
 # ---------------------------------------------------------------------------
@@ -3338,6 +3357,64 @@ def end_of_read(backend, eng, n, waiting):
         backend._finish_moves(eng)
 
 
+class WdMap:
+    """wd -> directory path, the dict interface the inotify backend uses, in
+    a list indexed by wd: 8 bytes a watch instead of a dict entry and an int
+    object (~100 bytes). The kernel hands out wds in increasing order, so the
+    start-up walk's are dense; a wd far past the list's end (after much
+    churn) goes to a dict instead, so the list never grows without bound,
+    and trailing holes are trimmed."""
+    GAP = 64                         # at most this many holes added at the end
+
+    def __init__(self):
+        self.paths = [None]          # wd 0 is never used
+        self.extra = {}
+        self.n = 0
+
+    def __len__(self):
+        return self.n
+
+    def get(self, wd, default=None):
+        paths = self.paths
+        p = paths[wd] if wd < len(paths) else self.extra.get(wd)
+        return default if p is None else p
+
+    def __setitem__(self, wd, path):
+        paths = self.paths
+        if wd < len(paths):
+            if paths[wd] is None:
+                self.n += 1
+            paths[wd] = path
+        elif wd - len(paths) <= self.GAP:
+            paths.extend([None] * (wd - len(paths)))
+            paths.append(path)
+            self.n += 1
+        else:
+            if wd not in self.extra:
+                self.n += 1
+            self.extra[wd] = path
+
+    def __delitem__(self, wd):
+        paths = self.paths
+        if wd < len(paths) and paths[wd] is not None:
+            paths[wd] = None
+            while len(paths) > 1 and paths[-1] is None:
+                paths.pop()
+        elif wd in self.extra:
+            del self.extra[wd]
+        else:
+            raise KeyError(wd)
+        self.n -= 1
+
+    def items(self):
+        """[(wd, path)], a copy: the caller may change the map meanwhile."""
+        out = [(wd, p) for wd, p in enumerate(self.paths) if p is not None]
+        return out + list(self.extra.items())
+
+    def values(self):
+        return [p for _, p in self.items()]
+
+
 class InotifyBackend:
     """inotify(7): one watch per directory, the wd -> path map, and the
     pairing of MOVED_FROM with MOVED_TO (same cookie: a rename inside the
@@ -3348,7 +3425,7 @@ class InotifyBackend:
     def __init__(self, ino_mod):
         self.ino = ino_mod.INotify(nonblocking=True)
         self.parse = ino_mod.parse_events
-        self.wd2path = {}
+        self.wd2path = WdMap()
         self.last_from = None        # (cookie, path, isdir) of an unpaired MOVED_FROM
         self.from_reads = 0
 
