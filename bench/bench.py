@@ -177,6 +177,7 @@ class Background(threading.Thread):
     def __init__(self):
         super().__init__(daemon=True)
         self.samples = []
+        self.stamps = []
         self.start()
 
     @staticmethod
@@ -206,15 +207,17 @@ class Background(threading.Thread):
             o1 = self.ours()
             if t1 > t0:
                 self.samples.append(max(0.0, (b1 - b0) - max(0.0, o1 - o0)) / (t1 - t0))
+                self.stamps.append(mono())
             b0, t0, o0 = b1, t1, o1
 
-    def summary(self):
-        if not self.samples:
+    def summary(self, since=None):
+        """Mean and max of the samples (those taken after `since`, a mono())."""
+        xs = [
+            x for x, t in zip(self.samples, self.stamps) if since is None or t >= since
+        ]
+        if not xs:
             return "n/a"
-        return "mean %.0f%%, max %.0f%% of the machine" % (
-            100 * statistics.mean(self.samples),
-            100 * max(self.samples),
-        )
+        return "mean %.0f%%, max %.0f%% of the machine" % (100 * statistics.mean(xs), 100 * max(xs))
 
 
 def median(xs):
@@ -822,6 +825,10 @@ PEERS = {"floor": Floor, "inotifywait": Inotifywait, "watchdog": Watchdog}
 class Results:
     def __init__(self):
         self.rows = []
+        self.since = mono()  # start of the benchmark being run (mark())
+
+    def mark(self):
+        self.since = mono()
 
     def add(
         self, bench, tool, values, unit, ratio=None, target=None, met=None, notes="", fmt="%.2f"
@@ -839,6 +846,11 @@ class Results:
                 met=met,
                 notes=notes,
                 fmt=fmt,
+                # CPU of other processes while this benchmark ran (issue 14: a
+                # figure says how busy the shared machine was)
+                load=BACKGROUND.summary(self.since).replace(" of the machine", "")
+                if BACKGROUND
+                else "n/a",
             )
         )
         r = self.rows[-1]
@@ -853,7 +865,17 @@ class Results:
             med, rng = "n/a", ""
         ratio = "" if r["ratio"] is None else "%.2f×" % r["ratio"]
         met = {True: "yes", False: "**NO**", None: ""}[r["met"]]
-        return [r["bench"], r["tool"], med, rng, ratio, r["target"] or "", met, r["notes"]]
+        return [
+            r["bench"],
+            r["tool"],
+            med,
+            rng,
+            ratio,
+            r["target"] or "",
+            met,
+            r["notes"],
+            r.get("load", ""),
+        ]
 
     def table(self):
         head = [
@@ -865,6 +887,7 @@ class Results:
             "target",
             "met?",
             "notes",
+            "others' CPU",
         ]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self.rows:
@@ -1966,16 +1989,16 @@ def main(argv=None):
             plan.append(("idle", lambda: bench_idle(ctx, small, args.idle_secs)))
         if "memory" in selected:
             nd = 5000 if q else 50000
-            plan.append(("memory", lambda: bench_memory(ctx, nd, 2, "%dk dirs" % (nd // 1000), 30)))
+            plan.append(("memory", lambda: bench_memory(ctx, nd, 2, "%dk dirs" % (nd // 1000), 25)))
         if "memory-big" in selected and not (q and not args.benchmarks):
             nb = 10000 if q else 100000
             per = max(1, args.big_files // nb)
             label = "%dk dirs / %dk files" % (nb // 1000, nb * per // 1000)
-            plan.append(("memory-big", lambda: bench_memory(ctx, nb, per, label, 50)))
+            plan.append(("memory-big", lambda: bench_memory(ctx, nb, per, label, 36)))
         failed = 0
         for name, fn in plan:
             try:
-                fn()
+                run_trusted(res, name, fn)
             except (BenchError, OSError, subprocess.SubprocessError, ValueError) as e:
                 # one broken benchmark (e.g. another job took every inotify
                 # watch) must not lose the others' results
@@ -1996,6 +2019,43 @@ def main(argv=None):
         if res.rows:
             report(args, res, took, ws)
     return 0
+
+
+SPREAD_MAX = 0.25  # reps further apart than this (max/min - 1) are run again
+
+
+def spread(rows):
+    """The widest disagreement, max/min - 1, among the repetitions of the
+    rows that make a comparison (a ratio, or fimwatch's own figure)."""
+    worst = 0.0
+    for r in rows:
+        vals = [v for v in r["values"] if isinstance(v, (int, float))]
+        if len(vals) >= 2 and min(vals) > 0 and (r["ratio"] is not None or r["tool"] == "fimwatch"):
+            worst = max(worst, max(vals) / min(vals) - 1)
+    return worst
+
+
+def run_trusted(res, name, fn):
+    """Run one benchmark; if its repetitions disagree by more than
+    SPREAD_MAX (a noisy neighbour), run it once more and keep that run,
+    saying so in its notes, so that noise cannot pass or fail a target."""
+    n0 = len(res.rows)
+    res.mark()
+    fn()
+    worst = spread(res.rows[n0:])
+    if worst <= SPREAD_MAX:
+        return
+    log("%s: repetitions disagree by %.0f%% (> %.0f%%): running it again"
+        % (name, 100 * worst, 100 * SPREAD_MAX))
+    del res.rows[n0:]
+    res.mark()
+    fn()
+    again = spread(res.rows[n0:])
+    for r in res.rows[n0:]:
+        r["notes"] = ("%s; " % r["notes"] if r["notes"] else "") + (
+            "run twice: the first run's reps disagreed by %.0f%%, this one's by %.0f%%"
+            % (100 * worst, 100 * again)
+        )
 
 
 def fimwatch_version(path):
