@@ -145,7 +145,7 @@ WATCH_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_
 HASH_CHUNK = 1 << 20
 HASH_WORKERS = 2                 # threads that hash (hashlib and readv release the GIL)
 OFFLOAD_MIN_SIZE = 4 << 20       # a file this big is hashed by a worker, not the loop
-CHANGING_RETRIES = 2             # re-queues of a file changed while hashed, then reported
+CHANGING_RETRIES = 1             # re-queues of a file changed while hashed, then reported
 BUILD_OFFLOAD_MIN = 128 << 10    # building: a file this big is hashed by a worker
 BUILD_BATCH_FILES = 8            # ... in jobs of this many files of one directory
 CRITICAL_MAX_DELAY = 2.0         # no change on a critical path waits longer to be compared
@@ -4893,13 +4893,15 @@ class Engine:
     def _offloaded(self, tag, res, err):
         """A big file hashed by a worker. If lstat says it changed while it was
         hashed, what was read may be no state the file ever had: queue it
-        again; after CHANGING_RETRIES such tries it is reported anyway,
-        marked `changing`, so a file rewritten without pause is reported
-        each time it is compared and never hashed forever."""
+        again one settle window later (writes do not defer that); after
+        CHANGING_RETRIES such tries it is reported anyway, marked `changing`,
+        so a file rewritten without pause is reported each time it is
+        compared and never hashed forever."""
         _, p, detected, mode, st = tag
-        if self.inflight.pop(p, False):     # events came meanwhile: look again later
-            self.touch(p)
+        again = self.inflight.pop(p, False)     # events came meanwhile: look again
         if err is not None:
+            if again:
+                self.touch(p)
             if isinstance(err, OSError):
                 self.report_unreadable(p, err)
                 return
@@ -4915,10 +4917,16 @@ class Engine:
             if n <= CHANGING_RETRIES or now is None:
                 self.retries[p] = n
                 self.touch(p)
+                ent = self.pending[p]
+                ent[2] = min(ent[2], time.monotonic() + self.settle)
+                ent[0] = min(ent[0], ent[2])
+                heapq.heappush(self.due, (ent[0], p))
                 return
             extra = {"changing": True}
         self.retries.pop(p, None)
         self.use(p, self.store.get(p), detected, mode, res, extra)
+        if again:
+            self.touch(p)
 
     def finish_hashing(self, budget):
         """Wait (up to budget s) for the workers' files and apply them."""
