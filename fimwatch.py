@@ -65,7 +65,6 @@ __version__ = "0.1.0"
 import argparse
 import configparser
 import datetime
-import difflib
 import errno
 import fcntl
 import hashlib
@@ -73,7 +72,6 @@ import heapq
 import hmac
 import json
 import os
-import random
 import re
 import select
 import signal
@@ -85,7 +83,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
 import uuid
 import collections
 from collections import deque
@@ -93,7 +90,8 @@ from typing import NamedTuple, Optional
 
 # urllib.request (which loads ssl) and email are imported where they are used:
 # together they would add ~8 MB to the resident size of every daemon, also of
-# the many that never send an email or a webhook.
+# the many that never send an email or a webhook. So are urllib.parse,
+# difflib and random (~0.7 MB): only webhooks, diffs and retries need them.
 
 # ---------------------------------------------------------------------------
 # Constants: every path and binary the program touches
@@ -145,6 +143,11 @@ WATCH_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_
               | IN_ONLYDIR | IN_DONT_FOLLOW | IN_EXCL_UNLINK)
 
 HASH_CHUNK = 1 << 20
+HASH_WORKERS = 2                 # threads that hash (hashlib and readv release the GIL)
+OFFLOAD_MIN_SIZE = 4 << 20       # a file this big is hashed by a worker, not the loop
+CHANGING_RETRIES = 1             # re-queues of a file changed while hashed, then reported
+BUILD_OFFLOAD_MIN = 128 << 10    # building: a file this big is hashed by a worker
+BUILD_BATCH_FILES = 8            # ... in jobs of this many files of one directory
 CRITICAL_MAX_DELAY = 2.0         # no change on a critical path waits longer to be compared
 CAPTURE_PER_TURN = 256           # new paths snapshotted at first sight per loop turn
 CAPTURE_MAX_SIZE = 1 << 20       # ... hashed up to this size (larger: metadata only)
@@ -222,13 +225,16 @@ def esc(s):
 
 
 def iso_ms(t):
+    # formatted by hand: strftime costs four times as much, once per event
     d = datetime.datetime.fromtimestamp(t, datetime.timezone.utc)
-    return d.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (d.microsecond // 1000)
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (d.year, d.month, d.day, d.hour, d.minute,
+                                                    d.second, d.microsecond // 1000)
 
 
 def iso_s(t):
-    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime(
-        "%Y-%m-%dT%H:%M:%SZ")
+    d = datetime.datetime.fromtimestamp(t, datetime.timezone.utc)
+    return "%04d-%02d-%02dT%02d:%02d:%02dZ" % (d.year, d.month, d.day, d.hour, d.minute,
+                                               d.second)
 
 
 _DUR_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$", re.I)
@@ -282,6 +288,7 @@ def fmt_duration(sec):
 
 def redact_url(url):
     """A URL with its credentials, path and query hidden (they often hold tokens)."""
+    import urllib.parse
     try:
         p = urllib.parse.urlsplit(url)
         host = p.hostname or "?"
@@ -753,6 +760,7 @@ def _webhooks(cf, cp):
             continue
         hook = _section_values(cf, cp, sect, "webhook")
         if hook["enabled"]:
+            import urllib.parse
             u = urllib.parse.urlsplit(hook["url"])
             if u.scheme not in ("http", "https") or not u.hostname:
                 raise cf.error(sect, "url", "must be an http:// or https:// URL",
@@ -1227,9 +1235,17 @@ def upgrade_notice(store, host):
 
 
 _REC_COLS = ", ".join(Rec._fields)
+_GET_FILE = "SELECT %s FROM files WHERE parent=? AND name=?" % _REC_COLS
 _PUT_FILE = "INSERT OR REPLACE INTO files (parent, name, %s) VALUES (%s)" % (
     _REC_COLS, ",".join("?" * (2 + len(Rec._fields))))
 EVENTS_KEEP = 200000
+# A transaction is split after this many row writes (Store._w): StateDB keeps
+# a transaction's writes in memory until its commit (to replay them after a
+# full disk), so this bounds that memory (~1.5 MB) while a baseline is built.
+TX_SPLIT = 5000
+# SQLite's page cache per connection, KiB (its default is 2,000): the
+# baseline's B-tree interior pages fit; the rest is in the OS page cache.
+SQLITE_CACHE_KIB = 1024
 
 
 def _split(path):
@@ -1275,6 +1291,7 @@ class Store:
                                       check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA cache_size=-%d" % SQLITE_CACHE_KIB)
             self.db.executescript(SCHEMA_SQL)
             self._upgrade_files_table()
         except sqlite3.Error as e:
@@ -1285,15 +1302,17 @@ class Store:
         self.on_commit = []            # called after each commit (wakes alert workers)
         self._seq_hint = 0             # the last event sequence this connection drew
         self._tx = False
+        self._seq_read = False         # next_sequence read the counter in this transaction
         self._writes = 0
 
     # -- transactions --
-    def _w(self):
+    def _w(self, n=1):
         if not self._tx:
             self.db.execute("BEGIN IMMEDIATE")
             self._tx = True
-        self._writes += 1
-        if self._writes >= 20000:
+            self._seq_read = False
+        self._writes += n
+        if self._writes >= TX_SPLIT:
             self.commit()
             self.db.execute("BEGIN IMMEDIATE")
             self._tx = True
@@ -1340,7 +1359,7 @@ class Store:
         """End of a main-loop turn or of a slice of a walk: the turn's events
         and the baseline rows they explain become durable together. Engine.apply
         writes each event row before its baseline row, so a crash (or the
-        20,000-write split in _w) can repeat a change at the next start,
+        TX_SPLIT-write split in _w) can repeat a change at the next start,
         never lose it."""
         self.commit()
 
@@ -1352,8 +1371,7 @@ class Store:
     # -- baseline --
     def get(self, path):
         with self.lock:
-            row = self.db.execute("SELECT %s FROM files WHERE parent=? AND name=?" % _REC_COLS,
-                                  _split(path)).fetchone()
+            row = self.db.execute(_GET_FILE, _split(path)).fetchone()
         return Rec(*row) if row else None
 
     def children(self, dirpath):
@@ -1367,6 +1385,20 @@ class Store:
         with self.lock:
             self._w()
             self.db.execute(_PUT_FILE, _split(path) + rec)
+
+    def put_many(self, items):
+        """put() for [(path, Rec)] in one statement (a baseline being built)."""
+        with self.lock:
+            self._w(len(items))
+            self.db.executemany(_PUT_FILE, [_split(p) + r for p, r in items])
+
+    def has_under(self, path):
+        """Whether the baseline has path or anything below it."""
+        b, lo, hi = _desc_range(path)
+        with self.lock:
+            return self.db.execute(
+                "SELECT 1 FROM files WHERE parent=? OR (parent>=? AND parent<?) LIMIT 1",
+                (b, lo, hi)).fetchone() is not None or self.get(path) is not None
 
     def delete(self, path):
         with self.lock:
@@ -1464,11 +1496,14 @@ class Store:
         memory the reads lag behind them: _seq_hint remembers what we drew."""
         with self.lock:
             self._w()
-            row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name='events'") \
-                .fetchone()
-            n = max(int(row[0]) if row else 0, self._seq_hint) + 1
-            self._seq_hint = n
-            return n
+            if not self._seq_read:
+                # once per transaction: no other process can draw until it ends
+                row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name='events'") \
+                    .fetchone()
+                self._seq_hint = max(int(row[0]) if row else 0, self._seq_hint)
+                self._seq_read = True
+            self._seq_hint += 1
+            return self._seq_hint
 
     def seed_sequence(self, n):
         """After a lost baseline: go on from the last sequence the events file
@@ -2421,6 +2456,7 @@ def unified_diff(old, new, path):
         return None
     a = old.decode("utf-8", "replace").splitlines(keepends=True)
     b = new.decode("utf-8", "replace").splitlines(keepends=True)
+    import difflib
     lines = list(difflib.unified_diff(a, b, "a" + path, "b" + path, n=2))
     if len(lines) > DIFF_MAX_LINES:
         lines = lines[:DIFF_MAX_LINES] + ["... (%d more lines)\n" % (len(lines) - DIFF_MAX_LINES)]
@@ -3545,8 +3581,11 @@ def change_list(ev):
 
 
 
+_EVENT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": "))
+
+
 def event_json(ev):
-    return json.dumps(ev, ensure_ascii=False, separators=(", ", ": "))
+    return _EVENT_JSON.encode(ev)         # one encoder, not one per event
 
 
 # ---------------------------------------------------------------------------
@@ -3635,6 +3674,64 @@ def end_of_read(backend, eng, n, waiting):
         backend._finish_moves(eng)
 
 
+class WdMap:
+    """wd -> directory path, the dict interface the inotify backend uses, in
+    a list indexed by wd: 8 bytes a watch instead of a dict entry and an int
+    object (~100 bytes). The kernel hands out wds in increasing order, so the
+    start-up walk's are dense; a wd far past the list's end (after much
+    churn) goes to a dict instead, so the list never grows without bound,
+    and trailing holes are trimmed."""
+    GAP = 64                         # at most this many holes added at the end
+
+    def __init__(self):
+        self.paths = [None]          # wd 0 is never used
+        self.extra = {}
+        self.n = 0
+
+    def __len__(self):
+        return self.n
+
+    def get(self, wd, default=None):
+        paths = self.paths
+        p = paths[wd] if wd < len(paths) else self.extra.get(wd)
+        return default if p is None else p
+
+    def __setitem__(self, wd, path):
+        paths = self.paths
+        if wd < len(paths):
+            if paths[wd] is None:
+                self.n += 1
+            paths[wd] = path
+        elif wd - len(paths) <= self.GAP:
+            paths.extend([None] * (wd - len(paths)))
+            paths.append(path)
+            self.n += 1
+        else:
+            if wd not in self.extra:
+                self.n += 1
+            self.extra[wd] = path
+
+    def __delitem__(self, wd):
+        paths = self.paths
+        if wd < len(paths) and paths[wd] is not None:
+            paths[wd] = None
+            while len(paths) > 1 and paths[-1] is None:
+                paths.pop()
+        elif wd in self.extra:
+            del self.extra[wd]
+        else:
+            raise KeyError(wd)
+        self.n -= 1
+
+    def items(self):
+        """[(wd, path)], a copy: the caller may change the map meanwhile."""
+        out = [(wd, p) for wd, p in enumerate(self.paths) if p is not None]
+        return out + list(self.extra.items())
+
+    def values(self):
+        return [p for _, p in self.items()]
+
+
 class InotifyBackend:
     """inotify(7): one watch per directory, the wd -> path map, and the
     pairing of MOVED_FROM with MOVED_TO (same cookie: a rename inside the
@@ -3645,7 +3742,7 @@ class InotifyBackend:
     def __init__(self, ino_mod):
         self.ino = ino_mod.INotify(nonblocking=True)
         self.parse = ino_mod.parse_events
-        self.wd2path = {}
+        self.wd2path = WdMap()
         self.last_from = None        # (cookie, path, isdir) of an unpaired MOVED_FROM
         self.from_reads = 0
 
@@ -4687,6 +4784,85 @@ def open_paths(paths, proc="/proc"):
 # ---------------------------------------------------------------------------
 
 
+class Hasher:
+    """Worker threads for reading and hashing files (hashlib and os.readv
+    release the GIL, so two files hash on two cores). A job is fn(*args) and
+    must not touch the Store: its result comes back through results() on the
+    main thread, which applies it, so the commit order stays the loop's. The
+    loop polls fileno(), which is readable when a result is waiting. Threads
+    start at the first job."""
+
+    def __init__(self, workers=HASH_WORKERS):
+        self.workers = workers
+        self.jobs = deque()
+        self.cond = threading.Condition()
+        self.done = deque()
+        self.threads = []
+        self.busy = 0                  # submitted, not yet taken back
+        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def fileno(self):
+        return self.r
+
+    def submit(self, tag, fn, *args):
+        if not self.threads:
+            for i in range(self.workers):
+                t = threading.Thread(target=self._run, name="hash%d" % i, daemon=True)
+                t.start()
+                self.threads.append(t)
+        self.busy += 1
+        with self.cond:
+            self.jobs.append((tag, fn, args))
+            self.cond.notify()
+
+    def _run(self):
+        while True:
+            with self.cond:
+                while not self.jobs:
+                    self.cond.wait()
+                job = self.jobs.popleft()
+            if job is None:
+                return
+            tag, fn, args = job
+            try:
+                res, err = fn(*args), None
+            except Exception as e:        # handed to the main thread
+                res, err = None, e
+            self.done.append((tag, res, err))
+            try:
+                os.write(self.w, b".")
+            except OSError:               # pipe full: the reader is behind anyway
+                pass
+
+    def results(self, wait=0.0):
+        """[(tag, result, exception)] of the jobs done; waits up to wait
+        seconds for one when none is done yet."""
+        if wait and not self.done and self.busy:
+            select.select([self.r], [], [], wait)
+        try:
+            while os.read(self.r, 4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        out = []
+        while self.done:
+            out.append(self.done.popleft())
+        self.busy -= len(out)
+        return out
+
+    def close(self):
+        with self.cond:
+            self.jobs.clear()
+            self.jobs.extend([None] * len(self.threads))
+            self.cond.notify_all()
+        for t in self.threads:
+            t.join(1.0)               # one stuck in a read (hung NFS) is a daemon thread
+        self.threads = []
+        for fd in (self.r, self.w):
+            os.close(fd)
+        self.r = self.w = -1
+
+
 class Engine:
     """The watched roots, their walks, the per-path settle window, and the
     comparison with the baseline that turns a backend's calls into one
@@ -4740,6 +4916,12 @@ class Engine:
         self.verifier = None         # the periodic verification (scan_interval), throttled
         self.verify_resume = 0.0     # monotonic time it may go on (scan_rate)
         self.errors = 0
+        # Files hashed off the loop's thread: a big file in real time and
+        # scans (offload), every file while a baseline is built (_walk_dir).
+        self.hasher = Hasher()
+        self.inflight = {}           # path a worker hashes -> look again after (bool)
+        self._build = None           # walk(): the state of a baseline being built
+        self.retries = {}            # path -> times it changed while hashed
         self.reset_timers()
         self._set_roots(cfg)
 
@@ -4832,6 +5014,7 @@ class Engine:
             fds.append((self.mount_table.fileno(), select.POLLPRI | select.POLLERR))
         if self.pkgtx is not None and self.pkgtx.fileno() is not None:
             fds.append((self.pkgtx.fileno(), select.POLLIN))
+        fds.append((self.hasher.fileno(), select.POLLIN))
         return fds
 
     def close(self):
@@ -4842,6 +5025,7 @@ class Engine:
             self.mount_table = None
         if self.pkgtx is not None:
             self.pkgtx.close()
+        self.hasher.close()
 
     # -- watch management --
     def watch_dir(self, d):
@@ -4981,6 +5165,11 @@ class Engine:
         store = self.store
         if mode != "new":
             self.visit(top, store.get(top), detected, mode)
+        # Building: the files are read by the Hasher threads, a directory's
+        # entries at a time, and recorded in batches; a tree with nothing in
+        # the baseline yet costs no query per directory.
+        self._build = None if mode != "build" else \
+            {"detected": detected, "fresh": not store.has_under(top), "items": [], "done": []}
         stack = [(top, False, None)]
         limited = []
         count = 0
@@ -5016,6 +5205,9 @@ class Engine:
                                  % (esc(top)[:50], count))
                 sys.stderr.flush()
             yield d
+        if mode == "build":
+            self._wait_workers(0)
+            self._build = None
         if limited:
             self.report_limit(limited, detected)
 
@@ -5029,12 +5221,15 @@ class Engine:
         except OSError as e:
             self.report_unreadable(d, e)
             return
-        old_children = self.store.children(d) if mode != "new" else {}
+        old_children = self.store.children(d) if mode != "new" and not \
+            (mode == "build" and self._build["fresh"]) else {}
         with it:
             for e in it:
                 p, st = self._walk_entry(d, dfd, e, mode, detected, old_children)
                 if st is not None and stat.S_ISDIR(st.st_mode):
                     stack.append((p, unwatched, (st.st_dev, st.st_ino)))
+        if mode == "build":
+            self._submit_build(dfd)
         for name, old in old_children.items():      # in the baseline, not on disk
             p = d + "/" + name if d != "/" else "/" + name
             if self.excluded(p, old.kind == "dir"):
@@ -5085,12 +5280,104 @@ class Engine:
             st = None
         if mode == "new":
             self.touch(p)
+        elif mode == "build":
+            self._build_entry(p, old_children.pop(name, None), st, dfd, name)
         else:
             self.visit(p, old_children.pop(name, None), detected, mode, st, dir_fd=dfd,
                        name=name)
         return p, st
 
+    def _build_entry(self, p, old, st, dfd, name):
+        """One entry of a baseline being built: a file of BUILD_OFFLOAD_MIN
+        or more waits for a Hasher thread (in batches), the rest is looked at
+        here (small files are mostly system calls, and two threads taking
+        turns at the GIL for them would be slower than one)."""
+        b = self._build
+        if st is not None and stat.S_ISREG(st.st_mode) and st.st_size >= BUILD_OFFLOAD_MIN:
+            b["items"].append((p, old, st, name))
+            if len(b["items"]) >= BUILD_BATCH_FILES:
+                self._submit_build(dfd)
+            return
+        try:
+            b["done"].append((p, old, self.look(p, old, "build", st, dfd, name)))
+        except OSError as e:
+            b["done"].append((p, old, e))
+        if len(b["done"]) >= 256:
+            self._submit_build(dfd)
+
+    def _submit_build(self, dfd):
+        """Record what was looked at here, and hand the big files gathered by
+        _build_entry to a Hasher thread; at most two jobs per thread wait
+        (the walk reads events meanwhile)."""
+        b = self._build
+        if b["done"]:
+            done, b["done"] = b["done"], []
+            self._built(("dir", done[0][0], b["detected"]), done, None)
+        if not b["items"]:
+            return
+        items, b["items"] = b["items"], []
+        self.hasher.submit(("dir", items[0][0], b["detected"]), self._look_dir,
+                           os.dup(dfd), items)
+        self._wait_workers(2 * self.hasher.workers)
+
+    def _wait_workers(self, most):
+        """Until at most `most` jobs are left: apply results, and read the
+        backend's events meanwhile (they are compared once the build ends)."""
+        while self.hasher.busy > most:
+            if self.backend is not None:
+                self.read_events()
+            self.collect(wait=0.05)
+
+    def _look_dir(self, fd, items):
+        """look() for entries of one directory (a Hasher job): [(path, old,
+        looked or the OSError)]."""
+        out = []
+        try:
+            for p, old, st, name in items:
+                try:
+                    out.append((p, old, self.look(p, old, "build", st, fd, name)))
+                except OSError as e:
+                    out.append((p, old, e))
+        finally:
+            os.close(fd)
+        return out
+
+    def _built(self, tag, res, err):
+        """Record a _look_dir result: new entries without text or meaning to
+        keep in one statement, the rest through use()."""
+        if err is not None:
+            raise err
+        rows = []
+        for p, old, looked in res:
+            if isinstance(looked, OSError):
+                self.report_unreadable(p, looked)
+            elif old is None and looked[0] is not None and looked[1] is None \
+                    and looked[2] is None:
+                rows.append((p, looked[0]))
+            else:
+                self.use(p, old, tag[2], "build", looked)
+        if rows:
+            self.stats["silent"] += len(rows)
+            self.store.put_many(rows)
+
     def visit(self, p, old, detected, mode, st=None, dir_fd=None, name=None):
+        if self.backend is not None and mode != "build":
+            if p in self.inflight:          # a worker hashes it: look again after that
+                self.inflight[p] = detected == "realtime"
+                return
+            if st is None:
+                try:
+                    st = os.lstat(p if dir_fd is None else name, dir_fd=dir_fd)
+                except (FileNotFoundError, NotADirectoryError):
+                    pass
+            if st is not None and self._offload(p, old, detected, mode, st, dir_fd, name):
+                return
+        self.use(p, old, detected, mode, self.look(p, old, mode, st, dir_fd, name))
+
+    def look(self, p, old, mode, st=None, dir_fd=None, name=None):
+        """What visit() reads of p: (Rec or None, text kept for a diff or
+        None, meaning kind, content read for its meaning). Reads only the file
+        system, so it also runs on a Hasher thread."""
         keep, out = 0, None
         if self.cfg.diff_max_size and self.cfg.diff_paths.match(p) \
                 and not self.cfg.no_diff.match(p):
@@ -5102,14 +5389,102 @@ class Engine:
                        dir_fd=dir_fd, name=name)
         if kind and out is not None and raw and len(raw[0]) <= keep:
             out.append(raw[0])
+        return new, out, kind, raw
+
+    def use(self, p, old, detected, mode, looked, extra=None):
+        """The main thread's half of visit(): compare what look() saw with
+        the baseline, report, record."""
+        new, out, kind, raw = looked
         if mode == "full" and new is not None and new.kind == "file":
             self.stats["files"] += 1
             if not new.skipped:
                 self.stats["bytes"] += new.size
         self.apply(p, old, new, detected, silent=(mode == "build"), content=out,
-                   meaning=(kind, facts(kind, raw[0]) if raw else None) if kind else None)
+                   meaning=(kind, facts(kind, raw[0]) if raw else None) if kind else None,
+                   extra=extra)
 
-    def apply(self, p, old, new, detected, silent=False, content=None, meaning=None):
+    # -- hashing off the loop's thread --
+    def _offload(self, p, old, detected, mode, st, dir_fd, name):
+        """Hand a big regular file that must be read to a Hasher thread, so
+        the loop goes on meanwhile; True if it did. The result is applied by
+        collect() once the file is known not to have changed while hashed."""
+        if not stat.S_ISREG(st.st_mode) or not \
+                OFFLOAD_MIN_SIZE <= st.st_size <= self.cfg.hash_max_size:
+            return False
+        if (mode == "quick" and old is not None and old.kind == "file" and old.sha256
+                and (old.size, old.mtime_ns, old.ctime_ns, old.ino)
+                == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)):
+            return False                     # trusted: nothing to read
+        fd = None if dir_fd is None else os.dup(dir_fd)
+        self.inflight[p] = False
+        self.hasher.submit(("one", p, detected, mode, st), self._look_closing, p, old,
+                           mode, st, fd, name)
+        return True
+
+    def _look_closing(self, p, old, mode, st, fd, name):
+        try:
+            return self.look(p, old, mode, st, fd, name)
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def collect(self, wait=0.0):
+        """Apply what the Hasher threads finished (waiting up to wait s for one)."""
+        for tag, res, err in self.hasher.results(wait):
+            try:
+                if tag[0] == "one":
+                    self._offloaded(tag, res, err)
+                else:
+                    self._built(tag, res, err)
+            except Exception as e:
+                self.internal_error(esc(tag[1]), e)
+
+    def _offloaded(self, tag, res, err):
+        """A big file hashed by a worker. If lstat says it changed while it was
+        hashed, what was read may be no state the file ever had: queue it
+        again one settle window later (writes do not defer that); after
+        CHANGING_RETRIES such tries it is reported anyway, marked `changing`,
+        so a file rewritten without pause is reported each time it is
+        compared and never hashed forever."""
+        _, p, detected, mode, st = tag
+        again = self.inflight.pop(p, False)     # events came meanwhile: look again
+        if err is not None:
+            if again:
+                self.touch(p)
+            if isinstance(err, OSError):
+                self.report_unreadable(p, err)
+                return
+            raise err
+        try:
+            now = os.lstat(p)
+        except OSError:
+            now = None
+        extra = None
+        if now is None or (now.st_ino, now.st_size, now.st_mtime_ns, now.st_ctime_ns) != \
+                (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+            n = self.retries.get(p, 0) + 1
+            if n <= CHANGING_RETRIES or now is None:
+                self.retries[p] = n
+                self.touch(p)
+                ent = self.pending[p]
+                ent[2] = min(ent[2], time.monotonic() + self.settle)
+                ent[0] = min(ent[0], ent[2])
+                heapq.heappush(self.due, (ent[0], p))
+                return
+            extra = {"changing": True}
+        self.retries.pop(p, None)
+        self.use(p, self.store.get(p), detected, mode, res, extra)
+        if again:
+            self.touch(p)
+
+    def finish_hashing(self, budget):
+        """Wait (up to budget s) for the workers' files and apply them."""
+        end = time.monotonic() + budget
+        while self.hasher.busy and time.monotonic() < end:
+            self.collect(wait=min(0.1, max(0.0, end - time.monotonic())))
+
+    def apply(self, p, old, new, detected, silent=False, content=None, meaning=None,
+              extra=None):
         """Emit the event, if any, then record new as the baseline of p. The
         event row is written first, in the same transaction: a crash in
         between repeats it at the next start instead of losing it. silent:
@@ -5130,7 +5505,7 @@ class Engine:
             if silent:
                 self.stats["silent"] += 1
             else:
-                self._report(p, old, new, r, detected, keep_text, meaning)
+                self._report(p, old, new, r, detected, keep_text, meaning, extra)
         self._record(p, old, new, content, keep_text)
         if meaning is not None and meaning[1] is not None:
             self.store.put_facts(p, meaning[1])
@@ -5160,9 +5535,9 @@ class Engine:
             return content[0]
         return None
 
-    def _report(self, p, old, new, r, detected, keep_text, meaning=None):
+    def _report(self, p, old, new, r, detected, keep_text, meaning=None, extra=None):
         event, changes = r
-        extra = {}
+        extra = dict(extra or {})
         if meaning is not None:
             kind, now = meaning
             was = self.store.get_facts(p) if event != "created" else []
@@ -5505,7 +5880,8 @@ class Engine:
             for _ in walker:
                 if stopping():
                     break
-                self.flush_due(budget=0.02)
+                if rmode != "build":       # building: compared once the build ends
+                    self.flush_due(budget=0.02)
                 keepalive()
             self.root_done(root)
             self.store.commit_turn()
@@ -5626,6 +6002,8 @@ class Engine:
     def tick(self, now):
         """Compare what has settled, advance background walks by a slice,
         start what the timers say is due."""
+        if self.hasher.busy:
+            self.collect()
         if self.mount_table is not None:
             self.check_mounts()
         self.tx_turn(now)
@@ -5697,6 +6075,8 @@ class Engine:
             n += 1
             if n % 32 == 0 and time.monotonic() > end and not force:
                 break
+        if force:
+            self.finish_hashing(max(1.0, end - time.monotonic()))
         return n
 
     def defer_for_dpkg(self, p, now, first=None):
@@ -6707,6 +7087,7 @@ def _http_opener():
 
 def split_userinfo(url):
     """(url without user:password@, 'Basic ...' header value or None)."""
+    import urllib.parse
     p = urllib.parse.urlsplit(url)
     if "@" not in p.netloc:
         return url, None
@@ -7002,6 +7383,7 @@ class Channel:
         # as the same digest, not split up by per-row jitter.
         attempts = {r.seq: r.attempts for r in rows}
         a = max(attempts.get(s, 0) for s in seqs) + 1
+        import random
         backoff = min(3600.0, self.conf["retry_min"] * 2 ** min(a - 1, 10)) \
             * random.uniform(0.8, 1.2)
         self.store.spool_retry(seqs, a, now + backoff, err)

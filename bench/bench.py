@@ -177,6 +177,7 @@ class Background(threading.Thread):
     def __init__(self):
         super().__init__(daemon=True)
         self.samples = []
+        self.stamps = []
         self.start()
 
     @staticmethod
@@ -206,15 +207,17 @@ class Background(threading.Thread):
             o1 = self.ours()
             if t1 > t0:
                 self.samples.append(max(0.0, (b1 - b0) - max(0.0, o1 - o0)) / (t1 - t0))
+                self.stamps.append(mono())
             b0, t0, o0 = b1, t1, o1
 
-    def summary(self):
-        if not self.samples:
+    def summary(self, since=None):
+        """Mean and max of the samples (those taken after `since`, a mono())."""
+        xs = [
+            x for x, t in zip(self.samples, self.stamps) if since is None or t >= since
+        ]
+        if not xs:
             return "n/a"
-        return "mean %.0f%%, max %.0f%% of the machine" % (
-            100 * statistics.mean(self.samples),
-            100 * max(self.samples),
-        )
+        return "mean %.0f%%, max %.0f%% of the machine" % (100 * statistics.mean(xs), 100 * max(xs))
 
 
 def median(xs):
@@ -556,6 +559,8 @@ class Tool:
 
     def confirm(self, path, timeout=5):
         """Create `path`; seconds until the tool reported it, or None."""
+        if RUN:  # a benchmark run again (run_trusted): the first run's file is baselined
+            path += ".run%d" % RUN
         n = len(self.tail.lines)
         t = mono()
         with open(path, "w") as f:
@@ -822,6 +827,10 @@ PEERS = {"floor": Floor, "inotifywait": Inotifywait, "watchdog": Watchdog}
 class Results:
     def __init__(self):
         self.rows = []
+        self.since = mono()  # start of the benchmark being run (mark())
+
+    def mark(self):
+        self.since = mono()
 
     def add(
         self, bench, tool, values, unit, ratio=None, target=None, met=None, notes="", fmt="%.2f"
@@ -839,6 +848,11 @@ class Results:
                 met=met,
                 notes=notes,
                 fmt=fmt,
+                # CPU of other processes while this benchmark ran (issue 14: a
+                # figure says how busy the shared machine was)
+                load=BACKGROUND.summary(self.since).replace(" of the machine", "")
+                if BACKGROUND
+                else "n/a",
             )
         )
         r = self.rows[-1]
@@ -853,7 +867,17 @@ class Results:
             med, rng = "n/a", ""
         ratio = "" if r["ratio"] is None else "%.2f×" % r["ratio"]
         met = {True: "yes", False: "**NO**", None: ""}[r["met"]]
-        return [r["bench"], r["tool"], med, rng, ratio, r["target"] or "", met, r["notes"]]
+        return [
+            r["bench"],
+            r["tool"],
+            med,
+            rng,
+            ratio,
+            r["target"] or "",
+            met,
+            r["notes"],
+            r.get("load", ""),
+        ]
 
     def table(self):
         head = [
@@ -865,6 +889,7 @@ class Results:
             "target",
             "met?",
             "notes",
+            "others' CPU",
         ]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self.rows:
@@ -1114,6 +1139,9 @@ def bench_baseline(ctx, reps, want_reverify):
             stderr=subprocess.DEVNULL,
         ),
         "hashwalk": lambda: timed([sys.executable, os.path.join(HERE, "hashwalk.py"), path]),
+        "hashwalk2": lambda: timed(
+            [sys.executable, os.path.join(HERE, "hashwalk.py"), "--threads", "2", path]
+        ),
         "aide": lambda: timed(
             ["aide", "--init", "--config=" + aide_conf], stderr=subprocess.DEVNULL
         ),
@@ -1121,6 +1149,7 @@ def bench_baseline(ctx, reps, want_reverify):
     names = {
         "xargs": "find | xargs -0 -P2 sha256sum",
         "hashwalk": "python hashlib walk (1 thread)",
+        "hashwalk2": "python hashlib walk (2 threads)",
         "aide": "aide --init (sha256 only)",
     }
     data = {
@@ -1177,10 +1206,14 @@ def bench_baseline(ctx, reps, want_reverify):
             notes="`run` until baseline built and busy "
             "work over; %s; VmHWM %.0f MiB" % (tp(fim), median(data["fimwatch-hwm"]) / 1024),
         )
+    # issue 14: the two-thread walk is the hashing floor now (>= 0.9x its
+    # throughput), xargs -P2 <= 0.55x, AIDE <= 0.2x; the one-thread walk's
+    # issue-5 target is kept.
     for k, limit, target in (
-        ("xargs", 1 / 1.2, "≤ 0.83× (≥ 1.2× throughput)"),
+        ("xargs", 0.55, "≤ 0.55×"),
+        ("hashwalk2", 1 / 0.9, "≤ 1.11× (≥ 0.9× throughput)"),
         ("hashwalk", 1.3, "≤ 1.30× (floor + 30%)"),
-        ("aide", 0.35, "≤ 0.35×"),
+        ("aide", 0.2, "≤ 0.20×"),
     ):
         ratio_row(ctx.res, bench, fim, names[k], data[k], "s", limit=limit, target=target,
                   notes=tp(data[k]))
@@ -1236,7 +1269,7 @@ def wait_quiet(tool, quiet=2.0, limit=180, use_cpu=False):
 
 
 def one_storm(ctx, tool, under, nfiles, tag):
-    root = os.path.join(under, "storm-%s" % tag)
+    root = os.path.join(under, "storm-%s" % tag + (".run%d" % RUN if RUN else ""))
     os.mkdir(root)
     for i in range(100):
         os.mkdir(os.path.join(root, "s%03d" % i))
@@ -1958,16 +1991,16 @@ def main(argv=None):
             plan.append(("idle", lambda: bench_idle(ctx, small, args.idle_secs)))
         if "memory" in selected:
             nd = 5000 if q else 50000
-            plan.append(("memory", lambda: bench_memory(ctx, nd, 2, "%dk dirs" % (nd // 1000), 30)))
+            plan.append(("memory", lambda: bench_memory(ctx, nd, 2, "%dk dirs" % (nd // 1000), 25)))
         if "memory-big" in selected and not (q and not args.benchmarks):
             nb = 10000 if q else 100000
             per = max(1, args.big_files // nb)
             label = "%dk dirs / %dk files" % (nb // 1000, nb * per // 1000)
-            plan.append(("memory-big", lambda: bench_memory(ctx, nb, per, label, 50)))
+            plan.append(("memory-big", lambda: bench_memory(ctx, nb, per, label, 36)))
         failed = 0
         for name, fn in plan:
             try:
-                fn()
+                run_trusted(res, name, fn)
             except (BenchError, OSError, subprocess.SubprocessError, ValueError) as e:
                 # one broken benchmark (e.g. another job took every inotify
                 # watch) must not lose the others' results
@@ -1988,6 +2021,55 @@ def main(argv=None):
         if res.rows:
             report(args, res, took, ws)
     return 0
+
+
+# reps further apart than this (max/min - 1) are run again; 0 forces a re-run
+SPREAD_MAX = float(os.environ.get("FIMWATCH_BENCH_SPREAD", "0.25"))
+RUN = 0  # how many benchmarks were run again (new probe file names for confirm())
+
+
+def spread(rows):
+    """The widest disagreement, max/min - 1, among the repetitions of the
+    rows that make a comparison (a ratio, or fimwatch's own figure)."""
+    worst = 0.0
+    for r in rows:
+        vals = [v for v in r["values"] if isinstance(v, (int, float))]
+        if len(vals) >= 2 and min(vals) > 0 and (r["ratio"] is not None or r["tool"] == "fimwatch"):
+            worst = max(worst, max(vals) / min(vals) - 1)
+    return worst
+
+
+def run_trusted(res, name, fn):
+    """Run one benchmark; if its repetitions disagree by more than
+    SPREAD_MAX (a noisy neighbour), run it once more and keep that run,
+    saying so in its notes, so that noise cannot pass or fail a target."""
+    n0 = len(res.rows)
+    res.mark()
+    fn()
+    worst = spread(res.rows[n0:])
+    if worst <= SPREAD_MAX:
+        return
+    log("%s: repetitions disagree by %.0f%% (> %.0f%%): running it again"
+        % (name, 100 * worst, 100 * SPREAD_MAX))
+    first = res.rows[n0:]
+    del res.rows[n0:]
+    res.mark()
+    global RUN
+    RUN += 1
+    try:
+        fn()
+    except (BenchError, OSError, subprocess.SubprocessError, ValueError) as e:
+        log("%s: the second run failed (%s): keeping the first" % (name, e))
+        res.rows[n0:] = first
+        for r in first:
+            r["notes"] += "; reps disagreed by %.0f%%, a second run failed" % (100 * worst)
+        return
+    again = spread(res.rows[n0:])
+    for r in res.rows[n0:]:
+        r["notes"] = ("%s; " % r["notes"] if r["notes"] else "") + (
+            "run twice: the first run's reps disagreed by %.0f%%, this one's by %.0f%%"
+            % (100 * worst, 100 * again)
+        )
 
 
 def fimwatch_version(path):

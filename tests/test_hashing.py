@@ -1,0 +1,115 @@
+"""Hashing never stalls the loop (issue 10 item 5, issue 14): big files are
+read by worker threads, a file that changes while it is hashed is queued
+again and then reported as `changing`, and a baseline built by the workers
+keeps the daemon responsive (a change made during the build is reported
+once it ends). All against the running daemon on real trees; the big file
+lives on a tmpfs mounted in the test's temp dir, so the writer fills memory,
+not the shared disk."""
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from conftest import IS_ROOT, SETTLE, about, is_event, write
+
+BIG = 1536 << 20             # bytes: about 1.5 s of hashing on this kind of machine
+NOBODY = 65534
+
+# An unprivileged writer (an fd of the file is all it is given: the test's
+# temp dir is root's): grow the file to BIG as fast as it can, then rewrite
+# it in place without pause, until killed.
+WRITER = r"""
+import os, sys
+fd, size, chunk = int(sys.argv[1]), int(sys.argv[2]), bytes(range(256)) * 4096
+n = 0
+while True:
+    off = 0
+    while off < size:
+        os.pwrite(fd, chunk[n % 256:] + chunk[:n % 256], off)
+        off += len(chunk)
+        n += 1
+"""
+
+
+@pytest.fixture
+def big_dir(fim):
+    """fim.root/critical on a tmpfs, writable by nobody (critical: max_delay 2 s)."""
+    d = fim.root / "critical"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%d,mode=0755" % (BIG + (64 << 20)),
+                    "fimwatch-test", str(d)], check=True)
+    try:
+        os.chown(d, NOBODY, NOBODY)
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root (tmpfs mount, an unprivileged writer)")
+@pytest.mark.timeout(240)
+def test_a_writer_rewriting_a_big_file_never_delays_other_changes(fim, big_dir):
+    fim.write_config(fimwatch={"hash_max_size": "4G"})
+    big = big_dir / "grow.bin"
+    d = fim.daemon()
+    m = d.mark()
+    write(big, "")
+    os.chown(big, NOBODY, NOBODY)
+    fd = os.open(big, os.O_WRONLY)
+    writer = subprocess.Popen(["/usr/bin/python3", "-c", WRITER, str(fd), str(BIG)],
+                              cwd="/", user=NOBODY, group=NOBODY, extra_groups=[],
+                              stdin=subprocess.DEVNULL, pass_fds=(fd,))
+    os.close(fd)
+    try:
+        # Positive control: the writer's file is seen and compared.
+        d.wait_for(about(big), since=m, timeout=90)
+        late = []
+        for i in range(8):
+            p = fim.root / ("elsewhere-%d.txt" % i)
+            t0 = time.monotonic()
+            write(p, "change %d\n" % i)
+            d.wait_for(is_event("created", p), since=m, timeout=30)
+            late.append(round(time.monotonic() - t0, 2))
+            time.sleep(0.45)
+        assert writer.poll() is None, "the writer stopped early"
+        assert max(late) <= SETTLE + 1.0, \
+            "changes elsewhere reported after %s s while a big file was rewritten" % late
+        # It never holds still, so it is reported as changing, not hashed forever.
+        ev = d.wait_for(lambda e: about(big)(e) and e.get("changing") is True, since=m,
+                        timeout=60)
+        assert ev["event"] in ("created", "modified"), ev
+    finally:
+        writer.kill()
+        writer.wait()
+    d.stop()
+
+
+def test_a_change_during_the_build_is_reported_once_it_ends(fim):
+    # A sparse 4 GiB file keeps a worker hashing for seconds; the victim, in
+    # the top directory, is changed once the daemon has read it (its
+    # IN_CLOSE_NOWRITE, seen by our own inotify watch) while the build is
+    # still going (no `started` yet).
+    import inotify_simple
+    fim.write_config(fimwatch={"hash_max_size": "8G"})
+    victim = write(fim.root / "victim.conf", "before\n")
+    (fim.root / "zz").mkdir()
+    with open(fim.root / "zz" / "sparse.img", "wb") as f:
+        f.truncate(4 << 30)
+    ino = inotify_simple.INotify()
+    ino.add_watch(str(fim.root), inotify_simple.flags.CLOSE_NOWRITE)
+    try:
+        d = fim.daemon(wait=False)
+        deadline = time.monotonic() + 60
+        read = False
+        while not read and time.monotonic() < deadline:
+            read = any(e.name == "victim.conf" for e in ino.read(timeout=100))
+        assert read, "the daemon never read %s" % victim
+    finally:
+        ino.close()
+    write(victim, "changed during the build\n")
+    assert not d.matching(is_event("started")), "the build ended before the change"
+    started = d.wait_for(is_event("started"), timeout=120)
+    assert "baseline built" in started["message"], started
+    d.wait_for(lambda e: about(victim)(e) and e["event"] == "modified", timeout=15)
+    d.stop()
