@@ -3896,6 +3896,7 @@ FAN_REPORT_TARGET_FID = 0x1000
 FAN_MARK_ADD, FAN_MARK_FILESYSTEM = 0x1, 0x100
 FAN_Q_OVERFLOW, FAN_ONDIR, FAN_EVENT_ON_CHILD = 0x4000, 0x40000000, 0x08000000
 FAN_OPEN_EXEC = 0x1000
+EXEC_PAIR = 0.5              # s: a script's exec record and its interpreter's
 FAN_CHANGES = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO
                | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF)   # inotify's bits
 FAN_MASK = FAN_CHANGES | FAN_OPEN_EXEC | FAN_ONDIR | FAN_EVENT_ON_CHILD
@@ -4254,7 +4255,7 @@ class FanotifyBackend:
         self.keys = {}               # directory path -> fsid + handle
         self.froms = {}              # object handle -> (path, isdir) of a MOVED_FROM
         self.from_reads = 0
-        self.execs = collections.OrderedDict()      # pid -> (dir key, name, script key)
+        self.execs = collections.OrderedDict()      # pid -> (dir key, name, script key, t)
         self.last_exec = None        # pid of the last exec record
         self.handle_paths = collections.OrderedDict()   # dir key -> path or None
         self.mark_dirs = {}          # fsid -> a directory on it (the first marked)
@@ -4348,9 +4349,15 @@ class FanotifyBackend:
         dkey = data[off + 4:off + 20 + _U32.unpack_from(data, off + 12)[0]]
         ex = self.execs
         # A script's execve opens the script, then its interpreter: two
-        # records in a row for one pid. The first is kept as the script.
-        before = ex.get(pid) if self.last_exec == pid else None
-        ex[pid] = (dkey, name, before and before[:2])
+        # records for one pid, in a row unless another process's exec came
+        # between them (seen in a busy container), so "in a row" is one pid's
+        # records within EXEC_PAIR seconds. The first is kept as the script
+        # (executed() names it only if it starts with #!).
+        now = time.monotonic()
+        before = ex.get(pid)
+        if before is not None and (self.last_exec != pid and now - before[3] > EXEC_PAIR):
+            before = None
+        ex[pid] = (dkey, name, before and before[:2], now)
         self.last_exec = pid
         ex.move_to_end(pid)
         if len(ex) > self.EXECS_KEEP:
