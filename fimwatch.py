@@ -102,6 +102,11 @@ from typing import NamedTuple, Optional
 DEFAULT_CONFIG = "/etc/fimwatch/fimwatch.conf"
 DEFAULT_STATE_DIR = "/var/lib/fimwatch"
 LIBDIR = "/usr/local/lib/fimwatch"          # private copy of inotify_simple
+LAUNCHER = "/usr/local/sbin/fimwatch"       # install.sh's launcher
+UNIT_DIR = "/etc/systemd/system"
+UNITS = ("fimwatch.service", "fimwatch-failure@.service", "fimwatch-sendmail.socket",
+         "fimwatch-sendmail@.service", "fimwatch.service.d")   # .d: the drop-ins
+SYSCTL_CONF = "/etc/sysctl.d/60-fimwatch.conf"
 SENDMAIL = "/usr/sbin/sendmail"
 DEV_LOG = "/dev/log"
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -143,6 +148,7 @@ WATCH_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_
               | IN_ONLYDIR | IN_DONT_FOLLOW | IN_EXCL_UNLINK)
 
 HASH_CHUNK = 1 << 20
+APPEND_WINDOW = 64 << 10         # [watch] append_only: head and tail bytes re-read per append
 CRITICAL_MAX_DELAY = 2.0         # no change on a critical path waits longer to be compared
 CAPTURE_PER_TURN = 256           # new paths snapshotted at first sight per loop turn
 CAPTURE_MAX_SIZE = 1 << 20       # ... hashed up to this size (larger: metadata only)
@@ -414,6 +420,7 @@ watch     scan_only      paths        -
 watch     poll_interval  duration     1m
 watch     editor_grace   duration     24h
 watch     backend        choice:auto|fanotify|inotify  auto
+watch     append_only    patterns     /var/log/auth.log /var/log/wtmp /var/log/btmp
 severity  critical       patterns     %(critical)s
 severity  warning        patterns     -
 severity  notice         patterns     -
@@ -489,7 +496,11 @@ class Config:
         self.scan_only = values[("watch", "scan_only")]
         self.poll_interval = values[("watch", "poll_interval")]
         self.editor_grace = values[("watch", "editor_grace")]
+        self.append_only = values[("watch", "append_only")]
         self.events_file = values[("log", "events_file")]
+        self.own_files = own_files(path, self.events_file)
+        self._own = PatternSet([_glob_escape(p) for p in self.own_files]
+                               + [_glob_escape(p) + "/**" for p in self.own_files])
         # Severity: first matching level in file order wins; default warning.
         order = sorted(SCHEMA["severity"], key=lambda k: lines.get(("severity", k), 1 << 30))
         self.severity_rules = [(k, values[("severity", k)]) for k in order
@@ -499,6 +510,8 @@ class Config:
         return self.values[(section, key)]
 
     def severity_for(self, path):
+        if self._own.match(path):
+            return "critical"            # tampering with the monitor itself
         for level, pats in self.severity_rules:
             if pats.match(path):
                 return level
@@ -515,8 +528,32 @@ class Config:
             out.append((p, r))
         return out
 
+    def extra_roots(self):
+        """Watched whatever [watch] paths says: fimwatch's own files, and the
+        append_only paths that name one file (no wildcard)."""
+        return [p for p in self.own_files + self.append_only.patterns
+                if not any(c in p for c in "*?[") and p not in self.paths]
+
     def all_roots(self):
         return list(self.paths) + [p for p in self.scan_only if p not in self.paths]
+
+
+def own_files(config_path, events_file):
+    """fimwatch's own files, watched at critical whatever [watch] paths and
+    [severity] say: the program (and LIBDIR, with its byte-compiled copy and
+    inotify_simple), the launcher, the config, the units and their drop-in
+    directory, the sysctl drop-in, and the events file (append-only). The
+    state_dir is not among them: the daemon writes it all the time; a lost or
+    replaced baseline is a baseline_lost event instead."""
+    prog = os.path.realpath(os.path.abspath(__file__))
+    conf = os.path.abspath(config_path)
+    out = [LIBDIR, LAUNCHER, conf, os.path.realpath(conf), SYSCTL_CONF]
+    out += [UNIT_DIR + "/" + u for u in UNITS]
+    if not prog.startswith(LIBDIR + "/"):
+        out.append(prog)                 # run from a checkout
+    if events_file:
+        out.append(events_file)
+    return [_convert_path(p) for i, p in enumerate(out) if p not in out[:i]]
 
 
 # range limits of numeric keys: (section, key) -> (lowest, highest); "webhook"
@@ -768,6 +805,13 @@ def _check_whole(cf, values):
         raise cf.error("fimwatch", "state_dir", "%s is not a place for files" % sd)
     if not values[("watch", "paths")] and not values[("watch", "scan_only")]:
         raise cf.error("watch", "paths", "nothing to watch")
+    for p in values[("watch", "append_only")].patterns:
+        if not p.startswith("/"):
+            raise cf.error("watch", "append_only", "%r is not an absolute path or pattern "
+                           "(e.g. /var/log/auth.log or /var/log/*.log)" % p)
+        if os.path.isdir(p) and not os.path.islink(p):
+            raise cf.error("watch", "append_only", "%s is a directory; name the log files "
+                           "(e.g. %s/*.log)" % (p, p.rstrip("/")))
     if values[("email", "enabled")] and not values[("email", "to")]:
         raise cf.error("email", "to", "empty")
     for key in ("to", "from"):
@@ -1119,6 +1163,82 @@ def _make_rec(kind, st, sha, target, skipped, meta):
                xattrs=xattrs, capability=cap, acl=acl, flags=flags,
                rdev=st.st_rdev if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else None,
                links=st.st_nlink if kind == "file" else None)
+
+
+class Growth(NamedTuple):
+    """An append-only file at the last look ([watch] append_only), in memory:
+    its inode, its size, the sha256 state of its bytes so far (extended by
+    the bytes appended since, never re-read), and sha256 of its first and
+    last APPEND_WINDOW bytes (read again at the next append)."""
+    dev: int
+    ino: int
+    size: int
+    h: object
+    head: str
+    tail: str
+
+
+def _hash_range(fd, h, start, end):
+    """Feed bytes [start, end) of fd to h; False if the file ended first."""
+    while start < end:
+        b = os.pread(fd, min(HASH_CHUNK, end - start), start)
+        if not b:
+            return False
+        h.update(b)
+        start += len(b)
+    return True
+
+
+def _window(fd, start, end):
+    h = hashlib.sha256()
+    return h.hexdigest() if _hash_range(fd, h, start, end) else None
+
+
+def check_growth(fd, fst, old_size, old_sha, known):
+    """Did the append-only file open as fd (fstat fst) only grow since it had
+    old_size bytes with sha256 old_sha? Returns (True, Growth now) or
+    (False, None): bytes already written were changed. With known (the
+    Growth of the last look, same inode and size) only the head and tail
+    windows of the old bytes are read again, and the new bytes once: an
+    append to a 1 GB log costs reading what was appended plus 128 KiB. An
+    edit in the middle of a growing file is found by the next full read (a
+    restart, the periodic verification). Without known, the old bytes are
+    read once and compared with old_sha (None: over hash_max_size, not
+    compared)."""
+    size, w = fst.st_size, APPEND_WINDOW
+    if known is not None and (known.dev, known.ino, known.size) == \
+            (fst.st_dev, fst.st_ino, old_size):
+        if (_window(fd, 0, min(old_size, w)) != known.head
+                or _window(fd, max(0, old_size - w), old_size) != known.tail):
+            return False, None
+        h = known.h.copy()
+    else:
+        h = hashlib.sha256()
+        if not _hash_range(fd, h, 0, old_size) or \
+                (old_sha is not None and h.hexdigest() != old_sha):
+            return False, None
+    if not _hash_range(fd, h, old_size, size):
+        return False, None
+    return True, Growth(fst.st_dev, fst.st_ino, size, h, _window(fd, 0, min(size, w)),
+                        _window(fd, max(0, size - w), size))
+
+
+def rotated_to(path, ino):
+    """The name logrotate gave the inode that was path (path.1, path-DATE,
+    path.0 in the same directory), or None."""
+    d, base = os.path.split(path)
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return None
+    for n in names:
+        if n.startswith((base + ".", base + "-")):
+            try:
+                if os.lstat(os.path.join(d, n)).st_ino == ino:
+                    return os.path.join(d, n)
+            except OSError:
+                pass
+    return None
 
 
 _OWNERSHIP = (("mode", "mode"), ("uid", "owner"), ("gid", "group"))
@@ -4192,6 +4312,8 @@ class Engine:
         self.verifier = None         # the periodic verification (scan_interval), throttled
         self.verify_resume = 0.0     # monotonic time it may go on (scan_rate)
         self.errors = 0
+        self.growth = {}             # append-only path -> Growth at the last look
+        self.rotated = {}            # append-only path -> when logrotate moved it away
         self.reset_timers()
         self._set_roots(cfg)
 
@@ -4201,9 +4323,14 @@ class Engine:
                           if not any(r == o or r.startswith(o + "/") for o in self.roots)]
         # fimwatch's own files never watch themselves (a write to the events
         # file would be an event, written to the events file...).
+        # The events file itself is watched (append-only: our own appends
+        # are silent); its rotated copies are logrotate's business.
         own = [_glob_escape(cfg.state_dir), _glob_escape(cfg.state_dir) + "/**"]
+        growing = list(cfg.append_only.patterns)
         if cfg.events_file:
-            own.append(_glob_escape(cfg.events_file) + "*")
+            own += [_glob_escape(cfg.events_file) + ".*", _glob_escape(cfg.events_file) + "-*"]
+            growing.append(_glob_escape(cfg.events_file))
+        self.append_only = PatternSet(growing)
         # Default exclusions never hide a file a service would load: the
         # probe name (4913) is silent only while it behaves like vim's probe,
         # gone within the settle window; swap, backup and lock names only
@@ -4368,10 +4495,22 @@ class Engine:
             return
         if st is None:
             self.visit(root, self.store.get(root), detected, mode)
-            if watch:
+            if watch and not self.watch_missing_own(root):
                 self.missing_roots.add(root)
             return
         yield from self.walk(root, mode, detected, watch, drain)
+
+    def watch_missing_own(self, root):
+        """One of fimwatch's own files (or an append-only log) that does not
+        exist yet is watched through its directory, like a single-file root:
+        its creation is seen at once (the events file is created right after
+        the first start) and an idle daemon need not poll for it."""
+        if root not in self.cfg.own_files and not self.append_only.match(root):
+            return False
+        if not os.path.isdir(os.path.dirname(root)):
+            return False
+        self.watch_file_root(root)
+        return os.path.dirname(root) in self.file_roots
 
     def watch_file_root(self, root):
         """A configured single file: watch its directory (add_watch on an
@@ -4385,7 +4524,8 @@ class Engine:
         try:
             st = os.lstat(root)
         except OSError:
-            self.missing_roots.add(root)
+            if not self.watch_missing_own(root):
+                self.missing_roots.add(root)
             return
         if not stat.S_ISDIR(st.st_mode):
             self.watch_file_root(root)
@@ -4543,6 +4683,9 @@ class Engine:
         return p, st
 
     def visit(self, p, old, detected, mode, st=None, dir_fd=None, name=None):
+        if mode != "build" and self.append_only.match(p) and \
+                self.visit_growing(p, old, detected, mode, st, dir_fd, name):
+            return
         keep, out = 0, None
         if self.cfg.diff_max_size and self.cfg.diff_paths.match(p) \
                 and not self.cfg.no_diff.match(p):
@@ -4560,6 +4703,97 @@ class Engine:
                 self.stats["bytes"] += new.size
         self.apply(p, old, new, detected, silent=(mode == "build"), content=out,
                    meaning=(kind, facts(kind, raw[0]) if raw else None) if kind else None)
+
+    def visit_growing(self, p, old, detected, mode, st, dir_fd, name):
+        """[watch] append_only: appends are silent; a truncation, an edit of
+        bytes already written, or a replacement that is not logrotate's
+        rotation is critical. True when p was handled here, False when the
+        usual comparison applies (not a file, an unchanged file, a deletion)."""
+        if old is None:
+            if p == self.cfg.events_file or time.monotonic() - self.rotated.pop(p, -1e9) < 600:
+                # the events file made by its writer, or a log's new file
+                # after a rotation: not news
+                self.apply(p, None, snapshot(p, self.cfg.hash_max_size), detected, silent=True)
+                return True
+            return False
+        if old.kind != "file":
+            return False
+        if st is None:
+            try:
+                st = os.lstat(name if dir_fd is not None else p, dir_fd=dir_fd)
+            except OSError:
+                st = None
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            return False                           # another kind: a type change
+        if st is None or st.st_ino != old.ino:
+            if rotated_to(p, old.ino) is None:
+                return st is not None and self.broken_growth(p, old, detected, "replaced")
+            self.growth.pop(p, None)
+            new = snapshot(p, self.cfg.hash_max_size) if st is not None else None
+            if new is None:
+                self.rotated[p] = time.monotonic()
+            self.apply(p, old, new, detected, silent=True)
+            return True
+        if st.st_size < old.size:
+            return self.broken_growth(p, old, detected, "truncated")
+        if st.st_size == old.size:
+            if (st.st_mtime_ns, st.st_ctime_ns) == (old.mtime_ns, old.ctime_ns):
+                return False
+            new = snapshot(p, self.cfg.hash_max_size, st=st, dir_fd=dir_fd, name=name)
+            if new is not None and new.ino == old.ino and "content" in \
+                    (compare(old, new) or ("", []))[1]:
+                return self.broken_growth(p, old, detected, "edited", new)
+            return False
+        return self.grown(p, old, detected, mode, st, dir_fd, name)
+
+    def grown(self, p, old, detected, mode, st, dir_fd, name):
+        """An append-only file that is larger: appended (silent), or edited."""
+        try:
+            fd = os.open(name if dir_fd is not None else p, _O_HASH, dir_fd=dir_fd)
+        except OSError:
+            return False
+        try:
+            fst = os.fstat(fd)
+            if not stat.S_ISREG(fst.st_mode) or fst.st_ino != old.ino:
+                return False                       # replaced meanwhile: look again
+            # the periodic verification reads the whole file again
+            known = None if detected == "scan" and mode == "full" else self.growth.get(p)
+            ok, g = check_growth(fd, fst, old.size, old.sha256, known)
+            meta = read_meta(fd, fst, True)
+        finally:
+            os.close(fd)
+        if not ok:
+            self.growth.pop(p, None)
+            return self.broken_growth(p, old, detected, "edited")
+        self.growth[p] = g
+        over = fst.st_size > self.cfg.hash_max_size
+        new = _make_rec("file", fst, None if over else g.h.hexdigest(), None, int(over), meta)
+        r = compare(old, new)
+        changes = [c for c in (r[1] if r else []) if c != "content"]
+        if changes:
+            self.emit_change("attributes", p, detected, old, new, changes)
+        self.store.put(p, new)
+        return True
+
+    def broken_growth(self, p, old, detected, how, new=None):
+        """Report an append-only file that did more than grow: critical."""
+        self.growth.pop(p, None)
+        if new is None:
+            new = snapshot(p, self.cfg.hash_max_size)
+        if new is None:
+            return False
+        was = {"truncated": "truncated from %d to %d bytes" % (old.size, new.size),
+               "edited": "bytes already written were changed",
+               "replaced": "replaced by another file (inode %d, was %d), not by "
+                           "logrotate's rotation" % (new.ino, old.ino)}[how]
+        changes = ["content"] + [c for c in (compare(old, new) or ("", []))[1]
+                                 if c != "content"]
+        self.emit_change("modified", p, detected, old, new, changes, severity="critical",
+                         append_only=how,
+                         message="append-only log %s: %s (someone may have erased their "
+                                 "tracks)" % (esc(p), was))
+        self.store.put(p, new)
+        return True
 
     def apply(self, p, old, new, detected, silent=False, content=None, meaning=None):
         """Emit the event, if any, then record new as the baseline of p. The
@@ -7121,7 +7355,7 @@ def cmd_scan(cfg, args):
 
 
 def _under_roots(cfg, path):
-    for r in cfg.all_roots() + [w for _, w in cfg.resolved_roots()]:
+    for r in cfg.all_roots() + [w for _, w in cfg.resolved_roots()] + cfg.extra_roots():
         if path == r or path.startswith(r + "/"):
             return True
     return False
@@ -7348,9 +7582,10 @@ def _print_backends(rows, prefix):
 
 
 def _watch_roots(cfg):
-    """The watched directories: configured paths resolved, a root inside
-    another root left out (it is covered by it)."""
-    roots = sorted(set(r for _, r in cfg.resolved_roots()))
+    """The watched directories: configured paths resolved, fimwatch's own
+    files and single append-only logs, a root inside another root left out
+    (it is covered by it)."""
+    roots = sorted(set(r for _, r in cfg.resolved_roots()) | set(cfg.extra_roots()))
     return [r for r in roots if not any(r.startswith(o + "/") for o in roots if o != r)]
 
 
