@@ -7690,6 +7690,8 @@ def check_config_report(cfg, root=None):
         "state_dir": cfg.state_dir,
         "events_file": cfg.events_file or None,
         "roots": roots,
+        # watched whatever [watch] paths says: its own files, single append-only logs
+        "also_watched": cfg.extra_roots(),
         "scan_only": list(cfg.scan_only),
         "exclude": list(cfg.exclude.patterns),
         "watches_needed": need,
