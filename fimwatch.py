@@ -64,6 +64,7 @@ __version__ = "0.1.0"
 
 import argparse
 import configparser
+import contextlib
 import datetime
 import difflib
 import errno
@@ -1025,6 +1026,73 @@ def meta_of(path, st, kind, dir_fd=None):
     return read_meta(path, st, False)
 
 
+# -- paths deeper than PATH_MAX: reached one directory at a time --
+
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+def is_deep(path):
+    """Too long for a path-based system call (ENAMETOOLONG)."""
+    return len(path) >= PATH_MAX // 4 and len(os.fsencode(path)) >= PATH_MAX
+
+
+def open_deep(path, flags=_O_DIR):
+    """os.open(path, flags) for an absolute path of any length. Past PATH_MAX
+    the directories below the longest prefix the kernel takes are opened one
+    at a time through their parent's fd, none followed if a symlink (the
+    walk's own rule: a directory swapped for a symlink never leads out)."""
+    b = os.fsencode(path)
+    if len(b) < PATH_MAX:
+        return os.open(path, flags)
+    cut = b.rindex(b"/", 0, PATH_MAX - 1)
+    fd = os.open(b[:cut] or b"/", _O_DIR)
+    try:
+        parts = [c for c in b[cut + 1:].split(b"/") if c]
+        for c in parts[:-1]:
+            nfd = os.open(c, _O_DIR, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        return os.open(parts[-1], flags, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def deep_parent(path):
+    """(fd of path's directory, path's name) for a path past PATH_MAX, for
+    the dir_fd= form of a system call; the fd is closed afterwards."""
+    d, name = path.rsplit("/", 1)
+    fd = open_deep(d)
+    try:
+        yield fd, name
+    finally:
+        os.close(fd)
+
+
+def lstat_deep(path):
+    """os.lstat for a path of any length."""
+    if not is_deep(path):
+        return os.lstat(path)
+    with deep_parent(path) as (fd, name):
+        return os.lstat(name, dir_fd=fd)
+
+
+def _is_dir_deep(path):
+    try:
+        return stat.S_ISDIR(os.stat(path).st_mode) if not is_deep(path) else \
+            stat.S_ISDIR(lstat_deep(path).st_mode)
+    except OSError:
+        return False
+
+
+def lexists_deep(path):
+    try:
+        lstat_deep(path)
+    except OSError:
+        return False
+    return True
+
+
 def hash_file(path, st, keep=0, dir_fd=None, meta=None):
     """sha256 of the regular file that lstat saw as st. Opens with O_NOFOLLOW
     and O_NONBLOCK, so a symlink swapped in or a FIFO is never followed or
@@ -1094,6 +1162,13 @@ def snapshot(path, max_size, old=None, trust=False, st=None, keep=0, out=None, d
     The security metadata (read_meta) comes through the fd hash_file opens;
     with trust, from the baseline when inode and ctime are unchanged (every
     xattr, ACL, chattr or link change moves ctime)."""
+    if dir_fd is None and is_deep(path):
+        # past PATH_MAX: through the directory's fd, reached one level at a time
+        try:
+            with deep_parent(path) as (pfd, base):
+                return snapshot(path, max_size, old, trust, st, keep, out, pfd, base)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
     if dir_fd is not None:
         path = name
     for _ in range(3):
@@ -3467,7 +3542,17 @@ class InotifyBackend:
 
     def watch(self, d):
         """Add (or refresh) the watch on directory d; OSError on failure."""
-        wd = self.ino.add_watch(d, WATCH_MASK)
+        if is_deep(d):
+            # past PATH_MAX: watch the directory we opened (O_NOFOLLOW, one
+            # level at a time) through its /proc/self/fd link, which must be
+            # followed to reach it
+            fd = open_deep(d)
+            try:
+                wd = self.ino.add_watch("/proc/self/fd/%d" % fd, WATCH_MASK & ~IN_DONT_FOLLOW)
+            finally:
+                os.close(fd)
+        else:
+            wd = self.ino.add_watch(d, WATCH_MASK)
         if self.wd2path.get(wd) != d:
             self.wd2path[wd] = d
 
@@ -3501,7 +3586,7 @@ class InotifyBackend:
 
     def prune_gone(self):
         """Drop the watches of directories that no longer exist (after a rescan)."""
-        for wd in [wd for wd, p in self.wd2path.items() if not os.path.isdir(p)]:
+        for wd in [wd for wd, p in self.wd2path.items() if not _is_dir_deep(p)]:
             self._rm(wd)
 
     def read(self, eng):
@@ -3598,6 +3683,7 @@ FAN_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO
             | FAN_ONDIR | FAN_EVENT_ON_CHILD)      # same bit values as inotify's
 FAN_INFO_FID, FAN_INFO_DFID_NAME = 1, 2
 AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
 OVERLAYFS_MAGIC = 0x794C7630
 PROC = "/proc"
 _FAN_META = struct.Struct("=IBBHQii")      # struct fanotify_event_metadata
@@ -3668,7 +3754,16 @@ def dir_handle(path):
         _handle_bufs.extend((ctypes.create_string_buffer(8 + 128), mid, ctypes.byref(mid)))
     buf, mid, mid_ref = _handle_bufs
     struct.pack_into("=Ii", buf, 0, 128, 0)
-    if libc.name_to_handle_at(AT_FDCWD, os.fsencode(path), buf, mid_ref, 0):
+    if is_deep(path):
+        # past PATH_MAX: the handle of the directory opened one level at a time
+        fd = open_deep(path)
+        try:
+            failed = libc.name_to_handle_at(fd, b"", buf, mid_ref, AT_EMPTY_PATH)
+        finally:
+            os.close(fd)
+    else:
+        failed = libc.name_to_handle_at(AT_FDCWD, os.fsencode(path), buf, mid_ref, 0)
+    if failed:
         raise _oserror(ctypes, "name_to_handle_at")
     raw = buf.raw
     return mid.value, raw[:8 + struct.unpack_from("=I", raw, 0)[0]]
@@ -4552,15 +4647,21 @@ class Engine:
         """The directories in d that are not excluded (symlinks not followed)."""
         out = []
         try:
-            with os.scandir(d) as it:
-                for e in it:
-                    try:
-                        if e.is_dir(follow_symlinks=False) and not self.excluded(e.path, True):
-                            out.append(e.path)
-                    except OSError:
-                        pass
+            fd = open_deep(d)
+            try:
+                with os.scandir(fd) as it:
+                    for e in it:
+                        p = d + "/" + e.name
+                        try:
+                            if e.is_dir(follow_symlinks=False) and not self.excluded(p, True):
+                                out.append(p)
+                        except OSError:
+                            pass
+            finally:
+                os.close(fd)
         except OSError as e:
-            if not isinstance(e, (FileNotFoundError, NotADirectoryError)):
+            if not isinstance(e, (FileNotFoundError, NotADirectoryError)) \
+                    and e.errno != errno.ELOOP:
                 self.report_unreadable(d, e)
         return out
 
@@ -4584,8 +4685,7 @@ class Engine:
             # must not lead us out of the tree. Entries are then read through
             # this fd, never through the path.
             try:
-                dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-                              | os.O_NONBLOCK)
+                dfd = open_deep(d)
             except (FileNotFoundError, NotADirectoryError):
                 continue
             except OSError as e:
@@ -4663,13 +4763,6 @@ class Engine:
             # A leftover already reported keeps its baseline row (reported once).
             if self.leftover_name(p, isdir) and old_children.pop(name, None) is None:
                 self.note_leftover(p)
-            return p, None
-        if len(p) >= 4000 and len(os.fsencode(p)) >= PATH_MAX:
-            # Beyond PATH_MAX no path-based call works: say so once.
-            old_children.pop(name, None)
-            self.report_unreadable(d, OSError(errno.ENAMETOOLONG,
-                                   "entries deeper than PATH_MAX (%d bytes) are not monitored"
-                                   % PATH_MAX))
             return p, None
         try:
             st = e.stat(follow_symlinks=False) if (isdir or mode != "new") else None
@@ -5447,7 +5540,7 @@ class Engine:
         ent = self.fresh.pop(p, None)
         try:
             old = self.store.get(p)
-            if ent is not None and old is None and not os.path.lexists(p):
+            if ent is not None and old is None and not lexists_deep(p):
                 self.report_transient(p, ent)
                 return
             self.visit(p, old, "realtime", "full")
