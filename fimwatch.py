@@ -510,6 +510,10 @@ class Config:
     def get(self, section, key):
         return self.values[(section, key)]
 
+    def is_own(self, path):
+        """One of fimwatch's own files (own_files), or inside one of its directories."""
+        return self._own.match(path)
+
     def severity_for(self, path):
         if self._own.match(path):
             return "critical"            # tampering with the monitor itself
@@ -4448,8 +4452,9 @@ class Engine:
     def excluded(self, path, is_dir=False):
         # Base-name patterns (*.swp, *~, 4913) are for editors' files: they
         # never hide a directory, or `mkdir 4913` would hide a whole tree.
-        return self.exclude.match(path, is_dir, dirs_by_name=False) or \
-            (not is_dir and self.editor.match(path))
+        # No pattern hides fimwatch's own files (checked only when one matched).
+        return (self.exclude.match(path, is_dir, dirs_by_name=False)
+                or (not is_dir and self.editor.match(path))) and not self.cfg.is_own(path)
 
     def leftover_name(self, path, is_dir):
         """An editor's swap, backup or lock name, not excluded otherwise."""
@@ -7164,8 +7169,13 @@ class Daemon:
         backend, choices = make_backend(cfg.get("watch", "backend"), _watch_roots(cfg), ino_mod)
         eng = self.eng = Engine(cfg, self.store, self.dispatch.emit, backend, progress=_tty())
         self.store.set_meta("backends", json.dumps(choices))
+        extra = set(cfg.extra_roots())
         for root, name, why in choices:
-            self.log("%s: %s (%s)" % (esc(root), name, why))
+            if root not in extra:
+                self.log("%s: %s (%s)" % (esc(root), name, why))
+        if extra:
+            self.log("also watched, whatever [watch] paths says (its own files, single "
+                     "append-only logs): %s" % " ".join(esc(p) for p in sorted(extra)))
         carry = None
         if prev is not None:                  # a reload does not postpone polls and scans
             carry = {"poll": prev.timers["poll"] if cfg.poll_interval ==
@@ -7847,6 +7857,8 @@ def _print_watch_notes(cfg):
     for p in cfg.all_roots():
         if not os.path.lexists(p):
             print("# note: %s does not exist (it is watched for when it appears)" % p)
+    print("# also watched, whatever [watch] paths says (fimwatch's own files at critical, "
+          "single append-only logs): %s" % " ".join(cfg.extra_roots()))
 
 
 def _show(typ, v):

@@ -29,6 +29,8 @@ def program_copy(fim):
 
 def test_own_program_and_config_are_critical_whatever_paths_say(fim):
     prog = program_copy(fim)
+    # no exclusion hides them either
+    fim.write_config(watch={"exclude": "*.swp *.swx *~ .#* 4913 *.conf *.py"})
     d = fim.daemon(program=prog)
     m = d.mark()
     with open(prog, "a") as f:
