@@ -537,7 +537,8 @@ class Config:
         """Watched whatever [watch] paths says: fimwatch's own files, and the
         append_only paths that name one file (no wildcard)."""
         return [p for p in self.own_files + self.append_only.patterns
-                if not any(c in p for c in "*?[") and p not in self.paths]
+                if not any(c in p for c in "*?[")
+                and not any(p == r or p.startswith(r + "/") for r in self.paths)]
 
     def all_roots(self):
         return list(self.paths) + [p for p in self.scan_only if p not in self.paths]
