@@ -7178,6 +7178,8 @@ class Daemon:
             self.log("also watched, whatever [watch] paths says (its own files, single "
                      "append-only logs): %s" % " ".join(esc(p) for p in sorted(extra)))
         carry = None
+        if prev is not None:
+            eng.growth = prev.growth          # append-only logs: no full read again
         if prev is not None:                  # a reload does not postpone polls and scans
             carry = {"poll": prev.timers["poll"] if cfg.poll_interval ==
                      prev.cfg.poll_interval else None,
