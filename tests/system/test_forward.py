@@ -1,8 +1,9 @@
 """Events that leave the host (issue 13): fimwatch's syslog lines go through
 a real rsyslogd, configured with the README's forwarding snippet exactly as
-written there (only target and port replaced), to a TCP receiver on
-127.0.0.1; every id and sequence of the events file arrives once, none
-missing, across a restart of the daemon.
+written there (only target, port and CA file replaced), over TLS to a
+receiver on 127.0.0.1 whose certificate (made here with openssl) names the
+README's server; every id and sequence of the events file arrives once,
+none missing, across a restart of the daemon.
 
 rsyslog is not installed on this host (it could take over the host's
 syslog): Debian's packages are fetched once with `apt-get download` into
@@ -17,6 +18,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 from pathlib import Path
@@ -28,7 +30,8 @@ from conftest import REPO, is_event, needs_root, wait_until, write
 pytestmark = pytest.mark.system      # downloads Debian's rsyslog once
 
 CACHE = Path(os.environ.get("FIMWATCH_TEST_CACHE", "/var/cache/fimwatch-tests"))
-RSYSLOG_DEBS = ("rsyslog", "libestr0", "libfastjson4", "liblognorm5")
+RSYSLOG_DEBS = ("rsyslog", "rsyslog-gnutls", "libestr0", "libfastjson4", "liblognorm5")
+SERVER_NAME = "logs.example.net"          # the README's central server
 SNIPPET_MARK = "<!-- tests/system/test_forward.py runs the block below"
 
 
@@ -60,11 +63,25 @@ def unpacked_rsyslog(tmp_path):
     return root / "usr/sbin/rsyslogd", libdir / "rsyslog", libdir
 
 
+def server_cert(tmp_path):
+    """A self-signed certificate for SERVER_NAME: (cert file, key file)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=" + SERVER_NAME, "-addext", "subjectAltName=DNS:" + SERVER_NAME,
+                    "-keyout", str(key), "-out", str(cert)],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+    return cert, key
+
+
 class Receiver:
-    """The central server's stand-in: a TCP listener on 127.0.0.1 that keeps
+    """The central server's stand-in: a TLS listener on 127.0.0.1 that keeps
     every line it is sent (rsyslog's omfwd frames TCP with LF)."""
 
-    def __init__(self):
+    def __init__(self, cert, key):
+        self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.tls.load_cert_chain(str(cert), str(key))
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(4)
@@ -83,9 +100,17 @@ class Receiver:
 
     def _read(self, conn):
         buf = b""
+        try:
+            conn = self.tls.wrap_socket(conn, server_side=True)
+        except (OSError, ssl.SSLError):
+            conn.close()
+            return
         with conn:
             while True:
-                data = conn.recv(65536)
+                try:
+                    data = conn.recv(65536)
+                except (OSError, ssl.SSLError):
+                    return
                 if not data:
                     return
                 buf += data
@@ -105,14 +130,20 @@ class Receiver:
 def rsyslog(tmp_path):
     """A running rsyslogd with the README's snippet, and its receiver."""
     rsyslogd, moddir, libdir = unpacked_rsyslog(tmp_path)
-    recv = Receiver()
+    cert, key = server_cert(tmp_path)
+    recv = Receiver(cert, key)
     work = tmp_path / "rsyslog-work"
     work.mkdir()
     sock = work / "log"
     snippet = readme_snippet()
-    assert 'target="logs.example.net"' in snippet and 'port="514"' in snippet, snippet
-    snippet = snippet.replace('target="logs.example.net"', 'target="127.0.0.1"') \
-        .replace('port="514"', 'port="%d"' % recv.port)
+    ca = 'DefaultNetstreamDriverCAFile="/etc/ssl/certs/ca-certificates.crt"'
+    for placeholder in ('target="%s"' % SERVER_NAME, 'port="6514"', ca):
+        assert placeholder in snippet, (placeholder, snippet)
+    # only where to connect and whom to trust change: the name checked in
+    # the certificate (StreamDriverPermittedPeers) stays the README's
+    snippet = snippet.replace('target="%s"' % SERVER_NAME, 'target="127.0.0.1"') \
+        .replace('port="6514"', 'port="%d"' % recv.port) \
+        .replace(ca, 'DefaultNetstreamDriverCAFile="%s"' % cert)
     conf = tmp_path / "rsyslog.conf"
     conf.write_text('global(workDirectory="%s")\n'
                     'module(load="imuxsock" SysSock.Use="off")\n'
@@ -144,7 +175,7 @@ def rsyslog(tmp_path):
 
 @needs_root
 @pytest.mark.timeout(180)
-def test_events_reach_a_central_server_through_rsyslog(fim, rsyslog):
+def test_events_reach_a_central_server_through_rsyslog_over_tls(fim, rsyslog):
     sock, recv, proc = rsyslog
     fim.write_config(syslog={"enabled": "yes", "address": str(sock), "min_severity": "info"})
     d = fim.daemon()
