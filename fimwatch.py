@@ -116,6 +116,8 @@ UTMP = "/var/run/utmp"
 DPKG_INFO = "/var/lib/dpkg/info"
 DPKG_LOCK = "/var/lib/dpkg/lock"
 DPKG_STATUS = "/var/lib/dpkg/status"
+APT_ARCHIVES = "/var/cache/apt/archives"   # where apt keeps the .debs it installed
+DEB_SHA_MAX = 16 << 20     # a bigger .deb is not unpacked in the loop (~2 s): md5 only
 PROC_LOCKS = "/proc/locks"           # lock holders, read without opening the lock
 INOTIFY_SYSCTL = "/proc/sys/fs/inotify"
 MOUNTINFO = "/proc/self/mountinfo"   # poll(2) says POLLPRI when the mount table changes
@@ -2233,17 +2235,28 @@ class PackageDB:
     Loaded on first use and again when dpkg's database changes; dropped after
     a few idle minutes so it costs no memory between upgrades.
 
-    index: path -> a flat tuple (package, md5, package, md5, ...), every
+    lookup(path): a flat tuple (package, md5, package, md5, ...), every
     owner of the path: md5sums lists, conffiles from status, and the
     directories and symlinks of info/*.list (md5 None). A diversion moves
     the diverted package's entry to the path it was diverted to; the
     original path keeps only the diverting package (none for a local one).
-    versions: package -> the version status says is installed."""
+    versions: package -> the version status says is installed.
+
+    The index is kept small (a 1,000-package system lists ~110,000 paths):
+    a path with one owner maps to an int, the owner's number in self.pkgs
+    (its md5 is read from that package's md5sums file when asked, with a
+    small cache), or to ~number for a listed directory or symlink; only
+    paths with several owners, conffiles and diversions hold a tuple, where
+    an md5 of FROM_MD5SUMS means "the owner's md5sums file says"."""
 
     IDLE_DROP = 300
+    FROM_MD5SUMS = True
+    MD5_CACHE = 8
 
-    def __init__(self, info_dir=None, lock=None, status=None):
+    def __init__(self, info_dir=None, lock=None, status=None, archives=None):
         self.info_dir = info_dir or DPKG_INFO
+        self.archives = archives or APT_ARCHIVES
+        self.deb_sums = collections.OrderedDict()   # (pkg, version) -> {path: sha256}
         self.lock_path = lock or DPKG_LOCK
         self.status_path = status or DPKG_STATUS
         base = os.path.dirname(self.info_dir)
@@ -2253,6 +2266,8 @@ class PackageDB:
         self.frontend_path = os.path.join(os.path.dirname(self.lock_path), "lock-frontend")
         self.index, self.loaded_mtime, self.used = None, None, 0
         self.versions = {}
+        self.pkgs, self.md5sums_file, self.numbers = [], {}, {}
+        self.md5_cache = collections.OrderedDict()
 
     def available(self):
         return os.path.isdir(self.info_dir)
@@ -2281,6 +2296,8 @@ class PackageDB:
         except OSError:
             return False
         index = {}
+        self.pkgs, self.md5sums_file, self.numbers = [], {}, {}
+        self.md5_cache.clear()
         for fn in names:
             if fn.endswith(".md5sums"):
                 self._read_md5sums(fn, index)
@@ -2294,33 +2311,72 @@ class PackageDB:
 
     _load = load
 
-    @staticmethod
-    def _add(index, path, pkg, md5):
+    def _number(self, pkg):
+        k = self.numbers.get(pkg)
+        if k is None:
+            k = self.numbers[pkg] = len(self.pkgs)
+            self.pkgs.append(pkg)
+        return k
+
+    def _owners(self, v):
+        """An index value as the flat (package, md5-or-marker, ...) tuple."""
+        if isinstance(v, tuple):
+            return v
+        if v < 0:
+            return (self.pkgs[~v], None)
+        return (self.pkgs[v], self.FROM_MD5SUMS)
+
+    def _add(self, index, path, pkg, md5):
         cur = index.get(path)
-        index[path] = (pkg, md5) if cur is None else cur + (pkg, md5)
+        index[path] = (pkg, md5) if cur is None else self._owners(cur) + (pkg, md5)
 
     def _read_md5sums(self, fn, index):
         pkg = fn[:-8].split(":", 1)[0]
+        k = self._number(pkg)
+        self.md5sums_file.setdefault(pkg, []).append(fn)
         try:
             with open(os.path.join(self.info_dir, fn), "rb") as f:
                 for line in f:
-                    md5, _, rel = line.rstrip(b"\n").partition(b"  ")
+                    _, _, rel = line.rstrip(b"\n").partition(b"  ")
                     if rel:
-                        self._add(index, b"/" + rel, pkg, md5.decode("ascii", "replace"))
+                        path = b"/" + rel
+                        cur = index.get(path)
+                        index[path] = k if cur is None else \
+                            self._owners(cur) + (pkg, self.FROM_MD5SUMS)
         except OSError:
             pass
 
     def _read_list(self, fn, index):
         """Directories and symlinks: listed, with no checksum to verify."""
-        pkg = fn[:-5].split(":", 1)[0]
+        neg = ~self._number(fn[:-5].split(":", 1)[0])
         try:
             with open(os.path.join(self.info_dir, fn), "rb") as f:
                 for line in f:
                     path = line.rstrip(b"\n")
                     if path.startswith(b"/") and path not in index:
-                        index[path] = (pkg, None)
+                        index[path] = neg
         except OSError:
             pass
+
+    def _md5_of(self, pkg, path):
+        """The md5 pkg's md5sums file gives for path (bytes), or None."""
+        sums = self.md5_cache.get(pkg)
+        if sums is None:
+            sums = {}
+            for fn in self.md5sums_file.get(pkg, ()):
+                try:
+                    with open(os.path.join(self.info_dir, fn), "rb") as f:
+                        for line in f:
+                            md5, _, rel = line.rstrip(b"\n").partition(b"  ")
+                            if rel:
+                                sums[b"/" + rel] = md5.decode("ascii", "replace")
+                except OSError:
+                    pass
+            self.md5_cache[pkg] = sums
+            while len(self.md5_cache) > self.MD5_CACHE:
+                self.md5_cache.popitem(last=False)
+        self.md5_cache.move_to_end(pkg)
+        return sums.get(path)
 
     def _read_status(self, index):
         """Conffiles (files under /etc are mostly conffiles: their md5 is in
@@ -2362,9 +2418,12 @@ class PackageDB:
         for i in range(0, len(lines) - 2, 3):
             orig, to, by = lines[i:i + 3]
             by = by.decode("utf-8", "replace")
-            owners = index.get(orig, ())
+            owners = self._owners(index[orig]) if orig in index else ()
             pairs = [owners[j:j + 2] for j in range(0, len(owners), 2)]
-            moved = tuple(x for pr in pairs if pr[0] != by for x in pr)
+            # the md5sums files name the original path: resolve it now
+            moved = tuple(x for pr in pairs if pr[0] != by
+                          for x in (pr[0], self._md5_of(pr[0], orig)
+                                    if pr[1] is self.FROM_MD5SUMS else pr[1]))
             kept = tuple(x for pr in pairs if pr[0] == by for x in pr)
             if moved:
                 index[to] = moved + index.get(to, ())
@@ -2379,12 +2438,19 @@ class PackageDB:
             return None
         self.used = time.monotonic()
         b = os.fsencode(path)
+        key = b
         hit = self.index.get(b)
-        if hit is None and b.startswith(b"/usr/"):       # merged-/usr systems
-            hit = self.index.get(b[4:])
-        elif hit is None:
-            hit = self.index.get(b"/usr" + b)
-        return hit
+        if hit is None:                                  # merged-/usr systems
+            key = b[4:] if b.startswith(b"/usr/") else b"/usr" + b
+            hit = self.index.get(key)
+        if hit is None:
+            return None
+        hit = self._owners(hit)
+        if self.FROM_MD5SUMS not in hit[1::2]:
+            return hit
+        return tuple(x for i in range(0, len(hit), 2)
+                     for x in (hit[i], self._md5_of(hit[i], key)
+                               if hit[i + 1] is self.FROM_MD5SUMS else hit[i + 1]))
 
     def busy(self):
         """Is dpkg running? Tested with F_GETLK, which never takes the lock
@@ -2420,11 +2486,102 @@ class PackageDB:
         if md5 is None or not (sha256 is None or sha == sha256) or md5 not in sums:
             return res
         res["name"], res["verified"] = sums[md5], True
+        # An md5sums file is easy to edit to match a trojan: where apt kept
+        # the .deb, the package's own sha256 decides.
+        shipped = self.deb_sha256(res["name"], path)
+        if shipped is not None:
+            res["digest"] = "sha256"
+            if shipped != sha:
+                res["verified"] = False
+                res["mismatch"] = ("md5 matches the md5sums list but not the sha256 in %s's "
+                                   ".deb: the list may have been edited" % res["name"])
         return res
+
+    def deb_sha256(self, pkg, path):
+        """The sha256 of path in the installed version's .deb in apt's
+        archive cache, or None (no .deb, too big, unreadable, or compressed
+        with what this Python cannot read, e.g. zstd before 3.14)."""
+        ver = self.versions.get(pkg)
+        if not ver:
+            return None
+        key = (pkg, ver)
+        sums = self.deb_sums.get(key)
+        if sums is None:
+            sums = self.deb_sums[key] = self._read_deb(pkg, ver)
+            while len(self.deb_sums) > self.MD5_CACHE:
+                self.deb_sums.popitem(last=False)
+        b = os.fsencode(path)
+        return sums.get(b) or sums.get(b[4:] if b.startswith(b"/usr/") else b"/usr" + b)
+
+    def _read_deb(self, pkg, ver):
+        prefix = "%s_%s_" % (pkg, ver.replace(":", "%3a"))
+        try:
+            names = [n for n in os.listdir(self.archives)
+                     if n.startswith(prefix) and n.endswith(".deb")]
+        except OSError:
+            return {}
+        for n in names:
+            sums = deb_member_sha256(os.path.join(self.archives, n))
+            if sums:
+                return sums
+        return {}
 
     def maybe_drop(self):
         if self.index is not None and time.monotonic() - self.used > self.IDLE_DROP:
             self.index = self.loaded_mtime = None
+            self.pkgs, self.md5sums_file, self.numbers = [], {}, {}
+            self.md5_cache.clear()
+
+
+class _Slice:
+    """A read-only window of `size` bytes of a file object (an ar member)."""
+
+    def __init__(self, f, size):
+        self.f, self.left = f, size
+
+    def read(self, n=-1):
+        n = self.left if n is None or n < 0 else min(n, self.left)
+        data = self.f.read(n)
+        self.left -= len(data)
+        return data
+
+
+def deb_member_sha256(deb):
+    """{b"/path": sha256 hex} of every regular file in a .deb's data.tar
+    (ar archive; gz, xz or bz2, and zst where Python's tarfile can), or {}:
+    not a regular file, over DEB_SHA_MAX, not a .deb, or unreadable."""
+    import tarfile
+    try:
+        fd = os.open(deb, _O_HASH)
+    except OSError:
+        return {}
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > DEB_SHA_MAX or f.read(8) != b"!<arch>\n":
+            return {}
+        while True:
+            hdr = f.read(60)
+            if len(hdr) < 60:
+                return {}
+            name, size = hdr[:16].strip().rstrip(b"/"), int(hdr[48:58] or 0)
+            if name.startswith(b"data.tar"):
+                break
+            f.seek(size + (size & 1), 1)
+        sums = {}
+        try:
+            with tarfile.open(fileobj=_Slice(f, size), mode="r|*") as tar:
+                for m in tar:
+                    if not m.isreg():
+                        continue
+                    h = hashlib.sha256()
+                    src = tar.extractfile(m)
+                    for chunk in iter(lambda: src.read(HASH_CHUNK), b""):
+                        h.update(chunk)
+                    name = m.name[2:] if m.name.startswith("./") else m.name
+                    sums[os.fsencode("/" + name.lstrip("/"))] = h.hexdigest()
+        except (tarfile.TarError, OSError, EOFError, ValueError):
+            return {}
+        return sums
 
 
 def _md5_sha256(path):
@@ -3126,13 +3283,72 @@ def _added_names(diff):
     return out
 
 
+def md5sums_digests(info_dir):
+    """{package: sha256 of its md5sums list(s)}: what each installed package
+    says its files are, to tell a same-version reinstall that changed them.
+    (~9 MB for 700 packages, read once when a transaction starts.)"""
+    out = {}
+    try:
+        names = sorted(n for n in os.listdir(info_dir) if n.endswith(".md5sums"))
+    except OSError:
+        return out
+    for n in names:
+        pkg = n[:-8].split(":", 1)[0]
+        h = hashlib.sha256(out.get(pkg, "").encode())
+        try:
+            with open(os.path.join(info_dir, n), "rb") as f:
+                h.update(f.read())
+        except OSError:
+            continue
+        out[pkg] = h.hexdigest()
+    return out
+
+
+_POLICY_VERSION_RE = re.compile(r"^ (\*\*\*| {3}) (\S+) -?\d+$")
+_POLICY_SOURCE_RE = re.compile(r"^ {8}-?\d+ (.+)$")
+
+
+def apt_sources(names, run=subprocess.run):
+    """{package: [sources of its installed version]} from `apt-cache policy`
+    ("/var/lib/dpkg/status" alone: no configured apt source has it), or None
+    when apt-cache cannot say (missing, failed, over 20 s)."""
+    if not names:
+        return {}
+    try:
+        # no pkgcache.bin written (the unit's /var is read-only): built in memory
+        r = run(["apt-cache", "-o", "Dir::Cache::pkgcache=", "-o", "Dir::Cache::srcpkgcache=",
+                 "policy", "--"] + sorted(names), capture_output=True, timeout=20,
+                env={"LC_ALL": "C", "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"},
+                stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if r.returncode != 0:
+        return None
+    out, pkg, mine = {}, None, False
+    for line in r.stdout.decode("utf-8", "replace").splitlines():
+        if line and not line[0].isspace() and line.endswith(":"):
+            pkg, mine = line[:-1].split(":", 1)[0], False
+            continue
+        m = _POLICY_VERSION_RE.match(line)
+        if m:
+            mine = m.group(1) == "***"
+            if mine:
+                out[pkg] = []
+            continue
+        m = _POLICY_SOURCE_RE.match(line)
+        if m and mine and pkg is not None:
+            out[pkg].append(m.group(1).strip())
+    return out
+
+
 class PackageTx:
     """One package transaction: who ran it, and what each change it made
     proved to be once it ended (take)."""
 
-    def __init__(self, holder, now, versions):
+    def __init__(self, holder, now, versions, sums=None):
         self.id = uuid.uuid4().hex[:12]
         self.holder = holder
+        self.sums_before = sums or {}       # md5sums_digests() when it started
         self.started, self.start_mono, self.ended = time.time(), now, None
         self.before, self.after = dict(versions), {}
         self.paths = {}               # path -> its owners when first held (lookup)
@@ -3162,6 +3378,8 @@ class PackageTx:
             why = ("does not match package %s" % pkg["name"]) if pkg["verified"] is False \
                 else "%s changed; the package database records no %s" % (
                     "/".join(changes), "/".join(changes))
+            if pkg.get("mismatch"):           # the md5sums list lies: tampering
+                why, ev["severity"] = pkg["mismatch"], "critical"
             ev["package"] = dict(pkg, transaction=self.id)
         else:
             gen = generated_by(p, kind, new, db)
@@ -3218,18 +3436,43 @@ class PackageTx:
             who, " and ".join(done), files, len(self.mismatches),
             "" if len(self.mismatches) == 1 else "es")
 
-    def digest(self, host, critical_paths=()):
+    def flags(self, pkgs, sums_after, sources):
+        """What a person should look at even when every file verified: a
+        downgrade, a same-version reinstall whose files differ (a package
+        rebuilt under an old version number), a version that no configured
+        apt source has (dpkg -i of a local .deb, or a source since removed)."""
+        out = ["downgraded: %s" % d for d in pkgs.get("downgraded", ())]
+        for name, ver in sorted(self.after.items()):
+            if self.before.get(name) == ver and name in self.sums_before and \
+                    sums_after.get(name) not in (None, self.sums_before[name]):
+                out.append("reinstalled with different files under the same version: %s %s"
+                           % (name, ver))
+        if sources is None:
+            return out
+        for name, ver in sorted(self.after.items()):
+            src = sources.get(name)
+            if (self.before.get(name) != ver or name in self.verified) and src is not None \
+                    and all(x.startswith("/var/lib/dpkg/status") for x in src):
+                out.append("in no configured apt source: %s %s (dpkg -i of a local .deb, "
+                           "or its source was removed)" % (name, ver))
+        return out
+
+    def digest(self, host, critical_paths=(), sums_after=None, sources=None):
         """The `transaction` event: info when everything verified (syslog and
         the events file only); the worst mismatch's severity, at least
-        warning, when something did not; notice when maintainer scripts
-        changed a critical path (listed, never paging)."""
+        warning, when something did not, or when something is flagged
+        (flags()); notice when maintainer scripts changed a critical path
+        (listed, never paging)."""
+        pkgs = self.package_changes()
+        flags = self.flags(pkgs, sums_after or {}, sources)
         sev = "info"
         if self.mismatches:
             sev = max(["warning"] + [m["severity"] for m in self.mismatches],
                       key=SEV_RANK.get)
+        elif flags:
+            sev = "warning"
         elif any(s["path"] in critical_paths for s in self.scripts):
             sev = "notice"
-        pkgs = self.package_changes()
         ev = new_event(host, "transaction", sev, "realtime", "", transaction=self.id,
                        manager="dpkg", process=self.holder,
                        started=iso_ms(self.started),
@@ -3246,6 +3489,9 @@ class PackageTx:
                        generated=self.generated[:TX_LIST_MAX],
                        scripts=self.scripts[:TX_LIST_MAX],
                        message=self.summary(pkgs))
+        if flags:
+            ev["flags"] = flags[:TX_LIST_MAX]
+            ev["message"] += "; flagged: " + "; ".join(flags[:3])
         return ev
 
 
@@ -3322,7 +3568,7 @@ class PackageWatch:
         self.check_at = now + every
         if h is not None and self.tx is None:
             self.db.load()
-            self.tx = PackageTx(h, now, self.db.versions)
+            self.tx = PackageTx(h, now, self.db.versions, md5sums_digests(self.db.info_dir))
         elif h is None and self.tx is not None:
             tx, self.tx = self.tx, None
             tx.ended = now
@@ -5008,6 +5254,8 @@ class Engine:
             pkg = self.pkgdb.check(p, new.sha256 or "")
             if pkg is not None:
                 ev["package"] = dict(pkg, transaction="none")
+                if pkg.get("mismatch"):       # the md5sums list lies: tampering
+                    ev["severity"] = "critical"
         add_summary(ev, *(meaning or (None, None, None)))
         self.emit_cb(ev)
 
@@ -5083,6 +5331,10 @@ class Engine:
                  "message": "%s appeared and vanished within the settle window"
                             % esc(p)}
         if rec is None:
+            # Gone at first sight: it may have been made while fimwatch was
+            # not watching (stopped, or before its start-up comparison read it).
+            extra["message"] = ("%s was not in the baseline and was deleted before fimwatch "
+                                "could read it" % esc(p))
             self.stats["changes"] += 1
             ev = new_event(self.cfg.hostname, "transient", self.cfg.severity_for(p),
                            "realtime", esc(p), captured=False, **extra)
@@ -5509,7 +5761,9 @@ class Engine:
         while self.tx_closing and not any(p in self.pending for p in self.tx_closing[0].paths):
             tx = self.tx_closing.pop(0)
             crit = [p for p in tx.paths if self.cfg.severity_for(p) == "critical"]
-            self.emit_cb(tx.digest(self.cfg.hostname, set(esc(p) for p in crit)))
+            changed = [n for n, v in tx.after.items() if tx.before.get(n) != v or n in tx.verified]
+            self.emit_cb(tx.digest(self.cfg.hostname, set(esc(p) for p in crit),
+                                   md5sums_digests(self.pkgdb.info_dir), apt_sources(changed)))
 
     def flush(self, p):
         src = self.moves.pop(p, None)

@@ -275,3 +275,170 @@ def test_transaction_from_lock_to_unlock(dpkg, tmp_path):
     assert ended is not None and watch.tx is None
     assert ended.after == {"tool": "2"}
     watch.close()
+
+
+def test_compact_index_reads_md5_from_the_owners_list(tmp_path):
+    """One owner per path is kept as a number (the index of a 1,000-package
+    system must stay small: bench/pkg_index.py); its md5 comes from that
+    package's md5sums file (an arch-qualified name too), also once more
+    packages were asked than the small cache holds."""
+    info = tmp_path / "info"
+    info.mkdir()
+    files = {}
+    for n in range(12):
+        f = tmp_path / ("f%d" % n)
+        f.write_bytes(b"content %d\n" % n)
+        files[n] = f
+        name = "p%d:amd64" % n if n % 2 else "p%d" % n
+        (info / (name + ".md5sums")).write_text(
+            "%s  %s\n" % (md5(f.read_bytes()), str(f).lstrip("/")))
+    (tmp_path / "status").write_text("Package: p0\nStatus: install ok installed\n")
+    (tmp_path / "lock").write_bytes(b"")
+    db = fimwatch.PackageDB(info_dir=str(info), lock=str(tmp_path / "lock"),
+                            status=str(tmp_path / "status"))
+    for rnd in range(2):
+        for n, f in files.items():
+            assert db.check(str(f)) == {"name": "p%d" % n, "manager": "dpkg",
+                                        "verified": True, "digest": "md5"}
+    assert isinstance(db.index[os.fsencode(files[3])], int)
+    files[5].write_bytes(b"trojan\n")
+    assert db.check(str(files[5]))["verified"] is False
+
+
+def build_deb(tmp_path, files, name="tool", version="1:1.0-1", compress="xz"):
+    """A real .deb (dpkg-deb) shipping files {absolute path: bytes}, in an
+    apt-style archive dir; returns that dir."""
+    tree = tmp_path / "debroot"
+    (tree / "DEBIAN").mkdir(parents=True)
+    (tree / "DEBIAN" / "control").write_text(
+        "Package: %s\nVersion: %s\nArchitecture: all\nMaintainer: t <t@example.org>\n"
+        "Description: test\n" % (name, version))
+    for path, data in files.items():
+        f = tree / str(path).lstrip("/")
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(data)
+    archives = tmp_path / "archives"
+    archives.mkdir()
+    deb = archives / ("%s_%s_all.deb" % (name, version.replace(":", "%3a")))
+    subprocess.run(["dpkg-deb", "-Z" + compress, "--root-owner-group", "--build", str(tree),
+                    str(deb)], check=True, capture_output=True)
+    return archives
+
+
+@pytest.mark.parametrize("compress", ["xz", "gzip"])
+def test_sha256_from_the_deb_catches_an_edited_md5sums(dpkg, tmp_path, compress):
+    """Where apt kept the .deb, its sha256 is the proof: a trojan whose md5
+    was written into the md5sums list is not verified."""
+    db, tool, _, _ = dpkg
+    good = tool.read_bytes()
+    db.archives = str(build_deb(tmp_path, {tool: good}, compress=compress))
+    (tmp_path / "status").write_text(
+        "Package: tool\nStatus: install ok installed\nVersion: 1:1.0-1\n")
+    assert db.check(str(tool)) == {"name": "tool", "manager": "dpkg", "verified": True,
+                                   "digest": "sha256"}
+    trojan = b"#!/bin/sh\necho trojan\n"
+    tool.write_bytes(trojan)
+    (tmp_path / "info" / "tool.md5sums").write_text(
+        "%s  %s\n" % (md5(trojan), str(tool).lstrip("/")))
+    db.index = None                                   # the edit is in place: reload
+    got = db.check(str(tool))
+    assert got["verified"] is False and got["digest"] == "sha256", got
+    assert "may have been edited" in got["mismatch"], got
+    os.unlink(os.path.join(db.archives, os.listdir(db.archives)[0]))   # apt clean
+    db.deb_sums.clear()
+    assert db.check(str(tool)) == {"name": "tool", "manager": "dpkg", "verified": True,
+                                   "digest": "md5"}   # no .deb: md5 is all there is
+
+
+def test_deb_reader_refuses_what_is_not_a_deb(tmp_path):
+    junk = tmp_path / "x_1_all.deb"
+    junk.write_bytes(b"!<arch>\ngarbage")
+    assert fimwatch.deb_member_sha256(str(junk)) == {}
+    os.mkfifo(str(tmp_path / "fifo.deb"))
+    assert fimwatch.deb_member_sha256(str(tmp_path / "fifo.deb")) == {}    # never blocks
+    assert fimwatch.deb_member_sha256(str(tmp_path / "missing.deb")) == {}
+
+
+def test_an_edited_md5sums_list_makes_the_change_critical(dpkg, tmp_path, monkeypatch):
+    """A file at a warning path whose md5 the md5sums list vouches for but
+    the .deb's sha256 does not: someone edited dpkg's database: critical."""
+    db, tool, _, _ = dpkg
+    db.archives = str(build_deb(tmp_path, {tool: tool.read_bytes()}))
+    (tmp_path / "status").write_text(
+        "Package: tool\nStatus: install ok installed\nVersion: 1:1.0-1\n")
+    monkeypatch.setattr(fimwatch, "PACKAGE_PREFIXES", (str(tmp_path) + "/",))
+    eng, got = _engine(db)
+    monkeypatch.setattr(eng.cfg, "severity_for", lambda path: "warning", raising=False)
+    old = fimwatch.snapshot(str(tool), 1 << 20)
+    trojan = b"#!/bin/sh\necho trojan\n"
+    tool.write_bytes(trojan)
+    (tmp_path / "info" / "tool.md5sums").write_text(
+        "%s  %s\n" % (md5(trojan), str(tool).lstrip("/")))
+    eng.emit_change("modified", str(tool), "realtime", old,
+                    fimwatch.snapshot(str(tool), 1 << 20), ["content"])
+    assert got[-1]["severity"] == "critical", got[-1]
+    assert got[-1]["package"]["verified"] is False and "mismatch" in got[-1]["package"]
+
+
+POLICY = b"""inotify-tools:
+  Installed: 3.22.6.0-4
+  Candidate: 3.22.6.0-4
+  Version table:
+ *** 3.22.6.0-4 500
+        500 http://deb.example.org/debian bookworm/main amd64 Packages
+        100 /var/lib/dpkg/status
+mytool:
+  Installed: 2.0
+  Candidate: 2.0
+  Version table:
+ *** 2.0 100
+        100 /var/lib/dpkg/status
+     1.0 500
+        500 http://deb.example.org/debian bookworm/main amd64 Packages
+"""
+
+
+def test_apt_sources_parses_apt_cache_policy():
+    """apt-cache's output format, as apt 2.6 prints it (recorded: which
+    packages a host's sources have cannot be set up here without network)."""
+    def run(argv, **kw):
+        assert argv[0] == "apt-cache" and argv[-3:] == ["--", "inotify-tools", "mytool"]
+        return subprocess.CompletedProcess(argv, 0, POLICY, b"")
+    assert fimwatch.apt_sources(["mytool", "inotify-tools"], run=run) == {
+        "inotify-tools": ["http://deb.example.org/debian bookworm/main amd64 Packages",
+                          "/var/lib/dpkg/status"],
+        "mytool": ["/var/lib/dpkg/status"]}
+    assert fimwatch.apt_sources(["x"], run=lambda *a, **k: subprocess.CompletedProcess(
+        a, 100, b"", b"E: broken")) is None
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/apt-cache"), reason="no apt-cache here")
+def test_apt_sources_runs_the_real_apt_cache():
+    got = fimwatch.apt_sources(["dpkg"])
+    assert got is not None and "/var/lib/dpkg/status" in got["dpkg"], got
+
+
+def test_transaction_flags_downgrade_same_version_rebuild_and_local_deb(tmp_path):
+    info = tmp_path / "info"
+    info.mkdir()
+    for n in ("a", "b", "c", "d"):
+        (info / (n + ".md5sums")).write_text("%s  usr/bin/%s\n" % ("1" * 32, n))
+    before = fimwatch.md5sums_digests(str(info))
+    tx = fimwatch.PackageTx({"frontend": "dpkg"}, 0.0,
+                            {"a": "2.0", "b": "1.0", "c": "1.0", "d": "1.0"}, before)
+    (info / "b.md5sums").write_text("%s  usr/bin/b\n" % ("2" * 32))    # rebuilt, same version
+    tx.after = {"a": "1.0", "b": "1.0", "c": "1.0", "d": "1.0", "e": "3.0"}
+    tx.verified.update({"b": 1})
+    ev = tx.digest("h", sums_after=fimwatch.md5sums_digests(str(info)),
+                   sources={"e": ["/var/lib/dpkg/status"], "a": ["http://x Packages",
+                                                              "/var/lib/dpkg/status"]})
+    assert ev["severity"] == "warning", ev
+    assert ev["flags"] == [
+        "downgraded: a 2.0 -> 1.0",
+        "reinstalled with different files under the same version: b 1.0",
+        "in no configured apt source: e 3.0 (dpkg -i of a local .deb, or its source was removed)"]
+    assert "flagged: downgraded: a 2.0 -> 1.0" in ev["message"]
+    quiet = fimwatch.PackageTx({"frontend": "apt-get"}, 0.0, {"c": "1.0"}, before)
+    quiet.after = {"c": "1.1"}
+    ev = quiet.digest("h", sums_after=before, sources={"c": ["http://x Packages"]})
+    assert ev["severity"] == "info" and "flags" not in ev, ev

@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -46,7 +47,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("FIMWATCH_TEST_CACHE", "/var/cache/fimwatch-tests"))
 DISTROS = os.environ.get("FIMWATCH_TEST_DISTROS", "bookworm").split()
-PACKAGES = "systemd,systemd-sysv,dbus,python3,curl,exim4-daemon-light,bsd-mailx"
+# systemd-journal-remote: the journal-upload -> journal-remote test (its
+# socket unit is masked in the rootfs: the container shares the host's network)
+PACKAGES = ("systemd,systemd-sysv,dbus,python3,curl,exim4-daemon-light,bsd-mailx,"
+            "systemd-journal-remote")
+MASKED = ["systemd-journal-remote.socket", "systemd-journal-remote.service",
+          "systemd-journal-upload.service"]
 WHEEL = "inotify_simple-2.0.1-py3-none-any.whl"
 WHEEL_SHA256 = "e5da495f2064889f8e68b67f9358b0d102e03b783c2d42e5b8e132ab859a5d8a"
 UNITS = ["fimwatch.service", "fimwatch-failure@.service",
@@ -473,7 +479,9 @@ def host_mirror():
 def build_rootfs(distro):
     """debootstrap once into the cache; later runs reuse it."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    rootfs = CACHE / ("rootfs-" + distro)
+    # a change of PACKAGES is a new rootfs, not a stale one from the cache
+    rootfs = CACHE / ("rootfs-%s-%s" % (distro, hashlib.sha256(
+        (PACKAGES + " ".join(MASKED)).encode()).hexdigest()[:8]))
     done = rootfs / ".fimwatch-rootfs-complete"
     with open(CACHE / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -494,6 +502,10 @@ def build_rootfs(distro):
             tail = log.read_text()[-3000:]
             pytest.fail("debootstrap %s from %s failed (log %s):\n%s" % (distro, mirror, log, tail))
         (tmp / "run/systemd").mkdir(parents=True, exist_ok=True)
+        for unit in MASKED:
+            link = tmp / "etc/systemd/system" / unit
+            link.unlink(missing_ok=True)
+            link.symlink_to("/dev/null")
         (tmp / ".fimwatch-rootfs-complete").write_text(mirror + "\n")
         tmp.rename(rootfs)
     return rootfs
@@ -991,6 +1003,69 @@ def test_ct_passwd_change_reaches_journal_and_mail(box):
     ev = ct.wait_for("/etc/shadow modified", shadow, 30)[-1]
     assert ev.get("sha256") and ev.get("previous", {}).get("sha256"), ev
     assert "diff" not in ev, ev
+
+
+def _free_port():
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        return sk.getsockname()[1]
+
+
+@pytest.mark.timeout(240)
+def test_ct_journal_upload_to_journal_remote_keeps_id_and_sequence(box):
+    """README's journal forwarding, run: fimwatch's [journal] sink, the
+    distro's systemd-journal-upload, systemd-journal-remote on 127.0.0.1
+    (the container shares the host's network; a free port). The receiver
+    gets every event with the id and sequence of the local events file, in
+    order, none twice, none missing, across a restart of fimwatch."""
+    _require(box, "ready")
+    ct = box.ct
+    port = _free_port()
+    conf = ct.read("/etc/fimwatch/fimwatch.conf")
+    ct.sh(r"sed -i '/^\[journal\]/,/^\[/ s/^enabled *=.*/enabled = yes/' "
+          "/etc/fimwatch/fimwatch.conf")
+    ct.sh("fimwatch check-config >/dev/null && systemctl restart fimwatch.service")
+    ct.sh("rm -rf /var/tmp/remote && mkdir -p /var/tmp/remote && chown systemd-journal-remote "
+          "/var/tmp/remote 2>/dev/null; systemd-run --unit=jremote --uid=systemd-journal-remote "
+          "/lib/systemd/systemd-journal-remote --listen-http=127.0.0.1:%d --split-mode=none "
+          "--output=/var/tmp/remote/fim.journal" % port)
+    ct.wait_for("journal-remote listening", lambda: ct.sh(
+        "curl -s -o /dev/null -w '%%{http_code}' http://127.0.0.1:%d/upload" % port,
+        check=False).stdout not in ("", "000"), 20)
+    ct.sh("systemd-run --unit=jupload /lib/systemd/systemd-journal-upload "
+          "--url=http://127.0.0.1:%d --save-state=/var/tmp/upload.state --follow" % port)
+    n0 = len(ct.events())
+    ct.sh("echo 'jr1:x:4301:4301::/nonexistent:/usr/sbin/nologin' >> /etc/passwd")
+    ct.wait_for("jr1 in the events file", lambda: [
+        e for e in ct.events()[n0:] if e.get("path") == "/etc/passwd"], 30)
+    ct.sh("systemctl restart fimwatch.service")
+    ct.sh("echo 'jr2:x:4302:4302::/nonexistent:/usr/sbin/nologin' >> /etc/passwd")
+    local = ct.wait_for("jr2 in the events file", lambda: (lambda evs: evs if len(
+        [e for e in evs if e.get("path") == "/etc/passwd"]) >= 2 else None)(ct.events()[n0:]), 30)
+
+    def remote():
+        r = ct.sh("journalctl --file=/var/tmp/remote/fim.journal -o json --no-pager "
+                  "SYSLOG_IDENTIFIER=fimwatch 2>/dev/null || true")
+        got = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+        ids = [g.get("FIMWATCH_ID") for g in got]
+        return got if all(e["id"] in ids for e in local) else None
+    try:
+        got = ct.wait_for("the events at journal-remote", remote, 60)
+    finally:
+        ct.sh("systemctl stop jupload jremote; true", check=False)
+        ct.sh("cat > /etc/fimwatch/fimwatch.conf && systemctl restart fimwatch.service",
+              input=conf)
+    seq = {g["FIMWATCH_ID"]: int(g["FIMWATCH_SEQUENCE"]) for g in got if g.get("FIMWATCH_ID")}
+    assert {e["id"]: e["sequence"] for e in local} == {i: seq[i] for i in
+                                                        (e["id"] for e in local)}, (local, seq)
+    ids = [g["FIMWATCH_ID"] for g in got if g.get("FIMWATCH_ID")]
+    assert len(ids) == len(set(ids)), "an event twice at the receiver"
+    first = min(e["sequence"] for e in local)
+    recv = sorted(v for v in seq.values() if v >= first)
+    assert recv == list(range(first, first + len(recv))), recv      # no gap
+    host = {g.get("FIMWATCH_HOST_ID") for g in got if g.get("FIMWATCH_ID")}
+    assert host == {local[0]["host_id"]}, host
+    print("journal-remote got %d events, sequences %d..%d" % (len(recv), recv[0], recv[-1]))
 
 
 def _mails(box):
