@@ -3923,15 +3923,26 @@ class InotifyBackend:
 # be about to exit. FAN_REPORT_TARGET_FID (5.17) adds the moved object's handle
 # to MOVED_FROM/MOVED_TO, which pairs a rename exactly; before 5.17 (Debian 11)
 # a rename is reported as a delete and a create (or a dir tree as new).
+#
+# Who wrote, when the writer is gone before /proc is read (`echo > f`, cp, a
+# dropper): the mark also asks for FAN_OPEN_EXEC, so every execve of a binary
+# on a marked filesystem queues a record (pid, directory handle, name) ahead of
+# that process's writes. The backend keeps the last one per pid (the exec
+# cache) and names the exe from it when /proc cannot: the process has exited,
+# or /proc/PID/exe is not ours to read (under the unit: no CAP_SYS_PTRACE). A
+# directory handle outside the watched trees (/usr/bin when only /etc is
+# watched) is turned into a path with open_by_handle_at, once per handle.
 
 FAN_CLOEXEC, FAN_NONBLOCK = 0x1, 0x2
 FAN_REPORT_FID, FAN_REPORT_DIR_FID, FAN_REPORT_NAME = 0x200, 0x400, 0x800
 FAN_REPORT_TARGET_FID = 0x1000
 FAN_MARK_ADD, FAN_MARK_FILESYSTEM = 0x1, 0x100
 FAN_Q_OVERFLOW, FAN_ONDIR, FAN_EVENT_ON_CHILD = 0x4000, 0x40000000, 0x08000000
-FAN_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO
-            | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF
-            | FAN_ONDIR | FAN_EVENT_ON_CHILD)      # same bit values as inotify's
+FAN_OPEN_EXEC = 0x1000
+FAN_CHANGES = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO
+               | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF)   # inotify's bits
+FAN_MASK = FAN_CHANGES | FAN_OPEN_EXEC | FAN_ONDIR | FAN_EVENT_ON_CHILD
+SETID_MASK = IN_ATTRIB | IN_MOVED_TO      # outside the trees: looked at for set-id
 FAN_INFO_FID, FAN_INFO_DFID_NAME = 1, 2
 AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
@@ -3956,6 +3967,7 @@ def _libc():
                                        ctypes.c_int, ctypes.c_char_p]
         libc.name_to_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p,
                                            ctypes.c_void_p, ctypes.c_int]
+        libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         _libc_cache.append((ctypes, libc))
     return _libc_cache[0]
 
@@ -4020,11 +4032,58 @@ def dir_handle(path):
     return mid.value, raw[:8 + struct.unpack_from("=I", raw, 0)[0]]
 
 
+def path_of_handle(mount_fd, handle):
+    """The path of a directory from its struct file_handle (the bytes after the
+    fsid in a record), or None: open_by_handle_at (CAP_DAC_READ_SEARCH) on
+    mount_fd's filesystem, O_PATH (nothing is read), then the fd's link."""
+    ctypes, libc = _libc()
+    fd = libc.open_by_handle_at(mount_fd, handle, os.O_PATH | os.O_CLOEXEC)
+    if fd < 0:
+        return None
+    try:
+        path = os.readlink("/proc/self/fd/%d" % fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if not path.startswith("/") or path.endswith(" (deleted)"):
+        return None
+    return path
+
+
+def _is_script(path):
+    """Does the regular file at path start with #!? (Never follows a final
+    symlink, never blocks: O_NONBLOCK.)"""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and os.read(fd, 2) == b"#!"
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _mount_top(d):
+    """The top directory of d's filesystem (as mounted above d), or None."""
+    try:
+        dev = os.lstat(d).st_dev if d else None
+        while dev is not None and d != "/":
+            up = os.path.dirname(d)
+            if os.lstat(up).st_dev != dev:
+                break
+            d = up
+    except OSError:
+        return None
+    return d if dev is not None else None
+
+
 def _refusal(e):
     """Why fanotify cannot be used, from the errno of init or mark."""
     if e.errno == errno.EPERM:
-        return ("not permitted: no CAP_SYS_ADMIN in the initial user namespace, or a "
-                "system-call filter (a systemd unit's SystemCallFilter=) (%s)" % e.strerror)
+        return "not permitted: " + _eperm_cause()
     if e.errno == errno.EINVAL:
         return "kernel %s lacks FAN_REPORT_DFID_NAME/FAN_MARK_FILESYSTEM (needs 5.9)" \
             % os.uname().release
@@ -4033,6 +4092,39 @@ def _refusal(e):
     if e.errno == errno.ENOSYS:
         return "kernel without fanotify"
     return e.strerror or str(e)
+
+
+CAP_SYS_ADMIN = 21
+FANOTIFY_DROPIN = "/etc/systemd/system/fimwatch.service.d/fanotify.conf"   # install.sh's
+
+
+def _eperm_cause(proc=PROC):
+    """Which of the three things that refuse fanotify_init with EPERM it is,
+    from /proc/self: a user namespace, no CAP_SYS_ADMIN, or (with the
+    capability) a seccomp filter -- the unit's, or a container runtime's
+    (systemd-nspawn's and Docker's default filters refuse fanotify_init for
+    every process in the container, services included)."""
+    try:
+        with open(proc + "/self/uid_map") as f:
+            own_ns = f.read().split() != ["0", "0", "4294967295"]
+        with open(proc + "/self/status") as f:
+            status = dict(line.split(":", 1) for line in f if ":" in line)
+        has_cap = int(status["CapEff"], 16) >> CAP_SYS_ADMIN & 1
+        seccomp = status.get("Seccomp", "0").strip() != "0"
+    except (OSError, KeyError, ValueError):
+        return "no CAP_SYS_ADMIN in the initial user namespace, or a system-call filter"
+    if own_ns:
+        return ("in a user namespace (a container's, or the unit's PrivateUsers=): fanotify "
+                "needs CAP_SYS_ADMIN in the initial user namespace")
+    if not has_cap:
+        return ("no CAP_SYS_ADMIN (under systemd: the unit's drop-in %s grants it; install.sh "
+                "installs it unless [watch] backend = inotify)" % FANOTIFY_DROPIN)
+    if seccomp:
+        return ("CAP_SYS_ADMIN is there, so a seccomp system-call filter refuses it: the "
+                "unit's SystemCallFilter= (the drop-in %s lets fanotify_init and fanotify_mark "
+                "through) or a container's (systemd-nspawn and Docker refuse fanotify_init "
+                "unless told otherwise)" % FANOTIFY_DROPIN)
+    return "refused with CAP_SYS_ADMIN and no seccomp filter (a security module's policy?)"
 
 
 def choose_backends(roots, want, probe_fd=None):
@@ -4161,13 +4253,17 @@ def _chain(pid, depth=12):
 
 class ProcessCache:
     """pid -> process info, read once per pid per read() of the queue; a pid
-    that has exited since is named from what an earlier record of it read
-    (confidence "cached"), else by number only ("none")."""
+    that has exited since is named from what an earlier record of it read,
+    or from the exec cache (executed(pid): the binary it last executed, and
+    the script it ran), with confidence "cached"; else by number only
+    ("none"). A live process whose /proc/PID/exe we may not read gets its
+    exe from the exec cache too."""
     KEEP = 512
 
-    def __init__(self):
+    def __init__(self, executed=None):
         self.seen = collections.OrderedDict()     # pid -> info, last read
         self.batch = {}
+        self.executed = executed or (lambda pid: {})
 
     def new_batch(self):
         self.batch = {}
@@ -4178,6 +4274,8 @@ class ProcessCache:
             return info
         live = process_info(pid)
         if live is not None:
+            if live.get("exe") is None:
+                live["exe"] = self.executed(pid).get("exe")
             info = dict(live, confidence="live")
             self.seen[pid] = live
             self.seen.move_to_end(pid)
@@ -4186,7 +4284,8 @@ class ProcessCache:
         elif pid in self.seen:
             info = dict(self.seen[pid], confidence="cached")
         else:
-            info = {"pid": pid, "confidence": "none"}
+            ex = self.executed(pid)
+            info = dict(ex, pid=pid, confidence="cached" if ex else "none")
         self.batch[pid] = info
         return info
 
@@ -4197,6 +4296,8 @@ class FanotifyBackend:
     map; writer(path) names the process behind the last record of path."""
     name = "fanotify"
     WRITERS_KEEP = 4096
+    EXECS_KEEP = 4096            # pids whose last exec is remembered
+    HANDLES_KEEP = 1024          # directory handles resolved by open_by_handle_at
 
     def __init__(self, fd=None):
         self.fd, self.flags = (fd, 0) if fd is not None else fanotify_open()
@@ -4206,8 +4307,13 @@ class FanotifyBackend:
         self.keys = {}               # directory path -> fsid + handle
         self.froms = {}              # object handle -> (path, isdir) of a MOVED_FROM
         self.from_reads = 0
-        self.procs = ProcessCache()
+        self.execs = collections.OrderedDict()      # pid -> (dir key, name, script key)
+        self.last_exec = None        # pid of the last exec record
+        self.handle_paths = collections.OrderedDict()   # dir key -> path or None
+        self.mark_dirs = {}          # fsid -> a directory on it (the first marked)
+        self.procs = ProcessCache(self.executed)
         self.writers = collections.OrderedDict()     # path -> process info
+        self.setid_seen = {}         # (dev, ino) -> (set-id bits, capability) reported
         self.me = os.getpid()
         self.noise, self.relevant = False, 0
         # 0 during the start-up walks (they drain the queue every 64
@@ -4242,6 +4348,7 @@ class FanotifyBackend:
                     raise OSError(errno.EACCES, "fanotify cannot mark its filesystem: "
                                   + _refusal(e))
                 self.marked.add(fsid)
+                self.mark_dirs[fsid] = d
             self.mounts[mount_id] = fsid
         key = fsid + handle
         old = self.keys.get(d)
@@ -4280,6 +4387,70 @@ class FanotifyBackend:
     def writer(self, path):
         """The process behind the last record of path (then forgotten)."""
         return self.writers.pop(path, None)
+
+    def _note_exec(self, data, off, end, pid):
+        # Every execve on the filesystem comes here: read only the first info
+        # record (the directory and name, as the kernel puts it first).
+        if data[off] != FAN_INFO_DFID_NAME:
+            return
+        o = off + 20 + _U32.unpack_from(data, off + 12)[0]
+        z = data.find(b"\0", o, end)
+        name = data[o:z if z >= 0 else end]
+        if name.startswith(b"ld-") and b".so" in name:
+            return                       # the ELF interpreter, opened after the binary
+        dkey = data[off + 4:off + 20 + _U32.unpack_from(data, off + 12)[0]]
+        ex = self.execs
+        # A script's execve opens the script, then its interpreter: two
+        # records in a row for one pid. The first is kept as the script.
+        before = ex.get(pid) if self.last_exec == pid else None
+        ex[pid] = (dkey, name, before and before[:2])
+        self.last_exec = pid
+        ex.move_to_end(pid)
+        if len(ex) > self.EXECS_KEEP:
+            ex.popitem(last=False)
+
+    def executed(self, pid):
+        """{"exe": path} of the binary pid last executed, as the exec cache
+        saw it, with "script": path when that was a #! script run by it;
+        {} when unknown."""
+        entry = self.execs.get(pid)
+        exe = self._exec_path(entry[:2]) if entry else None
+        if exe is None:
+            return {}
+        out = {"exe": esc(exe)}
+        script = self._exec_path(entry[2]) if entry[2] else None
+        if script is not None and _is_script(script):
+            out["script"] = esc(script)
+        return out
+
+    def _exec_path(self, key):
+        dkey, name = key
+        d = self.dirs.get(dkey) or self._dir_of_handle(dkey)
+        return None if d is None else (d if d != "/" else "") + "/" + os.fsdecode(name)
+
+    def _dir_of_handle(self, dkey):
+        """A directory outside the map, by handle (cached, misses too)."""
+        hp = self.handle_paths
+        if dkey in hp:
+            return hp[dkey]
+        path = None
+        top = _mount_top(self.mark_dirs.get(dkey[:8]))
+        if top is not None:
+            # Opened for this lookup only: a held fd on a watched directory
+            # would keep its inode, and with it IN_DELETE_SELF, from the kernel.
+            try:
+                mfd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                mfd = None
+            if mfd is not None:
+                try:
+                    path = path_of_handle(mfd, dkey[8:])
+                finally:
+                    os.close(mfd)
+        hp[dkey] = path
+        if len(hp) > self.HANDLES_KEEP:
+            hp.popitem(last=False)
+        return path
 
     def _note_writer(self, path, pid):
         w = self.writers
@@ -4325,11 +4496,72 @@ class FanotifyBackend:
                 # event, the object): most records on a filesystem mark are
                 # outside the trees and end at this lookup.
                 o = off + mlen
+                if mask & FAN_OPEN_EXEC:
+                    self._note_exec(data, o, off + ln, pid)
+                    if not mask & FAN_CHANGES:
+                        off += ln
+                        continue
                 if data[o + 4:o + 20 + _U32.unpack_from(data, o + 12)[0]] in dirs:
                     self.relevant += 1
                     self._dispatch(eng, data, o, off + ln, mask, pid)
+                elif mask & SETID_MASK and not mask & FAN_ONDIR:
+                    self._setid_outside(eng, data, o, off + ln, pid)
             off += ln
         return n
+
+    def _setid_outside(self, eng, data, off, end, pid):
+        """Set-id anywhere: a chmod, setcap or rename outside the watched
+        trees that leaves a set-id file or file capabilities is critical
+        (Samhain finds these only in a periodic full-disk scan). One lstat
+        per such record; the directory's handle is resolved once (cached)."""
+        dkey, name, _ = self._records(data, off, end)
+        if name is None or name == b".":
+            return
+        d = self._dir_of_handle(dkey)
+        if d is None:
+            return
+        p = (d if d != "/" else "") + "/" + os.fsdecode(name)
+        try:
+            st = os.lstat(p)
+        except OSError:
+            return
+        if not stat.S_ISREG(st.st_mode):
+            return
+        try:
+            cap = os.getxattr(p, _CAP_NAME, follow_symlinks=False)
+        except OSError:
+            cap = None
+        setid = st.st_mode & (stat.S_ISUID | stat.S_ISGID)
+        key = (st.st_dev, st.st_ino)
+        seen = self.setid_seen
+        state = (setid, cap)
+        if not setid and cap is None:
+            seen.pop(key, None)          # cleared: setting it again is news again
+            return
+        if seen.get(key) == state:
+            return
+        seen[key] = state
+        if len(seen) > self.WRITERS_KEEP:
+            seen.pop(next(iter(seen)))
+        what = []
+        if st.st_mode & stat.S_ISUID:
+            what.append("setuid-%s" % (user_name(st.st_uid) or st.st_uid))
+        if st.st_mode & stat.S_ISGID:
+            what.append("setgid-%s" % (group_name(st.st_gid) or st.st_gid))
+        if cap is not None:
+            what.append("file capabilities %s" % cap_text(cap))
+        ev = new_event(eng.cfg.hostname, "setid", "critical", "realtime", esc(p), kind="file",
+                       mode="%04o" % stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid,
+                       owner=user_name(st.st_uid), group=group_name(st.st_gid),
+                       capability=cap_text(cap) if cap is not None else None,
+                       summary="%s outside the watched paths" % " and ".join(what),
+                       message="%s is %s (outside the watched paths; seen by the "
+                               "filesystem mark)" % (esc(p), " and ".join(what)))
+        proc = self.procs.get(pid)
+        if proc:
+            ev["process"] = proc
+        eng.stats["changes"] += 1
+        eng.emit_cb(ev)
 
     def _dispatch(self, eng, data, off, end, mask, pid):
         dkey, name, okey = self._records(data, off, end)
@@ -6346,15 +6578,32 @@ def three_lines(ev, head=None):
                                             if ev.get("reason") else "")
     else:
         what = head or "%s: %s on %s." % (ev["severity"].upper(), ev["event"], ev["host"])
-    p = ev.get("process") or {}
-    who = ["process %s (pid %s, user %s)" % (p.get("exe", "?"), p.get("pid", "?"),
-                                              p.get("user", "?"))] if p else []
+    who = [process_phrase(ev["process"])] if isinstance(ev.get("process"), dict) else []
     if ev.get("users"):
         who.append("logged in: " + ", ".join(ev["users"]))
     who = "Who:  " + ("; ".join(who) if who else "not known (nobody was logged in)")
     now = "Next: expected (you, a deploy, an upgrade)? Nothing to do: fimwatch already " \
           "keeps the new state. If not, see below."
     return [what, who, now]
+
+
+def process_phrase(p):
+    """Who wrote, in words: "alice (session 4) ran /usr/bin/vim as root
+    (pid 812, seen live)"; the program is the script for a #! run."""
+    prog = p.get("script") or p.get("exe") or p.get("comm") or "an unknown program"
+    login, user = p.get("login_user"), p.get("user")
+    if login:
+        sess = " (session %s)" % p["session"] if p.get("session") is not None else ""
+        text = "%s%s ran %s" % (login, sess, prog)
+    else:
+        text = "process %s" % prog
+    if user and user != login:
+        text += " as %s" % user
+    text += " (pid %s" % p.get("pid", "?")
+    if p.get("confidence") and p["confidence"] != "live":
+        text += ", %s" % {"cached": "named from its exec, it had exited",
+                          "none": "not named"}.get(p["confidence"], p["confidence"])
+    return text + ")"
 
 
 def _digest_text(ev):
@@ -8054,6 +8303,7 @@ def check_config_report(cfg, root=None):
         "also_watched": cfg.extra_roots(),
         "scan_only": list(cfg.scan_only),
         "exclude": list(cfg.exclude.patterns),
+        "backend": cfg.get("watch", "backend"),
         "watches_needed": need,
         "max_user_watches": read_sysctl("max_user_watches"),
         "recommended_max_user_watches": recommended_watches(need),

@@ -19,10 +19,18 @@
 #   FIMWATCH_BASE_URL   where a piped installer fetches the other files; every
 #                       file is checked against BASE_URL/SHA256SUMS, made with
 #                         sha256sum fimwatch.py fimwatch.conf.example *.service \
-#                           *.socket fimwatch-sendmail-relay [WHEEL] > SHA256SUMS
+#                           *.socket fimwatch-sendmail-relay fimwatch-fanotify.conf \
+#                           [WHEEL] > SHA256SUMS
 #   PYTHON              the python3 (>= 3.9) to run fimwatch with
 #                       (default: /usr/bin/python3, else python3 on PATH)
 #   FIMWATCH_INSECURE_HTTP=1  allow a plain-http BASE_URL that is not loopback
+#
+# The fanotify drop-in (fimwatch-fanotify.conf, installed as
+# /etc/systemd/system/fimwatch.service.d/fanotify.conf) gives the unit
+# CAP_SYS_ADMIN and the fanotify system calls, so events name the process
+# that made each change. It is installed unless the config says
+# `[watch] backend = inotify`, and removed when it does: set that and re-run
+# the installer for the unit's tighter sandbox alone.
 #
 # Re-running upgrades in place: files whose content did not change are not
 # rewritten, an existing /etc/fimwatch/fimwatch.conf is never overwritten (the
@@ -49,7 +57,10 @@ SYSCTL_FILE=/etc/sysctl.d/60-fimwatch.conf
 SERVICE=fimwatch.service
 SOCKET=fimwatch-sendmail.socket
 UNITS="fimwatch.service fimwatch-failure@.service fimwatch-sendmail.socket fimwatch-sendmail@.service"
-SOURCE_FILES="fimwatch.py fimwatch.conf.example fimwatch-sendmail-relay $UNITS"
+DROPIN_DIR=$UNITDIR/fimwatch.service.d
+FANOTIFY_DROPIN=$DROPIN_DIR/fanotify.conf
+FANOTIFY_SRC=fimwatch-fanotify.conf
+SOURCE_FILES="fimwatch.py fimwatch.conf.example fimwatch-sendmail-relay $FANOTIFY_SRC $UNITS"
 
 # --- state (set by options and preflight) --------------------------------------
 DRY_RUN=0
@@ -70,6 +81,8 @@ WATCH_DIRS=
 WATCH_LIMIT=
 CONFIG_JSON=          # fimwatch check-config --json, once the config is in place
 STATE_DIR=$STATEDIR   # [fimwatch] state_dir of the config
+FANOTIFY=             # 1: install the fanotify drop-in, 0: remove it (fanotify_wanted)
+FANOTIFY_NOTE=
 
 # --- output ------------------------------------------------------------------
 setup_colours() {
@@ -440,6 +453,11 @@ staged_files() {
 }
 
 pending_changes() {
+    if fanotify_wanted; then
+        cmp -s "$SRC/$FANOTIFY_SRC" "$ROOT$FANOTIFY_DROPIN" || return 0
+    elif [ -e "$ROOT$FANOTIFY_DROPIN" ]; then
+        return 0
+    fi
     # A new example beside an edited config counts as a change too.
     if [ -f "$ROOT$CONF" ] && ! cmp -s "$SRC/fimwatch.conf.example" "$ROOT$CONF" \
         && ! cmp -s "$SRC/fimwatch.conf.example" "$ROOT$CONF.new"; then
@@ -519,6 +537,51 @@ install_config() {
     make_dir "$ROOT$LOGDIR" 0750
 }
 
+# --- the fanotify drop-in ------------------------------------------------------------
+# Wanted unless the config says [watch] backend = inotify (auto and fanotify
+# use it). No config yet: the example goes in, and it says auto. A config the
+# program cannot read: leave the drop-in as it is (the install stops at
+# check_config anyway). Decided once per run.
+fanotify_wanted() {
+    if [ -z "$FANOTIFY" ]; then
+        if [ -z "$CONFIG_JSON" ] && [ -f "$ROOT$CONF" ]; then
+            ask_program 2>/dev/null || true
+        fi
+        if [ -n "$CONFIG_JSON" ]; then
+            backend=$(from_program backend) || fatal "cannot read what fimwatch check-config --json said"
+            if [ "$backend" = inotify ]; then FANOTIFY=0; else FANOTIFY=1; fi
+        elif [ ! -f "$ROOT$CONF" ] || [ -f "$ROOT$FANOTIFY_DROPIN" ]; then
+            FANOTIFY=1
+        else
+            FANOTIFY=0
+        fi
+    fi
+    [ "$FANOTIFY" = 1 ]
+}
+
+install_fanotify_dropin() {
+    STEP="installing the fanotify drop-in"
+    if fanotify_wanted; then
+        if [ ! -d "$ROOT$DROPIN_DIR" ]; then
+            CHANGED_PATHS="$CHANGED_PATHS $DROPIN_DIR"
+        fi
+        make_dir "$ROOT$DROPIN_DIR" 0755
+        if install_file "$SRC/$FANOTIFY_SRC" "$ROOT$FANOTIFY_DROPIN" 0644; then
+            CHANGED_PATHS="$CHANGED_PATHS $FANOTIFY_DROPIN"
+            UNITS_CHANGED=1
+        fi
+        FANOTIFY_NOTE="fanotify: events name the process (CAP_SYS_ADMIN: $FANOTIFY_DROPIN)"
+    else
+        if [ -e "$ROOT$FANOTIFY_DROPIN" ]; then
+            info "[watch] backend = inotify: removing $ROOT$FANOTIFY_DROPIN (the unit's tighter sandbox)"
+            run rm -f "$ROOT$FANOTIFY_DROPIN"
+            CHANGED_PATHS="$CHANGED_PATHS $FANOTIFY_DROPIN"
+            UNITS_CHANGED=1
+        fi
+        FANOTIFY_NOTE="inotify ([watch] backend = inotify: no $FANOTIFY_DROPIN, no CAP_SYS_ADMIN)"
+    fi
+}
+
 # --- asking the program ---------------------------------------------------------------
 # The config is the program's to read: `fimwatch check-config --json` gives the
 # watched paths, excludes and state_dir as the daemon will see them, and the
@@ -557,6 +620,8 @@ if query == "limits":
     print(int(c["watches_needed"]), int(c["recommended_max_user_watches"]),
           int(c["recommended_max_user_instances"]), int(c["max_user_watches"] or 0),
           int(c["max_user_instances"] or 0), c["state_dir"])
+elif query == "backend":
+    print(c.get("backend", "auto"))
 elif query == "under-roots":
     roots = [r[k] for r in c["roots"] for k in ("configured", "watched")] + c["scan_only"] \
         + c.get("also_watched", [])
@@ -747,6 +812,11 @@ uninstall() {
     for f in $UNITS; do
         [ -e "$ROOT$UNITDIR/$f" ] && run rm -f "$ROOT$UNITDIR/$f"
     done
+    [ -e "$ROOT$FANOTIFY_DROPIN" ] && run rm -f "$ROOT$FANOTIFY_DROPIN"
+    # Only if empty: a `systemctl edit` override of the admin's stays.
+    if [ -d "$ROOT$DROPIN_DIR" ]; then
+        run rmdir "$ROOT$DROPIN_DIR" 2>/dev/null || true
+    fi
     [ -e "$ROOT$BIN" ] && run rm -f "$ROOT$BIN"
     [ -e "$ROOT$LIBDIR" ] && run rm -rf "$ROOT$LIBDIR"
     [ -e "$ROOT$SYSCTL_FILE" ] && run rm -f "$ROOT$SYSCTL_FILE"
@@ -759,7 +829,7 @@ uninstall() {
         done
         info "purged: program, units, library, sysctl drop-in, config, state and logs removed"
     else
-        info "removed the service, $BIN, $LIBDIR and $SYSCTL_FILE"
+        info "removed the service (and its fanotify drop-in), $BIN, $LIBDIR and $SYSCTL_FILE"
         info "kept $CONFDIR, $STATEDIR and $LOGDIR (--purge removes them)"
     fi
     info "inotify limits raised earlier stay until reboot"
@@ -778,6 +848,7 @@ summary() {
         echo "  config     $CONF ($CONF_NOTE)" >&2
     fi
     echo "  state      $STATE_DIR   events log: $LOGDIR/events.jsonl" >&2
+    [ -z "$FANOTIFY_NOTE" ] || echo "  backend    $FANOTIFY_NOTE" >&2
     echo "  watches    about ${WATCH_DIRS:-?} needed (one per watched directory), kernel limit ${WATCH_LIMIT:-?} ($SYSCTL_FILE)" >&2
     if [ -n "$ROOT" ]; then
         echo "  units      $UNITDIR/ (staged; nothing was started)" >&2
@@ -835,6 +906,7 @@ main() {
     compile_module
     install_config
     setup_sysctl
+    install_fanotify_dropin
     if [ -z "$ROOT" ]; then
         check_config
         if [ "$HAVE_SYSTEMD" = 1 ]; then

@@ -4,6 +4,11 @@ filesystem but outside the watched tree, inotify vs fanotify (a filesystem
 mark sees those writes too). Run as root from a checkout with .venv:
 
     sudo python3 bench/backend_noise.py [--base /tmp/fw-noise] [--seconds 10]
+        [--op write|chmod]
+
+--op chmod changes the mode of the files instead (chmod 644/600 in turn):
+each such record outside the trees costs fanotify's set-id check a lstat and
+a getxattr (a set-id file anywhere on the filesystem is reported).
 """
 
 import argparse
@@ -54,30 +59,35 @@ def start(base, backend):
     return p
 
 
-def run(base, backend, seconds, rate=1000):
+def run(base, backend, seconds, rate=1000, op="write"):
     p = start(os.path.join(base, backend), backend)
     out = os.path.join(base, backend, "out")
     c0, t0, n = cpu_seconds(p.pid), time.time(), 0
     while time.time() - t0 < seconds:
         for _ in range(rate // 10):
-            with open("%s/f%d" % (out, n % 500), "w") as f:
-                f.write("x")
+            name = "%s/f%d" % (out, n % 500)
+            if op == "chmod" and n >= 500:
+                os.chmod(name, 0o644 if n % 2 else 0o600)
+            else:
+                with open(name, "w") as f:
+                    f.write("x")
             n += 1
         time.sleep(max(0.0, t0 + n / rate - time.time()))
     dt, used = time.time() - t0, cpu_seconds(p.pid) - c0
     p.terminate()
     p.wait()
-    print("%-8s %d writes outside the tree in %.1fs (%.0f/s): daemon CPU %.2fs = %.1f%% "
-          "of a core" % (backend, n, dt, n / dt, used, 100 * used / dt))
+    print("%-8s %d %ss outside the tree in %.1fs (%.0f/s): daemon CPU %.2fs = %.1f%% "
+          "of a core" % (backend, n, op, dt, n / dt, used, 100 * used / dt))
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", default="/tmp/fw-noise")
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--op", choices=("write", "chmod"), default="write")
     a = ap.parse_args()
     for backend in ("inotify", "fanotify"):
-        run(a.base, backend, a.seconds)
+        run(a.base, backend, a.seconds, op=a.op)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ fanotify's FAN_MARK_FILESYSTEM sees the whole filesystem of the temp tree
 """
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -27,17 +29,21 @@ def fan(fim, **watch):
 
 # --- attribution ---------------------------------------------------------------
 
-def test_write_by_a_child_names_its_process(fim):
-    fan(fim)
-    d = fim.daemon()
-    p = fim.root / "by-child.txt"
+def live_child_write(d, p):
+    """A python child writes p and stays alive 2 s: (the created event, the child)."""
     code = "import sys, time; open(sys.argv[1], 'w').write('hi\\n'); time.sleep(2)"
     child = subprocess.Popen([sys.executable, "-c", code, str(p), "marker-arg"])
     try:
-        e = d.wait_for(is_event("created", p))
+        return d.wait_for(is_event("created", p)), child
     finally:
         child.kill()
         child.wait()
+
+
+def test_write_by_a_child_names_its_process(fim):
+    fan(fim)
+    d = fim.daemon()
+    e, child = live_child_write(d, fim.root / "by-child.txt")
     proc = e.get("process")
     assert proc, e
     assert proc["pid"] == child.pid, proc
@@ -71,6 +77,93 @@ def test_short_lived_dropper_is_still_named(fim):
     d.stop()
 
 
+WRITERS = {"sh": (lambda f: ["sh", "-c", "echo x >> %s" % f], "/bin/sh"),
+           "cp": (lambda f: ["cp", "/etc/hostname", f], "/bin/cp"),
+           "sed": (lambda f: ["sed", "-i", "s/a/b/", f], "/bin/sed")}
+
+
+def test_short_lived_writers_are_named_by_the_exec_cache(fim):
+    """sh -c 'echo x >> f', cp and sed -i, 20 each, each gone at once: every
+    event names the right exe (the binary, not the ELF interpreter that is
+    opened for exec after it), from the exec cache when /proc came too late.
+    The binaries are outside the tree: their directory is found by handle."""
+    n = 20
+    for name in WRITERS:
+        for i in range(n):
+            write(fim.root / ("%s-%d" % (name, i)), "a\n")
+    fan(fim)
+    d = fim.daemon()
+    m = d.mark()
+    for name, (argv, _) in WRITERS.items():
+        for i in range(n):
+            subprocess.run(argv(str(fim.root / ("%s-%d" % (name, i)))), check=True)
+    for name, (_, exe) in WRITERS.items():
+        exe = os.path.realpath(exe)
+        evs = [d.wait_for(is_event("modified", fim.root / ("%s-%d" % (name, i))), since=m)
+               for i in range(n)]
+        procs = [e.get("process") or {} for e in evs]
+        wrong = [p for p in procs if p.get("exe") != exe]
+        assert not wrong, (name, exe, wrong[:3])
+        assert all(p["confidence"] in ("live", "cached") for p in procs), procs
+    d.stop()
+
+
+def test_dropper_script_is_named_with_its_interpreter(fim):
+    """A #! script outside the tree writes into it and exits: the event names
+    the interpreter as exe and the script as script (its execve opened both);
+    `sh -c 'exec cp ...'` is cp with no script (dash is no #! file)."""
+    dropper = write(fim.outside / "dropper", "#!/bin/sh\necho evil > %s\n" % (fim.root / "h"),
+                    mode=0o755)
+    fan(fim)
+    d = fim.daemon()
+    subprocess.run([str(dropper)], check=True)
+    subprocess.run(["sh", "-c", "exec cp /etc/hostname %s" % (fim.root / "c")], check=True)
+    proc = d.wait_for(is_event("created", fim.root / "h"))["process"]
+    assert proc["exe"] == os.path.realpath("/bin/sh") and proc["script"] == str(dropper), proc
+    proc = d.wait_for(is_event("created", fim.root / "c"))["process"]
+    assert proc["exe"] == os.path.realpath("/bin/cp") and "script" not in proc, proc
+    d.stop()
+
+
+@pytest.mark.skipif(not shutil.which("capsh"), reason="capsh (libcap2-bin) missing")
+def test_exe_from_the_exec_cache_when_proc_exe_is_unreadable(fim, tmp_path):
+    """As under the unit: a daemon without CAP_SYS_PTRACE may not read a
+    root process's /proc/PID/exe (it has capabilities the daemon lacks); the
+    live writer's exe comes from the exec cache, its cmdline from /proc."""
+    wrapper = tmp_path / "python-without-ptrace"
+    wrapper.write_text('#!/bin/sh\nexec capsh --drop=cap_sys_ptrace -- -c \'exec "$0" "$@"\' '
+                       '%s "$@"\n' % sys.executable)
+    wrapper.chmod(0o755)
+    fan(fim)
+    d = fim.daemon(python=str(wrapper))
+    status = open("/proc/%d/status" % d.pid).read()
+    eff = int(re.search(r"^CapEff:\s*([0-9a-f]+)", status, re.M).group(1), 16)
+    assert not eff & (1 << 19), "the daemon still has CAP_SYS_PTRACE"     # the premise
+    e, child = live_child_write(d, fim.root / "by-live-child.txt")
+    proc = e.get("process")
+    assert proc and proc["pid"] == child.pid and proc["confidence"] == "live", e
+    assert "marker-arg" in proc["cmdline"], proc
+    assert proc["exe"] == os.path.realpath(sys.executable), proc
+    d.stop()
+
+
+def test_directory_handle_to_path(tmp_path):
+    """open_by_handle_at turns a directory's handle back into its path; a
+    handle of a deleted directory gives None, not an error."""
+    import fimwatch
+    d = tmp_path / "some" / "dir"
+    d.mkdir(parents=True)
+    handle = fimwatch.dir_handle(str(d))[1]
+    mfd = os.open(fimwatch._mount_top(str(d)), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert fimwatch.path_of_handle(mfd, handle) == str(d)
+        d.rmdir()
+        assert fimwatch.path_of_handle(mfd, handle) is None
+        assert fimwatch.path_of_handle(mfd, b"\x08\0\0\0\x01\0\0\0" + b"\xff" * 8) is None
+    finally:
+        os.close(mfd)
+
+
 def test_inotify_events_carry_no_process(fim):
     fim.write_config(watch={"backend": "inotify"})
     d = fim.daemon()
@@ -99,6 +192,33 @@ def test_writes_outside_the_roots_are_not_events(fim):
     assert e["process"]["pid"] == os.getpid(), e
     d.assert_quiet(lambda e: e.get("event") in te.FILE_EVENTS
                    and not e.get("path", "").startswith(str(fim.root)),
+                   since=m, control=control_file())
+    d.stop()
+
+
+def test_setid_anywhere_on_the_marked_filesystem_is_critical(fim):
+    """A setuid bit or file capabilities set outside the watched paths (on
+    the filesystem the mark covers) is a critical `setid` event, once; a
+    plain chmod there is not an event. The positive control comes last."""
+    fan(fim)
+    d = fim.daemon()
+    m = d.mark()
+    plain = write(fim.outside / "plain", "x\n")
+    os.chmod(plain, 0o755)                                    # nothing set-id: silent
+    evil = write(fim.outside / "rootshell", "#!/bin/sh\n")
+    os.chmod(evil, 0o4755)
+    e = d.wait_for(is_event("setid", evil), since=m)
+    assert e["severity"] == "critical" and e["mode"] == "4755", e
+    assert e["summary"] == "setuid-root outside the watched paths", e
+    assert e["process"]["pid"] == os.getpid(), e
+    os.utime(evil)                                            # same state: not again
+    if shutil.which("setcap"):
+        capped = write(fim.outside / "capped", "x\n")
+        subprocess.run(["setcap", "cap_setuid+ep", str(capped)], check=True)
+        e = d.wait_for(is_event("setid", capped), since=m)
+        assert "file capabilities cap_setuid=ep" in e["summary"], e
+    d.assert_quiet(lambda e: e.get("path") == str(plain) or
+                   len([x for x in d.events(m) if x.get("path") == str(evil)]) > 1,
                    since=m, control=control_file())
     d.stop()
 
@@ -216,6 +336,25 @@ def test_auto_uses_fanotify_as_root_and_status_says_so(fim):
     p = write(fim.root / "f.txt", "x\n")
     assert "process" in d.wait_for(is_event("created", p))
     d.stop()
+
+
+@pytest.mark.skipif(not shutil.which("capsh"), reason="capsh (libcap2-bin) missing")
+def test_refusal_without_cap_sys_admin_names_the_drop_in(fim):
+    """Root without CAP_SYS_ADMIN (as under the unit without its fanotify
+    drop-in): auto falls back, and the reason says which drop-in grants it."""
+    fim.write_config(watch={"backend": "auto"})
+    r = subprocess.run(["capsh", "--drop=cap_sys_admin", "--", "-c",
+                        'exec "$0" "$@"', sys.executable, "fimwatch.py", "--config",
+                        str(fim.conf), "check-config"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       cwd=str(REPO), timeout=60)
+    assert r.returncode == 0, describe(r)
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("# backend: ")]
+    # Linux >= 5.13 gives an unprivileged FID group: then the mark is refused.
+    assert len(line) == 1 and line[0].startswith("# backend: %s: inotify (" % fim.root), line
+    assert ("not permitted: no CAP_SYS_ADMIN (under systemd: the unit's drop-in /etc/systemd/"
+            "system/fimwatch.service.d/fanotify.conf grants it; install.sh installs it unless "
+            "[watch] backend = inotify))") in line[0], line
 
 
 def test_backend_fanotify_refused_is_a_config_error(fim):

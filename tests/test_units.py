@@ -341,3 +341,16 @@ def test_hash_file_reads_no_further_than_lstat_saw(tmp_path):
     sha, fst, data = fimwatch.hash_file(str(p), st)
     assert sha == hashlib.sha256(b"a" * 100 + b"b" * (3 << 20)).hexdigest()
     assert fst.st_size == st.st_size and data is None
+
+
+@pytest.mark.parametrize("proc, text", [
+    ({"pid": 812, "exe": "/usr/bin/vim", "user": "root", "login_user": "alice", "session": 4,
+      "confidence": "live"}, "alice (session 4) ran /usr/bin/vim as root (pid 812)"),
+    ({"pid": 5, "exe": None, "comm": "sh", "user": "root", "confidence": "cached",
+      "script": "/root/dropper"},
+     "process /root/dropper as root (pid 5, named from its exec, it had exited)"),
+    ({"pid": 7, "exe": None, "comm": "kworker"}, "process kworker (pid 7)"),
+    ({"pid": 9, "exe": None}, "process an unknown program (pid 9)"),
+])
+def test_process_phrase_never_says_none(proc, text):
+    assert fimwatch.process_phrase(proc) == text
