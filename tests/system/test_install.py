@@ -1529,9 +1529,10 @@ def test_ct_tampering_with_the_monitor_is_critical_whatever_paths_say(box):
     ct.sh("echo '# tampered' >> %s" % prog)
     crit("modified", prog)
     assert not [e for e in ct.events()[n:] if e.get("path") == other]
-    # put everything back (the program as it was: the comment line removed)
-    ct.sh("rm -rf %s %s; sed -i '$ d' %s; cp -p /root/fimwatch.conf.saved %s"
-          % (os.path.dirname(drop), other, prog, conf))
+    # put everything back (the program as it was: the comment line removed;
+    # the drop-in directory stays if install.sh's fanotify.conf is in it)
+    ct.sh("rm -f %s %s; rmdir %s 2>/dev/null; sed -i '$ d' %s; cp -p /root/fimwatch.conf.saved %s"
+          % (drop, other, os.path.dirname(drop), prog, conf))
     crit("deleted", drop)
     ct.sh("systemctl reload fimwatch.service")
 
