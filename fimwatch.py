@@ -8182,7 +8182,11 @@ def _backends_status(cfg, running):
         rows = json.loads(raw) if raw else None
     if rows is None:
         rows = choose_backends(_watch_roots(cfg), cfg.get("watch", "backend"))
-    return [{"path": esc(r), "backend": b, "reason": why} for r, b, why in rows]
+    # the configured paths; fimwatch's own files and single append-only logs
+    # are listed once, as "also watched" (check-config)
+    extra = set(cfg.extra_roots())
+    return [{"path": esc(r), "backend": b, "reason": why} for r, b, why in rows
+            if r not in extra]
 
 
 def _print_backends(rows, prefix):
