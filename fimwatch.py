@@ -64,6 +64,7 @@ __version__ = "0.1.0"
 
 import argparse
 import configparser
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -100,6 +101,11 @@ from typing import NamedTuple, Optional
 DEFAULT_CONFIG = "/etc/fimwatch/fimwatch.conf"
 DEFAULT_STATE_DIR = "/var/lib/fimwatch"
 LIBDIR = "/usr/local/lib/fimwatch"          # private copy of inotify_simple
+LAUNCHER = "/usr/local/sbin/fimwatch"       # install.sh's launcher
+UNIT_DIR = "/etc/systemd/system"
+UNITS = ("fimwatch.service", "fimwatch-failure@.service", "fimwatch-sendmail.socket",
+         "fimwatch-sendmail@.service", "fimwatch.service.d")   # .d: the drop-ins
+SYSCTL_CONF = "/etc/sysctl.d/60-fimwatch.conf"
 SENDMAIL = "/usr/sbin/sendmail"
 DEV_LOG = "/dev/log"
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -148,6 +154,7 @@ OFFLOAD_MIN_SIZE = 4 << 20       # a file this big is hashed by a worker, not th
 CHANGING_RETRIES = 1             # re-queues of a file changed while hashed, then reported
 BUILD_OFFLOAD_MIN = 128 << 10    # building: a file this big is hashed by a worker
 BUILD_BATCH_FILES = 8            # ... in jobs of this many files of one directory
+APPEND_WINDOW = 64 << 10         # [watch] append_only: head and tail bytes re-read per append
 CRITICAL_MAX_DELAY = 2.0         # no change on a critical path waits longer to be compared
 CAPTURE_PER_TURN = 256           # new paths snapshotted at first sight per loop turn
 CAPTURE_MAX_SIZE = 1 << 20       # ... hashed up to this size (larger: metadata only)
@@ -423,6 +430,7 @@ watch     scan_only      paths        -
 watch     poll_interval  duration     1m
 watch     editor_grace   duration     24h
 watch     backend        choice:auto|fanotify|inotify  auto
+watch     append_only    patterns     /var/log/auth.log /var/log/wtmp /var/log/btmp
 severity  critical       patterns     %(critical)s
 severity  warning        patterns     -
 severity  notice         patterns     -
@@ -498,7 +506,11 @@ class Config:
         self.scan_only = values[("watch", "scan_only")]
         self.poll_interval = values[("watch", "poll_interval")]
         self.editor_grace = values[("watch", "editor_grace")]
+        self.append_only = values[("watch", "append_only")]
         self.events_file = values[("log", "events_file")]
+        self.own_files = own_files(path, self.events_file)
+        self._own = PatternSet([_glob_escape(p) for p in self.own_files]
+                               + [_glob_escape(p) + "/**" for p in self.own_files])
         # Severity: first matching level in file order wins; default warning.
         order = sorted(SCHEMA["severity"], key=lambda k: lines.get(("severity", k), 1 << 30))
         self.severity_rules = [(k, values[("severity", k)]) for k in order
@@ -507,7 +519,13 @@ class Config:
     def get(self, section, key):
         return self.values[(section, key)]
 
+    def is_own(self, path):
+        """One of fimwatch's own files (own_files), or inside one of its directories."""
+        return self._own.match(path)
+
     def severity_for(self, path):
+        if self._own.match(path):
+            return "critical"            # tampering with the monitor itself
         for level, pats in self.severity_rules:
             if pats.match(path):
                 return level
@@ -524,8 +542,33 @@ class Config:
             out.append((p, r))
         return out
 
+    def extra_roots(self):
+        """Watched whatever [watch] paths says: fimwatch's own files, and the
+        append_only paths that name one file (no wildcard)."""
+        return [p for p in self.own_files + self.append_only.patterns
+                if not any(c in p for c in "*?[")
+                and not any(p == r or p.startswith(r + "/") for r in self.paths)]
+
     def all_roots(self):
         return list(self.paths) + [p for p in self.scan_only if p not in self.paths]
+
+
+def own_files(config_path, events_file):
+    """fimwatch's own files, watched at critical whatever [watch] paths and
+    [severity] say: the program (and LIBDIR, with its byte-compiled copy and
+    inotify_simple), the launcher, the config, the units and their drop-in
+    directory, the sysctl drop-in, and the events file (append-only). The
+    state_dir is not among them: the daemon writes it all the time; a lost or
+    replaced baseline is a baseline_lost event instead."""
+    prog = os.path.realpath(os.path.abspath(__file__))
+    conf = os.path.abspath(config_path)
+    out = [LIBDIR, LAUNCHER, conf, os.path.realpath(conf), SYSCTL_CONF]
+    out += [UNIT_DIR + "/" + u for u in UNITS]
+    if not prog.startswith(LIBDIR + "/"):
+        out.append(prog)                 # run from a checkout
+    if events_file:
+        out.append(events_file)
+    return [_convert_path(p) for i, p in enumerate(out) if p not in out[:i]]
 
 
 # range limits of numeric keys: (section, key) -> (lowest, highest); "webhook"
@@ -778,6 +821,13 @@ def _check_whole(cf, values):
         raise cf.error("fimwatch", "state_dir", "%s is not a place for files" % sd)
     if not values[("watch", "paths")] and not values[("watch", "scan_only")]:
         raise cf.error("watch", "paths", "nothing to watch")
+    for p in values[("watch", "append_only")].patterns:
+        if not p.startswith("/"):
+            raise cf.error("watch", "append_only", "%r is not an absolute path or pattern "
+                           "(e.g. /var/log/auth.log or /var/log/*.log)" % p)
+        if os.path.isdir(p) and not os.path.islink(p):
+            raise cf.error("watch", "append_only", "%s is a directory; name the log files "
+                           "(e.g. %s/*.log)" % (p, p.rstrip("/")))
     if values[("email", "enabled")] and not values[("email", "to")]:
         raise cf.error("email", "to", "empty")
     for key in ("to", "from"):
@@ -991,6 +1041,73 @@ def meta_of(path, st, kind, dir_fd=None):
     return read_meta(path, st, False)
 
 
+# -- paths deeper than PATH_MAX: reached one directory at a time --
+
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+def is_deep(path):
+    """Too long for a path-based system call (ENAMETOOLONG)."""
+    return len(path) >= PATH_MAX // 4 and len(os.fsencode(path)) >= PATH_MAX
+
+
+def open_deep(path, flags=_O_DIR):
+    """os.open(path, flags) for an absolute path of any length. Past PATH_MAX
+    the directories below the longest prefix the kernel takes are opened one
+    at a time through their parent's fd, none followed if a symlink (the
+    walk's own rule: a directory swapped for a symlink never leads out)."""
+    b = os.fsencode(path)
+    if len(b) < PATH_MAX:
+        return os.open(path, flags)
+    cut = b.rindex(b"/", 0, PATH_MAX - 1)
+    fd = os.open(b[:cut] or b"/", _O_DIR)
+    try:
+        parts = [c for c in b[cut + 1:].split(b"/") if c]
+        for c in parts[:-1]:
+            nfd = os.open(c, _O_DIR, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        return os.open(parts[-1], flags, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def deep_parent(path):
+    """(fd of path's directory, path's name) for a path past PATH_MAX, for
+    the dir_fd= form of a system call; the fd is closed afterwards."""
+    d, name = path.rsplit("/", 1)
+    fd = open_deep(d)
+    try:
+        yield fd, name
+    finally:
+        os.close(fd)
+
+
+def lstat_deep(path):
+    """os.lstat for a path of any length."""
+    if not is_deep(path):
+        return os.lstat(path)
+    with deep_parent(path) as (fd, name):
+        return os.lstat(name, dir_fd=fd)
+
+
+def _is_dir_deep(path):
+    try:
+        return stat.S_ISDIR(os.stat(path).st_mode) if not is_deep(path) else \
+            stat.S_ISDIR(lstat_deep(path).st_mode)
+    except OSError:
+        return False
+
+
+def lexists_deep(path):
+    try:
+        lstat_deep(path)
+    except OSError:
+        return False
+    return True
+
+
 def hash_file(path, st, keep=0, dir_fd=None, meta=None):
     """sha256 of the regular file that lstat saw as st. Opens with O_NOFOLLOW
     and O_NONBLOCK, so a symlink swapped in or a FIFO is never followed or
@@ -1060,6 +1177,13 @@ def snapshot(path, max_size, old=None, trust=False, st=None, keep=0, out=None, d
     The security metadata (read_meta) comes through the fd hash_file opens;
     with trust, from the baseline when inode and ctime are unchanged (every
     xattr, ACL, chattr or link change moves ctime)."""
+    if dir_fd is None and is_deep(path):
+        # past PATH_MAX: through the directory's fd, reached one level at a time
+        try:
+            with deep_parent(path) as (pfd, base):
+                return snapshot(path, max_size, old, trust, st, keep, out, pfd, base)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
     if dir_fd is not None:
         path = name
     for _ in range(3):
@@ -1129,6 +1253,82 @@ def _make_rec(kind, st, sha, target, skipped, meta):
                xattrs=xattrs, capability=cap, acl=acl, flags=flags,
                rdev=st.st_rdev if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else None,
                links=st.st_nlink if kind == "file" else None)
+
+
+class Growth(NamedTuple):
+    """An append-only file at the last look ([watch] append_only), in memory:
+    its inode, its size, the sha256 state of its bytes so far (extended by
+    the bytes appended since, never re-read), and sha256 of its first and
+    last APPEND_WINDOW bytes (read again at the next append)."""
+    dev: int
+    ino: int
+    size: int
+    h: object
+    head: str
+    tail: str
+
+
+def _hash_range(fd, h, start, end):
+    """Feed bytes [start, end) of fd to h; False if the file ended first."""
+    while start < end:
+        b = os.pread(fd, min(HASH_CHUNK, end - start), start)
+        if not b:
+            return False
+        h.update(b)
+        start += len(b)
+    return True
+
+
+def _window(fd, start, end):
+    h = hashlib.sha256()
+    return h.hexdigest() if _hash_range(fd, h, start, end) else None
+
+
+def check_growth(fd, fst, old_size, old_sha, known):
+    """Did the append-only file open as fd (fstat fst) only grow since it had
+    old_size bytes with sha256 old_sha? Returns (True, Growth now) or
+    (False, None): bytes already written were changed. With known (the
+    Growth of the last look, same inode and size) only the head and tail
+    windows of the old bytes are read again, and the new bytes once: an
+    append to a 1 GB log costs reading what was appended plus 128 KiB. An
+    edit in the middle of a growing file is found by the next full read (a
+    restart, the periodic verification). Without known, the old bytes are
+    read once and compared with old_sha (None: over hash_max_size, not
+    compared)."""
+    size, w = fst.st_size, APPEND_WINDOW
+    if known is not None and (known.dev, known.ino, known.size) == \
+            (fst.st_dev, fst.st_ino, old_size):
+        if (_window(fd, 0, min(old_size, w)) != known.head
+                or _window(fd, max(0, old_size - w), old_size) != known.tail):
+            return False, None
+        h = known.h.copy()
+    else:
+        h = hashlib.sha256()
+        if not _hash_range(fd, h, 0, old_size) or \
+                (old_sha is not None and h.hexdigest() != old_sha):
+            return False, None
+    if not _hash_range(fd, h, old_size, size):
+        return False, None
+    return True, Growth(fst.st_dev, fst.st_ino, size, h, _window(fd, 0, min(size, w)),
+                        _window(fd, max(0, size - w), size))
+
+
+def rotated_to(path, ino):
+    """The name logrotate gave the inode that was path (path.1, path-DATE,
+    path.0 in the same directory), or None."""
+    d, base = os.path.split(path)
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return None
+    for n in names:
+        if n.startswith((base + ".", base + "-")):
+            try:
+                if os.lstat(os.path.join(d, n)).st_ino == ino:
+                    return os.path.join(d, n)
+            except OSError:
+                pass
+    return None
 
 
 _OWNERSHIP = (("mode", "mode"), ("uid", "owner"), ("gid", "group"))
@@ -3760,7 +3960,17 @@ class InotifyBackend:
 
     def watch(self, d):
         """Add (or refresh) the watch on directory d; OSError on failure."""
-        wd = self.ino.add_watch(d, WATCH_MASK)
+        if is_deep(d):
+            # past PATH_MAX: watch the directory we opened (O_NOFOLLOW, one
+            # level at a time) through its /proc/self/fd link, which must be
+            # followed to reach it
+            fd = open_deep(d)
+            try:
+                wd = self.ino.add_watch("/proc/self/fd/%d" % fd, WATCH_MASK & ~IN_DONT_FOLLOW)
+            finally:
+                os.close(fd)
+        else:
+            wd = self.ino.add_watch(d, WATCH_MASK)
         if self.wd2path.get(wd) != d:
             self.wd2path[wd] = d
 
@@ -3794,7 +4004,7 @@ class InotifyBackend:
 
     def prune_gone(self):
         """Drop the watches of directories that no longer exist (after a rescan)."""
-        for wd in [wd for wd, p in self.wd2path.items() if not os.path.isdir(p)]:
+        for wd in [wd for wd, p in self.wd2path.items() if not _is_dir_deep(p)]:
             self._rm(wd)
 
     def read(self, eng):
@@ -3903,6 +4113,7 @@ FAN_MASK = FAN_CHANGES | FAN_OPEN_EXEC | FAN_ONDIR | FAN_EVENT_ON_CHILD
 SETID_MASK = IN_ATTRIB | IN_MOVED_TO      # outside the trees: looked at for set-id
 FAN_INFO_FID, FAN_INFO_DFID_NAME = 1, 2
 AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
 OVERLAYFS_MAGIC = 0x794C7630
 PROC = "/proc"
 _FAN_META = struct.Struct("=IBBHQii")      # struct fanotify_event_metadata
@@ -3974,7 +4185,16 @@ def dir_handle(path):
         _handle_bufs.extend((ctypes.create_string_buffer(8 + 128), mid, ctypes.byref(mid)))
     buf, mid, mid_ref = _handle_bufs
     struct.pack_into("=Ii", buf, 0, 128, 0)
-    if libc.name_to_handle_at(AT_FDCWD, os.fsencode(path), buf, mid_ref, 0):
+    if is_deep(path):
+        # past PATH_MAX: the handle of the directory opened one level at a time
+        fd = open_deep(path)
+        try:
+            failed = libc.name_to_handle_at(fd, b"", buf, mid_ref, AT_EMPTY_PATH)
+        finally:
+            os.close(fd)
+    else:
+        failed = libc.name_to_handle_at(AT_FDCWD, os.fsencode(path), buf, mid_ref, 0)
+    if failed:
         raise _oserror(ctypes, "name_to_handle_at")
     raw = buf.raw
     return mid.value, raw[:8 + struct.unpack_from("=I", raw, 0)[0]]
@@ -4929,6 +5149,8 @@ class Engine:
         self.inflight = {}           # path a worker hashes -> look again after (bool)
         self._build = None           # walk(): the state of a baseline being built
         self.retries = {}            # path -> times it changed while hashed
+        self.growth = {}             # append-only path -> Growth at the last look
+        self.rotated = {}            # append-only path -> when logrotate moved it away
         self.reset_timers()
         self._set_roots(cfg)
 
@@ -4938,9 +5160,14 @@ class Engine:
                           if not any(r == o or r.startswith(o + "/") for o in self.roots)]
         # fimwatch's own files never watch themselves (a write to the events
         # file would be an event, written to the events file...).
+        # The events file itself is watched (append-only: our own appends
+        # are silent); its rotated copies are logrotate's business.
         own = [_glob_escape(cfg.state_dir), _glob_escape(cfg.state_dir) + "/**"]
+        growing = list(cfg.append_only.patterns)
         if cfg.events_file:
-            own.append(_glob_escape(cfg.events_file) + "*")
+            own += [_glob_escape(cfg.events_file) + ".*", _glob_escape(cfg.events_file) + "-*"]
+            growing.append(_glob_escape(cfg.events_file))
+        self.append_only = PatternSet(growing)
         # Default exclusions never hide a file a service would load: the
         # probe name (4913) is silent only while it behaves like vim's probe,
         # gone within the settle window; swap, backup and lock names only
@@ -4963,8 +5190,9 @@ class Engine:
     def excluded(self, path, is_dir=False):
         # Base-name patterns (*.swp, *~, 4913) are for editors' files: they
         # never hide a directory, or `mkdir 4913` would hide a whole tree.
-        return self.exclude.match(path, is_dir, dirs_by_name=False) or \
-            (not is_dir and self.editor.match(path))
+        # No pattern hides fimwatch's own files (checked only when one matched).
+        return (self.exclude.match(path, is_dir, dirs_by_name=False)
+                or (not is_dir and self.editor.match(path))) and not self.cfg.is_own(path)
 
     def leftover_name(self, path, is_dir):
         """An editor's swap, backup or lock name, not excluded otherwise."""
@@ -5107,10 +5335,22 @@ class Engine:
             return
         if st is None:
             self.visit(root, self.store.get(root), detected, mode)
-            if watch:
+            if watch and not self.watch_missing_own(root):
                 self.missing_roots.add(root)
             return
         yield from self.walk(root, mode, detected, watch, drain)
+
+    def watch_missing_own(self, root):
+        """One of fimwatch's own files (or an append-only log) that does not
+        exist yet is watched through its directory, like a single-file root:
+        its creation is seen at once (the events file is created right after
+        the first start) and an idle daemon need not poll for it."""
+        if root not in self.cfg.own_files and not self.append_only.match(root):
+            return False
+        if not os.path.isdir(os.path.dirname(root)):
+            return False
+        self.watch_file_root(root)
+        return os.path.dirname(root) in self.file_roots
 
     def watch_file_root(self, root):
         """A configured single file: watch its directory (add_watch on an
@@ -5124,7 +5364,8 @@ class Engine:
         try:
             st = os.lstat(root)
         except OSError:
-            self.missing_roots.add(root)
+            if not self.watch_missing_own(root):
+                self.missing_roots.add(root)
             return
         if not stat.S_ISDIR(st.st_mode):
             self.watch_file_root(root)
@@ -5151,15 +5392,21 @@ class Engine:
         """The directories in d that are not excluded (symlinks not followed)."""
         out = []
         try:
-            with os.scandir(d) as it:
-                for e in it:
-                    try:
-                        if e.is_dir(follow_symlinks=False) and not self.excluded(e.path, True):
-                            out.append(e.path)
-                    except OSError:
-                        pass
+            fd = open_deep(d)
+            try:
+                with os.scandir(fd) as it:
+                    for e in it:
+                        p = d + "/" + e.name
+                        try:
+                            if e.is_dir(follow_symlinks=False) and not self.excluded(p, True):
+                                out.append(p)
+                        except OSError:
+                            pass
+            finally:
+                os.close(fd)
         except OSError as e:
-            if not isinstance(e, (FileNotFoundError, NotADirectoryError)):
+            if not isinstance(e, (FileNotFoundError, NotADirectoryError)) \
+                    and e.errno != errno.ELOOP:
                 self.report_unreadable(d, e)
         return out
 
@@ -5188,8 +5435,7 @@ class Engine:
             # must not lead us out of the tree. Entries are then read through
             # this fd, never through the path.
             try:
-                dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-                              | os.O_NONBLOCK)
+                dfd = open_deep(d)
             except (FileNotFoundError, NotADirectoryError):
                 continue
             except OSError as e:
@@ -5273,13 +5519,6 @@ class Engine:
             # A leftover already reported keeps its baseline row (reported once).
             if self.leftover_name(p, isdir) and old_children.pop(name, None) is None:
                 self.note_leftover(p)
-            return p, None
-        if len(p) >= 4000 and len(os.fsencode(p)) >= PATH_MAX:
-            # Beyond PATH_MAX no path-based call works: say so once.
-            old_children.pop(name, None)
-            self.report_unreadable(d, OSError(errno.ENAMETOOLONG,
-                                   "entries deeper than PATH_MAX (%d bytes) are not monitored"
-                                   % PATH_MAX))
             return p, None
         try:
             st = e.stat(follow_symlinks=False) if (isdir or mode != "new") else None
@@ -5368,6 +5607,9 @@ class Engine:
             self.store.put_many(rows)
 
     def visit(self, p, old, detected, mode, st=None, dir_fd=None, name=None):
+        if mode != "build" and self.append_only.match(p) and \
+                self.visit_growing(p, old, detected, mode, st, dir_fd, name):
+            return
         if self.backend is not None and mode != "build":
             if p in self.inflight:          # a worker hashes it: look again after that
                 self.inflight[p] = detected == "realtime"
@@ -5489,6 +5731,97 @@ class Engine:
         end = time.monotonic() + budget
         while self.hasher.busy and time.monotonic() < end:
             self.collect(wait=min(0.1, max(0.0, end - time.monotonic())))
+
+    def visit_growing(self, p, old, detected, mode, st, dir_fd, name):
+        """[watch] append_only: appends are silent; a truncation, an edit of
+        bytes already written, or a replacement that is not logrotate's
+        rotation is critical. True when p was handled here, False when the
+        usual comparison applies (not a file, an unchanged file, a deletion)."""
+        if old is None:
+            if p == self.cfg.events_file or time.monotonic() - self.rotated.pop(p, -1e9) < 600:
+                # the events file made by its writer, or a log's new file
+                # after a rotation: not news
+                self.apply(p, None, snapshot(p, self.cfg.hash_max_size), detected, silent=True)
+                return True
+            return False
+        if old.kind != "file":
+            return False
+        if st is None:
+            try:
+                st = os.lstat(name if dir_fd is not None else p, dir_fd=dir_fd)
+            except OSError:
+                st = None
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            return False                           # another kind: a type change
+        if st is None or st.st_ino != old.ino:
+            if rotated_to(p, old.ino) is None:
+                return st is not None and self.broken_growth(p, old, detected, "replaced")
+            self.growth.pop(p, None)
+            new = snapshot(p, self.cfg.hash_max_size) if st is not None else None
+            if new is None:
+                self.rotated[p] = time.monotonic()
+            self.apply(p, old, new, detected, silent=True)
+            return True
+        if st.st_size < old.size:
+            return self.broken_growth(p, old, detected, "truncated")
+        if st.st_size == old.size:
+            if (st.st_mtime_ns, st.st_ctime_ns) == (old.mtime_ns, old.ctime_ns):
+                return False
+            new = snapshot(p, self.cfg.hash_max_size, st=st, dir_fd=dir_fd, name=name)
+            if new is not None and new.ino == old.ino and "content" in \
+                    (compare(old, new) or ("", []))[1]:
+                return self.broken_growth(p, old, detected, "edited", new)
+            return False
+        return self.grown(p, old, detected, mode, st, dir_fd, name)
+
+    def grown(self, p, old, detected, mode, st, dir_fd, name):
+        """An append-only file that is larger: appended (silent), or edited."""
+        try:
+            fd = os.open(name if dir_fd is not None else p, _O_HASH, dir_fd=dir_fd)
+        except OSError:
+            return False
+        try:
+            fst = os.fstat(fd)
+            if not stat.S_ISREG(fst.st_mode) or fst.st_ino != old.ino:
+                return False                       # replaced meanwhile: look again
+            # the periodic verification reads the whole file again
+            known = None if detected == "scan" and mode == "full" else self.growth.get(p)
+            ok, g = check_growth(fd, fst, old.size, old.sha256, known)
+            meta = read_meta(fd, fst, True)
+        finally:
+            os.close(fd)
+        if not ok:
+            self.growth.pop(p, None)
+            return self.broken_growth(p, old, detected, "edited")
+        self.growth[p] = g
+        over = fst.st_size > self.cfg.hash_max_size
+        new = _make_rec("file", fst, None if over else g.h.hexdigest(), None, int(over), meta)
+        r = compare(old, new)
+        changes = [c for c in (r[1] if r else []) if c != "content"]
+        if changes:
+            self.emit_change("attributes", p, detected, old, new, changes)
+        self.store.put(p, new)
+        return True
+
+    def broken_growth(self, p, old, detected, how, new=None):
+        """Report an append-only file that did more than grow: critical."""
+        self.growth.pop(p, None)
+        if new is None:
+            new = snapshot(p, self.cfg.hash_max_size)
+        if new is None:
+            return False
+        was = {"truncated": "truncated from %d to %d bytes" % (old.size, new.size),
+               "edited": "bytes already written were changed",
+               "replaced": "replaced by another file (inode %d, was %d), not by "
+                           "logrotate's rotation" % (new.ino, old.ino)}[how]
+        changes = ["content"] + [c for c in (compare(old, new) or ("", []))[1]
+                                 if c != "content"]
+        self.emit_change("modified", p, detected, old, new, changes, severity="critical",
+                         append_only=how,
+                         message="append-only log %s: %s (someone may have erased their "
+                                 "tracks)" % (esc(p), was))
+        self.store.put(p, new)
+        return True
 
     def apply(self, p, old, new, detected, silent=False, content=None, meaning=None,
               extra=None):
@@ -6175,7 +6508,7 @@ class Engine:
         ent = self.fresh.pop(p, None)
         try:
             old = self.store.get(p)
-            if ent is not None and old is None and not os.path.lexists(p):
+            if ent is not None and old is None and not lexists_deep(p):
                 self.report_transient(p, ent)
                 return
             self.visit(p, old, "realtime", "full")
@@ -7820,9 +8153,16 @@ class Daemon:
         backend, choices = make_backend(cfg.get("watch", "backend"), _watch_roots(cfg), ino_mod)
         eng = self.eng = Engine(cfg, self.store, self.dispatch.emit, backend, progress=_tty())
         self.store.set_meta("backends", json.dumps(choices))
+        extra = set(cfg.extra_roots())
         for root, name, why in choices:
-            self.log("%s: %s (%s)" % (esc(root), name, why))
+            if root not in extra:
+                self.log("%s: %s (%s)" % (esc(root), name, why))
+        if extra:
+            self.log("also watched, whatever [watch] paths says (its own files, single "
+                     "append-only logs): %s" % " ".join(esc(p) for p in sorted(extra)))
         carry = None
+        if prev is not None:
+            eng.growth = prev.growth          # append-only logs: no full read again
         if prev is not None:                  # a reload does not postpone polls and scans
             carry = {"poll": prev.timers["poll"] if cfg.poll_interval ==
                      prev.cfg.poll_interval else None,
@@ -8104,7 +8444,7 @@ def cmd_scan(cfg, args):
 
 
 def _under_roots(cfg, path):
-    for r in cfg.all_roots() + [w for _, w in cfg.resolved_roots()]:
+    for r in cfg.all_roots() + [w for _, w in cfg.resolved_roots()] + cfg.extra_roots():
         if path == r or path.startswith(r + "/"):
             return True
     return False
@@ -8322,7 +8662,11 @@ def _backends_status(cfg, running):
         rows = json.loads(raw) if raw else None
     if rows is None:
         rows = choose_backends(_watch_roots(cfg), cfg.get("watch", "backend"))
-    return [{"path": esc(r), "backend": b, "reason": why} for r, b, why in rows]
+    # the configured paths; fimwatch's own files and single append-only logs
+    # are listed once, as "also watched" (check-config)
+    extra = set(cfg.extra_roots())
+    return [{"path": esc(r), "backend": b, "reason": why} for r, b, why in rows
+            if r not in extra]
 
 
 def _print_backends(rows, prefix):
@@ -8331,9 +8675,10 @@ def _print_backends(rows, prefix):
 
 
 def _watch_roots(cfg):
-    """The watched directories: configured paths resolved, a root inside
-    another root left out (it is covered by it)."""
-    roots = sorted(set(r for _, r in cfg.resolved_roots()))
+    """The watched directories: configured paths resolved, fimwatch's own
+    files and single append-only logs, a root inside another root left out
+    (it is covered by it)."""
+    roots = sorted(set(r for _, r in cfg.resolved_roots()) | set(cfg.extra_roots()))
     return [r for r in roots if not any(r.startswith(o + "/") for o in roots if o != r)]
 
 
@@ -8438,6 +8783,8 @@ def check_config_report(cfg, root=None):
         "state_dir": cfg.state_dir,
         "events_file": cfg.events_file or None,
         "roots": roots,
+        # watched whatever [watch] paths says: its own files, single append-only logs
+        "also_watched": cfg.extra_roots(),
         "scan_only": list(cfg.scan_only),
         "exclude": list(cfg.exclude.patterns),
         "backend": cfg.get("watch", "backend"),
@@ -8501,6 +8848,8 @@ def _print_watch_notes(cfg):
     for p in cfg.all_roots():
         if not os.path.lexists(p):
             print("# note: %s does not exist (it is watched for when it appears)" % p)
+    print("# also watched, whatever [watch] paths says (fimwatch's own files at critical, "
+          "single append-only logs): %s" % " ".join(cfg.extra_roots()))
 
 
 def _show(typ, v):

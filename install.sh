@@ -412,6 +412,9 @@ compile_module() {
     STEP="byte-compiling $LIBDIR/fimwatch.py"
     run "$PY" -m py_compile "$ROOT$LIBDIR/fimwatch.py" \
         || warn "could not byte-compile $LIBDIR/fimwatch.py: fimwatch still runs, compiling it at each start"
+    # fimwatch watches its own library: the new byte-code is taken into the
+    # baseline with the rest (accept_own_files)
+    CHANGED_PATHS="$CHANGED_PATHS $LIBDIR/__pycache__"
 }
 
 # Everything but the config and the sysctl drop-in is rendered into $STAGE
@@ -626,7 +629,8 @@ if query == "limits":
 elif query == "backend":
     print(c.get("backend", "auto"))
 elif query == "under-roots":
-    roots = [r[k] for r in c["roots"] for k in ("configured", "watched")] + c["scan_only"]
+    roots = [r[k] for r in c["roots"] for k in ("configured", "watched")] + c["scan_only"] \
+        + c.get("also_watched", [])
     for p in args:
         if any(p == r or p.startswith(r + "/") for r in roots):
             print(p)

@@ -147,6 +147,37 @@ def inotify_watch_count(pid):
     return total
 
 
+def own_watches(fim, events_file=None):
+    """The inotify watches a test daemon holds for fimwatch's own files
+    (program, config, events file, and on this host the directories of the
+    installed locations: watched whatever [watch] paths says), none of them
+    under fim.root. Subtract it from inotify_watch_count() to count the tree's."""
+    import fimwatch
+    dirs = set()
+    ev = str(fim.events_file) if events_file is None else events_file
+    for p in fimwatch.own_files(str(fim.conf), ev):
+        if os.path.isdir(p) and not os.path.islink(p):
+            dirs.update(r for r, _, _ in os.walk(p))
+        elif os.path.isdir(os.path.dirname(p)):
+            dirs.add(os.path.dirname(p))
+    return len(dirs)
+
+
+def own_entries(fim):
+    """Baseline entries of fimwatch's own files that exist (see own_watches)."""
+    import fimwatch
+    n = 0
+    for p in fimwatch.own_files(str(fim.conf), str(fim.events_file)):
+        n += sum(1 + len(f) for _, _, f in os.walk(p)) if os.path.isdir(p) else \
+            os.path.lexists(p)
+    return n
+
+
+def tree_watch_count(d):
+    """inotify watches of daemon d on its watched tree (own_watches left out)."""
+    return inotify_watch_count(d.pid) - own_watches(d.env)
+
+
 # --- kernel limits, without touching the host's --------------------------------
 #
 # inotify watch limits are per user namespace (/proc/sys/user/max_inotify_watches,
@@ -220,6 +251,9 @@ def default_sections(root, state_dir, events_file):
             # The engine suite runs on inotify; FIMWATCH_TEST_BACKEND=fanotify
             # runs all of it on fanotify (tests/test_fanotify.py runs a core set on both).
             "backend": os.environ.get("FIMWATCH_TEST_BACKEND", "inotify"),
+            # off: the defaults (/var/log/auth.log ...) would add a watch on
+            # the host's /var/log; tests/test_growing.py sets its own
+            "append_only": "",
         },
         "severity": {
             "critical": "%s/critical/**" % root,
@@ -300,10 +334,12 @@ class Env:
         return proc
 
     def daemon(self, wait=True, timeout=START_TIMEOUT, python=None, env=None,
-               watch_limit=None):
+               watch_limit=None, program=None):
         """Start `run`. watch_limit=N: in a user namespace of its own whose
-        inotify watch limit is N (the host's limit is not touched)."""
-        d = Daemon(self, python=python, extra_env=env, watch_limit=watch_limit)
+        inotify watch limit is N (the host's limit is not touched).
+        program: a copy of fimwatch.py to run instead of the checkout's."""
+        d = Daemon(self, python=python, extra_env=env, watch_limit=watch_limit,
+                   program=program)
         self.daemons.append(d)
         d.start(wait=wait, timeout=timeout)
         return d
@@ -330,8 +366,9 @@ def describe(proc):
 class Daemon:
     """A `fimwatch run` subprocess and a cursor over the events_file."""
 
-    def __init__(self, env, python=None, extra_env=None, watch_limit=None):
+    def __init__(self, env, python=None, extra_env=None, watch_limit=None, program=None):
         self.env = env
+        self.program = program or FIMWATCH
         self.watch_limit = watch_limit
         self.python = python or sys.executable
         self.extra_env = extra_env or {}
@@ -346,7 +383,7 @@ class Daemon:
 
     def start(self, wait=True, timeout=START_TIMEOUT):
         self.start_index = len(self.env.events())
-        argv = [self.python, str(FIMWATCH), "--config", str(self.env.conf), "run"]
+        argv = [self.python, str(self.program), "--config", str(self.env.conf), "run"]
         if self.watch_limit is not None:
             argv = userns_prefix(self.watch_limit) + argv
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:

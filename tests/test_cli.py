@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (FIMWATCH, REPO, clean_env, describe, is_event, needs_root, render_config,
-                      write)
+from conftest import (FIMWATCH, REPO, clean_env, describe, is_event, needs_root, own_entries,
+                      own_watches, render_config, write)
 
 
 def config_lines(fim, **overrides):
@@ -433,10 +433,11 @@ def test_status_json_reports_what_spec_lists(fim):
     st = json.loads(fim.cli("status", "--json", check=0).stdout)
     assert st.get("running") is True, st
     assert st.get("pid") == d.pid, st
-    assert st.get("watches") == 2, st
+    assert st.get("watches") == 2 + own_watches(fim), st   # tree, sub + its own files
     with open("/proc/sys/fs/inotify/max_user_watches") as f:
         assert st.get("watch_limit") == int(f.read()), st
-    assert st.get("baseline_entries") == 8, st      # tree, sub, 5 files, new.txt
+    # tree, sub, 5 files, new.txt + its own program, config, events file
+    assert st.get("baseline_entries") == 8 + own_entries(fim), st
     assert isinstance(st.get("baseline_age_seconds"), (int, float)), st
     ev = st.get("events_24h", {})
     assert set(ev) >= {"critical", "warning", "notice", "info"}, st

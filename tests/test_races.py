@@ -10,7 +10,7 @@ import subprocess
 import time
 
 from conftest import (SETTLE, about, assert_change_is_quiet, churn, control_file, event_after,
-                      inotify_watch_count, is_event, wait_until, write)
+                      inotify_watch_count, is_event, tree_watch_count, wait_until, write)
 
 FILE_EVENTS = {"created", "modified", "attributes", "deleted", "moved"}
 
@@ -185,7 +185,7 @@ def test_symlink_loop_and_symlink_to_root_do_not_hang(fim):
     d = fim.daemon()
     d.assert_quiet(lambda e: False, since=d.start_index, control=control_file())
     # the daemon watches only the 2 real dirs (+ maybe the root's parent)
-    assert inotify_watch_count(d.pid) <= 3, inotify_watch_count(d.pid)
+    assert tree_watch_count(d) <= 3, tree_watch_count(d)
     d.stop()
     r = fim.cli("scan", "--no-alert", timeout=30)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -209,7 +209,7 @@ def test_scan_only_paths_get_no_watch_but_are_scanned(fim):
     f = write(nfs / "a" / "b" / "f.txt", "v1\n")
     fim.write_config(watch={"scan_only": str(nfs)})
     d = fim.daemon()
-    n = inotify_watch_count(d.pid)
+    n = tree_watch_count(d)
     assert n <= 2, "scan_only dirs must not be watched: %d watches" % n
     m = d.mark()
     write(f, "v2\n")
@@ -303,7 +303,7 @@ def test_double_star_excluded_subtree_holds_no_watches(fim):
     for i in range(15):
         (fim.root / "site" / "cache" / ("c%02d" % i) / "deeper").mkdir(parents=True)
     d = fim.daemon()
-    n = inotify_watch_count(d.pid)
+    n = tree_watch_count(d)
     # tree, site, and at most cache itself (+1 for the root's parent)
     assert n <= 4, "%d watches; the 30 directories under cache/ must get none" % n
     d.stop()
@@ -328,7 +328,7 @@ def test_exclude_of_a_directory_path_drops_its_whole_subtree(fim):
     (fim.root / "build" / "obj").mkdir(parents=True)
     (fim.root / "src").mkdir()
     d = fim.daemon()
-    assert inotify_watch_count(d.pid) <= 3, inotify_watch_count(d.pid)
+    assert tree_watch_count(d) <= 3, tree_watch_count(d)
     m = d.mark()
     write(fim.root / "build" / "obj" / "a.o")
     write(fim.root / "build" / "top.o")

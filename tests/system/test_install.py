@@ -1784,6 +1784,48 @@ def test_ct_reinstall_upgrades_and_keeps_config(box):
                      since=n_events)
 
 
+@pytest.mark.timeout(300)
+def test_ct_tampering_with_the_monitor_is_critical_whatever_paths_say(box):
+    """Under the real unit: the installed program, a new drop-in for the unit
+    and the config are reported at critical even with [watch] paths not
+    covering them (only /var/www here)."""
+    _require(box, "installed")
+    ct = box.ct
+    conf = "/etc/fimwatch/fimwatch.conf"
+    ct.sh("cp -p %s /root/fimwatch.conf.saved" % conf)
+    n = len(ct.events())
+
+    def crit(event, path):
+        def found():
+            return [e for e in ct.events()[n:] if e.get("event") == event
+                    and e.get("path") == path and e.get("severity") == "critical"]
+        return ct.wait_for("a critical %s of %s" % (event, path), found, 30)[-1]
+    ct.sh(r"mkdir -p /var/www && sed -i 's|^paths *=.*|paths = /var/www|' %s" % conf)
+    crit("modified", conf)
+    ct.sh("systemctl reload fimwatch.service")
+    ct.wait_for("the reload", lambda: [e for e in ct.events()[n:]
+                                       if e.get("event") == "started" and e.get("reload")], 30)
+    # /etc is no longer a watched path, nor /usr/local/lib
+    drop = "/etc/systemd/system/fimwatch.service.d/zz-tamper.conf"
+    ct.sh("mkdir -p %s && printf '[Service]\\nExecStartPre=/bin/true\\n' > %s"
+          % (os.path.dirname(drop), drop))
+    e = crit("created", drop)
+    assert e["detected"] == "realtime", e
+    # a change elsewhere in /etc is not watched now: the config really changed
+    other = "/etc/fimwatch-not-watched-%d" % time.monotonic_ns()
+    ct.sh("echo x > %s" % other)
+    prog = "/usr/local/lib/fimwatch/fimwatch.py"
+    ct.sh("echo '# tampered' >> %s" % prog)
+    crit("modified", prog)
+    assert not [e for e in ct.events()[n:] if e.get("path") == other]
+    # put everything back (the program as it was: the comment line removed;
+    # the drop-in directory stays if install.sh's fanotify.conf is in it)
+    ct.sh("rm -f %s %s; rmdir %s 2>/dev/null; sed -i '$ d' %s; cp -p /root/fimwatch.conf.saved %s"
+          % (drop, other, os.path.dirname(drop), prog, conf))
+    crit("deleted", drop)
+    ct.sh("systemctl reload fimwatch.service")
+
+
 def _ct_remove(box, option, gone):
     """Pipe the installer again with option (--uninstall, --purge) into the
     installed container: it must succeed and leave none of the paths in gone.
