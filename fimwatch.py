@@ -5619,6 +5619,9 @@ class Engine:
                     st = os.lstat(p if dir_fd is None else name, dir_fd=dir_fd)
                 except (FileNotFoundError, NotADirectoryError):
                     pass
+                except OSError as e:     # beyond PATH_MAX: look() reads it through fds
+                    if e.errno != errno.ENAMETOOLONG:
+                        raise
             if st is not None and self._offload(p, old, detected, mode, st, dir_fd, name):
                 return
         self.use(p, old, detected, mode, self.look(p, old, mode, st, dir_fd, name))

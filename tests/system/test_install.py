@@ -1182,6 +1182,14 @@ def test_ct_useradd_and_usermod_are_one_mail_each_saying_so(box):
     subject, body = _one_new_mail(box, before, "sudo")
     sys.stdout.write("\n--- %s\n%s\n" % (subject, "\n".join(body.splitlines()[:20])))
     assert re.match(r"^CRITICAL on \S+: eviltest added to group sudo$", body.splitlines()[0]), body
+    # a password set with the real tool (chpasswd: passwd wants a terminal):
+    # said in words, the hash never shown
+    before = len(_mails(box))
+    box.ct.sh("echo 'eviltest:Fim-test-pw-1' | chpasswd")
+    subject, body = _one_new_mail(box, before, "password")
+    sys.stdout.write("\n--- %s\n%s\n" % (subject, "\n".join(body.splitlines()[:20])))
+    assert re.match(r"^CRITICAL on \S+: password of eviltest changed$", body.splitlines()[0]), body
+    assert "$y$" not in body and "$6$" not in body and "Fim-test-pw-1" not in body, body
 
 
 # The tools an admin uses, in the container, each as one change: these are
