@@ -2365,21 +2365,25 @@ class PackageDB:
         cur = index.get(path)
         index[path] = (pkg, md5) if cur is None else self._owners(cur) + (pkg, md5)
 
+    def _md5sums(self, fn):
+        """(md5 bytes, absolute path bytes) of each line of info/fn; nothing
+        more once it cannot be read."""
+        try:
+            with open(os.path.join(self.info_dir, fn), "rb") as f:
+                for line in f:
+                    md5, _, rel = line.rstrip(b"\n").partition(b"  ")
+                    if rel:
+                        yield md5, b"/" + rel
+        except OSError:
+            return
+
     def _read_md5sums(self, fn, index):
         pkg = fn[:-8].split(":", 1)[0]
         k = self._number(pkg)
         self.md5sums_file.setdefault(pkg, []).append(fn)
-        try:
-            with open(os.path.join(self.info_dir, fn), "rb") as f:
-                for line in f:
-                    _, _, rel = line.rstrip(b"\n").partition(b"  ")
-                    if rel:
-                        path = b"/" + rel
-                        cur = index.get(path)
-                        index[path] = k if cur is None else \
-                            self._owners(cur) + (pkg, self.FROM_MD5SUMS)
-        except OSError:
-            pass
+        for _, path in self._md5sums(fn):
+            cur = index.get(path)
+            index[path] = k if cur is None else self._owners(cur) + (pkg, self.FROM_MD5SUMS)
 
     def _read_list(self, fn, index):
         """Directories and symlinks: listed, with no checksum to verify."""
@@ -2397,16 +2401,8 @@ class PackageDB:
         """The md5 pkg's md5sums file gives for path (bytes), or None."""
         sums = self.md5_cache.get(pkg)
         if sums is None:
-            sums = {}
-            for fn in self.md5sums_file.get(pkg, ()):
-                try:
-                    with open(os.path.join(self.info_dir, fn), "rb") as f:
-                        for line in f:
-                            md5, _, rel = line.rstrip(b"\n").partition(b"  ")
-                            if rel:
-                                sums[b"/" + rel] = md5.decode("ascii", "replace")
-                except OSError:
-                    pass
+            sums = {path: md5.decode("ascii", "replace")
+                    for fn in self.md5sums_file.get(pkg, ()) for md5, path in self._md5sums(fn)}
             self.md5_cache[pkg] = sums
             while len(self.md5_cache) > self.MD5_CACHE:
                 self.md5_cache.popitem(last=False)
@@ -2475,8 +2471,8 @@ class PackageDB:
         b = os.fsencode(path)
         key = b
         hit = self.index.get(b)
-        if hit is None:                                  # merged-/usr systems
-            key = b[4:] if b.startswith(b"/usr/") else b"/usr" + b
+        if hit is None:
+            key = usr_alias(b)
             hit = self.index.get(key)
         if hit is None:
             return None
@@ -2546,7 +2542,7 @@ class PackageDB:
             while len(self.deb_sums) > self.MD5_CACHE:
                 self.deb_sums.popitem(last=False)
         b = os.fsencode(path)
-        return sums.get(b) or sums.get(b[4:] if b.startswith(b"/usr/") else b"/usr" + b)
+        return sums.get(b) or sums.get(usr_alias(b))
 
     def _read_deb(self, pkg, ver):
         prefix = "%s_%s_" % (pkg, ver.replace(":", "%3a"))
@@ -2566,6 +2562,12 @@ class PackageDB:
             self.index = self.loaded_mtime = None
             self.pkgs, self.md5sums_file, self.numbers = [], {}, {}
             self.md5_cache.clear()
+
+
+def usr_alias(b):
+    """The other name of path b (bytes) on a merged-/usr system: /usr/bin/x
+    for /bin/x and back (dpkg lists whichever name the package ships)."""
+    return b[4:] if b.startswith(b"/usr/") else b"/usr" + b
 
 
 class _Slice:
@@ -3237,18 +3239,16 @@ def lock_holders(paths, proc_locks=PROC_LOCKS):
     return loose
 
 
-def lock_holder_info(pid, proc="/proc"):
+def lock_holder_info(pid):
     """What can be read of the process holding dpkg's lock: pid, frontend,
     cmdline, user (SUDO_USER), login_user (loginuid)."""
     d = {"pid": pid, "frontend": "unknown"}
     if pid is None:
         return d
-    base = "%s/%d/" % (proc, pid)
     try:
-        with open(base + "comm", "rb") as f:
-            comm = f.read().strip().decode("utf-8", "replace")
-        with open(base + "cmdline", "rb") as f:
-            argv = [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
+        comm = _proc_read(pid, "comm", 64).strip().decode("utf-8", "replace")
+        argv = [a.decode("utf-8", "replace") for a in _proc_read(pid, "cmdline").split(b"\0")
+                if a]
     except OSError:
         return d
     name = comm
@@ -3257,15 +3257,14 @@ def lock_holder_info(pid, proc="/proc"):
     d["frontend"] = FRONTENDS.get(name, esc(name))
     d["cmdline"] = esc(" ".join(argv))[:300]
     try:
-        with open(base + "environ", "rb") as f:
-            env = dict(x.partition(b"=")[::2] for x in f.read().split(b"\0") if x)
+        env = dict(x.partition(b"=")[::2]
+                   for x in _proc_read(pid, "environ", 1 << 20).split(b"\0") if x)
         if env.get(b"SUDO_USER"):
             d["user"] = esc(env[b"SUDO_USER"].decode("utf-8", "replace"))
     except OSError:
         pass
     try:
-        with open(base + "loginuid") as f:
-            uid = int(f.read().strip())
+        uid = int(_proc_read(pid, "loginuid", 32))
         if uid != 0xFFFFFFFF:
             d["login_user"] = user_name(uid)
     except (OSError, ValueError):
@@ -3540,6 +3539,12 @@ class PackageTx:
             who, " and ".join(done), files, len(self.mismatches),
             "" if len(self.mismatches) == 1 else "es")
 
+    def changed_packages(self):
+        """Names of the packages this transaction installed, upgraded,
+        downgraded or reinstalled (a file of theirs verified)."""
+        return sorted(n for n, v in self.after.items()
+                      if self.before.get(n) != v or n in self.verified)
+
     def flags(self, pkgs, sums_after, sources):
         """What a person should look at even when every file verified: a
         downgrade, a same-version reinstall whose files differ (a package
@@ -3553,12 +3558,11 @@ class PackageTx:
                            % (name, ver))
         if sources is None:
             return out
-        for name, ver in sorted(self.after.items()):
+        for name in self.changed_packages():
             src = sources.get(name)
-            if (self.before.get(name) != ver or name in self.verified) and src is not None \
-                    and all(x.startswith("/var/lib/dpkg/status") for x in src):
+            if src is not None and all(x.startswith("/var/lib/dpkg/status") for x in src):
                 out.append("in no configured apt source: %s %s (dpkg -i of a local .deb, "
-                           "or its source was removed)" % (name, ver))
+                           "or its source was removed)" % (name, self.after[name]))
         return out
 
     def digest(self, host, critical_paths=(), sums_after=None, sources=None):
@@ -3604,8 +3608,8 @@ class PackageWatch:
     """Is a package transaction running: dpkg's locks, looked at when its
     directory says so (see the banner above)."""
 
-    def __init__(self, db, use_inotify=True, proc_locks=PROC_LOCKS, proc="/proc"):
-        self.db, self.proc_locks, self.proc = db, proc_locks, proc
+    def __init__(self, db, use_inotify=True, proc_locks=PROC_LOCKS):
+        self.db, self.proc_locks = db, proc_locks
         self.locks = (db.frontend_path, db.lock_path)
         self.tx = None
         self.ended_at = float("-inf")   # monotonic time the last transaction ended
@@ -3656,7 +3660,7 @@ class PackageWatch:
             return {"pid": None, "frontend": "unknown"} if self.db.busy() else None
         for p in self.locks:
             if p in held:
-                return lock_holder_info(held[p], self.proc)
+                return lock_holder_info(held[p])
         return None
 
     def poll(self, now):
@@ -4588,16 +4592,18 @@ class FanotifyBackend:
         saw it, with "script": path when that was a #! script run by it;
         {} when unknown."""
         entry = self.execs.get(pid)
-        exe = self._exec_path(entry[:2]) if entry else None
+        exe = self._path_of(entry[:2]) if entry else None
         if exe is None:
             return {}
         out = {"exe": esc(exe)}
-        script = self._exec_path(entry[2]) if entry[2] else None
+        script = self._path_of(entry[2]) if entry[2] else None
         if script is not None and _is_script(script):
             out["script"] = esc(script)
         return out
 
-    def _exec_path(self, key):
+    def _path_of(self, key):
+        """The path of (directory handle key, name), or None if the
+        directory cannot be found (map first, then open_by_handle_at)."""
         dkey, name = key
         d = self.dirs.get(dkey) or self._dir_of_handle(dkey)
         return None if d is None else (d if d != "/" else "") + "/" + os.fsdecode(name)
@@ -4691,10 +4697,9 @@ class FanotifyBackend:
         dkey, name, _ = self._records(data, off, end)
         if name is None or name == b".":
             return
-        d = self._dir_of_handle(dkey)
-        if d is None:
+        p = self._path_of((dkey, name))
+        if p is None:
             return
-        p = (d if d != "/" else "") + "/" + os.fsdecode(name)
         try:
             st = os.lstat(p)
         except OSError:
@@ -5616,12 +5621,9 @@ class Engine:
                 return
             if st is None:
                 try:
-                    st = os.lstat(p if dir_fd is None else name, dir_fd=dir_fd)
+                    st = lstat_deep(p) if dir_fd is None else os.lstat(name, dir_fd=dir_fd)
                 except (FileNotFoundError, NotADirectoryError):
                     pass
-                except OSError as e:     # beyond PATH_MAX: look() reads it through fds
-                    if e.errno != errno.ENAMETOOLONG:
-                        raise
             if st is not None and self._offload(p, old, detected, mode, st, dir_fd, name):
                 return
         self.use(p, old, detected, mode, self.look(p, old, mode, st, dir_fd, name))
@@ -6471,10 +6473,10 @@ class Engine:
         while self.tx_closing and not any(p in self.pending for p in self.tx_closing[0].paths):
             tx = self.tx_closing.pop(0)
             crit = [p for p in tx.paths if self.cfg.severity_for(p) == "critical"]
-            changed = [n for n, v in tx.after.items() if tx.before.get(n) != v or n in tx.verified]
             self.emit_cb(tx.digest(self.cfg.hostname, set(esc(p) for p in crit),
                                    md5sums_digests(self.pkgdb.info_dir),
-                                   apt_sources(changed, tmpdir=self.cfg.state_dir)))
+                                   apt_sources(tx.changed_packages(),
+                                               tmpdir=self.cfg.state_dir)))
 
     def flush(self, p):
         src = self.moves.pop(p, None)
