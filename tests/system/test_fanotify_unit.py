@@ -18,11 +18,11 @@ then fimwatch.service and its fanotify drop-in as on a host, not nspawn.
 """
 
 import re
-import socket
 import time
 
 import pytest
 
+from alerts_helpers import free_port
 from test_install import (EXPOSURE_FANOTIFY_MAX, EXPOSURE_MAX, _ct_apt_install, _main_pid,
                           _require, booted_box)
 
@@ -140,9 +140,7 @@ def test_ct_ssh_then_sudo_names_the_login_user(fbox):
     _ct_apt_install(fbox, "openssh-server sudo")
     # the rootfs masks ssh's units: apt started no sshd on the host's port 22
     assert ct.sh("pgrep -x sshd", check=False).returncode == 1, ct.sh("ps -ef").stdout
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
+    port = free_port()
     ct.sh("id alice >/dev/null 2>&1 || useradd -m -s /bin/sh alice; "
           "echo 'alice ALL=(ALL) NOPASSWD: ALL' > /etc/sudoers.d/alice; "
           "chmod 440 /etc/sudoers.d/alice; rm -f /root/.ssh/id_ed25519*; mkdir -p /root/.ssh; "

@@ -34,7 +34,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -44,6 +43,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from alerts_helpers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("FIMWATCH_TEST_CACHE", "/var/cache/fimwatch-tests"))
@@ -1074,12 +1075,6 @@ def test_ct_passwd_change_reaches_journal_and_mail(box):
     assert "diff" not in ev, ev
 
 
-def _free_port():
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        return sk.getsockname()[1]
-
-
 @pytest.mark.timeout(240)
 def test_ct_journal_upload_to_journal_remote_keeps_id_and_sequence(box):
     """README's journal forwarding, run: fimwatch's [journal] sink, the
@@ -1089,7 +1084,7 @@ def test_ct_journal_upload_to_journal_remote_keeps_id_and_sequence(box):
     order, none twice, none missing, across a restart of fimwatch."""
     _require(box, "ready")
     ct = box.ct
-    port = _free_port()
+    port = free_port()
     conf = ct.read("/etc/fimwatch/fimwatch.conf")
     ct.sh(r"sed -i '/^\[journal\]/,/^\[/ s/^enabled *=.*/enabled = yes/' "
           "/etc/fimwatch/fimwatch.conf")
