@@ -116,6 +116,8 @@ DPKG_LOCK = "/var/lib/dpkg/lock"
 DPKG_STATUS = "/var/lib/dpkg/status"
 APT_ARCHIVES = "/var/cache/apt/archives"   # where apt keeps the .debs it installed
 DEB_SHA_MAX = 16 << 20     # a bigger .deb is not unpacked in the loop (~2 s): md5 only
+RPMDB = "/var/lib/rpm/rpmdb.sqlite"  # rpm >= 4.16's database (read only, never locked)
+RPM_LOCK = "/var/lib/rpm/.rpm.lock"  # held (fcntl) by rpm, dnf, yum while they write
 PROC_LOCKS = "/proc/locks"           # lock holders, read without opening the lock
 INOTIFY_SYSCTL = "/proc/sys/fs/inotify"
 MOUNTINFO = "/proc/self/mountinfo"   # poll(2) says POLLPRI when the mount table changes
@@ -2288,7 +2290,7 @@ class PackageDB:
     FROM_MD5SUMS = True
     MD5_CACHE = 8
 
-    def __init__(self, info_dir=None, lock=None, status=None, archives=None):
+    def __init__(self, info_dir=None, lock=None, status=None, archives=None, rpmdb=None):
         self.info_dir = info_dir or DPKG_INFO
         self.archives = archives or APT_ARCHIVES
         self.deb_sums = collections.OrderedDict()   # (pkg, version) -> {path: sha256}
@@ -2303,6 +2305,7 @@ class PackageDB:
         self.versions = {}
         self.pkgs, self.md5sums_file, self.numbers = [], {}, {}
         self.md5_cache = collections.OrderedDict()
+        self.rpm = RpmDB.on_rpm_system(rpmdb or RPMDB, self.status_path)
 
     def available(self):
         return os.path.isdir(self.info_dir)
@@ -2321,6 +2324,8 @@ class PackageDB:
 
     def load(self):
         """The index as dpkg's database is now (read again if it changed)."""
+        if self.rpm is not None:
+            return self.rpm.load()
         mtime = self._mtime()
         if mtime is None:
             return False
@@ -2465,6 +2470,8 @@ class PackageDB:
 
     def lookup(self, path):
         """The owners of path as a flat (package, md5, ...) tuple, or None."""
+        if self.rpm is not None:
+            return self.rpm.lookup(path)
         if not self.load():
             return None
         self.used = time.monotonic()
@@ -2484,20 +2491,8 @@ class PackageDB:
                                if hit[i + 1] is self.FROM_MD5SUMS else hit[i + 1]))
 
     def busy(self):
-        """Is dpkg running? Tested with F_GETLK, which never takes the lock
-        (taking it, even briefly, could make a concurrent apt run fail)."""
-        try:
-            fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return False
-        try:
-            req = struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0)
-            res = fcntl.fcntl(fd, fcntl.F_GETLK, req)
-            return struct.unpack("hhqqi4x", res)[0] != fcntl.F_UNLCK
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
+        """Is dpkg running?"""
+        return lock_held(self.lock_path)
 
     def check(self, path, sha256=None):
         """{'name', 'manager', 'verified', 'digest'} or None if no package
@@ -2508,6 +2503,8 @@ class PackageDB:
         sha256 come from one read and the file is verified only if that read
         has that sha256: a file swapped after it was hashed is not passed as
         the package's on the strength of other bytes."""
+        if self.rpm is not None:
+            return self.rpm.check(path, sha256)
         hit = self.lookup(path)
         if hit is None:
             return None
@@ -2558,10 +2555,30 @@ class PackageDB:
         return {}
 
     def maybe_drop(self):
+        if self.rpm is not None:
+            self.rpm.maybe_drop()
         if self.index is not None and time.monotonic() - self.used > self.IDLE_DROP:
             self.index = self.loaded_mtime = None
             self.pkgs, self.md5sums_file, self.numbers = [], {}, {}
             self.md5_cache.clear()
+
+
+def lock_held(path):
+    """Does a process hold an fcntl lock on path (dpkg's, rpm's)? Tested with
+    F_GETLK, which never takes the lock (taking it, even briefly, could make
+    a concurrent apt or rpm run fail)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        req = struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0)
+        res = fcntl.fcntl(fd, fcntl.F_GETLK, req)
+        return struct.unpack("hhqqi4x", res)[0] != fcntl.F_UNLCK
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def usr_alias(b):
@@ -2623,25 +2640,289 @@ def deb_member_sha256(deb):
 
 def _md5_sha256(path):
     """(md5, sha256) hex of a regular file from one read; (None, None) if it
-    cannot be read or is not a regular file (a FIFO is never opened for it)."""
-    h = hashlib.md5(usedforsecurity=False) if sys.version_info >= (3, 9) else hashlib.md5()
-    h2 = hashlib.sha256()
+    cannot be read or is not a regular file."""
+    sums = file_digests(path, ("md5", "sha256"))
+    return sums.get("md5"), sums.get("sha256")
+
+
+def file_digests(path, algos):
+    """{algorithm: hex} for each hashlib name in algos, from one read of a
+    regular file; {} if it cannot be read or is not a regular file (a FIFO
+    is never opened for it)."""
+    hs = {a: hashlib.new(a, usedforsecurity=False) for a in algos}
     try:
         fd = os.open(path, _O_HASH)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return None, None
+                return {}
             while True:
                 chunk = os.read(fd, HASH_CHUNK)
                 if not chunk:
                     break
-                h.update(chunk)
-                h2.update(chunk)
+                for h in hs.values():
+                    h.update(chunk)
         finally:
             os.close(fd)
     except OSError:
-        return None, None
-    return h.hexdigest(), h2.hexdigest()
+        return {}
+    return {a: h.hexdigest() for a, h in hs.items()}
+
+
+# rpm's header format (rpmtag.h, header.c): a blob in the rpmdb's Packages
+# table is a big-endian count of index entries and of data bytes, the
+# entries (tag, type, offset, count: 16 bytes each), then the data.
+RPMTAG_NAME, RPMTAG_VERSION, RPMTAG_RELEASE, RPMTAG_EPOCH = 1000, 1001, 1002, 1003
+RPMTAG_FILEDIGESTS, RPMTAG_FILEFLAGS = 1035, 1037
+RPMTAG_DIRINDEXES, RPMTAG_BASENAMES, RPMTAG_DIRNAMES = 1116, 1117, 1118
+RPMTAG_FILEDIGESTALGO = 5011
+RPMFILE_CONFIG = 1 << 0
+RPM_DIGEST_ALGOS = {1: "md5", 2: "sha1", 8: "sha256", 9: "sha384", 10: "sha512",
+                    11: "sha224"}             # PGPHASHALGO_*; no FILEDIGESTALGO = md5
+_RPM_INTS = {1: "B", 2: "B", 3: "H", 4: "I", 5: "Q"}     # CHAR INT8 INT16 INT32 INT64
+_RPM_STRINGS = (6, 8, 9)                      # STRING STRING_ARRAY I18NSTRING
+RPM_HEADER_INDEX_MAX = 0xFFFF                 # rpm's own limits (header.c)
+RPM_HEADER_DATA_MAX = 256 << 20
+
+
+class RpmHeaderError(ValueError):
+    """A header blob that cannot be read: truncated, or lying about its size."""
+
+
+def rpm_header(blob, want):
+    """{tag: value} of the tags in `want` in one header blob: a list of bytes
+    for string types, a tuple of ints for integer types. Every offset and
+    count is checked against the blob: RpmHeaderError, never a read past it."""
+    if len(blob) < 8:
+        raise RpmHeaderError("%d bytes, too short for a header" % len(blob))
+    il, dl = struct.unpack_from(">II", blob)
+    start = 8 + 16 * il
+    if il > RPM_HEADER_INDEX_MAX or dl > RPM_HEADER_DATA_MAX or start + dl != len(blob):
+        raise RpmHeaderError("%d index entries and %d data bytes do not fit its %d bytes"
+                             % (il, dl, len(blob)))
+    out = {}
+    for i in range(il):
+        tag, typ, off, cnt = struct.unpack_from(">IIII", blob, 8 + 16 * i)
+        if tag not in want:
+            continue
+        if typ in _RPM_INTS:
+            fmt = ">%d%s" % (cnt, _RPM_INTS[typ])
+            if off + struct.calcsize(">" + _RPM_INTS[typ]) * cnt > dl:
+                raise RpmHeaderError("tag %d: %d values at %d run past the data" % (tag, cnt, off))
+            out[tag] = struct.unpack_from(fmt, blob, start + off)
+        elif typ in _RPM_STRINGS:
+            parts = blob[start + off:start + dl].split(b"\0", cnt) if off < dl else []
+            if cnt == 0 or len(parts) <= cnt:
+                raise RpmHeaderError("tag %d: %d strings at %d run past the data"
+                                     % (tag, cnt, off))
+            out[tag] = parts[:cnt]
+        else:
+            raise RpmHeaderError("tag %d has type %d, not the one rpm writes" % (tag, typ))
+    return out
+
+
+def rpm_files(h):
+    """[(path bytes, digest hex or None, flags)] of the files a parsed header
+    (rpm_header) lists, with its digest algorithm's hashlib name. A directory,
+    symlink or %ghost file has no digest."""
+    bases, dirs = h.get(RPMTAG_BASENAMES, []), h.get(RPMTAG_DIRNAMES, [])
+    idx = h.get(RPMTAG_DIRINDEXES, ())
+    digests = h.get(RPMTAG_FILEDIGESTS)
+    flags = h.get(RPMTAG_FILEFLAGS, (0,) * len(bases))
+    if len(idx) != len(bases) or len(flags) != len(bases) or \
+            (digests is not None and len(digests) != len(bases)):
+        raise RpmHeaderError("file lists of different lengths (%d names, %d dir indexes)"
+                             % (len(bases), len(idx)))
+    if idx and max(idx) >= len(dirs):
+        raise RpmHeaderError("a dir index %d past its %d dirs" % (max(idx), len(dirs)))
+    algo = RPM_DIGEST_ALGOS.get((h.get(RPMTAG_FILEDIGESTALGO) or (1,))[0])
+    if digests is None or algo is None:
+        digests = [b""] * len(bases)        # an algorithm hashlib lacks: listed only
+    return [(dirs[d] + b, dg.decode("ascii", "replace") or None, f)
+            for d, b, dg, f in zip(idx, bases, digests, flags)], algo or "md5"
+
+
+class RpmDB:
+    """Which rpm packages own a path and does the file match one, from rpm's
+    sqlite database (RPM systems: Fedora, RHEL and its rebuilds, SUSE).
+
+    Opened read only (`mode=ro`; `immutable` too while rpm's lock is free
+    and the write-ahead log is empty, so SQLite takes no lock either): never
+    rpm's lock, never a write. The index maps a path to the number of its
+    owner (~number for a directory, symlink or %ghost: listed, no digest), a
+    tuple of those for several owners; the digests are read from the
+    owner's header when a path is checked (a few headers cached), which keeps
+    the index as small as the dpkg one. A header that cannot be parsed skips
+    that package with one line on stderr."""
+
+    IDLE_DROP = PackageDB.IDLE_DROP
+    CACHE = PackageDB.MD5_CACHE
+    INDEX_TAGS = {RPMTAG_NAME, RPMTAG_VERSION, RPMTAG_RELEASE, RPMTAG_EPOCH, RPMTAG_BASENAMES,
+                  RPMTAG_DIRNAMES, RPMTAG_DIRINDEXES, RPMTAG_FILEDIGESTS, RPMTAG_FILEFLAGS,
+                  RPMTAG_FILEDIGESTALGO}
+
+    def __init__(self, path=RPMDB, lock=None):
+        self.path = path
+        self.lock_path = lock or os.path.join(os.path.dirname(path), ".rpm.lock")
+        self.index, self.loaded_mtime, self.used = None, None, 0
+        self.pkgs = []                    # number -> (hnum, name, version-release)
+        self.versions = {}
+        self.files_cache = collections.OrderedDict()    # number -> ({path: (digest, flags)}, algo)
+        self.said = set()                 # one-line errors already written
+
+    @classmethod
+    def on_rpm_system(cls, path, dpkg_status):
+        """An RpmDB if this is an RPM system, else None. dpkg wins where both
+        exist: Debian ships rpm as a tool (its database is then not the
+        system's), an RPM distribution has no non-empty dpkg status."""
+        try:
+            if os.path.getsize(dpkg_status) > 0:
+                return None
+        except OSError:
+            pass
+        return cls(path) if os.path.isfile(path) else None
+
+    def _say(self, msg):
+        if msg not in self.said:
+            self.said.add(msg)
+            sys.stderr.write("fimwatch: rpmdb %s: %s\n" % (esc(self.path), esc(msg)))
+
+    def _mtime(self):
+        total = 0
+        for p in (self.path, self.path + "-wal"):
+            try:
+                total += os.stat(p).st_mtime_ns
+            except FileNotFoundError:
+                if p == self.path:
+                    return None
+            except OSError:
+                return None
+        return total
+
+    def _connect(self):
+        try:
+            wal = os.path.getsize(self.path + "-wal")
+        except OSError:
+            wal = 0
+        quiet = wal == 0 and not lock_held(self.lock_path)
+        uri = "file:%s?mode=ro%s" % (self.path.replace("%", "%25").replace("?", "%3f")
+                                     .replace("#", "%23"), "&immutable=1" if quiet else "")
+        db = sqlite3.connect(uri, uri=True, timeout=2)
+        db.text_factory = bytes
+        return db
+
+    def _rows(self, sql, args=()):
+        db = None
+        try:
+            db = self._connect()
+            yield from db.execute(sql, args)
+        except sqlite3.Error as e:
+            self._say("cannot be read (%s): no rpm package check until it changes" % e)
+        finally:
+            if db is not None:
+                db.close()
+
+    def load(self):
+        """The index as rpm's database is now (read again if it changed)."""
+        mtime = self._mtime()
+        if mtime is None:
+            return False
+        if self.index is not None and mtime == self.loaded_mtime:
+            return True
+        index, self.pkgs, self.versions = {}, [], {}
+        self.files_cache.clear()
+        for hnum, blob in self._rows("SELECT hnum, blob FROM Packages"):
+            try:
+                self._index_package(index, hnum, rpm_header(bytes(blob), self.INDEX_TAGS))
+            except RpmHeaderError as e:
+                self._say("package #%s skipped: %s" % (hnum, e))
+        self.index, self.loaded_mtime = index, mtime
+        return True
+
+    def _index_package(self, index, hnum, h):
+        name = esc((h.get(RPMTAG_NAME) or [b"?"])[0].decode("utf-8", "replace"))
+        files, _ = rpm_files(h)
+        evr = b"%s-%s" % ((h.get(RPMTAG_VERSION) or [b"?"])[0],
+                          (h.get(RPMTAG_RELEASE) or [b"?"])[0])
+        if h.get(RPMTAG_EPOCH):
+            evr = b"%d:%s" % (h[RPMTAG_EPOCH][0], evr)
+        k = len(self.pkgs)
+        self.pkgs.append((hnum, name, esc(evr.decode("utf-8", "replace"))))
+        self.versions[name] = self.pkgs[k][2]
+        for path, digest, _ in files:
+            v = k if digest else ~k
+            cur = index.get(path)
+            if cur is None:
+                index[path] = v
+            elif v not in (cur if isinstance(cur, tuple) else (cur,)):
+                index[path] = (cur if isinstance(cur, tuple) else (cur,)) + (v,)
+
+    def _files(self, k):
+        """({path: (digest, flags)}, algorithm) of package number k, cached."""
+        hit = self.files_cache.get(k)
+        if hit is None:
+            hit = ({}, "md5")
+            for (blob,) in self._rows("SELECT blob FROM Packages WHERE hnum = ?",
+                                      (self.pkgs[k][0],)):
+                try:
+                    files, algo = rpm_files(rpm_header(bytes(blob), self.INDEX_TAGS))
+                except RpmHeaderError:
+                    break                 # said when the index was loaded
+                hit = ({p: (d, f) for p, d, f in files}, algo)
+            self.files_cache[k] = hit
+            while len(self.files_cache) > self.CACHE:
+                self.files_cache.popitem(last=False)
+        self.files_cache.move_to_end(k)
+        return hit
+
+    def owners(self, path):
+        """[(package number, digest or None, flags, algorithm)] of path, or []."""
+        if not self.load():
+            return []
+        self.used = time.monotonic()
+        b = os.fsencode(path)
+        v = self.index.get(b)
+        if v is None:
+            b = usr_alias(b)
+            v = self.index.get(b)
+        out = []
+        for n in (() if v is None else v if isinstance(v, tuple) else (v,)):
+            k = ~n if n < 0 else n
+            files, algo = self._files(k) if n >= 0 else ({}, None)
+            digest, flags = files.get(b, (None, 0))
+            out.append((k, digest, flags, algo))
+        return out
+
+    def lookup(self, path):
+        """The owners of path as a flat (package, digest, ...) tuple, or None."""
+        return tuple(x for k, digest, _, _ in self.owners(path)
+                     for x in (self.pkgs[k][1], digest)) or None
+
+    def check(self, path, sha256=None):
+        """PackageDB.check for rpm: verified if the content matches any
+        owner's digest (sha256 on current rpm: "digest": "sha256"), from the
+        one read whose sha256 is `sha256` when given. A config file
+        (%config) that differs is not a mismatch: it says "config": true."""
+        owners = self.owners(path)
+        if not owners:
+            return None
+        k, _, flags, algo = owners[0]
+        res = {"name": self.pkgs[k][1], "manager": "rpm", "version": self.pkgs[k][2],
+               "verified": False, "digest": algo or "none"}
+        algos = {a for _, d, _, a in owners if d}
+        sums = file_digests(path, algos | {"sha256"}) if algos else {}
+        if sums and (sha256 is None or sums["sha256"] == sha256):
+            for k2, digest, flags2, algo2 in owners:
+                if digest and sums[algo2] == digest.lower():
+                    res.update(name=self.pkgs[k2][1], version=self.pkgs[k2][2],
+                               verified=True, digest=algo2)
+                    return dict(res, config=True) if flags2 & RPMFILE_CONFIG else res
+        return dict(res, config=True) if flags & RPMFILE_CONFIG else res
+
+    def maybe_drop(self):
+        if self.index is not None and time.monotonic() - self.used > self.IDLE_DROP:
+            self.index = self.loaded_mtime = None
+            self.pkgs, self.versions = [], {}
+            self.files_cache.clear()
 
 
 _SECRET_RE = re.compile(r"(?i)((?:pass(?:word|wd|phrase)?|secret|token|api[_-]?key|"
@@ -3043,9 +3324,12 @@ def _package_phrases(ev):
     pkg = ev.get("package") or {}
     if pkg.get("transaction") != "none" or not pkg.get("name"):
         return []
-    return [("matches package %s, but no package manager ran" % pkg["name"]
-             if pkg.get("verified") else
-             "does not match package %s (no package manager ran)" % pkg["name"], False)]
+    if pkg.get("verified"):
+        return [("matches package %s, but no package manager ran" % pkg["name"], False)]
+    if pkg.get("config"):      # a config file is there to be edited: no mismatch
+        return [("config file of package %s, edited (differs from the package's; no package "
+                 "manager ran)" % pkg["name"], False)]
+    return [("does not match package %s (no package manager ran)" % pkg["name"], False)]
 
 
 def _text_phrases(kind, ev, old, new):
@@ -7183,6 +7467,7 @@ def _context_lines(ev):
     if p:
         out.append("Package:   %s (%s): %s" % (
             p["name"], p["manager"], "matches the package database" if p["verified"] else
+            "a config file, edited" if p.get("config") else
             "does NOT match the package database"))
     return out
 
@@ -7377,6 +7662,7 @@ def chat_text(ev):
         s += "\nlogged in: " + ", ".join(ev["users"])
     if ev.get("package"):
         s += "\npackage %s: %s" % (ev["package"]["name"], "verified" if ev["package"]["verified"]
+                                   else "config file, edited" if ev["package"].get("config")
                                    else "NOT verified")
     if ev.get("path") and ev["event"] in ("created", "modified", "attributes", "deleted", "moved"):
         s += "\nexpected? nothing to do (to note that you checked: `fimwatch accept %s`)" \
