@@ -25,6 +25,7 @@ import fimwatch
 d, root = os.environ["FIMTEST_DPKG"], os.environ["FIMTEST_ROOT"]
 fimwatch.DPKG_INFO, fimwatch.DPKG_STATUS = d + "/info", d + "/status"
 fimwatch.DPKG_LOCK = d + "/lock"
+fimwatch.RPMDB = os.environ.get("FIMTEST_RPMDB", d + "/no-rpmdb")
 fimwatch.PACKAGE_PREFIXES = (root + "/",)
 fimwatch.SCRIPT_PREFIXES = (root + "/etc/",)
 fimwatch.GENERATED.append((re.compile(re.escape(root) + "/etc/ld.so.cache"), "ldconfig"))
