@@ -2798,15 +2798,19 @@ class RpmDB:
                 return None
         return total
 
-    def _connect(self):
+    def uri(self):
+        """Read only; immutable (no SQLite lock, the WAL not read) only while
+        rpm's lock is free and the WAL is empty (all of it checkpointed)."""
         try:
             wal = os.path.getsize(self.path + "-wal")
         except OSError:
             wal = 0
         quiet = wal == 0 and not lock_held(self.lock_path)
-        uri = "file:%s?mode=ro%s" % (self.path.replace("%", "%25").replace("?", "%3f")
-                                     .replace("#", "%23"), "&immutable=1" if quiet else "")
-        db = sqlite3.connect(uri, uri=True, timeout=2)
+        return "file:%s?mode=ro%s" % (self.path.replace("%", "%25").replace("?", "%3f")
+                                      .replace("#", "%23"), "&immutable=1" if quiet else "")
+
+    def _connect(self):
+        db = sqlite3.connect(self.uri(), uri=True, timeout=2)
         db.text_factory = bytes
         return db
 

@@ -20,7 +20,7 @@ import sys
 import pytest
 
 import fimwatch
-from conftest import REPO, is_event
+from conftest import REPO, hold_lock, is_event
 from test_transactions import WRAPPER
 
 pytestmark = pytest.mark.skipif(shutil.which("rpmbuild") is None,
@@ -122,6 +122,7 @@ def rpmdb(rpmsys, tmp_path):
     with sqlite3.connect(str(src)) as a, sqlite3.connect(str(dst)) as b:
         a.backup(b)
     b.close()
+    (dst.parent / ".rpm.lock").write_bytes(b"")         # as rpm leaves it
     for k, data in (("hello", b"#!/bin/sh\necho hello\n"), ("conf", b"greeting = hi\n"),
                     ("lib", b"\x7fELF libfoo\n"), ("extra", b"extra\n")):
         f[k].write_bytes(data)
@@ -213,6 +214,41 @@ def test_never_writes_or_locks_the_rpmdb(rpmdb):
     assert db.check(str(f["hello"]))["verified"] is True
     assert sorted(os.listdir(path.parent)) == before
     assert path.read_bytes() == data and os.stat(path).st_mtime_ns == st.st_mtime_ns
+
+
+def test_opened_read_only_and_reads_the_write_ahead_log(rpmdb, tmp_path):
+    """The connection cannot write. A write rpm committed that is still in
+    the WAL (rpm running, or killed before its checkpoint) is read: the
+    database is opened `immutable` only while the WAL is empty and rpm's
+    lock (held here by a real process, as rpm holds it) is free."""
+    path, f = rpmdb
+    db = fimwatch.RpmDB(str(path))
+    assert db.uri() == "file:%s?mode=ro&immutable=1" % path
+    w = sqlite3.connect(str(path), isolation_level=None)
+    assert w.execute("PRAGMA journal_mode = WAL").fetchone()[0] == "wal"
+    w.execute("PRAGMA wal_autocheckpoint = 0")
+    w.execute("INSERT INTO Packages (blob) SELECT blob FROM Packages WHERE hnum = "
+              "(SELECT min(hnum) FROM Packages)")          # a second copy: one more owner
+    assert os.path.getsize(str(path) + "-wal") > 0
+    assert db.uri() == "file:%s?mode=ro" % path
+    before = len(db.pkgs) if db.load() else None
+    assert before == 4, db.pkgs                              # the WAL's row is read
+    w.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert os.path.getsize(str(path) + "-wal") == 0
+    holder = hold_lock(db.lock_path, tmp_path, name="dnf")
+    try:
+        assert fimwatch.lock_held(db.lock_path)
+        assert db.uri() == "file:%s?mode=ro" % path
+        conn = db._connect()
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            conn.execute("CREATE TABLE x (y)")
+        conn.close()
+        w.execute("DELETE FROM Packages WHERE hnum = (SELECT max(hnum) FROM Packages)")
+        assert db.load() and len(db.pkgs) == 3, db.pkgs
+    finally:
+        holder.kill()
+        holder.wait()
+        w.close()
 
 
 def test_reloads_when_rpm_installs(rpmdb, tmp_path):
