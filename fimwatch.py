@@ -2692,6 +2692,8 @@ def rpm_header(blob, want):
     """{tag: value} of the tags in `want` in one header blob: a list of bytes
     for string types, a tuple of ints for integer types. Every offset and
     count is checked against the blob: RpmHeaderError, never a read past it."""
+    if not isinstance(blob, bytes):      # sqlite: any column can hold any type
+        raise RpmHeaderError("a %s, not a blob" % type(blob).__name__)
     if len(blob) < 8:
         raise RpmHeaderError("%d bytes, too short for a header" % len(blob))
     il, dl = struct.unpack_from(">II", blob)
@@ -2704,6 +2706,8 @@ def rpm_header(blob, want):
         tag, typ, off, cnt = struct.unpack_from(">IIII", blob, 8 + 16 * i)
         if tag not in want:
             continue
+        if tag in out:                   # and each one copy of the data at most
+            raise RpmHeaderError("tag %d twice" % tag)
         if typ in _RPM_INTS:
             fmt = ">%d%s" % (cnt, _RPM_INTS[typ])
             if off + struct.calcsize(">" + _RPM_INTS[typ]) * cnt > dl:
@@ -2836,7 +2840,7 @@ class RpmDB:
         self.files_cache.clear()
         for hnum, blob in self._rows("SELECT hnum, blob FROM Packages"):
             try:
-                self._index_package(index, hnum, rpm_header(bytes(blob), self.INDEX_TAGS))
+                self._index_package(index, hnum, rpm_header(blob, self.INDEX_TAGS))
             except RpmHeaderError as e:
                 self._say("package #%s skipped: %s" % (hnum, e))
         self.index, self.loaded_mtime = index, mtime
@@ -2868,7 +2872,7 @@ class RpmDB:
             for (blob,) in self._rows("SELECT blob FROM Packages WHERE hnum = ?",
                                       (self.pkgs[k][0],)):
                 try:
-                    files, algo = rpm_files(rpm_header(bytes(blob), self.INDEX_TAGS))
+                    files, algo = rpm_files(rpm_header(blob, self.INDEX_TAGS))
                 except RpmHeaderError:
                     break                 # said when the index was loaded
                 hit = ({p: (d, f) for p, d, f in files}, algo)

@@ -288,6 +288,8 @@ def test_truncated_and_hostile_headers(rpmdb, capfd):
         except fimwatch.RpmHeaderError:
             pass
     il, dl = struct.unpack_from(">II", real)
+    name = next(8 + 16 * i for i in range(2, il)
+                if struct.unpack_from(">I", real, 8 + 16 * i)[0] == fimwatch.RPMTAG_NAME)
     lying = [
         struct.pack(">II", il, dl + 1000) + real[8:],                   # sizes that lie
         struct.pack(">II", 0x7FFFFFFF, 0) + real[8:],                    # a huge index
@@ -295,6 +297,8 @@ def test_truncated_and_hostile_headers(rpmdb, capfd):
         real[:8] + struct.pack(">IIII", fimwatch.RPMTAG_DIRINDEXES, 4, 0, 0x3FFFFFFF) + real[24:],
         real[:8] + struct.pack(">IIII", fimwatch.RPMTAG_NAME, 6, dl + 5, 1) + real[24:],
         b"",
+        real[:24] + real[name:name + 16] + real[40:],           # NAME twice (for entry 1)
+        None, 10 ** 9, "text",                                            # not blobs
     ]
     for b in lying:
         with pytest.raises(fimwatch.RpmHeaderError):
@@ -315,6 +319,13 @@ def test_truncated_and_hostile_headers(rpmdb, capfd):
     assert db.check(str(f["lib"]))["verified"] is True
     err = capfd.readouterr().err.splitlines()
     assert len(err) == 1 and "package #%d skipped: " % hnum in err[0], err
+    # an integer where the blob should be (a bytes(n) of it would allocate n bytes)
+    with sqlite3.connect(str(path)) as c:
+        c.execute("UPDATE Packages SET blob = ? WHERE hnum = ?", (1 << 40, hnum))
+    c.close()
+    db = fimwatch.RpmDB(str(path))
+    assert db.check(str(f["hello"])) is None and db.check(str(f["lib"]))["verified"] is True
+    assert "not a blob" in capfd.readouterr().err
 
 
 def test_a_database_that_is_not_one_is_one_line(tmp_path, capfd):
