@@ -117,7 +117,7 @@ DPKG_STATUS = "/var/lib/dpkg/status"
 APT_ARCHIVES = "/var/cache/apt/archives"   # where apt keeps the .debs it installed
 DEB_SHA_MAX = 16 << 20     # a bigger .deb is not unpacked in the loop (~2 s): md5 only
 RPMDB = "/var/lib/rpm/rpmdb.sqlite"  # rpm >= 4.16's database (read only, never locked)
-RPM_LOCK = "/var/lib/rpm/.rpm.lock"  # held (fcntl) by rpm, dnf, yum while they write
+RPM_LOCK_NAME = ".rpm.lock"          # beside it, held (fcntl) by rpm, dnf, yum
 PROC_LOCKS = "/proc/locks"           # lock holders, read without opening the lock
 INOTIFY_SYSCTL = "/proc/sys/fs/inotify"
 MOUNTINFO = "/proc/self/mountinfo"   # poll(2) says POLLPRI when the mount table changes
@@ -2766,7 +2766,7 @@ class RpmDB:
 
     def __init__(self, path=RPMDB, lock=None):
         self.path = path
-        self.lock_path = lock or os.path.join(os.path.dirname(path), ".rpm.lock")
+        self.lock_path = lock or os.path.join(os.path.dirname(path), RPM_LOCK_NAME)
         self.index, self.loaded_mtime, self.used = None, None, 0
         self.pkgs = []                    # number -> (hnum, name, version-release)
         self.versions = {}
@@ -2916,6 +2916,8 @@ class RpmDB:
         k, _, flags, algo = owners[0]
         res = {"name": self.pkgs[k][1], "manager": "rpm", "version": self.pkgs[k][2],
                "verified": False, "digest": algo or "none"}
+        if lock_held(self.lock_path):     # rpm, dnf or yum runs: not "none"
+            res["transaction"] = "untracked"
         algos = {a for _, d, _, a in owners if d}
         sums = file_digests(path, algos | {"sha256"}) if algos else {}
         if sums and (sha256 is None or sums["sha256"] == sha256):
@@ -3327,17 +3329,21 @@ def _meta_phrases(ev):
 
 
 def _package_phrases(ev):
-    """A packaged file changed while no package manager ran (the `package`
-    field emit_change adds): matching the package is said, not an all-clear."""
+    """A packaged file changed while no package manager ran, or while rpm
+    ran, whose transactions are not tracked (the `package` field emit_change
+    adds): matching the package is said, not an all-clear."""
     pkg = ev.get("package") or {}
-    if pkg.get("transaction") != "none" or not pkg.get("name"):
+    why = {"none": "no package manager ran",
+           "untracked": "rpm was running; its transactions are not tracked"}.get(
+               pkg.get("transaction"))
+    if why is None or not pkg.get("name"):
         return []
     if pkg.get("verified"):
-        return [("matches package %s, but no package manager ran" % pkg["name"], False)]
+        return [("matches package %s, but %s" % (pkg["name"], why), False)]
     if pkg.get("config"):      # a config file is there to be edited: no mismatch
-        return [("config file of package %s, edited (differs from the package's; no package "
-                 "manager ran)" % pkg["name"], False)]
-    return [("does not match package %s (no package manager ran)" % pkg["name"], False)]
+        return [("config file of package %s, edited (differs from the package's; %s)"
+                 % (pkg["name"], why), False)]
+    return [("does not match package %s (%s)" % (pkg["name"], why), False)]
 
 
 def _text_phrases(kind, ev, old, new):
@@ -6234,7 +6240,7 @@ class Engine:
             # cover put back looks just like this), so the severity stays.
             pkg = self.pkgdb.check(p, new.sha256 or "")
             if pkg is not None:
-                ev["package"] = dict(pkg, transaction="none")
+                ev["package"] = dict({"transaction": "none"}, **pkg)   # rpm: maybe untracked
                 if pkg.get("mismatch"):       # the md5sums list lies: tampering
                     ev["severity"] = "critical"
         add_summary(ev, *(meaning or (None, None, None)))

@@ -373,3 +373,17 @@ def test_daemon_verifies_by_rpm_digest_and_flags_a_trojan(fim, tmp_path):
     assert ev["package"] == {"name": "hello", "manager": "rpm", "version": "1.2-3",
                              "verified": True, "digest": "sha256", "transaction": "none"}
     assert "matches package hello, but no package manager ran" in ev["summary"], ev
+    # rpm (here a process named dnf holding rpm's lock, as dnf does) runs:
+    # the change is not said to be outside any transaction, nor is it muted
+    holder = hold_lock(db / ".rpm.lock", tmp_path, name="dnf")
+    try:
+        mark = d.mark()
+        tool.write_bytes(b"#!/bin/sh\necho hello again\n")
+        ev = d.wait_for(is_event("modified", path=str(tool)), since=mark)
+        assert ev["severity"] == "critical"
+        assert ev["package"]["transaction"] == "untracked" and not ev["package"]["verified"]
+        assert "does not match package hello (rpm was running; its transactions are not " \
+            "tracked)" in ev["summary"], ev
+    finally:
+        holder.kill()
+        holder.wait()
