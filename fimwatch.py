@@ -2747,7 +2747,8 @@ def rpm_files(h):
 
 class RpmDB:
     """Which rpm packages own a path and does the file match one, from rpm's
-    sqlite database (RPM systems: Fedora, RHEL and its rebuilds, SUSE).
+    sqlite database (rpm >= 4.16: Fedora 33+, RHEL 9 and its rebuilds; the
+    Berkeley DB of older RHEL and SUSE's ndb are not read).
 
     Opened read only (`mode=ro`; `immutable` too while rpm's lock is free
     and the write-ahead log is empty, so SQLite takes no lock either): never
