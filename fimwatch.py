@@ -3451,6 +3451,7 @@ class PackageTx:
         self.before, self.after = dict(versions), {}
         self.paths = {}               # path -> its owners when first held (lookup)
         self.verified = collections.Counter()        # package -> files
+        self.proof = collections.Counter()           # "sha256"/"md5" -> files verified so
         self.removed = collections.Counter()
         self.generated, self.scripts, self.mismatches = [], [], []
         self.records = 0              # dpkg's own files it rewrote (status, info/*)
@@ -3476,6 +3477,7 @@ class PackageTx:
             pkg = db.check(p, new.sha256 or "")
             if pkg["verified"] and set(changes) <= {"content"}:
                 self.verified[pkg["name"]] += 1
+                self.proof[pkg["digest"]] += 1
                 return True
             why = ("does not match package %s" % pkg["name"]) if pkg["verified"] is False \
                 else "%s changed; the package database records no %s" % (
@@ -3588,6 +3590,7 @@ class PackageTx:
                                           - self.start_mono), 1),
                        packages=pkgs,
                        files={"verified": sum(self.verified.values()),
+                              "sha256": self.proof["sha256"], "md5": self.proof["md5"],
                               "generated": len(self.generated),
                               "scripts": len(self.scripts),
                               "removed": sum(self.removed.values()),

@@ -142,6 +142,9 @@ def test_upgrade_install_and_scripts_make_one_quiet_digest(pkgd, fim, tmp_path):
     assert dig["scripts"] == [{"path": "%s/etc/passwd" % fim.root, "event": "modified",
                                "added": ["_newd"]}]
     assert dig["files"]["mismatches"] == 0
+    # which proof: no .deb in an apt archive here, so md5 (tool, libnew.so;
+    # the two directories are listed, not hashed)
+    assert (dig["files"]["md5"], dig["files"]["sha256"]) == (2, 0), dig["files"]
     assert dig["message"].startswith("apt-get (by alice via sudo) installed 1 package and "
                                      "upgraded 1 package: 4 files verified, 1 generated, "
                                      "1 by maintainer scripts, 0 mismatches"), dig["message"]
