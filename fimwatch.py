@@ -2292,6 +2292,7 @@ class PackageDB:
         self.info_dir = info_dir or DPKG_INFO
         self.archives = archives or APT_ARCHIVES
         self.deb_sums = collections.OrderedDict()   # (pkg, version) -> {path: sha256}
+        self.deb_pinned = {}        # the same, read ahead for an ending transaction
         self.lock_path = lock or DPKG_LOCK
         self.status_path = status or DPKG_STATUS
         base = os.path.dirname(self.info_dir)
@@ -2536,7 +2537,7 @@ class PackageDB:
         if not ver:
             return None
         key = (pkg, ver)
-        sums = self.deb_sums.get(key)
+        sums = self.deb_pinned.get(key, self.deb_sums.get(key))
         if sums is None:
             sums = self.deb_sums[key] = self._read_deb(pkg, ver)
             while len(self.deb_sums) > self.MD5_CACHE:
@@ -3455,6 +3456,9 @@ class PackageTx:
         self.removed = collections.Counter()
         self.generated, self.scripts, self.mismatches = [], [], []
         self.records = 0              # dpkg's own files it rewrote (status, info/*)
+        self.deb_wait = set()         # (package, version): .deb still being read ahead
+        self.temporaries = 0          # dpkg's unpack files (X.dpkg-new, X.dpkg-tmp), gone
+        self._shipped = None          # md5 -> "path (package)" of its packages' files
 
     def take(self, db, p, ev, new, changes):
         """Classify one change of this transaction; True if the digest holds
@@ -3462,6 +3466,12 @@ class PackageTx:
         event, kind = ev["event"], ev.get("kind")
         if p.startswith(db.base + "/"):
             self.records += 1
+            return True
+        if not p.startswith(PACKAGE_PREFIXES):
+            return self.take_outside(db, p, ev, new)
+        if event == "transient" and p.endswith((".dpkg-new", ".dpkg-tmp")) and \
+                db.lookup(p[:-9]) is not None:
+            self.temporaries += 1            # unpacked beside a packaged file, renamed over it
             return True
         owners = db.lookup(p)
         why = None
@@ -3504,6 +3514,40 @@ class PackageTx:
                                 "severity": ev["severity"]})
         return False
 
+    def take_outside(self, db, p, ev, new):
+        """A change outside the package prefixes held for this transaction
+        (Engine.tx_holds): a directory made, or a copy of a file one of its
+        packages ships (nginx's postinst copies its index.html into
+        /var/www/html), is a maintainer script's, listed; anything else is
+        reported as it would have been without the transaction (False)."""
+        event, kind = ev["event"], ev.get("kind")
+        item = {"path": ev["path"], "event": event}
+        if kind == "dir" and event == "created":
+            self.scripts.append(item)
+            return True
+        if kind != "file" or event not in ("created", "modified") or new is None or \
+                not new.sha256:
+            return False
+        md5, sha = _md5_sha256(p)
+        src = self.shipped(db).get(md5) if sha == new.sha256 else None
+        if src is None:
+            return False
+        item["copy_of"] = src
+        self.scripts.append(item)
+        return True
+
+    def shipped(self, db):
+        """{md5: "path (package)"} of the files this transaction's packages
+        ship (their md5sums lists), read once."""
+        if self._shipped is None and db.load():
+            self._shipped = {}
+            for name in self.changed_packages():
+                for fn in db.md5sums_file.get(name, ()):
+                    for md5, path in db._md5sums(fn):
+                        self._shipped.setdefault(md5.decode("ascii", "replace"), "%s (%s)" % (
+                            esc(os.fsdecode(path)), name))
+        return self._shipped or {}
+
     def package_changes(self):
         """{installed, upgraded, downgraded, reinstalled, removed: [names]}"""
         out = {k: [] for k in ("installed", "upgraded", "downgraded", "reinstalled", "removed")}
@@ -3534,7 +3578,8 @@ class PackageTx:
         for n, what in ((len(self.generated), "generated"),
                         (len(self.scripts), "by maintainer scripts"),
                         (sum(self.removed.values()), "removed"),
-                        (self.records, "dpkg records")):
+                        (self.records, "dpkg records"),
+                        (self.temporaries, "dpkg temporaries")):
             if n:
                 files += ", %d %s" % (n, what)
         return "%s %s: %s, %d mismatch%s" % (
@@ -3595,6 +3640,7 @@ class PackageTx:
                               "scripts": len(self.scripts),
                               "removed": sum(self.removed.values()),
                               "records": self.records,
+                              "temporaries": self.temporaries,
                               "mismatches": len(self.mismatches)},
                        verified=dict(sorted(self.verified.items())),
                        mismatches=self.mismatches[:TX_LIST_MAX],
@@ -5691,6 +5737,8 @@ class Engine:
             try:
                 if tag[0] == "one":
                     self._offloaded(tag, res, err)
+                elif tag[0] == "deb":
+                    self._deb_read(tag, res, err)
                 else:
                     self._built(tag, res, err)
             except Exception as e:
@@ -6432,22 +6480,29 @@ class Engine:
         while a package transaction runs waits, up to 30 minutes, for it to
         end: then it is verified against the database as dpkg left it. One
         first seen before the transaction started is not the transaction's."""
-        if self.pkgtx is None or not package_managed(p, self.pkgdb):
+        if self.pkgtx is None or not self.tx_holds(p):
             return False
         if first is None:
             first = now
         for tx in self.tx_closing:
             if p in tx.paths:
-                return False
+                return bool(tx.deb_wait)
             if tx.start_mono <= first <= tx.ended:    # settled after the end
                 tx.paths[p] = None
-                return False
+                return bool(tx.deb_wait)
         tx = self.pkgtx.tx
         if tx is None or first < tx.start_mono:
             return False
         if p not in tx.paths:
             tx.paths[p] = self.pkgdb.lookup(p)
         return now - tx.start_mono < TX_MAX_HOLD
+
+    def tx_holds(self, p):
+        """Is a change to p first seen during a transaction held for it: under
+        the package prefixes or dpkg's directory, or elsewhere unless critical
+        there (a maintainer script writes /var/www/html too; an SSH key or a
+        crontab is never held back)."""
+        return package_managed(p, self.pkgdb) or self.cfg.severity_for(p) != "critical"
 
     def tx_turn(self, now):
         """A transaction that ended: its held changes are compared now; once
@@ -6463,14 +6518,46 @@ class Engine:
         self.read_events()
         ended.ended = time.monotonic()
         self.tx_closing.append(ended)
-        for p in ended.paths:                 # held: compared now
+        self.read_debs_ahead(ended)
+        if not ended.deb_wait:
+            self.release_held(ended)
+        for p, ent in self.pending.items():   # seen, not settled yet: the digest waits
+            if ent[1] >= ended.start_mono and self.tx_holds(p):
+                ended.paths.setdefault(p, None)
+
+    def release_held(self, tx):
+        """The changes tx held: compared now."""
+        now = time.monotonic()
+        for p in tx.paths:
             ent = self.pending.get(p)
             if ent is not None:
                 ent[0] = now
                 heapq.heappush(self.due, (now, p))
-        for p, ent in self.pending.items():   # seen, not settled yet: the digest waits
-            if ent[1] >= ended.start_mono and package_managed(p, self.pkgdb):
-                ended.paths.setdefault(p, None)
+
+    def read_debs_ahead(self, tx):
+        """The .debs of the packages owning files tx changed are read by the
+        Hasher threads (an 8.7 MB .deb takes ~1.2 s), not on the loop, before
+        its held changes are compared; PackageDB.check then finds their
+        sha256s pinned. A .deb that fails to read is read again by check()."""
+        db = self.pkgdb
+        want = set()
+        for p in tx.paths:
+            hit = db.lookup(p)
+            for i in range(0, len(hit or ()), 2):
+                ver = db.versions.get(hit[i])
+                if hit[i + 1] is not None and ver and (hit[i], ver) not in db.deb_pinned:
+                    want.add((hit[i], ver))
+        for pkg, ver in sorted(want):
+            tx.deb_wait.add((pkg, ver))
+            self.hasher.submit(("deb", pkg, ver, tx), db._read_deb, pkg, ver)
+
+    def _deb_read(self, tag, res, err):
+        _, pkg, ver, tx = tag
+        if err is None:
+            self.pkgdb.deb_pinned[(pkg, ver)] = res
+        tx.deb_wait.discard((pkg, ver))
+        if not tx.deb_wait and tx in self.tx_closing:
+            self.release_held(tx)
 
     def tx_finish(self):
         while self.tx_closing and not any(p in self.pending for p in self.tx_closing[0].paths):
@@ -6480,6 +6567,8 @@ class Engine:
                                    md5sums_digests(self.pkgdb.info_dir),
                                    apt_sources(tx.changed_packages(),
                                                tmpdir=self.cfg.state_dir)))
+        if not self.tx_closing and self.pkgdb is not None:
+            self.pkgdb.deb_pinned.clear()
 
     def flush(self, p):
         src = self.moves.pop(p, None)
