@@ -3459,6 +3459,7 @@ class PackageTx:
         self.deb_wait = set()         # (package, version): .deb still being read ahead
         self.temporaries = 0          # dpkg's unpack files (X.dpkg-new, X.dpkg-tmp), gone
         self._shipped = None          # md5 -> "path (package)" of its packages' files
+        self.walks = 0                # walks of watched paths it made, not done yet
 
     def take(self, db, p, ev, new, changes):
         """Classify one change of this transaction; True if the digest holds
@@ -5183,6 +5184,7 @@ class Engine:
         self.pkgtx = PackageWatch(self.pkgdb) if self.pkgdb is not None and \
             backend is not None and self.pkgdb.available() else None
         self.tx_closing = []
+        self.tx_roots = {}            # a watched path that appeared during a transaction -> it
         self.fresh = {}              # new path -> [first seen, Rec or None, snapshots]
         self.captures = 0            # snapshots of new paths this turn
         self.leftovers = {}          # editor swap/backup/lock names seen (check_leftovers)
@@ -6014,6 +6016,9 @@ class Engine:
         for tx in self.tx_closing:
             if p in tx.paths:
                 return tx
+        for root, tx in self.tx_roots.items():
+            if p == root or p.startswith(root + "/"):
+                return tx
         if self.pkgtx is not None and p.startswith(self.pkgdb.base + "/"):
             # ... and dpkg emptying tmp.ci as it ends is the ending one's
             return self.pkgtx.tx or (self.tx_closing[-1] if self.tx_closing else None)
@@ -6205,11 +6210,31 @@ class Engine:
         self.missing_roots.add(root)
         self.touch(root)
 
-    def check_missing_roots(self):
+    def check_missing_roots(self, ended=None):
+        """Walk the watched paths that appeared. One that appears while a
+        package transaction runs (nginx makes /var/www) is walked when it
+        ends (ended), its changes that transaction's (tx_roots)."""
+        running = self.pkgtx.tx if self.pkgtx is not None else None
         for root in list(self.missing_roots):
-            if os.path.lexists(root):
-                self.missing_roots.discard(root)
+            if not os.path.lexists(root):
+                continue
+            if running is not None and self.tx_holds(root) and \
+                    time.monotonic() - running.start_mono < TX_MAX_HOLD:
+                continue
+            self.missing_roots.discard(root)
+            if ended is not None and self.tx_holds(root):
+                self.scans.append(self._tx_walk(root, ended))
+            else:
                 self.scans.append(self.walk_root(root, "quick", "realtime"))
+
+    def _tx_walk(self, root, tx):
+        tx.walks += 1
+        self.tx_roots[root] = tx
+        try:
+            yield from self.walk_root(root, "quick", "realtime")
+        finally:
+            self.tx_roots.pop(root, None)
+            tx.walks -= 1
 
     def overflow(self):
         self.overflows += 1
@@ -6518,6 +6543,7 @@ class Engine:
         self.read_events()
         ended.ended = time.monotonic()
         self.tx_closing.append(ended)
+        self.check_missing_roots(ended)
         self.read_debs_ahead(ended)
         if not ended.deb_wait:
             self.release_held(ended)
@@ -6560,7 +6586,8 @@ class Engine:
             self.release_held(tx)
 
     def tx_finish(self):
-        while self.tx_closing and not any(p in self.pending for p in self.tx_closing[0].paths):
+        while self.tx_closing and not self.tx_closing[0].walks and \
+                not any(p in self.pending for p in self.tx_closing[0].paths):
             tx = self.tx_closing.pop(0)
             crit = [p for p in tx.paths if self.cfg.severity_for(p) == "critical"]
             self.emit_cb(tx.digest(self.cfg.hostname, set(esc(p) for p in crit),

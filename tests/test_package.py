@@ -127,6 +127,7 @@ def _engine(db):
     eng._users, eng._users_at = [], -10.0
     eng.backend = None                   # no watcher: no `process` to add
     eng.tx_closing = []
+    eng.tx_roots = {}
     eng.pkgtx = None                     # no package transaction watch
     got = []
     eng._emit = got.append
