@@ -3166,7 +3166,11 @@ def tree_summary(events, least=4):
 # database as it is then (PackageTx.take): what a package ships, what a
 # maintainer script or trigger is known to generate, and what matches no
 # package. One `transaction` event sums them up; only mismatches are also
-# reported one by one, at their normal severity.
+# reported one by one, at their normal severity. Elsewhere in the watched
+# paths a change that is not critical there is held too (Engine.tx_holds),
+# and a watched path that appears is walked when the transaction ends: a
+# directory made or a copy of a shipped file is a maintainer script's
+# (PackageTx.take_outside), anything else is reported as without it.
 # ---------------------------------------------------------------------------
 
 TX_CHECK_EVERY = 1.0         # locks looked at this often while a transaction runs
