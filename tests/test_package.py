@@ -527,6 +527,11 @@ def test_maintainer_script_copies_outside_the_prefixes_go_to_the_digest(
     assert tx.mismatches == [], tx.mismatches        # reported as it would be anyway
 
 
+class _NoTxRunning:
+    """PackageWatch between transactions, for defer_for_dpkg."""
+    tx = None
+
+
 def test_debs_are_read_ahead_by_the_workers_then_pinned(dpkg, tmp_path, monkeypatch):
     """When a transaction ends, the .debs of the packages owning the files it
     changed are read by the Hasher threads; its held changes are compared
@@ -539,17 +544,19 @@ def test_debs_are_read_ahead_by_the_workers_then_pinned(dpkg, tmp_path, monkeypa
     eng, got, tx = _tx_engine(db, monkeypatch, str(tmp_path / "root") + "/")
     eng.hasher = fimwatch.Hasher()
     eng.pending, eng.due = {str(tool): [1e9, 0.0, 1e9]}, []
+    eng.pkgtx = _NoTxRunning()
     tx.paths[str(tool)] = None
     try:
         eng.read_debs_ahead(tx)
         assert tx.deb_wait == {("tool", "1:1.0-1")}
-        assert eng.due == []                         # held until the .deb is read
+        # held until the .deb is read: not queued, and the settle queue defers it
+        assert eng.due == [] and eng.defer_for_dpkg(str(tool), 5.0, 1.0) is True
         deadline = time.monotonic() + 10
         while tx.deb_wait and time.monotonic() < deadline:
             eng.collect(wait=0.2)
     finally:
         eng.hasher.close()
-    assert not tx.deb_wait
+    assert not tx.deb_wait and eng.defer_for_dpkg(str(tool), 5.0, 1.0) is False
     assert [p for _, p in eng.due] == [str(tool)] and eng.pending[str(tool)][0] < 1e9
     sha = hashlib.sha256(tool.read_bytes()).hexdigest()
     assert db.deb_pinned[("tool", "1:1.0-1")] == {os.fsencode(str(tool)): sha}
