@@ -2464,8 +2464,10 @@ class PackageDB:
             else:
                 index.pop(orig, None)
 
-    def lookup(self, path):
-        """The owners of path as a flat (package, md5, ...) tuple, or None."""
+    def lookup(self, path, resolve=True):
+        """The owners of path as a flat (package, md5, ...) tuple, or None.
+        resolve=False: an md5 its owner's md5sums file has is FROM_MD5SUMS
+        (not read)."""
         if not self.load():
             return None
         self.used = time.monotonic()
@@ -2478,7 +2480,7 @@ class PackageDB:
         if hit is None:
             return None
         hit = self._owners(hit)
-        if self.FROM_MD5SUMS not in hit[1::2]:
+        if not resolve or self.FROM_MD5SUMS not in hit[1::2]:
             return hit
         return tuple(x for i in range(0, len(hit), 2)
                      for x in (hit[i], self._md5_of(hit[i], key)
@@ -6572,7 +6574,7 @@ class Engine:
         db = self.pkgdb
         want = set()
         for p in tx.paths:
-            hit = db.lookup(p)
+            hit = db.lookup(p, resolve=False)        # files have an md5 (or will)
             for i in range(0, len(hit or ()), 2):
                 ver = db.versions.get(hit[i])
                 if hit[i + 1] is not None and ver and (hit[i], ver) not in db.deb_pinned:
@@ -6591,6 +6593,7 @@ class Engine:
 
     def tx_finish(self):
         while self.tx_closing and not self.tx_closing[0].walks and \
+                not self.tx_closing[0].deb_wait and \
                 not any(p in self.pending for p in self.tx_closing[0].paths):
             tx = self.tx_closing.pop(0)
             crit = [p for p in tx.paths if self.cfg.severity_for(p) == "critical"]
