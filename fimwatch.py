@@ -2294,6 +2294,7 @@ class PackageDB:
         self.info_dir = info_dir or DPKG_INFO
         self.archives = archives or APT_ARCHIVES
         self.deb_sums = collections.OrderedDict()   # (pkg, version) -> {path: sha256}
+        self.deb_pinned = {}        # the same, read ahead for an ending transaction
         self.lock_path = lock or DPKG_LOCK
         self.status_path = status or DPKG_STATUS
         base = os.path.dirname(self.info_dir)
@@ -2468,8 +2469,10 @@ class PackageDB:
             else:
                 index.pop(orig, None)
 
-    def lookup(self, path):
-        """The owners of path as a flat (package, md5, ...) tuple, or None."""
+    def lookup(self, path, resolve=True):
+        """The owners of path as a flat (package, md5, ...) tuple, or None.
+        resolve=False: an md5 its owner's md5sums file has is FROM_MD5SUMS
+        (not read)."""
         if self.rpm is not None:
             return self.rpm.lookup(path)
         if not self.load():
@@ -2484,7 +2487,7 @@ class PackageDB:
         if hit is None:
             return None
         hit = self._owners(hit)
-        if self.FROM_MD5SUMS not in hit[1::2]:
+        if not resolve or self.FROM_MD5SUMS not in hit[1::2]:
             return hit
         return tuple(x for i in range(0, len(hit), 2)
                      for x in (hit[i], self._md5_of(hit[i], key)
@@ -2533,7 +2536,7 @@ class PackageDB:
         if not ver:
             return None
         key = (pkg, ver)
-        sums = self.deb_sums.get(key)
+        sums = self.deb_pinned.get(key, self.deb_sums.get(key))
         if sums is None:
             sums = self.deb_sums[key] = self._read_deb(pkg, ver)
             while len(self.deb_sums) > self.MD5_CACHE:
@@ -3464,7 +3467,11 @@ def tree_summary(events, least=4):
 # database as it is then (PackageTx.take): what a package ships, what a
 # maintainer script or trigger is known to generate, and what matches no
 # package. One `transaction` event sums them up; only mismatches are also
-# reported one by one, at their normal severity.
+# reported one by one, at their normal severity. Elsewhere in the watched
+# paths a change that is not critical there is held too (Engine.tx_holds),
+# and a watched path that appears is walked when the transaction ends: a
+# directory made or a copy of a shipped file is a maintainer script's
+# (PackageTx.take_outside), anything else is reported as without it.
 # ---------------------------------------------------------------------------
 
 TX_CHECK_EVERY = 1.0         # locks looked at this often while a transaction runs
@@ -3750,9 +3757,14 @@ class PackageTx:
         self.before, self.after = dict(versions), {}
         self.paths = {}               # path -> its owners when first held (lookup)
         self.verified = collections.Counter()        # package -> files
+        self.proof = collections.Counter()           # "sha256"/"md5" -> files verified so
         self.removed = collections.Counter()
         self.generated, self.scripts, self.mismatches = [], [], []
         self.records = 0              # dpkg's own files it rewrote (status, info/*)
+        self.deb_wait = set()         # (package, version): .deb still being read ahead
+        self.temporaries = 0          # dpkg's unpack files (X.dpkg-new, X.dpkg-tmp), gone
+        self._shipped = None          # md5 -> "path (package)" of its packages' files
+        self.walks = 0                # walks of watched paths it made, not done yet
 
     def take(self, db, p, ev, new, changes):
         """Classify one change of this transaction; True if the digest holds
@@ -3760,6 +3772,12 @@ class PackageTx:
         event, kind = ev["event"], ev.get("kind")
         if p.startswith(db.base + "/"):
             self.records += 1
+            return True
+        if not p.startswith(PACKAGE_PREFIXES):
+            return self.take_outside(db, p, ev, new)
+        if event == "transient" and p.endswith((".dpkg-new", ".dpkg-tmp")) and \
+                db.lookup(p[:-9]) is not None:
+            self.temporaries += 1            # unpacked beside a packaged file, renamed over it
             return True
         owners = db.lookup(p)
         why = None
@@ -3775,6 +3793,7 @@ class PackageTx:
             pkg = db.check(p, new.sha256 or "")
             if pkg["verified"] and set(changes) <= {"content"}:
                 self.verified[pkg["name"]] += 1
+                self.proof[pkg["digest"]] += 1
                 return True
             why = ("does not match package %s" % pkg["name"]) if pkg["verified"] is False \
                 else "%s changed; the package database records no %s" % (
@@ -3800,6 +3819,40 @@ class PackageTx:
         self.mismatches.append({"path": ev["path"], "event": event, "reason": why,
                                 "severity": ev["severity"]})
         return False
+
+    def take_outside(self, db, p, ev, new):
+        """A change outside the package prefixes held for this transaction
+        (Engine.tx_holds): a directory made, or a copy of a file one of its
+        packages ships (nginx's postinst copies its index.html into
+        /var/www/html), is a maintainer script's, listed; anything else is
+        reported as it would have been without the transaction (False)."""
+        event, kind = ev["event"], ev.get("kind")
+        item = {"path": ev["path"], "event": event}
+        if kind == "dir" and event == "created":
+            self.scripts.append(item)
+            return True
+        if kind != "file" or event not in ("created", "modified") or new is None or \
+                not new.sha256:
+            return False
+        md5, sha = _md5_sha256(p)
+        src = self.shipped(db).get(md5) if sha == new.sha256 else None
+        if src is None:
+            return False
+        item["copy_of"] = src
+        self.scripts.append(item)
+        return True
+
+    def shipped(self, db):
+        """{md5: "path (package)"} of the files this transaction's packages
+        ship (their md5sums lists), read once."""
+        if self._shipped is None and db.load():
+            self._shipped = {}
+            for name in self.changed_packages():
+                for fn in db.md5sums_file.get(name, ()):
+                    for md5, path in db._md5sums(fn):
+                        self._shipped.setdefault(md5.decode("ascii", "replace"), "%s (%s)" % (
+                            esc(os.fsdecode(path)), name))
+        return self._shipped or {}
 
     def package_changes(self):
         """{installed, upgraded, downgraded, reinstalled, removed: [names]}"""
@@ -3831,7 +3884,8 @@ class PackageTx:
         for n, what in ((len(self.generated), "generated"),
                         (len(self.scripts), "by maintainer scripts"),
                         (sum(self.removed.values()), "removed"),
-                        (self.records, "dpkg records")):
+                        (self.records, "dpkg records"),
+                        (self.temporaries, "dpkg temporaries")):
             if n:
                 files += ", %d %s" % (n, what)
         return "%s %s: %s, %d mismatch%s" % (
@@ -3887,10 +3941,12 @@ class PackageTx:
                                           - self.start_mono), 1),
                        packages=pkgs,
                        files={"verified": sum(self.verified.values()),
+                              "sha256": self.proof["sha256"], "md5": self.proof["md5"],
                               "generated": len(self.generated),
                               "scripts": len(self.scripts),
                               "removed": sum(self.removed.values()),
                               "records": self.records,
+                              "temporaries": self.temporaries,
                               "mismatches": len(self.mismatches)},
                        verified=dict(sorted(self.verified.items())),
                        mismatches=self.mismatches[:TX_LIST_MAX],
@@ -5433,6 +5489,7 @@ class Engine:
         self.pkgtx = PackageWatch(self.pkgdb) if self.pkgdb is not None and \
             backend is not None and self.pkgdb.available() else None
         self.tx_closing = []
+        self.tx_roots = {}            # a watched path that appeared during a transaction -> it
         self.fresh = {}              # new path -> [first seen, Rec or None, snapshots]
         self.captures = 0            # snapshots of new paths this turn
         self.leftovers = {}          # editor swap/backup/lock names seen (check_leftovers)
@@ -5987,6 +6044,8 @@ class Engine:
             try:
                 if tag[0] == "one":
                     self._offloaded(tag, res, err)
+                elif tag[0] == "deb":
+                    self._deb_read(tag, res, err)
                 else:
                     self._built(tag, res, err)
             except Exception as e:
@@ -6262,6 +6321,9 @@ class Engine:
         for tx in self.tx_closing:
             if p in tx.paths:
                 return tx
+        for root, tx in self.tx_roots.items():
+            if p == root or p.startswith(root + "/"):
+                return tx
         if self.pkgtx is not None and p.startswith(self.pkgdb.base + "/"):
             # ... and dpkg emptying tmp.ci as it ends is the ending one's
             return self.pkgtx.tx or (self.tx_closing[-1] if self.tx_closing else None)
@@ -6453,11 +6515,31 @@ class Engine:
         self.missing_roots.add(root)
         self.touch(root)
 
-    def check_missing_roots(self):
+    def check_missing_roots(self, ended=None):
+        """Walk the watched paths that appeared. One that appears while a
+        package transaction runs (nginx makes /var/www) is walked when it
+        ends (ended), its changes that transaction's (tx_roots)."""
+        running = self.pkgtx.tx if self.pkgtx is not None else None
         for root in list(self.missing_roots):
-            if os.path.lexists(root):
-                self.missing_roots.discard(root)
+            if not os.path.lexists(root):
+                continue
+            if running is not None and self.tx_holds(root) and \
+                    time.monotonic() - running.start_mono < TX_MAX_HOLD:
+                continue
+            self.missing_roots.discard(root)
+            if ended is not None and self.tx_holds(root):
+                self.scans.append(self._tx_walk(root, ended))
+            else:
                 self.scans.append(self.walk_root(root, "quick", "realtime"))
+
+    def _tx_walk(self, root, tx):
+        tx.walks += 1
+        self.tx_roots[root] = tx
+        try:
+            yield from self.walk_root(root, "quick", "realtime")
+        finally:
+            self.tx_roots.pop(root, None)
+            tx.walks -= 1
 
     def overflow(self):
         self.overflows += 1
@@ -6728,22 +6810,29 @@ class Engine:
         while a package transaction runs waits, up to 30 minutes, for it to
         end: then it is verified against the database as dpkg left it. One
         first seen before the transaction started is not the transaction's."""
-        if self.pkgtx is None or not package_managed(p, self.pkgdb):
+        if self.pkgtx is None or not self.tx_holds(p):
             return False
         if first is None:
             first = now
         for tx in self.tx_closing:
             if p in tx.paths:
-                return False
+                return bool(tx.deb_wait)
             if tx.start_mono <= first <= tx.ended:    # settled after the end
                 tx.paths[p] = None
-                return False
+                return bool(tx.deb_wait)
         tx = self.pkgtx.tx
         if tx is None or first < tx.start_mono:
             return False
         if p not in tx.paths:
             tx.paths[p] = self.pkgdb.lookup(p)
         return now - tx.start_mono < TX_MAX_HOLD
+
+    def tx_holds(self, p):
+        """Is a change to p first seen during a transaction held for it: under
+        the package prefixes or dpkg's directory, or elsewhere unless critical
+        there (a maintainer script writes /var/www/html too; an SSH key or a
+        crontab is never held back)."""
+        return package_managed(p, self.pkgdb) or self.cfg.severity_for(p) != "critical"
 
     def tx_turn(self, now):
         """A transaction that ended: its held changes are compared now; once
@@ -6759,23 +6848,60 @@ class Engine:
         self.read_events()
         ended.ended = time.monotonic()
         self.tx_closing.append(ended)
-        for p in ended.paths:                 # held: compared now
+        self.check_missing_roots(ended)
+        self.read_debs_ahead(ended)
+        if not ended.deb_wait:
+            self.release_held(ended)
+        for p, ent in self.pending.items():   # seen, not settled yet: the digest waits
+            if ent[1] >= ended.start_mono and self.tx_holds(p):
+                ended.paths.setdefault(p, None)
+
+    def release_held(self, tx):
+        """The changes tx held: compared now."""
+        now = time.monotonic()
+        for p in tx.paths:
             ent = self.pending.get(p)
             if ent is not None:
                 ent[0] = now
                 heapq.heappush(self.due, (now, p))
-        for p, ent in self.pending.items():   # seen, not settled yet: the digest waits
-            if ent[1] >= ended.start_mono and package_managed(p, self.pkgdb):
-                ended.paths.setdefault(p, None)
+
+    def read_debs_ahead(self, tx):
+        """The .debs of the packages owning files tx changed are read by the
+        Hasher threads (an 8.7 MB .deb takes ~1.2 s), not on the loop, before
+        its held changes are compared; PackageDB.check then finds their
+        sha256s pinned. A .deb that fails to read is read again by check()."""
+        db = self.pkgdb
+        want = set()
+        for p in tx.paths:
+            hit = db.lookup(p, resolve=False)        # files have an md5 (or will)
+            for i in range(0, len(hit or ()), 2):
+                ver = db.versions.get(hit[i])
+                if hit[i + 1] is not None and ver and (hit[i], ver) not in db.deb_pinned:
+                    want.add((hit[i], ver))
+        for pkg, ver in sorted(want):
+            tx.deb_wait.add((pkg, ver))
+            self.hasher.submit(("deb", pkg, ver, tx), db._read_deb, pkg, ver)
+
+    def _deb_read(self, tag, res, err):
+        _, pkg, ver, tx = tag
+        if err is None:
+            self.pkgdb.deb_pinned[(pkg, ver)] = res
+        tx.deb_wait.discard((pkg, ver))
+        if not tx.deb_wait and tx in self.tx_closing:
+            self.release_held(tx)
 
     def tx_finish(self):
-        while self.tx_closing and not any(p in self.pending for p in self.tx_closing[0].paths):
+        while self.tx_closing and not self.tx_closing[0].walks and \
+                not self.tx_closing[0].deb_wait and \
+                not any(p in self.pending for p in self.tx_closing[0].paths):
             tx = self.tx_closing.pop(0)
             crit = [p for p in tx.paths if self.cfg.severity_for(p) == "critical"]
             self.emit_cb(tx.digest(self.cfg.hostname, set(esc(p) for p in crit),
                                    md5sums_digests(self.pkgdb.info_dir),
                                    apt_sources(tx.changed_packages(),
                                                tmpdir=self.cfg.state_dir)))
+        if not self.tx_closing and self.pkgdb is not None:
+            self.pkgdb.deb_pinned.clear()
 
     def flush(self, p):
         src = self.moves.pop(p, None)

@@ -127,6 +127,7 @@ def _engine(db):
     eng._users, eng._users_at = [], -10.0
     eng.backend = None                   # no watcher: no `process` to add
     eng.tx_closing = []
+    eng.tx_roots = {}
     eng.pkgtx = None                     # no package transaction watch
     got = []
     eng._emit = got.append
@@ -465,3 +466,100 @@ def test_a_scripts_temp_file_gone_before_it_was_read_goes_to_the_digest(
     eng.tx_closing = []                                   # no transaction: an alert
     eng.report_transient(p, [0.0, None, 0])
     assert got and got[-1]["event"] == "transient" and got[-1]["captured"] is False, got
+
+
+def _tx_engine(db, monkeypatch, prefix):
+    """An in-process Engine with one ended apt-get transaction closing, for
+    the package prefix `prefix`; (engine, emitted events, transaction)."""
+    monkeypatch.setattr(fimwatch, "PACKAGE_PREFIXES", (prefix,))
+    eng, got = _engine(db)
+    eng.probe = fimwatch.re.compile(r"(?!)")
+    tx = fimwatch.PackageTx({"frontend": "apt-get"}, 0.0, {})
+    tx.after = {"tool": "1:1.0-1"}                        # tool was installed by it
+    eng.tx_closing = [tx]
+    return eng, got, tx
+
+
+def test_dpkg_unpack_temporaries_are_counted_not_reported(dpkg, tmp_path, tmp_path_factory,
+                                                          monkeypatch):
+    """dpkg unpacks each file as X.dpkg-new beside X (and keeps the old one
+    as X.dpkg-tmp) and renames it over: in an upgrade seen under real apt as
+    one `transient` per file (60 critical and warning events for 25
+    packages). Beside a packaged file they are counted in the digest; any
+    other name that came and went is still reported."""
+    db = dpkg[0]
+    usr = tmp_path_factory.mktemp("usr")               # outside dpkg's dir (tmp_path)
+    tool = usr / "tool"
+    with open(tmp_path / "info" / "tool.md5sums", "a") as f:
+        f.write("%s  %s\n" % ("2" * 32, str(tool).lstrip("/")))
+    eng, got, tx = _tx_engine(db, monkeypatch, str(usr) + "/")
+    for p in (str(tool) + ".dpkg-new", str(tool) + ".dpkg-tmp",
+              str(tool.parent / "stranger.dpkg-new")):
+        tx.paths[p] = None
+        eng.report_transient(p, [0.0, None, 0])
+    assert tx.temporaries == 2, tx.temporaries
+    assert [e["path"] for e in got] == [str(tool.parent / "stranger.dpkg-new")], got
+    assert tx.digest("h")["files"]["temporaries"] == 2
+
+
+def test_maintainer_script_copies_outside_the_prefixes_go_to_the_digest(
+        dpkg, tmp_path, tmp_path_factory, monkeypatch):
+    """nginx's postinst makes /var/www/html and copies its index.html there:
+    held by the transaction (not a critical path), a directory made and a
+    copy of a file the transaction's packages ship are listed in its digest;
+    a file of other content is reported on its own, as without it."""
+    db, tool, _, _ = dpkg
+    eng, got, tx = _tx_engine(db, monkeypatch, str(tmp_path / "root") + "/")
+    www = tmp_path_factory.mktemp("www")
+    copy, other, sub = www / "index.html", www / "shell.php", www / "html"
+    copy.write_bytes(tool.read_bytes())
+    other.write_bytes(b"<?php system($_GET['c']);\n")
+    sub.mkdir()
+    for p in (sub, copy, other):
+        tx.paths[str(p)] = None
+        eng.emit_change("created", str(p), "realtime", None,
+                        fimwatch.snapshot(str(p), 1 << 20), [])
+    assert tx.scripts == [{"path": str(sub), "event": "created"},
+                          {"path": str(copy), "event": "created",
+                           "copy_of": "%s (tool)" % tool}], tx.scripts
+    assert [e["path"] for e in got] == [str(other)], got
+    assert "package" not in got[0] and got[0]["severity"] == "critical", got[0]
+    assert tx.mismatches == [], tx.mismatches        # reported as it would be anyway
+
+
+class _NoTxRunning:
+    """PackageWatch between transactions, for defer_for_dpkg."""
+    tx = None
+
+
+def test_debs_are_read_ahead_by_the_workers_then_pinned(dpkg, tmp_path, monkeypatch):
+    """When a transaction ends, the .debs of the packages owning the files it
+    changed are read by the Hasher threads; its held changes are compared
+    once they are in (PackageDB.check then finds the sha256s pinned, even if
+    the .deb is gone by then), the same proof as reading them on the loop."""
+    db, tool, _, _ = dpkg
+    db.archives = str(build_deb(tmp_path, {tool: tool.read_bytes()}))
+    (tmp_path / "status").write_text(
+        "Package: tool\nStatus: install ok installed\nVersion: 1:1.0-1\n")
+    eng, got, tx = _tx_engine(db, monkeypatch, str(tmp_path / "root") + "/")
+    eng.hasher = fimwatch.Hasher()
+    eng.pending, eng.due = {str(tool): [1e9, 0.0, 1e9]}, []
+    eng.pkgtx = _NoTxRunning()
+    tx.paths[str(tool)] = None
+    try:
+        eng.read_debs_ahead(tx)
+        assert tx.deb_wait == {("tool", "1:1.0-1")}
+        # held until the .deb is read: not queued, and the settle queue defers it
+        assert eng.due == [] and eng.defer_for_dpkg(str(tool), 5.0, 1.0) is True
+        deadline = time.monotonic() + 10
+        while tx.deb_wait and time.monotonic() < deadline:
+            eng.collect(wait=0.2)
+    finally:
+        eng.hasher.close()
+    assert not tx.deb_wait and eng.defer_for_dpkg(str(tool), 5.0, 1.0) is False
+    assert [p for _, p in eng.due] == [str(tool)] and eng.pending[str(tool)][0] < 1e9
+    sha = hashlib.sha256(tool.read_bytes()).hexdigest()
+    assert db.deb_pinned[("tool", "1:1.0-1")] == {os.fsencode(str(tool)): sha}
+    os.unlink(os.path.join(db.archives, os.listdir(db.archives)[0]))   # apt clean meanwhile
+    assert db.check(str(tool)) == {"name": "tool", "manager": "dpkg", "verified": True,
+                                   "digest": "sha256"}

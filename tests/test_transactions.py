@@ -89,7 +89,14 @@ def pkgd_db(fim, tmp_path):
     return _package_daemon(fim, tmp_path, watch_db=True)
 
 
-def _package_daemon(fim, tmp_path, watch_db=False):
+@pytest.fixture
+def pkgd_www(fim, tmp_path):
+    """pkgd, with a path outside the package prefixes watched that does not
+    exist yet (as /var/www on a server before its web server is installed)."""
+    return _package_daemon(fim, tmp_path, extra=fim.outside / "www")
+
+
+def _package_daemon(fim, tmp_path, watch_db=False, extra=None):
     wrapper = tmp_path / "python-wrapper"
     wrapper.write_text("#!/bin/sh\nexec %s %s \"$@\"\n" % (sys.executable, tmp_path / "wrap.py"))
     (tmp_path / "wrap.py").write_text(WRAPPER % {"repo": str(REPO)})
@@ -102,7 +109,8 @@ def _package_daemon(fim, tmp_path, watch_db=False):
     (fim.root / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
     fim.write_config(severity={"critical": "%s/usr/bin/** %s/etc/passwd" % (fim.root, fim.root)},
                      fimwatch={"diff_paths": "%s/etc/**" % fim.root, "package_check": "yes"},
-                     watch={"paths": "%s %s" % (fim.root, dpkg.dir) if watch_db else fim.root})
+                     watch={"paths": " ".join(str(p) for p in (
+                         fim.root, dpkg.dir if watch_db else None, extra) if p)})
     env = {"FIMTEST_DPKG": str(dpkg.dir), "FIMTEST_ROOT": str(fim.root)}
     d = fim.daemon(python=str(wrapper), env=env)
     return d, dpkg, tool
@@ -143,6 +151,9 @@ def test_upgrade_install_and_scripts_make_one_quiet_digest(pkgd, fim, tmp_path):
     assert dig["scripts"] == [{"path": "%s/etc/passwd" % fim.root, "event": "modified",
                                "added": ["_newd"]}]
     assert dig["files"]["mismatches"] == 0
+    # which proof: no .deb in an apt archive here, so md5 (tool, libnew.so;
+    # the two directories are listed, not hashed)
+    assert (dig["files"]["md5"], dig["files"]["sha256"]) == (2, 0), dig["files"]
     assert dig["message"].startswith("apt-get (by alice via sudo) installed 1 package and "
                                      "upgraded 1 package: 4 files verified, 1 generated, "
                                      "1 by maintainer scripts, 0 mismatches"), dig["message"]
@@ -226,3 +237,35 @@ def test_dpkg_records_held_in_a_transaction_critical_outside(pkgd_db, fim, tmp_p
     (dpkg.dir / "available").write_text("Package: x\n")      # not a record
     ev = d.wait_for(is_event("created", path=str(dpkg.dir / "available")), since=mark)
     assert ev["severity"] == "warning" and "summary" not in ev, ev
+
+
+def test_a_watched_path_a_maintainer_script_makes_is_in_the_digest(pkgd_www, fim, tmp_path):
+    """nginx's postinst makes /var/www/html (a watched path that did not
+    exist) and copies its index.html there: looked at when the transaction
+    ends, the directories and the copy of a file its packages ship are
+    listed in its digest as the maintainer scripts'; a file of other content
+    made there meanwhile is reported on its own, as it would be without it."""
+    d, dpkg, tool = pkgd_www
+    www = fim.outside / "www"
+    page, shipped = b"<h1>welcome</h1>\n", fim.root / "usr" / "share" / "web" / "index.html"
+    mark = d.mark()
+    holder = dpkg.hold(tmp_path)
+    try:
+        dpkg.ship("web", "1.0", {shipped: page}, dirs=[shipped.parent.parent, shipped.parent])
+        (www / "html").mkdir(parents=True)
+        (www / "html" / "index.html").write_bytes(page)
+        (www / "html" / "shell.php").write_bytes(b"<?php system($_GET['c']);\n")
+        time.sleep(fimwatch.ROOT_RETRY_EVERY + 0.5)     # looked for while it runs
+        assert not _per_file(d.events(mark)), "held while the transaction runs"
+    finally:
+        holder.kill()
+        holder.wait()
+    dig = d.wait_for(is_event("transaction"), since=mark, timeout=15)
+    assert {s["path"]: s.get("copy_of") for s in dig["scripts"]} == {
+        str(www): None, str(www / "html"): None,
+        str(www / "html" / "index.html"): "%s (web)" % shipped}, dig["scripts"]
+    assert dig["severity"] == "info" and dig["files"]["mismatches"] == 0, dig["message"]
+    ev = d.wait_for(is_event("created", path=str(www / "html" / "shell.php")), since=mark)
+    assert ev["severity"] == "warning" and "package" not in ev, ev
+    time.sleep(0.3)
+    assert [e["path"] for e in _per_file(d.events(mark))] == [str(www / "html" / "shell.php")]
