@@ -4361,6 +4361,12 @@ class InotifyBackend:
     def writer(self, path):
         return None                      # inotify does not say who
 
+    def learn(self, root, wanted):
+        return False                     # a watch per directory: walk first
+
+    def learned(self, root):
+        pass
+
     def prune_gone(self):
         """Drop the watches of directories that no longer exist (after a rescan)."""
         for wd in [wd for wd, p in self.wd2path.items() if not _is_dir_deep(p)]:
@@ -4841,6 +4847,7 @@ class FanotifyBackend:
         self.procs = ProcessCache(self.executed)
         self.writers = collections.OrderedDict()     # path -> process info
         self.setid_seen = {}         # (dev, ino) -> (set-id bits, capability) reported
+        self.lazy = {}               # root -> wanted(dir): directories learned from records
         self.me = os.getpid()
         self.noise, self.relevant = False, 0
         # 0 during the start-up walks (they drain the queue every 64
@@ -4914,6 +4921,42 @@ class FanotifyBackend:
     def writer(self, path):
         """The process behind the last record of path (then forgotten)."""
         return self.writers.pop(path, None)
+
+    def learn(self, root, wanted):
+        """Watch the tree under root at once, without walking it first: the
+        filesystem mark already sees every change, and a record from a
+        directory not in the map yet is resolved by its handle
+        (open_by_handle_at, cached) and kept if it is under root and
+        wanted(path) (not excluded). The start-up comparison's walk fills the
+        map meanwhile; learned(root) ends this when it is done. False (the
+        caller walks first) when root's own handle does not resolve back to
+        root: a bind mount or a namespace where handles name other paths."""
+        self.watch(root)
+        key = self.keys[root]
+        self.handle_paths.pop(key, None)
+        if self._dir_of_handle(key) != root:
+            return False
+        self.lazy[root] = wanted
+        return True
+
+    def learned(self, root):
+        self.lazy.pop(root, None)
+
+    def _learn(self, key):
+        """A directory handle not in the map, while a tree is learned: is it
+        one of the tree's directories? (Then it is in the map from now on.)"""
+        d = self._dir_of_handle(key) if key[:8] in self.marked else None
+        if d is None:
+            return False
+        for root, wanted in self.lazy.items():
+            if (d == root or d.startswith(root + "/")) and wanted(d):
+                old = self.keys.get(d)
+                if old is not None and old != key:
+                    self.dirs.pop(old, None)
+                self.dirs[key] = d
+                self.keys[d] = key
+                return True
+        return False
 
     def _note_exec(self, data, off, end, pid):
         # Every execve on the filesystem comes here: read only the first info
@@ -5036,7 +5079,8 @@ class FanotifyBackend:
                     if not mask & FAN_CHANGES:
                         off += ln
                         continue
-                if data[o + 4:o + 20 + _U32.unpack_from(data, o + 12)[0]] in dirs:
+                key = data[o + 4:o + 20 + _U32.unpack_from(data, o + 12)[0]]
+                if key in dirs or (self.lazy and self._learn(key)):
                     self.relevant += 1
                     self._dispatch(eng, data, o, off + ln, mask, pid)
                 elif mask & SETID_MASK and not mask & FAN_ONDIR:
@@ -5215,6 +5259,12 @@ class MixedBackend:
 
     def writer(self, path):
         return self.parts["fanotify"].writer(path)
+
+    def learn(self, root, wanted):
+        return self._for(root).learn(root, wanted)
+
+    def learned(self, root):
+        self._for(root).learned(root)
 
     def read(self, eng):
         return sum(b.read(eng) for b in self.parts.values())
@@ -5477,6 +5527,7 @@ class Engine:
         self.unwatched = set()       # subtree roots that got no watch (limit)
         self.recheck = deque()       # (when, dir): an early look at a new unwatched dir
         self.missing_roots = set()
+        self.learning = set()        # roots whose directories fanotify learns (see start)
         self.scans = deque()         # incremental walks in progress
         self.limit_event_for = set()
         self.unreadable = set()
@@ -5547,6 +5598,16 @@ class Engine:
     def emit_cb(self, ev):
         self.stats["events"] += 1
         self._emit(ev)
+
+    def wanted_dir(self, d):
+        """Is directory d (under a root) in the tree: neither it nor a
+        directory above it, up to its root, excluded?"""
+        root = next((r for r in self.roots if d == r or d.startswith(r + "/")), None)
+        while root is not None and d != root:
+            if self.excluded(d, True):
+                return False
+            d = os.path.dirname(d)
+        return root is not None
 
     def excluded(self, path, is_dir=False):
         # Base-name patterns (*.swp, *~, 4913) are for editors' files: they
@@ -5846,6 +5907,8 @@ class Engine:
             self._submit_build(dfd)
         for name, old in old_children.items():      # in the baseline, not on disk
             p = d + "/" + name if d != "/" else "/" + name
+            if p in self.pending:
+                continue                     # compared when it settles, as above
             if self.excluded(p, old.kind == "dir"):
                 self.store.delete_tree(p) if old.kind == "dir" else self.store.delete(p)
             else:
@@ -5889,6 +5952,10 @@ class Engine:
             self.touch(p)
         elif mode == "build":
             self._build_entry(p, old_children.pop(name, None), st, dfd, name)
+        elif p in self.pending:
+            # Compared when its settle window ends, as a real-time change
+            # with its writer (fanotify): not here as well, or first.
+            old_children.pop(name, None)
         else:
             self.visit(p, old_children.pop(name, None), detected, mode, st, dir_fd=dfd,
                        name=name)
@@ -6600,6 +6667,11 @@ class Engine:
             rmode = self.root_mode(root, mode)
             if rmode == "build":
                 walker = self.walk_root(root, rmode, detected, drain=self.read_events)
+            elif os.path.isdir(root) and not os.path.islink(root) and \
+                    self.backend.learn(root, self.wanted_dir):
+                walker = ()                  # fanotify: watching already; the
+                later.append(root)           # comparison's walk fills the map
+                self.learning.add(root)
             else:
                 walker = self.watch_root(root)
                 later.append(root)
@@ -6630,9 +6702,13 @@ class Engine:
         so an admin (or a benchmark) knows when coverage is complete."""
         t0, c0, n = time.monotonic(), self.stats["changes"], 0
         for root in roots:
-            for _ in self.walk_root(root, mode, detected, watch=False):
+            learning = root in self.learning
+            for _ in self.walk_root(root, mode, detected, watch=learning):
                 n += 1
                 yield
+            if learning:
+                self.learning.discard(root)
+                self.backend.learned(root)
         changes = self.stats["changes"] - c0
         self.emit_cb(new_event(
             self.cfg.hostname, "verified", "info", "scan", "", directories=n,

@@ -498,3 +498,36 @@ def test_auto_mixes_backends_per_root_overlayfs_on_inotify(fim, overlay):
     os.rename(fim.root / "on-ext4", fim.root / "renamed")
     d.wait_for(is_event("moved", fim.root / "renamed"))
     d.stop()
+
+
+def test_fanotify_watches_the_tree_before_walking_it(fim):
+    """With fanotify nothing needs a walk before watching: `started` comes
+    before the tree is walked, and a change in a directory the start-up
+    comparison has not reached yet is reported in real time (its directory
+    learned from the record's handle), with its writer. A directory under
+    an excluded one is not learned. 1,000 directories of 20 files make the
+    comparison last long enough; the changes are made in the directories it
+    reaches last (its walk pops a stack: the first in readdir order)."""
+    for i in range(1000):
+        sub = fim.root / ("d%04d" % i)
+        sub.mkdir()
+        for j in range(20):
+            (sub / ("f%02d" % j)).write_text("k\n")
+    skip = fim.root / "skip" / "deep"
+    skip.mkdir(parents=True)
+    fan(fim, exclude="*.swp %s" % (fim.root / "skip"))
+    fim.daemon().stop()                       # the baseline
+    d = fim.daemon()
+    started = [e for e in fim.events() if e.get("event") == "started"][-1]
+    assert started["watches"] < 1000, started            # no walk before `started`
+    m = d.mark()
+    hidden = write(skip / "nope.txt", "x\n")
+    with os.scandir(fim.root) as it:
+        last = [e.name for e in it if e.name.startswith("d")][:20]
+    paths = [write(fim.root / n / "new.txt", "new\n") for n in last]
+    got = [d.wait_for(is_event("created", p), since=m, timeout=30) for p in paths]
+    d.wait_for(is_event("verified"), since=m, timeout=60)
+    for e in got:
+        assert e["detected"] == "realtime" and e["process"]["pid"] == os.getpid(), e
+    d.assert_quiet(is_event(path=str(hidden)), since=m, control=control_file())
+    d.stop()
