@@ -1446,6 +1446,9 @@ TX_SPLIT = 5000
 # SQLite's page cache per connection, KiB (its default is 2,000): the
 # baseline's B-tree interior pages fit; the rest is in the OS page cache.
 SQLITE_CACHE_KIB = 1024
+# Store.get's cache of baseline rows (see Store.get), entries.
+ROW_CACHE = 1024
+_MISS = object()
 
 
 def _split(path):
@@ -1504,6 +1507,8 @@ class Store:
         self._tx = False
         self._seq_read = False         # next_sequence read the counter in this transaction
         self._writes = 0
+        self._rows = {}                # path -> Rec or None: see get()
+        self._version = None           # PRAGMA data_version when _rows was checked
 
     # -- transactions --
     def _w(self, n=1):
@@ -1570,9 +1575,41 @@ class Store:
 
     # -- baseline --
     def get(self, path):
+        """The baseline row of path (a Rec), or None. The last ROW_CACHE rows
+        read or written here are kept, so a path's first sight in the settle
+        queue (Engine.capture) and its comparison read the row once: put and
+        delete write through, the tree operations empty it, and so do another
+        process's commits (refresh(), each loop turn) and a failing StateDB
+        (its reads show what was committed, not what waits)."""
+        rows = self._rows
+        if rows and getattr(self.db, "error", None) is not None:
+            rows.clear()                   # a rolled-back write may be among them
+        rec = rows.get(path, _MISS)
+        if rec is not _MISS:
+            return rec
         with self.lock:
             row = self.db.execute(_GET_FILE, _split(path)).fetchone()
-        return Rec(*row) if row else None
+            rec = Rec(*row) if row else None
+            self._remember(path, rec)
+        return rec
+
+    def _remember(self, path, rec):
+        rows = self._rows
+        if getattr(self.db, "error", None) is not None:
+            rows.clear()
+            return
+        if len(rows) >= ROW_CACHE:
+            del rows[next(iter(rows))]
+        rows[path] = rec
+
+    def refresh(self):
+        """Forget the cached rows if another connection committed since the
+        last call (the CLI's accept or scan while the daemon runs)."""
+        with self.lock:
+            v = self.db.execute("PRAGMA data_version").fetchone()[0]
+            if v != self._version:
+                self._version = v
+                self._rows.clear()
 
     def children(self, dirpath):
         """{name (str): Rec} of the baseline entries directly in dirpath."""
@@ -1585,10 +1622,12 @@ class Store:
         with self.lock:
             self._w()
             self.db.execute(_PUT_FILE, _split(path) + rec)
+            self._remember(path, rec)
 
     def put_many(self, items):
         """put() for [(path, Rec)] in one statement (a baseline being built)."""
         with self.lock:
+            self._rows.clear()
             self._w(len(items))
             self.db.executemany(_PUT_FILE, [_split(p) + r for p, r in items])
 
@@ -1605,6 +1644,7 @@ class Store:
             self._w()
             self.db.execute("DELETE FROM files WHERE parent=? AND name=?", _split(path))
             self.db.execute("DELETE FROM content WHERE path=?", (os.fsencode(path),))
+            self._remember(path, None)
 
     def descendants(self, path):
         """[(path, Rec)] below path (not path itself), parents before children."""
@@ -1618,6 +1658,7 @@ class Store:
     def delete_tree(self, path):
         b, lo, hi = _desc_range(path)
         with self.lock:
+            self._rows.clear()
             self._w()
             self.db.execute("DELETE FROM files WHERE parent=? OR (parent>=? AND parent<?)",
                             (b, lo, hi))
@@ -8210,6 +8251,7 @@ class Daemon:
             except InterruptedError:
                 pass
             self._drain_wakeup()
+            self.store.refresh()
             self.eng.read_events()
             self.eng.tick(now)
             self._timers(time.monotonic(), wd_every)
