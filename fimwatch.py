@@ -71,6 +71,7 @@ import fcntl
 import hashlib
 import heapq
 import hmac
+import itertools
 import json
 import os
 import re
@@ -231,17 +232,52 @@ def esc(s):
     return "".join(out)
 
 
+# (whole second, its text without the Z) last formatted by iso_ms, iso_s
+_ISO_SEC = [(None, ""), (None, "")]
+
+
+def _iso_parts(t, slot):
+    """(YYYY-MM-DDTHH:MM:SS, microseconds) of Unix time t, as fromtimestamp
+    rounds it; formatted by hand (strftime costs four times as much), the
+    whole second once per second: this runs for every event."""
+    sec = int(t // 1)
+    us = round((t - sec) * 1e6)
+    if us >= 1000000:
+        sec, us = sec + 1, us - 1000000
+    last, text = _ISO_SEC[slot]
+    if sec != last:
+        d = datetime.datetime.fromtimestamp(sec, datetime.timezone.utc)
+        text = "%04d-%02d-%02dT%02d:%02d:%02d" % (d.year, d.month, d.day, d.hour, d.minute,
+                                                  d.second)
+        _ISO_SEC[slot] = (sec, text)
+    return text, us
+
+
 def iso_ms(t):
-    # formatted by hand: strftime costs four times as much, once per event
-    d = datetime.datetime.fromtimestamp(t, datetime.timezone.utc)
-    return "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (d.year, d.month, d.day, d.hour, d.minute,
-                                                    d.second, d.microsecond // 1000)
+    text, us = _iso_parts(t, 0)
+    return "%s.%03dZ" % (text, us // 1000)
 
 
 def iso_s(t):
-    d = datetime.datetime.fromtimestamp(t, datetime.timezone.utc)
-    return "%04d-%02d-%02dT%02d:%02d:%02dZ" % (d.year, d.month, d.day, d.hour, d.minute,
-                                               d.second)
+    return _iso_parts(t, 1)[0] + "Z"
+
+
+_ID_POOL = bytearray()
+_ID_LOCK = threading.Lock()
+os.register_at_fork(after_in_child=_ID_POOL.clear)
+
+
+def event_id():
+    """uuid.uuid4().hex, from random bytes drawn 4 KiB at a time (one
+    getrandom per 256 ids, not one per event)."""
+    with _ID_LOCK:
+        if not _ID_POOL:
+            _ID_POOL.extend(os.urandom(4096))
+        b = _ID_POOL[-16:]
+        del _ID_POOL[-16:]
+    b[6] = b[6] & 0x0F | 0x40           # version 4
+    b[8] = b[8] & 0x3F | 0x80           # RFC 4122 variant
+    return b.hex()
 
 
 _DUR_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$", re.I)
@@ -3737,19 +3773,26 @@ class PackageWatch:
 def new_event(host, event, severity, detected="realtime", path="", **fields):
     """A new event: a plain dict of the SPEC's fields, never changed once
     emitted (sinks that need more make a copy)."""
-    ev = {"id": uuid.uuid4().hex, "time": iso_ms(time.time()), "host": host, "event": event,
+    ev = {"id": event_id(), "time": iso_ms(time.time()), "host": host, "event": event,
           "severity": severity, "detected": detected, "path": path}
     ev.update(fields)
     return ev
 
 
+_EPOCH_SEC = (None, 0)       # (the time field's whole second, as epoch): see event_epoch
+
+
 def event_epoch(ev):
     """The event's time as a Unix timestamp (from its 'time' field)."""
     s = ev.get("time") or ""
+    last, sec = _EPOCH_SEC
     try:
-        return datetime.datetime(int(s[0:4]), int(s[5:7]), int(s[8:10]), int(s[11:13]),
-                                 int(s[14:16]), int(s[17:19]), int(s[20:23] or 0) * 1000,
-                                 datetime.timezone.utc).timestamp()
+        if s[:19] != last:             # the whole second parsed once per second
+            sec = int(datetime.datetime(int(s[0:4]), int(s[5:7]), int(s[8:10]), int(s[11:13]),
+                                        int(s[14:16]), int(s[17:19]),
+                                        tzinfo=datetime.timezone.utc).timestamp())
+            globals()["_EPOCH_SEC"] = (s[:19], sec)
+        return (sec * 1000000 + int(s[20:23] or 0) * 1000) / 1e6    # as timedelta computes it
     except ValueError:
         return time.time()
 
@@ -6767,6 +6810,7 @@ class EventsFileSink:
     good (a partly written line is written again whole, same chain place)."""
     name = "events_file"
     MAX_PENDING = 100000
+    WRITE_BATCH = 1000         # lines per write(2)
 
     def __init__(self, path, store=None, fmt="fimwatch"):
         self.path = path
@@ -6839,18 +6883,30 @@ class EventsFileSink:
                 if self.cur is None or self.cur[1] != n + 1:
                     if self.off:           # a fragment, now out of turn: end it
                         os.write(fd, b"\n")
-                    raw = chain_line(self.pending[0], n + 1, h).encode("utf-8", "surrogateescape")
-                    self.cur, self.off = (raw, n + 1, line_hash(raw)), 0
-                raw = self.cur[0]
-                self.off += os.write(fd, raw[self.off:] + b"\n")
-                if self.off >= len(raw) + 1:
-                    n, h = self.cur[1], self.cur[2]
+                    self.cur, self.off = self._chained(self.pending[0], n, h), 0
+                # the rest of cur and the lines after it, chained on, in one write
+                batch = [self.cur]
+                for text in itertools.islice(self.pending, 1, self.WRITE_BATCH):
+                    batch.append(self._chained(text, batch[-1][1], batch[-1][2]))
+                k = self.off + os.write(fd, b"".join([b[0] + b"\n" for b in batch])[self.off:])
+                for line in batch:
+                    if k <= len(line[0]):  # a short write: the rest at the next turn
+                        self.cur, self.off = line, k
+                        break
+                    k -= len(line[0]) + 1
+                    n, h = line[1], line[2]
                     self.pending.popleft()
                     self.cur, self.off = None, 0
         except OSError as e:
             self._err = e
         self.head = (n, h)
         return self.head
+
+    @staticmethod
+    def _chained(text, n, h):
+        """(bytes, chain_n, hash) of the pending line text placed after (n, h)."""
+        raw = chain_line(text, n + 1, h).encode("utf-8", "surrogateescape")
+        return raw, n + 1, line_hash(raw)
 
     def flush(self):
         """Once per main-loop turn (and at close), not once per event."""
