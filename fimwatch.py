@@ -7942,9 +7942,11 @@ class Dispatcher:
     def emit(self, ev):
         """Stamp, store and spool ev; returns the event as stored and sent."""
         with self.store.lock:
-            stamped = {"id": ev["id"], "sequence": self.store.next_sequence(),
-                       "host_id": self.host_id}
-            stamped.update((k, v) for k, v in ev.items() if k not in stamped)
+            seq = self.store.next_sequence()
+            stamped = {"id": ev["id"], "sequence": seq, "host_id": self.host_id}
+            stamped.update(ev)           # keys already there keep their place
+            if stamped["sequence"] != seq or stamped["host_id"] != self.host_id:
+                stamped["sequence"], stamped["host_id"] = seq, self.host_id
             ev = stamped
             line = event_json(ev)
             self.store.add_event(ev, line)
