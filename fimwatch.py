@@ -71,6 +71,7 @@ import fcntl
 import hashlib
 import heapq
 import hmac
+import itertools
 import json
 import os
 import re
@@ -233,17 +234,52 @@ def esc(s):
     return "".join(out)
 
 
+# (whole second, its text without the Z) last formatted by iso_ms, iso_s
+_ISO_SEC = [(None, ""), (None, "")]
+
+
+def _iso_parts(t, slot):
+    """(YYYY-MM-DDTHH:MM:SS, microseconds) of Unix time t, as fromtimestamp
+    rounds it; formatted by hand (strftime costs four times as much), the
+    whole second once per second: this runs for every event."""
+    sec = int(t // 1)
+    us = round((t - sec) * 1e6)
+    if us >= 1000000:
+        sec, us = sec + 1, us - 1000000
+    last, text = _ISO_SEC[slot]
+    if sec != last:
+        d = datetime.datetime.fromtimestamp(sec, datetime.timezone.utc)
+        text = "%04d-%02d-%02dT%02d:%02d:%02d" % (d.year, d.month, d.day, d.hour, d.minute,
+                                                  d.second)
+        _ISO_SEC[slot] = (sec, text)
+    return text, us
+
+
 def iso_ms(t):
-    # formatted by hand: strftime costs four times as much, once per event
-    d = datetime.datetime.fromtimestamp(t, datetime.timezone.utc)
-    return "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ" % (d.year, d.month, d.day, d.hour, d.minute,
-                                                    d.second, d.microsecond // 1000)
+    text, us = _iso_parts(t, 0)
+    return "%s.%03dZ" % (text, us // 1000)
 
 
 def iso_s(t):
-    d = datetime.datetime.fromtimestamp(t, datetime.timezone.utc)
-    return "%04d-%02d-%02dT%02d:%02d:%02dZ" % (d.year, d.month, d.day, d.hour, d.minute,
-                                               d.second)
+    return _iso_parts(t, 1)[0] + "Z"
+
+
+_ID_POOL = bytearray()
+_ID_LOCK = threading.Lock()
+os.register_at_fork(after_in_child=_ID_POOL.clear)
+
+
+def event_id():
+    """uuid.uuid4().hex, from random bytes drawn 4 KiB at a time (one
+    getrandom per 256 ids, not one per event)."""
+    with _ID_LOCK:
+        if not _ID_POOL:
+            _ID_POOL.extend(os.urandom(4096))
+        b = _ID_POOL[-16:]
+        del _ID_POOL[-16:]
+    b[6] = b[6] & 0x0F | 0x40           # version 4
+    b[8] = b[8] & 0x3F | 0x80           # RFC 4122 variant
+    return b.hex()
 
 
 _DUR_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$", re.I)
@@ -1448,6 +1484,9 @@ TX_SPLIT = 5000
 # SQLite's page cache per connection, KiB (its default is 2,000): the
 # baseline's B-tree interior pages fit; the rest is in the OS page cache.
 SQLITE_CACHE_KIB = 1024
+# Store.get's cache of baseline rows (see Store.get), entries.
+ROW_CACHE = 1024
+_MISS = object()
 
 
 def _split(path):
@@ -1506,6 +1545,8 @@ class Store:
         self._tx = False
         self._seq_read = False         # next_sequence read the counter in this transaction
         self._writes = 0
+        self._rows = {}                # path -> Rec or None: see get()
+        self._version = None           # PRAGMA data_version when _rows was checked
 
     # -- transactions --
     def _w(self, n=1):
@@ -1572,9 +1613,41 @@ class Store:
 
     # -- baseline --
     def get(self, path):
+        """The baseline row of path (a Rec), or None. The last ROW_CACHE rows
+        read or written here are kept, so a path's first sight in the settle
+        queue (Engine.capture) and its comparison read the row once: put and
+        delete write through, the tree operations empty it, and so do another
+        process's commits (refresh(), each loop turn) and a failing StateDB
+        (its reads show what was committed, not what waits)."""
+        rows = self._rows
+        if rows and getattr(self.db, "error", None) is not None:
+            rows.clear()                   # a rolled-back write may be among them
+        rec = rows.get(path, _MISS)
+        if rec is not _MISS:
+            return rec
         with self.lock:
             row = self.db.execute(_GET_FILE, _split(path)).fetchone()
-        return Rec(*row) if row else None
+            rec = Rec(*row) if row else None
+            self._remember(path, rec)
+        return rec
+
+    def _remember(self, path, rec):
+        rows = self._rows
+        if getattr(self.db, "error", None) is not None:
+            rows.clear()
+            return
+        if len(rows) >= ROW_CACHE:
+            del rows[next(iter(rows))]
+        rows[path] = rec
+
+    def refresh(self):
+        """Forget the cached rows if another connection committed since the
+        last call (the CLI's accept or scan while the daemon runs)."""
+        with self.lock:
+            v = self.db.execute("PRAGMA data_version").fetchone()[0]
+            if v != self._version:
+                self._version = v
+                self._rows.clear()
 
     def children(self, dirpath):
         """{name (str): Rec} of the baseline entries directly in dirpath."""
@@ -1587,10 +1660,12 @@ class Store:
         with self.lock:
             self._w()
             self.db.execute(_PUT_FILE, _split(path) + rec)
+            self._remember(path, rec)
 
     def put_many(self, items):
         """put() for [(path, Rec)] in one statement (a baseline being built)."""
         with self.lock:
+            self._rows.clear()
             self._w(len(items))
             self.db.executemany(_PUT_FILE, [_split(p) + r for p, r in items])
 
@@ -1607,6 +1682,7 @@ class Store:
             self._w()
             self.db.execute("DELETE FROM files WHERE parent=? AND name=?", _split(path))
             self.db.execute("DELETE FROM content WHERE path=?", (os.fsencode(path),))
+            self._remember(path, None)
 
     def descendants(self, path):
         """[(path, Rec)] below path (not path itself), parents before children."""
@@ -1620,6 +1696,7 @@ class Store:
     def delete_tree(self, path):
         b, lo, hi = _desc_range(path)
         with self.lock:
+            self._rows.clear()
             self._w()
             self.db.execute("DELETE FROM files WHERE parent=? OR (parent>=? AND parent<?)",
                             (b, lo, hi))
@@ -4051,19 +4128,26 @@ class PackageWatch:
 def new_event(host, event, severity, detected="realtime", path="", **fields):
     """A new event: a plain dict of the SPEC's fields, never changed once
     emitted (sinks that need more make a copy)."""
-    ev = {"id": uuid.uuid4().hex, "time": iso_ms(time.time()), "host": host, "event": event,
+    ev = {"id": event_id(), "time": iso_ms(time.time()), "host": host, "event": event,
           "severity": severity, "detected": detected, "path": path}
     ev.update(fields)
     return ev
 
 
+_EPOCH_SEC = (None, 0)       # (the time field's whole second, as epoch): see event_epoch
+
+
 def event_epoch(ev):
     """The event's time as a Unix timestamp (from its 'time' field)."""
     s = ev.get("time") or ""
+    last, sec = _EPOCH_SEC
     try:
-        return datetime.datetime(int(s[0:4]), int(s[5:7]), int(s[8:10]), int(s[11:13]),
-                                 int(s[14:16]), int(s[17:19]), int(s[20:23] or 0) * 1000,
-                                 datetime.timezone.utc).timestamp()
+        if s[:19] != last:             # the whole second parsed once per second
+            sec = int(datetime.datetime(int(s[0:4]), int(s[5:7]), int(s[8:10]), int(s[11:13]),
+                                        int(s[14:16]), int(s[17:19]),
+                                        tzinfo=datetime.timezone.utc).timestamp())
+            globals()["_EPOCH_SEC"] = (s[:19], sec)
+        return (sec * 1000000 + int(s[20:23] or 0) * 1000) / 1e6    # as timedelta computes it
     except ValueError:
         return time.time()
 
@@ -4886,6 +4970,11 @@ class FanotifyBackend:
             self.mounts[mount_id] = fsid
         key = fsid + handle
         old = self.keys.get(d)
+        if old == key and self.dirs.get(old) == d:
+            # Watched already (the start-up comparison walks what the watch
+            # walk marked): keep the key and path objects held, one copy a
+            # directory, not a second of each (~5 MB at 50,000 directories).
+            return
         if old is not None and old != key:
             self.dirs.pop(old, None)
         self.dirs[key] = d
@@ -7227,6 +7316,7 @@ class EventsFileSink:
     good (a partly written line is written again whole, same chain place)."""
     name = "events_file"
     MAX_PENDING = 100000
+    WRITE_BATCH = 1000         # lines per write(2)
 
     def __init__(self, path, store=None, fmt="fimwatch"):
         self.path = path
@@ -7299,18 +7389,30 @@ class EventsFileSink:
                 if self.cur is None or self.cur[1] != n + 1:
                     if self.off:           # a fragment, now out of turn: end it
                         os.write(fd, b"\n")
-                    raw = chain_line(self.pending[0], n + 1, h).encode("utf-8", "surrogateescape")
-                    self.cur, self.off = (raw, n + 1, line_hash(raw)), 0
-                raw = self.cur[0]
-                self.off += os.write(fd, raw[self.off:] + b"\n")
-                if self.off >= len(raw) + 1:
-                    n, h = self.cur[1], self.cur[2]
+                    self.cur, self.off = self._chained(self.pending[0], n, h), 0
+                # the rest of cur and the lines after it, chained on, in one write
+                batch = [self.cur]
+                for text in itertools.islice(self.pending, 1, self.WRITE_BATCH):
+                    batch.append(self._chained(text, batch[-1][1], batch[-1][2]))
+                k = self.off + os.write(fd, b"".join([b[0] + b"\n" for b in batch])[self.off:])
+                for line in batch:
+                    if k <= len(line[0]):  # a short write: the rest at the next turn
+                        self.cur, self.off = line, k
+                        break
+                    k -= len(line[0]) + 1
+                    n, h = line[1], line[2]
                     self.pending.popleft()
                     self.cur, self.off = None, 0
         except OSError as e:
             self._err = e
         self.head = (n, h)
         return self.head
+
+    @staticmethod
+    def _chained(text, n, h):
+        """(bytes, chain_n, hash) of the pending line text placed after (n, h)."""
+        raw = chain_line(text, n + 1, h).encode("utf-8", "surrogateescape")
+        return raw, n + 1, line_hash(raw)
 
     def flush(self):
         """Once per main-loop turn (and at close), not once per event."""
@@ -8343,9 +8445,11 @@ class Dispatcher:
     def emit(self, ev):
         """Stamp, store and spool ev; returns the event as stored and sent."""
         with self.store.lock:
-            stamped = {"id": ev["id"], "sequence": self.store.next_sequence(),
-                       "host_id": self.host_id}
-            stamped.update((k, v) for k, v in ev.items() if k not in stamped)
+            seq = self.store.next_sequence()
+            stamped = {"id": ev["id"], "sequence": seq, "host_id": self.host_id}
+            stamped.update(ev)           # keys already there keep their place
+            if stamped["sequence"] != seq or stamped["host_id"] != self.host_id:
+                stamped["sequence"], stamped["host_id"] = seq, self.host_id
             ev = stamped
             line = event_json(ev)
             self.store.add_event(ev, line)
@@ -8713,6 +8817,7 @@ class Daemon:
             except InterruptedError:
                 pass
             self._drain_wakeup()
+            self.store.refresh()
             self.eng.read_events()
             self.eng.tick(now)
             self._timers(time.monotonic(), wd_every)

@@ -165,6 +165,30 @@ def db_files(fim):
     return sorted(p.name for p in fim.state_dir.iterdir() if p.name.startswith("baseline.db"))
 
 
+def test_a_baseline_row_another_process_commits_is_what_the_daemon_compares_with(fim):
+    """The daemon keeps the baseline rows it last read or wrote (Store.get):
+    a row that another connection commits meanwhile (the CLI's accept or
+    scan, here an edit with sqlite3) must still be what the next change is
+    compared with, not the kept copy."""
+    import sqlite3
+    p = write(fim.root / "kept.txt", "one\n")
+    d = fim.daemon()
+    mark = d.mark()
+    write(p, "two\n")                       # compared and recorded: the row is kept
+    d.wait_for(is_event("modified", str(p)), since=mark)
+    db = sqlite3.connect(str(fim.state_dir / "baseline.db"), timeout=60)
+    with db:
+        n = db.execute("UPDATE files SET sha256=? WHERE parent=? AND name=?",
+                       ("0" * 64, os.fsencode(str(fim.root)), b"kept.txt")).rowcount
+    db.close()
+    assert n == 1
+    mark = d.mark()
+    write(p, "two\n")                       # the same bytes: news only against the new row
+    ev = d.wait_for(is_event("modified", str(p)), since=mark)
+    assert "content" in ev["changes"] and ev["previous"]["sha256"] == "0" * 64, ev
+    d.stop()
+
+
 def test_first_start_is_not_a_lost_baseline(fim):
     d = fim.daemon()
     assert "baseline_id" in d.started

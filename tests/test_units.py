@@ -243,6 +243,34 @@ def test_event_epoch_reads_back_the_time_of_new_event():
     assert abs(fimwatch.event_epoch({}) - time.time()) < 5
 
 
+def test_times_formatted_once_a_second_match_datetime_and_read_back():
+    """iso_ms/iso_s keep the last second's text and event_epoch the last
+    second's value: each call must still give what datetime gives, also
+    around a second's end (fromtimestamp rounds to the microsecond) and when
+    the seconds asked alternate."""
+    def by_datetime(t, ms):
+        d = datetime.datetime.fromtimestamp(t, datetime.timezone.utc)
+        return d.strftime("%Y-%m-%dT%H:%M:%S") + (".%03dZ" % (d.microsecond // 1000) if ms else "Z")
+    base = 1767225599                       # 2025-12-31T23:59:59Z
+    for t in [base + f for f in (0.0, 0.0004, 0.9994, 0.9999996, 0.5)] + \
+             [base + 86400.25, base + 0.75, 0.0, 951782399.999]:
+        assert fimwatch.iso_ms(t) == by_datetime(t, True), t
+        assert fimwatch.iso_s(t) == by_datetime(t, False), t
+        when = fimwatch.iso_ms(t)
+        back = datetime.datetime.strptime(when, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+            tzinfo=datetime.timezone.utc).timestamp()
+        assert fimwatch.event_epoch({"time": when}) == back, when
+
+
+def test_event_ids_are_random_version_4_uuids():
+    import uuid
+    ids = [fimwatch.new_event("h", "created", "warning")["id"] for _ in range(600)]
+    assert len(set(ids)) == len(ids)
+    for i in ids:
+        u = uuid.UUID(hex=i)
+        assert u.hex == i and u.version == 4 and u.variant == uuid.RFC_4122, i
+
+
 def test_change_list_of_old_and_new_events():
     assert fimwatch.change_list({"changes": ["content", "mode"]}) == ["content", "mode"]
     assert fimwatch.change_list({"changes": ("owner",)}) == ["owner"]
