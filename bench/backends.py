@@ -101,16 +101,13 @@ def bench_first_change(ctx, reps, ndirs):
                 notes=note(data["inotifywait"], "\"Watches established\" after"))
     for k in BACKENDS:
         fan = k == "fanotify"
-        ratio = ratio_of([r[0] for r in data[k]], inw)
+        ratio = B.median_ratio([r[0] for r in data[k]], inw)
         ctx.res.add(bench, "fimwatch " + k, [r[0] for r in data[k]], "s", ratio=ratio,
                     target="≤ 0.20× inotifywait" if fan else None,
                     met=(ratio <= 0.2) if fan and ratio is not None else None,
                     notes="ratio: ÷ inotifywait; " + note(data[k], "`started` after"))
 
 
-def ratio_of(vals, peer):
-    a, b = (B.median([v for v in x if v is not None]) for x in (vals, peer))
-    return a / b if a is not None and b else None
 
 
 def bench_storm_cpu(ctx, reps, nfiles):
@@ -212,7 +209,7 @@ def three_ways(ctx, bench, reps, run):
     for m in BACKENDS:
         rs = data[m]
         ctx.res.add(bench, "fimwatch " + m, [r[0] for r in rs], "s",
-                    ratio=ratio_of([r[0] for r in rs], off),
+                    ratio=B.median_ratio([r[0] for r in rs], off),
                     notes="ratio: ÷ off; daemon CPU %s s; its last event out %s s after the "
                     "command started; events: %s" % (
                         "/".join("%.1f" % r[1] for r in rs),
@@ -287,49 +284,21 @@ def bench_apt(ctx, reps):
     B.log("apt-get purge took %s s" % " ".join("%.1f" % x for x in purges))
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    args = parser().parse_args(argv)
+def main():
+    args = parser().parse_args()
     bad = [b for b in args.benchmarks if b not in ALL]
     if bad:
         print("backends: unknown benchmark %s (have: %s)" % (", ".join(bad), ", ".join(ALL)),
               file=sys.stderr)
         return 2
-    B.bootstrap(argv, __file__)
-    args.fimwatch = os.path.abspath(args.fimwatch)
-    args.as_script, args.peers, args.quick = False, ["inotifywait"], False
-    args.results_name = "backends"
-    args.fimwatch_version_at_start = B.fimwatch_version(args.fimwatch)
-    B.BACKGROUND = B.Background()
-    t0 = B.mono()
-    ws = B.Workspace(args.workdir)
-    res = B.Results()
-    ctx = B.Ctx(args, ws, res)
-    ctx.have_fimwatch = True
-    plan = {"first-change": lambda: bench_first_change(ctx, args.reps, args.dirs),
-            "storm": lambda: bench_storm_cpu(ctx, args.reps, args.storm_files),
-            "modify": lambda: bench_modify_cpu(ctx, args.reps, args.modify_secs),
-            "noise": lambda: bench_noise(ctx, args.reps, args.noise_secs),
-            "tar": lambda: bench_tar(ctx, args.reps),
-            "apt": lambda: bench_apt(ctx, args.reps)}
-    failed = 0
-    try:
-        for name in args.benchmarks or ALL:
-            res.mark()
-            try:
-                plan[name]()
-            except (B.BenchError, OSError, subprocess.SubprocessError, ValueError) as e:
-                failed += 1
-                B.log("benchmark %s failed: %s" % (name, e))
-                res.add(name, "(failed)", [], "", notes=str(e)[:200])
-    except KeyboardInterrupt:
-        B.log("interrupted")
-        return 130
-    finally:
-        ws.cleanup()
-        if res.rows:
-            B.report(args, res, B.mono() - t0, ws)
-    return 1 if failed else 0
+    args.peers = ["inotifywait"]
+    plan = {"first-change": lambda ctx: bench_first_change(ctx, args.reps, args.dirs),
+            "storm": lambda ctx: bench_storm_cpu(ctx, args.reps, args.storm_files),
+            "modify": lambda ctx: bench_modify_cpu(ctx, args.reps, args.modify_secs),
+            "noise": lambda ctx: bench_noise(ctx, args.reps, args.noise_secs),
+            "tar": lambda ctx: bench_tar(ctx, args.reps),
+            "apt": lambda ctx: bench_apt(ctx, args.reps)}
+    return B.side_run(args, "backends", [(n, plan[n]) for n in args.benchmarks or ALL])
 
 
 if __name__ == "__main__":

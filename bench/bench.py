@@ -902,6 +902,12 @@ class Results:
         return "\n".join(lines)
 
 
+def median_ratio(vals, ref):
+    """median(vals) / median(ref), None values left out; None if either is empty."""
+    a, b = (median([v for v in x if v is not None]) for x in (vals, ref))
+    return a / b if a is not None and b else None
+
+
 def ratio_row(
     res,
     bench,
@@ -916,11 +922,7 @@ def ratio_row(
     higher_is_better=False,
 ):
     """Add a peer row with ratio = median(fimwatch) / median(peer)."""
-    fm, pm = (
-        median([v for v in fim_vals if v is not None]),
-        median([v for v in peer_vals if v is not None]),
-    )
-    ratio = (fm / pm) if (fm is not None and pm) else None
+    ratio = median_ratio(fim_vals, peer_vals)
     met = None
     if limit is not None and ratio is not None:
         met = ratio >= limit if higher_is_better else ratio <= limit
@@ -2056,6 +2058,43 @@ def main(argv=None):
         if res.rows:
             report(args, res, took, ws)
     return 0
+
+
+def side_run(args, name, plan):
+    """The harness for a bench script beside this one (backends.py,
+    meta_cost.py): venv, work space, the machine-load sampler; runs
+    plan = [(name, fn(ctx))] (a failed one is a row saying why) and writes
+    results/NAME.md and .json. args needs fimwatch, workdir, results."""
+    bootstrap(sys.argv[1:], sys.argv[0])
+    args.fimwatch = os.path.abspath(args.fimwatch)
+    args.as_script, args.quick, args.results_name = False, False, name
+    args.peers = getattr(args, "peers", [])
+    args.fimwatch_version_at_start = fimwatch_version(args.fimwatch)
+    global BACKGROUND
+    BACKGROUND = Background()
+    t0 = mono()
+    ws = Workspace(args.workdir)
+    res = Results()
+    ctx = Ctx(args, ws, res)
+    ctx.have_fimwatch = True
+    failed = 0
+    try:
+        for bench, fn in plan:
+            res.mark()
+            try:
+                fn(ctx)
+            except (BenchError, OSError, subprocess.SubprocessError, ValueError) as e:
+                failed += 1
+                log("benchmark %s failed: %s" % (bench, e))
+                res.add(bench, "(failed)", [], "", notes=str(e)[:200])
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        ws.cleanup()
+        if res.rows:
+            report(args, res, mono() - t0, ws)
+    return 1 if failed else 0
 
 
 # reps further apart than this (max/min - 1) are run again; 0 forces a re-run
