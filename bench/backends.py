@@ -26,7 +26,6 @@ Same harness as bench.py (its venv, ext4 image on loop, Background load
 sampler); writes bench/results/backends.md and .json. Root.
 """
 
-import argparse
 import collections
 import json
 import os
@@ -45,16 +44,13 @@ PKG_DIR = "/usr/share/" + PKG
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = B.side_parser(__doc__)
     p.add_argument("benchmarks", nargs="*", help="default: all of " + ", ".join(ALL))
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--dirs", type=int, default=100000, help="first-change tree size")
     p.add_argument("--storm-files", type=int, default=100000)
     p.add_argument("--modify-secs", type=int, default=20)
     p.add_argument("--noise-secs", type=float, default=15)
-    p.add_argument("--fimwatch", default=os.path.join(B.REPO, "fimwatch.py"))
-    p.add_argument("--workdir", default="/var/tmp")
-    p.add_argument("--results", default=os.path.join(B.HERE, "results"))
     return p
 
 

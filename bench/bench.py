@@ -2060,6 +2060,15 @@ def main(argv=None):
     return 0
 
 
+def side_parser(doc):
+    """The options every bench script beside this one takes (see side_run)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--fimwatch", default=os.path.join(REPO, "fimwatch.py"))
+    p.add_argument("--workdir", default="/var/tmp")
+    p.add_argument("--results", default=os.path.join(HERE, "results"))
+    return p
+
+
 def side_run(args, name, plan):
     """The harness for a bench script beside this one (backends.py,
     meta_cost.py): venv, work space, the machine-load sampler; runs

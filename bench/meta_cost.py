@@ -24,7 +24,6 @@ and is not part of the difference.
 Writes bench/results/meta_cost.md and .json. Root.
 """
 
-import argparse
 import os
 import sys
 
@@ -44,14 +43,11 @@ VARIANTS = ("with metadata", "without (patched out)")
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = B.side_parser(__doc__)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--path", default="/usr")
     p.add_argument("--modify-secs", type=int, default=20)
     p.add_argument("--rate", type=int, default=5000)
-    p.add_argument("--fimwatch", default=os.path.join(B.REPO, "fimwatch.py"))
-    p.add_argument("--workdir", default="/var/tmp")
-    p.add_argument("--results", default=os.path.join(B.HERE, "results"))
     return p
 
 
