@@ -6,7 +6,11 @@ inode flags, alternating run by run in one invocation:
   baseline  the first baseline of /usr (`--path`): process start until it is
             built and the daemon's CPU is quiet, and VmHWM.
   modify    daemon CPU while `gen modify` rewrites 1,000 files at 5,000
-            writes/s (the ext4 image), p99 write -> event.
+            writes/s (the ext4 image), p99 write -> event. The daemon's CPU
+            at a fixed write rate also depends on how many writes one event
+            covers (a slower daemon coalesces more), so:
+  snapshot  in process, no daemon: snapshot() of 2,000 small files on the
+            image, µs per file, with and without.
 
 "Without" is a bench-only launcher: it imports the byte-compiled fimwatch
 module and replaces read_meta, meta_of and meta_changes with stubs (no
@@ -20,12 +24,14 @@ compared with the baseline: no system call), so their cost is not separable
 and is not part of the difference.
 
     sudo python3 bench/meta_cost.py [--reps 3] [--path /usr] [--modify-secs 20]
+        [snapshot baseline modify]
 
 Writes bench/results/meta_cost.md and .json. Root.
 """
 
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench as B  # noqa: E402
@@ -44,6 +50,7 @@ VARIANTS = ("with metadata", "without (patched out)")
 
 def parser():
     p = B.side_parser(__doc__)
+    p.add_argument("benchmarks", nargs="*", help="default: snapshot baseline modify")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--path", default="/usr")
     p.add_argument("--modify-secs", type=int, default=20)
@@ -100,6 +107,37 @@ def bench_modify(ctx, launchers, reps, secs, rate):
                        "/".join("%.0f" % r["achieved"] for r in rs)))
 
 
+def bench_snapshot(ctx, reps, nfiles=2000, rounds=5):
+    """In process, no daemon: snapshot() (lstat, open, hash, metadata) of
+    nfiles small files on the image, with and without the NO_META stubs,
+    alternating; the per-file cost free of the daemon's event coalescing."""
+    sys.path.insert(0, os.path.dirname(ctx.args.fimwatch))
+    import fimwatch
+
+    d = B.load_dir(ctx, "snapshot", nfiles)
+    paths = [os.path.join(d, n) for n in sorted(os.listdir(d))]
+    saved = {n: getattr(fimwatch, n) for n in ("read_meta", "meta_of", "meta_changes")}
+    data = {v: [] for v in VARIANTS}
+    try:
+        for _ in range(reps * rounds):
+            for v in VARIANTS:
+                if v == VARIANTS[1]:
+                    exec(NO_META, {"fimwatch": fimwatch})
+                t = time.perf_counter()
+                for p in paths:
+                    fimwatch.snapshot(p, 1 << 30)
+                data[v].append(1e6 * (time.perf_counter() - t) / len(paths))
+                for n, f in saved.items():
+                    setattr(fimwatch, n, f)
+    finally:
+        for n, f in saved.items():
+            setattr(fimwatch, n, f)
+    bench = "snapshot() of one small file, in process (%d files x %d)" % (nfiles, reps * rounds)
+    for v, vals in data.items():
+        ctx.res.add(bench, "fimwatch " + v, vals, "µs", fmt="%.1f",
+                    ratio=B.median_ratio(vals, data[VARIANTS[1]]), notes="ratio: ÷ without")
+
+
 def main():
     args = parser().parse_args()
 
@@ -107,11 +145,13 @@ def main():
         nometa = ctx.install_like(args.fimwatch, "fimwatch-nometa", NO_META)
         fn(ctx, {VARIANTS[0]: ctx.fimwatch, VARIANTS[1]: nometa})
 
-    plan = [("baseline", lambda ctx: run(ctx, lambda c, ls: bench_baseline(
+    plan = [("snapshot", lambda ctx: bench_snapshot(ctx, args.reps)),
+            ("baseline", lambda ctx: run(ctx, lambda c, ls: bench_baseline(
                 c, ls, args.reps, args.path))),
             ("modify", lambda ctx: run(ctx, lambda c, ls: bench_modify(
                 c, ls, args.reps, args.modify_secs, args.rate)))]
-    return B.side_run(args, "meta_cost", plan)
+    return B.side_run(args, "meta_cost", [(n, f) for n, f in plan
+                                          if not args.benchmarks or n in args.benchmarks])
 
 
 if __name__ == "__main__":
