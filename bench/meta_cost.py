@@ -10,7 +10,7 @@ inode flags, alternating run by run in one invocation:
             at a fixed write rate also depends on how many writes one event
             covers (a slower daemon coalesces more), so:
   snapshot  in process, no daemon: snapshot() of 2,000 small files on the
-            image, µs per file, with and without.
+            image, µs per file, with and without (3 x 25 rounds, alternating).
 
 "Without" is a bench-only launcher: it imports the byte-compiled fimwatch
 module and replaces read_meta, meta_of and meta_changes with stubs (no
@@ -107,7 +107,7 @@ def bench_modify(ctx, launchers, reps, secs, rate):
                        "/".join("%.0f" % r["achieved"] for r in rs)))
 
 
-def bench_snapshot(ctx, reps, nfiles=2000, rounds=5):
+def bench_snapshot(ctx, reps, nfiles=2000, rounds=25):
     """In process, no daemon: snapshot() (lstat, open, hash, metadata) of
     nfiles small files on the image, with and without the NO_META stubs,
     alternating; the per-file cost free of the daemon's event coalescing."""
