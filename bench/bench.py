@@ -1835,7 +1835,7 @@ def cmd_profile(ctx):
         f = ctx.fim(path)
         tag = path.strip("/").replace("/", "-") or "root"
         profile_run(ctx, f, "baseline-" + tag, outdir, prof)
-        g = ctx.fim(path, state=ctx.usr_state)
+        g = ctx.fim(path, state=f.state)
         profile_run(ctx, g, "reverify-" + tag, outdir, prof)
     if "sustained" in what:
         profile_sustained(ctx, outdir)
