@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Attribution rate of the fanotify backend for short-lived writers: N quick
-writes each by sh (`sh -c 'echo x >> f'`), cp, sed -i and python, each a new
-process that exits at once, each to its own file (in the baseline). Counts
+writes each by sh (`sh -c 'echo x >> f'`), cp, sed -i, python and dpkg
+(`dpkg --root=BASE -i` of a one-file package built for that file, into a
+private package database), each a new process that exits at once, each to its
+own file (in the baseline). Counts
 the events whose `process.exe` is the right binary, and the confidence
 (live: /proc read in time; cached: the exec cache or an earlier record;
 none: pid only). Run as root from a checkout with .venv:
@@ -22,6 +24,29 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from backend_noise import CONF, PYTHON, REPO  # noqa: E402
 
+def dpkg_argv(f):
+    """`dpkg -i` of a one-file package that installs f (BASE/tree/NAME): a
+    real dpkg process writing the watched file (unpacked as NAME.dpkg-new,
+    renamed over NAME). It installs into a private --root=BASE with its own
+    empty package database, so the host's dpkg database is not touched."""
+    base, name = os.path.dirname(os.path.dirname(f)), os.path.basename(f)
+    admin = os.path.join(base, "var", "lib", "dpkg")
+    for d in ("updates", "info"):
+        os.makedirs(os.path.join(admin, d), exist_ok=True)
+    open(os.path.join(admin, "status"), "a").close()
+    pkg = os.path.join(base, "pkg", name)
+    os.makedirs(os.path.join(pkg, "DEBIAN"), exist_ok=True)
+    os.makedirs(os.path.join(pkg, "tree"), exist_ok=True)
+    with open(os.path.join(pkg, "DEBIAN", "control"), "w") as c:
+        c.write("Package: fwattr-%s\nVersion: 1\nArchitecture: all\nMaintainer: fimwatch "
+                "bench <root@localhost>\nDescription: bench/attribution.py\n" % name)
+    with open(os.path.join(pkg, "tree", name), "w") as c:
+        c.write("dpkg\n")
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-Znone", "--build", pkg, pkg + ".deb"],
+                   check=True, stdout=subprocess.DEVNULL)
+    return ["dpkg", "--root=" + base, "-i", pkg + ".deb"]
+
+
 WRITERS = {
     # name: (argv for file F, the exe expected)
     "sh": (lambda f: ["sh", "-c", "echo x >> %s" % f], "/bin/sh"),
@@ -29,6 +54,7 @@ WRITERS = {
     "sed -i": (lambda f: ["sed", "-i", "s/a/b/", f], "/bin/sed"),
     "python": (lambda f: [sys.executable, "-c", "import sys; open(sys.argv[1], 'a').write('x')",
                           f], sys.executable),
+    "dpkg": (dpkg_argv, "/usr/bin/dpkg"),
 }
 
 
@@ -61,7 +87,8 @@ def main():
         t0 = time.monotonic()
         for w, (argv, _) in enumerate(WRITERS.values()):
             for i in range(a.n):
-                subprocess.run(argv(os.path.join(tree, "w%d-%d" % (w, i))), check=True)
+                subprocess.run(argv(os.path.join(tree, "w%d-%d" % (w, i))), check=True,
+                               stdout=subprocess.DEVNULL)
         took = time.monotonic() - t0
         want = len(WRITERS) * a.n
         deadline = time.monotonic() + 60

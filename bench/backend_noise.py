@@ -60,6 +60,7 @@ def start(base, backend):
 
 
 def run(base, backend, seconds, rate=1000, op="write"):
+    """-> (operations done, seconds taken, daemon CPU seconds); prints them."""
     p = start(os.path.join(base, backend), backend)
     out = os.path.join(base, backend, "out")
     c0, t0, n = cpu_seconds(p.pid), time.time(), 0
@@ -78,6 +79,7 @@ def run(base, backend, seconds, rate=1000, op="write"):
     p.wait()
     print("%-8s %d %ss outside the tree in %.1fs (%.0f/s): daemon CPU %.2fs = %.1f%% "
           "of a core" % (backend, n, op, dt, n / dt, used, 100 * used / dt))
+    return n, dt, used
 
 
 def main():

@@ -227,8 +227,9 @@ def median(xs):
 # ---------------------------------------------------------------- bootstrap
 
 
-def bootstrap(argv):
-    """Install the peers and the venv, then re-exec inside the venv."""
+def bootstrap(argv, script=__file__):
+    """Install the peers and the venv, then re-exec `script` (this file, or
+    another bench script that imports it) inside the venv."""
     if os.geteuid() != 0:
         raise BenchError("run as root (apt, loop/tmpfs mounts, fimwatch's root-owned config)")
     missing = sorted({pkg for binary, pkg in APT.items() if not shutil.which(binary)})
@@ -274,7 +275,7 @@ def bootstrap(argv):
             f.write(want + "\n")
     if os.path.realpath(sys.prefix) != os.path.realpath(VENV):
         py = os.path.join(VENV, "bin", "python")
-        os.execv(py, [py, os.path.abspath(__file__)] + argv)
+        os.execv(py, [py, os.path.abspath(script)] + argv)
 
 
 # ---------------------------------------------------------------- workspace
@@ -697,7 +698,7 @@ class Watchdog(PyWatcher):
 class Fimwatch(Tool):
     name = "fimwatch"
 
-    def __init__(self, ctx, root, state=None, settle="100ms"):
+    def __init__(self, ctx, root, state=None, settle="100ms", backend=None):
         super().__init__(ctx, root)
         self.state = state or os.path.join(self.rundir, "state")
         conf_dir = os.path.join(self.rundir, "conf")
@@ -709,8 +710,10 @@ class Fimwatch(Tool):
             f.write(
                 "# written by bench/bench.py\n"
                 "[fimwatch]\nstate_dir = %s\nhostname = bench\nsettle = %s\n\n"
-                "[watch]\npaths = %s\n\n[syslog]\nenabled = no\n\n"
-                "[log]\nevents_file = %s\n" % (self.state, settle, root, self.out)
+                "[watch]\npaths = %s\n%s\n[syslog]\nenabled = no\n\n"
+                "[log]\nevents_file = %s\n"
+                % (self.state, settle, root, "backend = %s\n" % backend if backend else "",
+                   self.out)
             )
 
     def cmd(self):
@@ -899,6 +902,12 @@ class Results:
         return "\n".join(lines)
 
 
+def median_ratio(vals, ref):
+    """median(vals) / median(ref), None values left out; None if either is empty."""
+    a, b = (median([v for v in x if v is not None]) for x in (vals, ref))
+    return a / b if a is not None and b else None
+
+
 def ratio_row(
     res,
     bench,
@@ -913,11 +922,7 @@ def ratio_row(
     higher_is_better=False,
 ):
     """Add a peer row with ratio = median(fimwatch) / median(peer)."""
-    fm, pm = (
-        median([v for v in fim_vals if v is not None]),
-        median([v for v in peer_vals if v is not None]),
-    )
-    ratio = (fm / pm) if (fm is not None and pm) else None
+    ratio = median_ratio(fim_vals, peer_vals)
     met = None
     if limit is not None and ratio is not None:
         met = ratio >= limit if higher_is_better else ratio <= limit
@@ -934,26 +939,29 @@ class Ctx:
         self.have_fimwatch = False
         self.states = {}  # tree root -> fimwatch state dir with a baseline
         self.usr_state = None
+        self.backend = None  # [watch] backend of the fimwatch runs (None: its default)
 
-    def install_like(self, script):
+    def install_like(self, script, name="fimwatch", prelude=""):
         """Lay fimwatch out as install.sh does: the module byte-compiled in a
         lib dir and a small launcher that imports it (CPython never caches
-        the compiled form of a script it runs directly)."""
+        the compiled form of a script it runs directly). prelude: code the
+        launcher runs after the import (a bench-only patch, see meta_cost.py)."""
         import py_compile
 
         lib = os.path.join(self.ws.base, "lib")
         os.makedirs(lib, exist_ok=True)
         shutil.copy(script, os.path.join(lib, "fimwatch.py"))
         py_compile.compile(os.path.join(lib, "fimwatch.py"), doraise=True)
-        launcher = os.path.join(self.ws.base, "fimwatch")
+        launcher = os.path.join(self.ws.base, name)
         with open(launcher, "w") as f:
             f.write(
-                "import sys\nsys.path.insert(0, %r)\nimport fimwatch\n"
-                "sys.exit(fimwatch.main())\n" % lib
+                "import sys\nsys.path.insert(0, %r)\nimport fimwatch\n%s"
+                "sys.exit(fimwatch.main())\n" % (lib, prelude)
             )
         return launcher
 
     def fim(self, root, **kw):
+        kw.setdefault("backend", self.backend)
         return Fimwatch(self, root, **kw)
 
     def fim_state(self, root):
@@ -1120,6 +1128,21 @@ def timed(cmd, **kw):
     return mono() - t
 
 
+def first_baseline(ctx, path):
+    """fimwatch `run` on an empty state dir over path: -> (s from process
+    start until the baseline was built and the busy work over, s until
+    `started`, VmHWM KiB, the state dir)."""
+    f = ctx.fim(path)
+    f.start()
+    try:
+        started = f.wait_ready()
+        took = max(started, wait_busy_end(f.pid) - f.t0)
+        hwm = f.hwm_kib()
+    finally:
+        f.stop()
+    return took, started, hwm, f.state
+
+
 def bench_baseline(ctx, reps, want_reverify):
     path = ctx.args.baseline_path
     files, size = usr_stats(path)
@@ -1159,21 +1182,15 @@ def bench_baseline(ctx, reps, want_reverify):
     }
     for rep in range(reps):
         if ctx.have_fimwatch:
-            f = ctx.fim(path)
-            f.start()
-            try:
-                started = f.wait_ready()
-                data["fimwatch"].append(max(started, wait_busy_end(f.pid) - f.t0))
-                data["fimwatch-hwm"].append(f.hwm_kib())
-            finally:
-                f.stop()
+            took, started, hwm, ctx.usr_state = first_baseline(ctx, path)
+            data["fimwatch"].append(took)
+            data["fimwatch-hwm"].append(hwm)
             log(
                 "baseline rep %d fimwatch: %.2f s (started after %.2f s)"
                 % (rep, data["fimwatch"][-1], started)
             )
-            ctx.usr_state = f.state
             if want_reverify:
-                g = ctx.fim(path, state=f.state)
+                g = ctx.fim(path, state=ctx.usr_state)
                 g.start()
                 try:
                     started = g.wait_ready()
@@ -1478,13 +1495,33 @@ def run_load(ctx, t, d, nfiles, rate, secs, fim):
     )
 
 
-def bench_sustained(ctx, secs, rate, ramp, ramp_secs):
-    d = os.path.join(ctx.ws.fs, "sustained")
+def load_dir(ctx, name, nfiles=1000):
+    """A dir on the trees' filesystem with nfiles files mNNNN for `gen modify`."""
+    d = os.path.join(ctx.ws.fs, name)
     os.mkdir(d)
-    nfiles = 1000
     for i in range(nfiles):
         with open(os.path.join(d, "m%04d" % i), "w") as f:
             f.write("init\n")
+    return d
+
+
+def fim_under_load(ctx, name, rate, secs, nfiles=1000):
+    """Start fimwatch (ctx.fim) on a new load_dir, run `gen modify` at rate
+    writes/s for secs against it (run_load), stop it; -> run_load's dict."""
+    d = load_dir(ctx, name, nfiles)
+    t = ctx.fim(d)
+    t.start()
+    try:
+        t.wait_ready()
+        time.sleep(0.5)
+        return run_load(ctx, t, d, nfiles, rate, secs, True)
+    finally:
+        t.stop()
+
+
+def bench_sustained(ctx, secs, rate, ramp, ramp_secs):
+    nfiles = 1000
+    d = load_dir(ctx, "sustained", nfiles)
     bench = "sustained %d mods/s over %d files, %ds" % (rate, nfiles, secs)
     fim_p99 = []
     tools = tools_for(ctx, ["inotifywait"])
@@ -2023,6 +2060,52 @@ def main(argv=None):
     return 0
 
 
+def side_parser(doc):
+    """The options every bench script beside this one takes (see side_run)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--fimwatch", default=os.path.join(REPO, "fimwatch.py"))
+    p.add_argument("--workdir", default="/var/tmp")
+    p.add_argument("--results", default=os.path.join(HERE, "results"))
+    return p
+
+
+def side_run(args, name, plan):
+    """The harness for a bench script beside this one (backends.py,
+    meta_cost.py): venv, work space, the machine-load sampler; runs
+    plan = [(name, fn(ctx))] (a failed one is a row saying why) and writes
+    results/NAME.md and .json. args needs fimwatch, workdir, results."""
+    bootstrap(sys.argv[1:], sys.argv[0])
+    args.fimwatch = os.path.abspath(args.fimwatch)
+    args.as_script, args.quick, args.results_name = False, False, name
+    args.peers = getattr(args, "peers", [])
+    args.fimwatch_version_at_start = fimwatch_version(args.fimwatch)
+    global BACKGROUND
+    BACKGROUND = Background()
+    t0 = mono()
+    ws = Workspace(args.workdir)
+    res = Results()
+    ctx = Ctx(args, ws, res)
+    ctx.have_fimwatch = True
+    failed = 0
+    try:
+        for bench, fn in plan:
+            res.mark()
+            try:
+                fn(ctx)
+            except (BenchError, OSError, subprocess.SubprocessError, ValueError) as e:
+                failed += 1
+                log("benchmark %s failed: %s" % (bench, e))
+                res.add(bench, "(failed)", [], "", notes=str(e)[:200])
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        ws.cleanup()
+        if res.rows:
+            report(args, res, mono() - t0, ws)
+    return 1 if failed else 0
+
+
 # reps further apart than this (max/min - 1) are run again; 0 forces a re-run
 SPREAD_MAX = float(os.environ.get("FIMWATCH_BENCH_SPREAD", "0.25"))
 RUN = 0  # how many benchmarks were run again (new probe file names for confirm())
@@ -2129,7 +2212,7 @@ def report(args, res, took, ws):
     text = res.table() + "\n\n" + info + "\n"
     print("\n" + text)
     os.makedirs(args.results, exist_ok=True)
-    name = "latest-quick" if args.quick else "latest"
+    name = getattr(args, "results_name", None) or ("latest-quick" if args.quick else "latest")
     with open(os.path.join(args.results, name + ".md"), "w") as f:
         f.write(text)
     with open(os.path.join(args.results, name + ".json"), "w") as f:
