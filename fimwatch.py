@@ -4445,6 +4445,9 @@ class InotifyBackend:
     def writer(self, path):
         return None                      # inotify does not say who
 
+    def peek_writer(self, path):
+        return None
+
     def learn(self, root, wanted):
         return False                     # a watch per directory: walk first
 
@@ -5011,6 +5014,10 @@ class FanotifyBackend:
         """The process behind the last record of path (then forgotten)."""
         return self.writers.pop(path, None)
 
+    def peek_writer(self, path):
+        """writer(path), left in place."""
+        return self.writers.get(path)
+
     def learn(self, root, wanted):
         """Watch the tree under root at once, without walking it first: the
         filesystem mark already sees every change, and a record from a
@@ -5348,6 +5355,9 @@ class MixedBackend:
 
     def writer(self, path):
         return self.parts["fanotify"].writer(path)
+
+    def peek_writer(self, path):
+        return self.parts["fanotify"].peek_writer(path)
 
     def learn(self, root, wanted):
         return self._for(root).learn(root, wanted)
@@ -6997,7 +7007,34 @@ class Engine:
         the package prefixes or dpkg's directory, or elsewhere unless critical
         there (a maintainer script writes /var/www/html too; an SSH key or a
         crontab is never held back)."""
-        return package_managed(p, self.pkgdb) or self.cfg.severity_for(p) != "critical"
+        if package_managed(p, self.pkgdb):
+            return True
+        return self.cfg.severity_for(p) != "critical" and not self.written_outside_tx(p)
+
+    def written_outside_tx(self, p):
+        """Did fanotify name a live writer of p whose parents, read up to
+        pid 1, include no process that holds (or held) dpkg's lock for a
+        transaction (a web server's worker dropping a file while apt runs)?
+        Then its change is not the transaction's and is not held back. A
+        writer gone, or a parent gone, cannot tell: held, as with inotify."""
+        w = self.backend.peek_writer(p)
+        if not w or w.get("confidence") != "live":
+            return False
+        txs = [self.pkgtx.tx] + list(self.tx_closing)
+        holders = {t.holder.get("pid") for t in txs if t is not None and t.holder} - {None}
+        if not holders:                  # an OFD lock, another pid namespace: unknown
+            return False
+        pid = w.get("pid")
+        for _ in range(64):
+            if pid in holders:
+                return False
+            if not isinstance(pid, int) or pid <= 1:
+                return True
+            try:
+                pid = _proc_status(pid)[0]
+            except (OSError, ValueError):
+                return False
+        return False
 
     def tx_turn(self, now):
         """A transaction that ended: its held changes are compared now; once

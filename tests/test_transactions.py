@@ -93,10 +93,12 @@ def pkgd_db(fim, tmp_path):
 def pkgd_www(fim, tmp_path):
     """pkgd, with a path outside the package prefixes watched that does not
     exist yet (as /var/www on a server before its web server is installed)."""
-    return _package_daemon(fim, tmp_path, extra=fim.outside / "www")
+    # inotify: the maintainer script's writes are the test's own, which
+    # fanotify would name as no child of the transaction (see below).
+    return _package_daemon(fim, tmp_path, extra=fim.outside / "www", backend="inotify")
 
 
-def _package_daemon(fim, tmp_path, watch_db=False, extra=None):
+def _package_daemon(fim, tmp_path, watch_db=False, extra=None, backend=None):
     wrapper = tmp_path / "python-wrapper"
     wrapper.write_text("#!/bin/sh\nexec %s %s \"$@\"\n" % (sys.executable, tmp_path / "wrap.py"))
     (tmp_path / "wrap.py").write_text(WRAPPER % {"repo": str(REPO)})
@@ -109,8 +111,9 @@ def _package_daemon(fim, tmp_path, watch_db=False, extra=None):
     (fim.root / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
     fim.write_config(severity={"critical": "%s/usr/bin/** %s/etc/passwd" % (fim.root, fim.root)},
                      fimwatch={"diff_paths": "%s/etc/**" % fim.root, "package_check": "yes"},
-                     watch={"paths": " ".join(str(p) for p in (
-                         fim.root, dpkg.dir if watch_db else None, extra) if p)})
+                     watch=dict({"paths": " ".join(str(p) for p in (
+                         fim.root, dpkg.dir if watch_db else None, extra) if p)},
+                         **({"backend": backend} if backend else {})))
     env = {"FIMTEST_DPKG": str(dpkg.dir), "FIMTEST_ROOT": str(fim.root)}
     d = fim.daemon(python=str(wrapper), env=env)
     return d, dpkg, tool
@@ -269,3 +272,24 @@ def test_a_watched_path_a_maintainer_script_makes_is_in_the_digest(pkgd_www, fim
     assert ev["severity"] == "warning" and "package" not in ev, ev
     time.sleep(0.3)
     assert [e["path"] for e in _per_file(d.events(mark))] == [str(www / "html" / "shell.php")]
+
+
+def test_a_writer_that_is_no_child_of_the_transaction_is_not_held(fim, tmp_path):
+    """fanotify names the writer: a file dropped outside the package prefixes
+    while apt runs, by a live process that is not apt's child (a web
+    server's worker), is reported while the transaction still runs, with its
+    writer, not held until it ends (which can take many minutes)."""
+    www = fim.outside / "www"
+    www.mkdir()
+    d, dpkg, tool = _package_daemon(fim, tmp_path, extra=www, backend="fanotify")
+    mark = d.mark()
+    holder = dpkg.hold(tmp_path)
+    try:
+        shell = www / "shell.php"
+        shell.write_bytes(b"<?php system($_GET['c']);\n")
+        ev = d.wait_for(is_event("created", path=str(shell)), since=mark, timeout=10)
+        assert ev["process"]["pid"] == os.getpid(), ev
+        assert holder.poll() is None, "reported only after the transaction ended"
+    finally:
+        holder.kill()
+        holder.wait()
