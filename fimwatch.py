@@ -5292,7 +5292,9 @@ class FanotifyBackend:
             if src is not None:
                 eng.moved(src[0], p, isdir and src[1])
                 return
-        eng.changed(p, isdir)
+        # Attribute-only (a `touch` loop) must not re-arm the settle window,
+        # as with inotify; a write merged into the same record does.
+        eng.changed(p, isdir, mask & FAN_CHANGES == IN_ATTRIB)
         if isdir and mask & (IN_CREATE | IN_MOVED_TO) and not mask & IN_DELETE:
             eng.dir_created(p)
 

@@ -455,7 +455,7 @@ def test_renames_without_target_fid_are_delete_and_create(tmp_path):
     _, calls, b, root = renames_seen(tmp_path, False)
     assert not [c for c in calls if c[0] == "moved"], calls
     assert ("moved_out", root + "/f1", False) in calls, calls
-    assert ("changed", root + "/f2", False) in calls, calls
+    assert ("changed", root + "/f2", False, False) in calls, calls
     assert ("moved_out", root + "/d1", True) in calls, calls
     assert ("dir_created", root + "/d2") in calls, calls
 
