@@ -4935,6 +4935,7 @@ class FanotifyBackend:
         self.writers = collections.OrderedDict()     # path -> process info
         self.setid_seen = {}         # (dev, ino) -> (set-id bits, capability) reported
         self.lazy = {}               # root -> wanted(dir): directories learned from records
+        self.keep_own = frozenset()  # paths whose records of our own writes are kept
         self.me = os.getpid()
         self.noise, self.relevant = False, 0
         # 0 during the start-up walks (they drain the queue every 64
@@ -5165,7 +5166,18 @@ class FanotifyBackend:
             if mask & FAN_Q_OVERFLOW:
                 self._finish_moves(eng)
                 eng.overflow()
-            elif pid != me and off + mlen + 16 <= end:
+            elif pid == me:
+                # Our own writes are not news, except to the events file: it
+                # must be in the baseline (as inotify, which cannot tell who
+                # wrote, puts it) so that another process truncating or
+                # replacing it is compared with what we wrote, not taken for
+                # the file we just made.
+                if self.keep_own and not mask & FAN_OPEN_EXEC and off + mlen + 16 <= end:
+                    dkey, name, _ = self._records(data, off + mlen, off + ln)
+                    d = dirs.get(dkey)
+                    if d is not None and name and d + "/" + os.fsdecode(name) in self.keep_own:
+                        self._dispatch(eng, data, off + mlen, off + ln, mask, pid)
+            elif off + mlen + 16 <= end:
                 # The first info record names the directory (or, for a self
                 # event, the object): most records on a filesystem mark are
                 # outside the trees and end at this lookup.
@@ -8803,6 +8815,9 @@ class Daemon:
         cfg = self.cfg
         backend, choices = make_backend(cfg.get("watch", "backend"), _watch_roots(cfg), ino_mod)
         eng = self.eng = Engine(cfg, self.store, self.dispatch.emit, backend, progress=_tty())
+        for part in getattr(backend, "parts", {0: backend}).values():
+            if isinstance(part, FanotifyBackend) and cfg.events_file:
+                part.keep_own = frozenset([cfg.events_file])
         self.store.set_meta("backends", json.dumps(choices))
         extra = set(cfg.extra_roots())
         for root, name, why in choices:
