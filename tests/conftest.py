@@ -71,6 +71,15 @@ def pytest_runtest_call(item):
         signal.signal(signal.SIGALRM, old)
 
 
+@pytest.fixture(autouse=True)
+def _inotify_mechanics(request, monkeypatch):
+    """@pytest.mark.inotify: the test is about inotify itself (watches, its
+    queue overflow, max_user_watches), so FIMWATCH_TEST_BACKEND=fanotify
+    (the whole suite on fanotify) runs it on inotify all the same."""
+    if request.node.get_closest_marker("inotify") is not None:
+        monkeypatch.setenv("FIMWATCH_TEST_BACKEND", "inotify")
+
+
 def pytest_collection_modifyitems(config, items):
     if not FIMWATCH.exists():
         skip = pytest.mark.skip(reason="fimwatch.py does not exist yet")

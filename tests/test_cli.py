@@ -421,6 +421,7 @@ def test_accept_takes_relative_paths_directories_and_deleted_files(fim):
     assert r.returncode == 0, describe(r)
 
 
+@pytest.mark.inotify
 def test_status_json_reports_what_spec_lists(fim):
     """watches vs the kernel limit, baseline entries and age, events in the last
     24 h by severity."""

@@ -105,6 +105,7 @@ def test_kill_9_inside_the_settle_window_loses_nothing(fim):
 
 
 @needs_root
+@pytest.mark.inotify
 @pytest.mark.timeout(240)
 def test_watch_limit_hit_at_run_time(fim):
     d = fim.daemon(watch_limit=100000)      # its own user namespace's limit
@@ -287,6 +288,7 @@ def test_write_through_a_hard_link_from_outside_is_found_by_the_periodic_scan(fi
     d.stop()
 
 
+@pytest.mark.inotify
 @pytest.mark.timeout(240)
 def test_overflow_rescan_covers_single_file_paths(fim):
     """A file listed on its own in [watch] paths, changed after the queue overflowed."""
@@ -307,6 +309,7 @@ def test_overflow_rescan_covers_single_file_paths(fim):
     scan_is_clean(fim)
 
 
+@pytest.mark.inotify
 @pytest.mark.timeout(240)
 def test_overflow_rescan_reports_a_root_deleted_during_the_storm(fim):
     a = fim.root / "a"
@@ -352,6 +355,7 @@ def test_root_deleted_while_down_is_reported_at_startup_and_by_scan(fim):
 
 
 @needs_root
+@pytest.mark.inotify
 @pytest.mark.timeout(240)
 def test_unwatched_subtree_is_polled_by_the_daemon(fim):
     for i in range(40):

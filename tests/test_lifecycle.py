@@ -126,6 +126,7 @@ def test_sighup_with_a_good_config_adds_an_exclude(fim):
 
 # --- never lose a change -----------------------------------------------------
 
+@pytest.mark.inotify
 @pytest.mark.timeout(240)
 def test_queue_overflow_rescans_and_loses_nothing(fim):
     sentinel = write(fim.root / "sentinel.conf", "before\n")
@@ -155,6 +156,7 @@ def test_queue_overflow_rescans_and_loses_nothing(fim):
 
 
 @needs_root
+@pytest.mark.inotify
 @pytest.mark.timeout(240)
 def test_watch_limit_falls_back_to_scans_and_says_so(fim):
     for i in range(4):

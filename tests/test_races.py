@@ -9,6 +9,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from conftest import (SETTLE, about, assert_change_is_quiet, churn, control_file, event_after,
                       inotify_watch_count, is_event, tree_watch_count, wait_until, write)
 
@@ -81,6 +83,7 @@ def test_continuous_writes_end_with_the_final_state(fim):
     d.stop()
 
 
+@pytest.mark.inotify
 def test_cp_r_and_rm_rf_of_a_tree(fim):
     src = fim.outside / "pkg"
     files = []

@@ -19,6 +19,7 @@ def scan_is_clean(fim):
         r.stdout[:3000], r.stderr[-2000:])
 
 
+@pytest.mark.inotify
 @pytest.mark.timeout(240)
 def test_overflow_with_new_dirs_and_deletions(fim):
     victims = [write(fim.root / ("old-%d.txt" % i)) for i in range(5)]

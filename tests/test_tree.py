@@ -5,6 +5,8 @@ import os
 import shutil
 import subprocess
 
+import pytest
+
 from conftest import control_file, is_event, tree_watch_count, wait_until, write
 
 FILE_EVENTS = {"created", "modified", "attributes", "deleted", "moved"}
@@ -152,6 +154,7 @@ def test_symlink_to_outside_is_never_followed(fim):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+@pytest.mark.inotify
 def test_excluded_directories_get_no_watch(fim):
     fim.write_config(watch={"exclude": "*.swp cachedir/"})
     for i in range(20):
