@@ -2344,22 +2344,6 @@ def login_users(utmp=UTMP):
     return out
 
 
-def mtime_sum(paths, optional=()):
-    """The sum of the mtimes (ns) of paths and of those of optional that
-    exist: a database made of several files changed when it changes. None
-    when one of paths is missing or any cannot be read."""
-    total = 0
-    for p in tuple(paths) + tuple(optional):
-        try:
-            total += os.stat(p).st_mtime_ns
-        except FileNotFoundError:
-            if p not in optional:
-                return None
-        except OSError:
-            return None
-    return total
-
-
 class PackageDB:
     """Which dpkg packages own a path, and does the file match one of them.
     Loaded on first use and again when dpkg's database changes; dropped after
@@ -2405,7 +2389,16 @@ class PackageDB:
         return os.path.isdir(self.info_dir)
 
     def _mtime(self):
-        return mtime_sum((self.info_dir, self.status_path), (self.diversions_path,))
+        total = 0
+        for p in (self.info_dir, self.status_path, self.diversions_path):
+            try:
+                total += os.stat(p).st_mtime_ns
+            except FileNotFoundError:
+                if p != self.diversions_path:
+                    return None
+            except OSError:
+                return None
+        return total
 
     def load(self):
         """The index as dpkg's database is now (read again if it changed)."""
@@ -2879,7 +2872,16 @@ class RpmDB:
             sys.stderr.write("fimwatch: rpmdb %s: %s\n" % (esc(self.path), esc(msg)))
 
     def _mtime(self):
-        return mtime_sum((self.path,), (self.path + "-wal",))
+        total = 0
+        for p in (self.path, self.path + "-wal"):
+            try:
+                total += os.stat(p).st_mtime_ns
+            except FileNotFoundError:
+                if p == self.path:
+                    return None
+            except OSError:
+                return None
+        return total
 
     def uri(self):
         """Read only; immutable (no SQLite lock, the WAL not read) only while
