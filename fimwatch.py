@@ -4859,21 +4859,16 @@ def process_info(pid):
     return info
 
 
-def _ancestors(pid, depth):
-    """(pid, ppid, comm) of pid, then of its parent and so on, up to (not
-    including) pid 1, at most depth of them; ends early at one /proc cannot
-    read (a process gone)."""
-    while pid > 1 and depth > 0:
+def _chain(pid, depth=12):
+    out = []
+    while pid > 1 and len(out) < depth:
         try:
             ppid, _, comm = _proc_status(pid)
         except (OSError, ValueError):
-            return
-        yield pid, ppid, comm
-        pid, depth = ppid, depth - 1
-
-
-def _chain(pid, depth=12):
-    return [esc(comm) for _, _, comm in _ancestors(pid, depth)][::-1]
+            break
+        out.append(esc(comm))
+        pid = ppid
+    return out[::-1]
 
 
 class ProcessCache:
@@ -4984,11 +4979,6 @@ class FanotifyBackend:
             # walk marked): keep the key and path objects held, one copy a
             # directory, not a second of each (~5 MB at 50,000 directories).
             return
-        self._map(d, key)
-
-    def _map(self, d, key):
-        """d is the directory of handle key (from now on)."""
-        old = self.keys.get(d)
         if old is not None and old != key:
             self.dirs.pop(old, None)
         self.dirs[key] = d
@@ -5057,7 +5047,11 @@ class FanotifyBackend:
             return False
         for root, wanted in self.lazy.items():
             if (d == root or d.startswith(root + "/")) and wanted(d):
-                self._map(d, key)
+                old = self.keys.get(d)
+                if old is not None and old != key:
+                    self.dirs.pop(old, None)
+                self.dirs[key] = d
+                self.keys[d] = key
                 return True
         return False
 
@@ -7045,14 +7039,16 @@ class Engine:
         if not holders:                  # an OFD lock, another pid namespace: unknown
             return False
         pid = w.get("pid")
-        if not isinstance(pid, int):
-            return False
-        last = None
-        for p, ppid, _ in _ancestors(pid, 64):
-            if p in holders:
+        for _ in range(64):
+            if pid in holders:
                 return False
-            last = ppid
-        return last is not None and last <= 1       # read up to pid 1, no holder on the way
+            if not isinstance(pid, int) or pid <= 1:
+                return True
+            try:
+                pid = _proc_status(pid)[0]
+            except (OSError, ValueError):
+                return False
+        return False
 
     def tx_turn(self, now):
         """A transaction that ended: its held changes are compared now; once
