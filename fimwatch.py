@@ -85,15 +85,14 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 import collections
 from collections import deque
-from typing import NamedTuple, Optional
 
 # urllib.request (which loads ssl) and email are imported where they are used:
 # together they would add ~8 MB to the resident size of every daemon, also of
 # the many that never send an email or a webhook. So are urllib.parse,
-# difflib and random (~0.7 MB): only webhooks, diffs and retries need them.
+# difflib and random (~0.7 MB): only webhooks, diffs and retries need them,
+# and uuid (uuid5 of digests and journal ids; event ids are event_id()).
 
 # ---------------------------------------------------------------------------
 # Constants: every path and binary the program touches
@@ -151,7 +150,9 @@ WATCH_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_
               | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF
               | IN_ONLYDIR | IN_DONT_FOLLOW | IN_EXCL_UNLINK)
 
+M_ARENA_MAX = -8                # mallopt(3): the most malloc arenas (one_malloc_arena)
 HASH_CHUNK = 1 << 20
+HASH_SMALL = 64 << 10             # a file up to this size is hashed from one read
 HASH_WORKERS = 2                 # threads that hash (hashlib and readv release the GIL)
 OFFLOAD_MIN_SIZE = 4 << 20       # a file this big is hashed by a worker, not the loop
 CHANGING_RETRIES = 1             # re-queues of a file changed while hashed, then reported
@@ -270,7 +271,7 @@ os.register_at_fork(after_in_child=_ID_POOL.clear)
 
 
 def event_id():
-    """uuid.uuid4().hex, from random bytes drawn 4 KiB at a time (one
+    """event_id(), from random bytes drawn 4 KiB at a time (one
     getrandom per 256 ids, not one per event)."""
     with _ID_LOCK:
         if not _ID_POOL:
@@ -892,29 +893,31 @@ def load_config(path, check_perms=True):
 # File state: lstat + sha256, never following, never blocking
 # ---------------------------------------------------------------------------
 
-class Rec(NamedTuple):
-    """One baseline entry: what lstat (and, for files, sha256) saw of a path.
-    A new field is added here, in SCHEMA_SQL's files table and in snapshot()."""
-    kind: str                   # file, dir, symlink, other
-    mode: int                   # permission bits (S_IMODE)
-    uid: int
-    gid: int
-    size: int                   # 0 for directories (their size is noise)
-    mtime_ns: int               # 0 for directories
-    ctime_ns: int               # 0 for directories
-    ino: int
-    sha256: Optional[str]       # None: not a file, unreadable, or over hash_max_size
-    target: Optional[str]       # a symlink's target
-    skipped: int                # 1 over hash_max_size, 2 unreadable even as root
-    # Security metadata (read_meta). None: not known -- an entry from before
-    # these fields existed, or a filesystem that could not say; compare()
-    # never reports a change against None.
-    xattrs: Optional[str] = None      # JSON {name: sha256[:16] of value}; "" none
-    capability: Optional[str] = None  # security.capability decoded ("cap_setuid=ep"); "" none
-    acl: Optional[str] = None         # POSIX ACLs, access then default ("u:1000:r--,..."); "" none
-    flags: Optional[str] = None       # inode flags as lsattr letters ("ia"); "" none
-    rdev: Optional[int] = None        # device number of a char/block device node
-    links: Optional[int] = None       # hard-link count of a regular file
+# One baseline entry: what lstat (and, for files, sha256) saw of a path. A new
+# field is added here, in SCHEMA_SQL's files table and in snapshot().
+#   kind      file, dir, symlink, other
+#   mode      permission bits (S_IMODE)
+#   uid, gid
+#   size      0 for directories (their size is noise)
+#   mtime_ns, ctime_ns   0 for directories
+#   ino
+#   sha256    None: not a file, unreadable, or over hash_max_size
+#   target    a symlink's target
+#   skipped   1 over hash_max_size, 2 unreadable even as root
+# Security metadata (read_meta). None: not known -- an entry from before
+# these fields existed, or a filesystem that could not say; compare() never
+# reports a change against None.
+#   xattrs      JSON {name: sha256[:16] of value}; "" none
+#   capability  security.capability decoded ("cap_setuid=ep"); "" none
+#   acl         POSIX ACLs, access then default ("u:1000:r--,..."); "" none
+#   flags       inode flags as lsattr letters ("ia"); "" none
+#   rdev        device number of a char/block device node
+#   links       hard-link count of a regular file
+# (collections.namedtuple, not typing.NamedTuple: typing costs the daemon
+# ~0.5 MB of memory for nothing it uses at run time.)
+Rec = collections.namedtuple(
+    "Rec", "kind mode uid gid size mtime_ns ctime_ns ino sha256 target skipped "
+           "xattrs capability acl flags rdev links", defaults=(None,) * 6)
 
 
 FIELDS = Rec._fields
@@ -1181,6 +1184,12 @@ def hash_file(path, st, keep=0, dir_fd=None, meta=None):
             left -= len(data)
         else:
             h = hashlib.sha256()
+        if left <= HASH_SMALL:
+            # A small file (most of a tree): one read, no per-thread buffer
+            # (HASH_CHUNK of resident memory each) made for it.
+            data = os.read(fd, left)
+            h.update(data)
+            return h.hexdigest(), (st if fst.st_size > st.st_size else fst), None
         buf = getattr(_hash_buf, "buf", None)
         if buf is None:
             buf = _hash_buf.buf = bytearray(HASH_CHUNK)
@@ -1293,17 +1302,11 @@ def _make_rec(kind, st, sha, target, skipped, meta):
                links=st.st_nlink if kind == "file" else None)
 
 
-class Growth(NamedTuple):
-    """An append-only file at the last look ([watch] append_only), in memory:
-    its inode, its size, the sha256 state of its bytes so far (extended by
-    the bytes appended since, never re-read), and sha256 of its first and
-    last APPEND_WINDOW bytes (read again at the next append)."""
-    dev: int
-    ino: int
-    size: int
-    h: object
-    head: str
-    tail: str
+# An append-only file at the last look ([watch] append_only), in memory: its
+# inode, its size, the sha256 state of its bytes so far (extended by the bytes
+# appended since, never re-read), and sha256 of its first and last
+# APPEND_WINDOW bytes (read again at the next append).
+Growth = collections.namedtuple("Growth", "dev ino size h head tail")
 
 
 def _hash_range(fd, h, start, end):
@@ -2239,7 +2242,7 @@ class StateGuard:
         now = time.time()
         db_id = store.meta("db_id")
         if db_id is None:
-            db_id = uuid.uuid4().hex
+            db_id = event_id()
             store.set_meta("db_id", db_id)
         if store.meta("built") is None and (rebuild or store.meta("build_started") is None):
             store.set_meta("build_started", now)
@@ -3827,7 +3830,7 @@ class PackageTx:
     proved to be once it ended (take)."""
 
     def __init__(self, holder, now, versions, sums=None):
-        self.id = uuid.uuid4().hex[:12]
+        self.id = event_id()[:12]
         self.holder = holder
         self.sums_before = sums or {}       # md5sums_digests() when it started
         self.started, self.start_mono, self.ended = time.time(), now, None
@@ -4590,6 +4593,21 @@ def _libc():
         libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         _libc_cache.append((ctypes, libc))
     return _libc_cache[0]
+
+
+def one_malloc_arena(environ=os.environ):
+    """glibc gives every thread that allocates an arena of its own (the
+    Hasher's, the channels'), and what one frees the others never reuse:
+    ~1 MB of resident memory at 50,000 directories. Our threads allocate
+    under the GIL anyway, so one arena costs no contention. Done before any
+    thread starts; MALLOC_ARENA_MAX in the environment (an admin's choice)
+    wins; no-op without glibc's mallopt."""
+    if "MALLOC_ARENA_MAX" in environ:
+        return
+    try:
+        _libc()[1].mallopt(M_ARENA_MAX, 1)
+    except (OSError, AttributeError):
+        pass
 
 
 def _oserror(ctypes, what):
@@ -7575,6 +7593,7 @@ class JournalSink(_DatagramSink):
 
 def message_id(event):
     """The journal MESSAGE_ID of an event type: 128 bits, the same on every host."""
+    import uuid
     return uuid.uuid5(uuid.NAMESPACE_URL, "https://fimwatch/event/" + event).hex
 
 
@@ -7943,6 +7962,7 @@ def make_digest(events, host, reason="", limit=50, dropped=0):
                    by_severity={k: by_sev[k] for k in reversed(SEVERITIES) if k in by_sev},
                    by_directory=dirs, events=digest_listing(events, limit))
     # The same events make the same digest id, also when it is retried.
+    import uuid
     ev["id"] = uuid.uuid5(uuid.NAMESPACE_OID, ",".join(sorted(e.get("id", "") for e in events))
                           ).hex
     if dropped:
@@ -8446,7 +8466,7 @@ def host_identity(state_dir, machine_id=MACHINE_ID):
     except OSError:
         inst = ""
     if not inst:
-        inst = uuid.uuid4().hex
+        inst = event_id()
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "w") as f:
@@ -8678,6 +8698,7 @@ class Daemon:
 
     def run(self):
         cfg = self.cfg
+        one_malloc_arena()
         ino_mod = import_inotify()
         findings = self._open_state()
         store = self.store
