@@ -63,6 +63,7 @@ before it is opened (StateGuard); every other SQL statement is a Store method.
 __version__ = "0.1.0"
 
 import argparse
+import array
 import configparser
 import contextlib
 import datetime
@@ -4928,6 +4929,326 @@ class ProcessCache:
         return info
 
 
+_FS_ENCODING = (sys.getfilesystemencoding(), sys.getfilesystemencodeerrors())
+
+
+class DirTree:
+    """fanotify's directory map, handle key <-> path, in flat arrays: a
+    directory is a node, its name under its parent node, so it costs its
+    name's and its key's bytes and a few array slots (~70 bytes), where a
+    path string, a bytes key and two dict entries took ~230 (11 MB at
+    50,000 directories). Two open-addressing tables find a node: by key
+    (get, `in`: every record) and by (parent, name) (a path, one component
+    at a time). Directories above the watched ones are nodes without a key
+    (`/`, `/var`...), so a rename moves one node, not its subtree. Paths of
+    the last looked-up keys are cached (a burst of records from one
+    directory builds its path once)."""
+    FREE, GONE = 0, -1               # table slots: never used, used then freed
+    CACHE = 256                      # paths cached (get)
+    COMPACT = 1 << 20                # bytes of unused names and keys kept at most
+
+    def __init__(self):
+        self.parent = array.array("i")   # node -> parent node (-1: the root "/")
+        self.noff = array.array("I")     # node -> its name: names[noff:noff+nlen]
+        self.nlen = array.array("I")
+        self.koff = array.array("I")     # node -> its key: keys[koff:koff+klen]
+        self.klen = array.array("B")     # 0: no key (above the watched directories)
+        self.kids = array.array("i")     # node -> nodes with it as parent; -1: free
+        self.names, self.keys = bytearray(), bytearray()
+        self.garbage = 0                 # bytes of names and keys no node uses
+        self.free = array.array("i")
+        self.ktab = array.array("i", bytes(4 * 64))   # slot -> node + 1 (or FREE/GONE)
+        self.ctab = array.array("i", bytes(4 * 64))
+        self.kused = self.cused = 0      # slots not FREE (GONE included)
+        self.n = 0                       # nodes with a key
+        self.cache = {}                  # key -> path (get)
+        self.pcache = {}                 # path -> node (_node); emptied when nodes move or go
+        self.root = self._new(-1, b"/")
+
+    def __len__(self):
+        return self.n
+
+    # -- nodes --
+    def _new(self, parent, name):
+        if self.free:
+            i = self.free.pop()
+            self.parent[i], self.noff[i], self.nlen[i] = parent, len(self.names), len(name)
+            self.koff[i] = self.klen[i] = self.kids[i] = 0
+        else:
+            i = len(self.parent)
+            self.parent.append(parent)
+            self.noff.append(len(self.names))
+            self.nlen.append(len(name))
+            self.koff.append(0)
+            self.klen.append(0)
+            self.kids.append(0)
+        self.names += name
+        if parent >= 0:
+            self.kids[parent] += 1
+            self.cused = self._put(self.ctab, self.cused, hash((parent, name)), i)
+            if self.cused * 2 > len(self.ctab):
+                self.ctab, self.cused = self._table(self.ctab, self._ckey)
+        return i
+
+    def _name(self, i):
+        o = self.noff[i]
+        return bytes(self.names[o:o + self.nlen[i]])
+
+    def _key(self, i):
+        o = self.koff[i]
+        return bytes(self.keys[o:o + self.klen[i]])
+
+    def _ckey(self, i):
+        return hash((self.parent[i], self._name(i)))
+
+    def path(self, i):
+        parts = []
+        while i > 0:
+            parts.append(self._name(i))
+            i = self.parent[i]
+        if not parts:
+            return "/"
+        parts.append(b"")
+        return os.fsdecode(b"/".join(reversed(parts)))
+
+    # -- the two tables: linear probing, at most half full --
+    @staticmethod
+    def _put(tab, used, h, i):
+        mask = len(tab) - 1
+        s = h & mask
+        while tab[s] > 0:
+            s = (s + 1) & mask
+        if tab[s] == DirTree.FREE:
+            used += 1
+        tab[s] = i + 1
+        return used
+
+    def _table(self, old, hash_of):
+        """old rebuilt without its GONE slots, twice the size if it is more
+        than a quarter full of nodes."""
+        live = sum(1 for v in old if v > 0)
+        size = len(old) * (2 if live * 4 > len(old) else 1)
+        tab = array.array("i", bytes(4 * size))
+        for v in old:                    # no list of the nodes: a peak of its own
+            if v > 0:
+                self._put(tab, 0, hash_of(v - 1), v - 1)
+        return tab, live
+
+    def _slot(self, tab, h, i):
+        """The slot that holds node i."""
+        mask = len(tab) - 1
+        s = h & mask
+        while tab[s] != i + 1:
+            s = (s + 1) & mask
+        return s
+
+    def _find(self, key):
+        """The node with this key, or -1 (inlined: every record asks)."""
+        tab, keys, koff, klen = self.ktab, self.keys, self.koff, self.klen
+        mask = len(tab) - 1
+        s = hash(key) & mask
+        while True:
+            v = tab[s] - 1
+            if v < 0:
+                if v == -1:              # FREE
+                    return -1
+            else:
+                o = koff[v]
+                if keys[o:o + klen[v]] == key:
+                    return v
+            s = (s + 1) & mask
+
+    def _child(self, parent, name):
+        tab, par, names, noff, nlen = self.ctab, self.parent, self.names, self.noff, self.nlen
+        mask = len(tab) - 1
+        s = hash((parent, name)) & mask
+        while True:
+            v = tab[s] - 1
+            if v < 0:
+                if v == -1:
+                    return -1
+            elif par[v] == parent:
+                o = noff[v]
+                if names[o:o + nlen[v]] == name:
+                    return v
+            s = (s + 1) & mask
+
+    def _node(self, path, make=False):
+        """The node of a path ("/a/b"), -1 if it has none (make: add the
+        missing ones, without keys). From the nearest directory above that
+        was looked up lately (a walk asks for a directory's children in a
+        row), else from "/", one name at a time."""
+        cache = self.pcache
+        i = cache.get(path)
+        if i is not None:
+            return i
+        todo, head = [], path
+        while True:
+            head, _, name = head.rpartition("/")
+            todo.append(name)
+            if not head:
+                i = self.root
+                break
+            i = cache.get(head)
+            if i is not None:
+                break
+        enc, errors = _FS_ENCODING
+        parent = i
+        for name in reversed(todo):
+            if not name:
+                continue
+            name = name.encode(enc, errors)
+            parent = i
+            c = self._child(i, name)
+            if c < 0:
+                if not make:
+                    return -1
+                c = self._new(i, name)
+            i = c
+        if len(cache) >= self.CACHE:
+            cache.clear()
+        cache[path] = i
+        cache[path.rpartition("/")[0] or "/"] = parent
+        return i
+
+    # -- the mapping --
+    def __contains__(self, key):
+        return key in self.cache or self._find(key) >= 0
+
+    def get(self, key, default=None):
+        p = self.cache.get(key)
+        if p is None:
+            i = self._find(key)
+            if i < 0:
+                return default
+            if len(self.cache) >= self.CACHE:
+                self.cache.clear()
+            p = self.cache[key] = self.path(i)
+        return p
+
+    def key_of(self, path):
+        i = self._node(path)
+        return self._key(i) if i >= 0 and self.klen[i] else None
+
+    def set(self, key, path):
+        """path's key is key (what was there under either goes)."""
+        old = self._find(key)
+        i = self._node(path, make=True)
+        if old == i:
+            return
+        if self.klen[i]:
+            self._unkey(i, prune=False)
+        self.koff[i], self.klen[i] = len(self.keys), len(key)
+        self.keys += key
+        self.n += 1
+        self.kused = self._put(self.ktab, self.kused, hash(key), i)
+        if self.kused * 2 > len(self.ktab):
+            self.ktab, self.kused = self._table(self.ktab, lambda j: hash(self._key(j)))
+        if old >= 0:
+            # After i has its key: old may be the last keyed node below i,
+            # and pruning above old stops at a node with a key.
+            self._unkey(old)
+
+    def pop(self, path):
+        """Forget path's key (its node goes if nothing hangs below it)."""
+        i = self._node(path)
+        if i >= 0 and self.klen[i]:
+            self._unkey(i)
+
+    def _unkey(self, i, prune=True):
+        s = self._slot(self.ktab, hash(self._key(i)), i)
+        self.ktab[s] = self.GONE
+        self.garbage += self.klen[i]
+        self.klen[i] = 0
+        self.n -= 1
+        self.cache.clear()
+        if prune:
+            self._prune(i)
+
+    def _prune(self, i):
+        """Drop i and its parents while they have neither key nor children."""
+        while i > 0 and not self.klen[i] and not self.kids[i]:
+            self.pcache.clear()
+            s = self._slot(self.ctab, self._ckey(i), i)
+            self.ctab[s] = self.GONE
+            p = self.parent[i]
+            self.kids[p] -= 1
+            self.kids[i] = -1
+            self.garbage += self.nlen[i]
+            self.free.append(i)
+            i = p
+        if self.garbage > self.COMPACT and self.garbage * 2 > len(self.names) + len(self.keys):
+            self._compact()
+
+    def _compact(self):
+        names, keys = bytearray(), bytearray()
+        for i in range(len(self.parent)):
+            if self.kids[i] < 0:
+                continue
+            o = self.noff[i]
+            self.noff[i] = len(names)
+            names += self.names[o:o + self.nlen[i]]
+            o = self.koff[i]
+            self.koff[i] = len(keys)
+            keys += self.keys[o:o + self.klen[i]]
+        self.names, self.keys, self.garbage = names, keys, 0
+
+    def move(self, src, dst):
+        """The directory src is now dst, with everything below it."""
+        i = self._node(src)
+        if i <= 0 or src == dst or os.fsencode(dst).rstrip(b"/") == b"":
+            return
+        self.drop_tree(dst)
+        parent = self._node(os.path.dirname(dst), make=True)
+        name = os.fsencode(os.path.basename(dst))
+        s = self._slot(self.ctab, self._ckey(i), i)
+        self.ctab[s] = self.GONE
+        self.pcache.clear()
+        old = self.parent[i]
+        self.kids[old] -= 1
+        self.kids[parent] += 1
+        self.garbage += self.nlen[i]
+        self.parent[i], self.noff[i], self.nlen[i] = parent, len(self.names), len(name)
+        self.names += name
+        self.cused = self._put(self.ctab, self.cused, hash((parent, name)), i)
+        if self.cused * 2 > len(self.ctab):
+            self.ctab, self.cused = self._table(self.ctab, self._ckey)
+        self.cache.clear()
+        self._prune(old)
+
+    def under(self, top):
+        """[path] of the nodes with a key at top or below it."""
+        t = self._node(top)
+        if t < 0:
+            return []
+        if not self.kids[t]:
+            return [top] if self.klen[t] else []
+        inside = bytearray(len(self.parent))    # 0 not known, 1 under t, 2 not
+        inside[t] = 1
+        out = []
+        for i in range(len(self.parent)):
+            chain = []
+            j = i
+            while j >= 0 and not inside[j]:
+                chain.append(j)
+                j = self.parent[j]
+            mark = inside[j] if j >= 0 else 2
+            for j in chain:
+                inside[j] = mark
+            if mark == 1 and self.klen[i] and self.kids[i] >= 0:
+                out.append(self.path(i))
+        return out
+
+    def drop_tree(self, top):
+        for p in self.under(top):
+            self.pop(p)
+
+    def paths(self):
+        """[path] of every node with a key."""
+        return [self.path(i) for i in range(len(self.parent))
+                if self.klen[i] and self.kids[i] >= 0]
+
+
 class FanotifyBackend:
     """fanotify(7) with FAN_MARK_FILESYSTEM: the same Engine calls as
     InotifyBackend, from one mark per filesystem and a handle -> directory
@@ -4941,8 +5262,7 @@ class FanotifyBackend:
         self.fd, self.flags = (fd, 0) if fd is not None else fanotify_open()
         self.marked = set()          # fsids with our filesystem mark
         self.mounts = {}             # mount id -> fsid (marked)
-        self.dirs = {}               # fsid + handle -> directory path
-        self.keys = {}               # directory path -> fsid + handle
+        self.dirs = DirTree()        # fsid + handle <-> directory path
         self.froms = {}              # object handle -> (path, isdir) of a MOVED_FROM
         self.from_reads = 0
         self.execs = collections.OrderedDict()      # pid -> (dir key, name, script key, t)
@@ -4990,44 +5310,29 @@ class FanotifyBackend:
                 self.marked.add(fsid)
                 self.mark_dirs[fsid] = d
             self.mounts[mount_id] = fsid
-        key = fsid + handle
-        old = self.keys.get(d)
-        if old == key and self.dirs.get(old) == d:
-            # Watched already (the start-up comparison walks what the watch
-            # walk marked): keep the key and path objects held, one copy a
-            # directory, not a second of each (~5 MB at 50,000 directories).
-            return
-        if old is not None and old != key:
-            self.dirs.pop(old, None)
-        self.dirs[key] = d
-        self.keys[d] = key
+        # Watched already (the start-up comparison walks what the watch walk
+        # marked): set() keeps the node as it is.
+        self.dirs.set(fsid + handle, d)
 
     def unwatch(self, d):
-        key = self.keys.pop(d, None)
-        if key is not None and self.dirs.get(key) == d:
-            del self.dirs[key]
+        self.dirs.pop(d)
 
     def unwatch_tree(self, top):
-        pre = top + "/"
-        for d in [d for d in self.keys if d == top or d.startswith(pre)]:
-            self.unwatch(d)
+        self.dirs.drop_tree(top)
 
     def rename(self, src, dst):
         pre, n = src + "/", len(src)
-        moved = [d for d in self.keys if d == src or d.startswith(pre)]
-        keys = [(d, self.keys.pop(d)) for d in moved]
-        for d, key in keys:
-            self.keys[dst + d[n:]] = key
-            self.dirs[key] = dst + d[n:]
+        self.dirs.move(src, dst)
         for p in [p for p in self.writers if p.startswith(pre)]:
             self.writers[dst + p[n:]] = self.writers.pop(p)
 
     def watching(self, d):
-        return d in self.keys
+        return self.dirs.key_of(d) is not None
 
     def prune_gone(self):
-        for d in [d for d in self.keys if not os.path.isdir(d)]:
-            self.unwatch(d)
+        for d in self.dirs.paths():
+            if not os.path.isdir(d):
+                self.unwatch(d)
 
     def writer(self, path):
         """The process behind the last record of path (then forgotten)."""
@@ -5047,7 +5352,7 @@ class FanotifyBackend:
         caller walks first) when root's own handle does not resolve back to
         root: a bind mount or a namespace where handles name other paths."""
         self.watch(root)
-        key = self.keys[root]
+        key = self.dirs.key_of(root)
         self.handle_paths.pop(key, None)
         if self._dir_of_handle(key) != root:
             return False
@@ -5065,11 +5370,7 @@ class FanotifyBackend:
             return False
         for root, wanted in self.lazy.items():
             if (d == root or d.startswith(root + "/")) and wanted(d):
-                old = self.keys.get(d)
-                if old is not None and old != key:
-                    self.dirs.pop(old, None)
-                self.dirs[key] = d
-                self.keys[d] = key
+                self.dirs.set(key, d)
                 return True
         return False
 

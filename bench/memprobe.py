@@ -134,15 +134,16 @@ def run_once(args, base, launcher, tree, state, label, env):
         wait_quiet(proc.pid)
         done = time.monotonic() - t0
         hwm, rss = status(proc.pid, "VmHWM"), status(proc.pid, "VmRSS")
+        cpu = cpu_ms(proc.pid)
         roll = rollup(proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
     print("%-10s VmHWM %6.1f MiB  VmRSS %6.1f MiB  (anon %.1f, file %.1f)  ready %.1f s, "
-          "quiet after %.1f s" % (label, hwm / 1024, rss / 1024,
-                                  roll.get("Anonymous", 0) / 1024,
-                                  (roll.get("Rss", 0) - roll.get("Anonymous", 0)) / 1024,
-                                  ready, done), flush=True)
+          "quiet after %.1f s, CPU %.1f s" % (label, hwm / 1024, rss / 1024,
+                                              roll.get("Anonymous", 0) / 1024,
+                                              (roll.get("Rss", 0) - roll.get("Anonymous", 0))
+                                              / 1024, ready, done, cpu / 1000), flush=True)
     return hwm
 
 

@@ -382,3 +382,86 @@ def test_hash_file_reads_no_further_than_lstat_saw(tmp_path):
 ])
 def test_process_phrase_never_says_none(proc, text):
     assert fimwatch.process_phrase(proc) == text
+
+
+# --- DirTree (fanotify's handle <-> directory map) ------------------------------
+
+
+class _DirModel:
+    """What DirTree must answer, as the two dicts it replaced."""
+
+    def __init__(self):
+        self.dirs, self.keys = {}, {}
+
+    def set(self, key, path):
+        old = self.keys.pop(path, None)
+        self.dirs.pop(old, None)
+        oldp = self.dirs.pop(key, None)
+        self.keys.pop(oldp, None)
+        self.dirs[key], self.keys[path] = path, key
+
+    def pop(self, path):
+        self.dirs.pop(self.keys.pop(path, None), None)
+
+    def under(self, top):
+        pre = top.rstrip("/") + "/"
+        return sorted(p for p in self.keys if p == top or p.startswith(pre))
+
+    def move(self, src, dst):
+        if src == dst or src == "/" or not self.under(src):
+            return
+        for p in self.under(dst):
+            self.pop(p)
+        for p in self.under(src):
+            key = self.keys.pop(p)
+            q = dst + p[len(src):]
+            self.keys[q], self.dirs[key] = key, q
+
+
+def _check_tree(t, m):
+    assert len(t) == len(m.keys)
+    assert sorted(t.paths()) == sorted(m.keys)
+    for key, path in m.dirs.items():
+        assert t.get(key) == path and key in t
+        assert t.key_of(path) == key
+
+
+@pytest.mark.parametrize("compact", [1 << 20, 0])
+def test_dirtree_answers_as_the_dicts_did_through_random_changes(compact):
+    import random
+    rnd = random.Random(14)
+    names = ["a", "b", "c", "d\udcff", "ü", "x y"]
+    t, m = fimwatch.DirTree(), _DirModel()
+    t.COMPACT = compact                                # 0: compacted at every chance
+    paths = ["/"] + ["/" + "/".join(rnd.choice(names) for _ in range(rnd.randint(1, 5)))
+                     for _ in range(300)]
+    for step in range(6000):
+        op = rnd.random()
+        p = rnd.choice(paths)
+        if op < 0.5:
+            key = b"fsid0000" + bytes([rnd.randrange(256) for _ in range(rnd.choice((8, 12)))])
+            if rnd.random() < 0.2 and m.dirs:
+                key = rnd.choice(list(m.dirs))         # a known dir seen at a new path
+            t.set(key, p)
+            m.set(key, p)
+        elif op < 0.7:
+            t.pop(p)
+            m.pop(p)
+        elif op < 0.85:
+            q = rnd.choice(paths)
+            if "/" in (p, q) or q == p or q.startswith(p + "/") or p.startswith(q + "/"):
+                continue                               # rename(2) refuses these
+            t.move(p, q)
+            m.move(p, q)
+        else:
+            assert sorted(t.under(p)) == m.under(p)
+            t.drop_tree(p)
+            for x in m.under(p):
+                m.pop(x)
+        if step % 250 == 0:
+            _check_tree(t, m)
+    _check_tree(t, m)
+    for p in list(m.keys):
+        t.pop(p)
+    assert len(t) == 0 and t.paths() == []
+    assert len(t.parent) - len(t.free) == 1            # only "/" is left
