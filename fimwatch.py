@@ -1193,13 +1193,18 @@ def hash_file(path, st, keep=0, dir_fd=None, meta=None):
             return h.hexdigest(), (st if fst.st_size > st.st_size else fst), None
         buf = getattr(_hash_buf, "buf", None)
         if buf is None:
-            buf = _hash_buf.buf = bytearray(HASH_CHUNK)
-        mv = memoryview(buf)
+            # The Hasher threads read big files all day; the loop's thread
+            # mostly our own program and config at start, so a quarter of
+            # the resident memory for a few more system calls.
+            buf = _hash_buf.buf = bytearray(
+                HASH_CHUNK if threading.current_thread() is not threading.main_thread()
+                else HASH_CHUNK // 4)
+        mv, chunk = memoryview(buf), len(buf)
         # Never past the size lstat saw: a file that grows as fast as we read
         # must not hold the loop. Its writes queue it again, and a later look
         # hashes what it is then (or skips it once over hash_max_size).
         while left > 0:
-            n = os.readv(fd, [mv[:min(HASH_CHUNK, left)]])
+            n = os.readv(fd, [mv[:min(chunk, left)]])
             if not n:
                 break
             h.update(mv[:n])
@@ -1483,8 +1488,8 @@ _PUT_FILE = "INSERT OR REPLACE INTO files (parent, name, %s) VALUES (%s)" % (
 EVENTS_KEEP = 200000
 # A transaction is split after this many row writes (Store._w): StateDB keeps
 # a transaction's writes in memory until its commit (to replay them after a
-# full disk), so this bounds that memory (~1.5 MB) while a baseline is built.
-TX_SPLIT = 5000
+# full disk), so this bounds that memory (~0.3 MB) while a baseline is built.
+TX_SPLIT = 1000
 # SQLite's page cache per connection, KiB (its default is 2,000): the
 # baseline's B-tree interior pages fit; the rest is in the OS page cache.
 SQLITE_CACHE_KIB = 1024
@@ -4930,6 +4935,7 @@ class ProcessCache:
 
 
 _FS_ENCODING = (sys.getfilesystemencoding(), sys.getfilesystemencodeerrors())
+KEY_PREFIX = 16                  # fsid, handle_bytes, handle_type (see DirTree)
 
 
 class DirTree:
@@ -4951,8 +4957,14 @@ class DirTree:
         self.parent = array.array("i")   # node -> parent node (-1: the root "/")
         self.noff = array.array("I")     # node -> its name: names[noff:noff+nlen]
         self.nlen = array.array("I")
-        self.koff = array.array("I")     # node -> its key: keys[koff:koff+klen]
-        self.klen = array.array("B")     # 0: no key (above the watched directories)
+        # A key is the filesystem's id and the handle's size and type (the
+        # same for a whole filesystem: stored once, in prefixes) and the
+        # handle's bytes (keys[koff:koff+klen-1]); klen 0: no key (a node
+        # above the watched directories).
+        self.kpre = array.array("H")     # node -> its key's prefix: plist[kpre]
+        self.koff = array.array("I")
+        self.klen = array.array("B")
+        self.prefixes, self.plist = {}, []
         self.kids = array.array("i")     # node -> nodes with it as parent; -1: free
         self.names, self.keys = bytearray(), bytearray()
         self.garbage = 0                 # bytes of names and keys no node uses
@@ -4973,12 +4985,13 @@ class DirTree:
         if self.free:
             i = self.free.pop()
             self.parent[i], self.noff[i], self.nlen[i] = parent, len(self.names), len(name)
-            self.koff[i] = self.klen[i] = self.kids[i] = 0
+            self.kpre[i] = self.koff[i] = self.klen[i] = self.kids[i] = 0
         else:
             i = len(self.parent)
             self.parent.append(parent)
             self.noff.append(len(self.names))
             self.nlen.append(len(name))
+            self.kpre.append(0)
             self.koff.append(0)
             self.klen.append(0)
             self.kids.append(0)
@@ -4996,7 +5009,7 @@ class DirTree:
 
     def _key(self, i):
         o = self.koff[i]
-        return bytes(self.keys[o:o + self.klen[i]])
+        return self.plist[self.kpre[i]] + self.keys[o:o + self.klen[i] - 1]
 
     def _ckey(self, i):
         return hash((self.parent[i], self._name(i)))
@@ -5044,7 +5057,11 @@ class DirTree:
 
     def _find(self, key):
         """The node with this key, or -1 (inlined: every record asks)."""
-        tab, keys, koff, klen = self.ktab, self.keys, self.koff, self.klen
+        pre = self.prefixes.get(key[:KEY_PREFIX])
+        if pre is None:                  # another filesystem: most records on a busy host
+            return -1
+        tail = key[KEY_PREFIX:]
+        tab, keys, koff, klen, kpre = self.ktab, self.keys, self.koff, self.klen, self.kpre
         mask = len(tab) - 1
         s = hash(key) & mask
         while True:
@@ -5054,7 +5071,7 @@ class DirTree:
                     return -1
             else:
                 o = koff[v]
-                if keys[o:o + klen[v]] == key:
+                if kpre[v] == pre and keys[o:o + klen[v] - 1] == tail:
                     return v
             s = (s + 1) & mask
 
@@ -5138,8 +5155,13 @@ class DirTree:
             return
         if self.klen[i]:
             self._unkey(i, prune=False)
-        self.koff[i], self.klen[i] = len(self.keys), len(key)
-        self.keys += key
+        pre = self.prefixes.get(key[:KEY_PREFIX])
+        if pre is None:
+            pre = self.prefixes[key[:KEY_PREFIX]] = len(self.plist)
+            self.plist.append(key[:KEY_PREFIX])
+        tail = key[KEY_PREFIX:]
+        self.kpre[i], self.koff[i], self.klen[i] = pre, len(self.keys), len(tail) + 1
+        self.keys += tail
         self.n += 1
         self.kused = self._put(self.ktab, self.kused, hash(key), i)
         if self.kused * 2 > len(self.ktab):
@@ -5158,7 +5180,7 @@ class DirTree:
     def _unkey(self, i, prune=True):
         s = self._slot(self.ktab, hash(self._key(i)), i)
         self.ktab[s] = self.GONE
-        self.garbage += self.klen[i]
+        self.garbage += self.klen[i] - 1
         self.klen[i] = 0
         self.n -= 1
         self.cache.clear()
@@ -5190,7 +5212,7 @@ class DirTree:
             names += self.names[o:o + self.nlen[i]]
             o = self.koff[i]
             self.koff[i] = len(keys)
-            keys += self.keys[o:o + self.klen[i]]
+            keys += self.keys[o:o + max(self.klen[i] - 1, 0)]
         self.names, self.keys, self.garbage = names, keys, 0
 
     def move(self, src, dst):
