@@ -371,6 +371,37 @@ def test_hash_file_reads_no_further_than_lstat_saw(tmp_path):
     assert fst.st_size == st.st_size and data is None
 
 
+def test_hash_file_sizes_around_the_buffers_on_the_loop_and_in_a_worker(tmp_path):
+    """Small files come from one read, bigger ones through the thread's
+    buffer (a quarter of HASH_CHUNK on the loop's thread): every size
+    around those edges hashes to what hashlib says, with and without
+    content kept, and up to lstat's size when it grew after its lstat."""
+    import threading
+    small, quarter = fimwatch.HASH_SMALL, fimwatch.HASH_CHUNK // 4
+    sizes = [0, 1, small - 1, small, small + 1, quarter - 1, quarter + 1,
+             fimwatch.HASH_CHUNK + 7]
+    out = []
+
+    def run():
+        for n in sizes:
+            p = tmp_path / ("f%d" % n)
+            body = bytes(range(256)) * (n // 256) + b"x" * (n % 256)
+            for keep, grow in ((0, b"grown"), (100, b"")):
+                p.write_bytes(body)
+                st = os.lstat(p)
+                with open(p, "ab") as f:
+                    f.write(grow)            # after lstat: not hashed
+                sha, fst, data = fimwatch.hash_file(str(p), st, keep=keep)
+                out.append((n, keep, sha == hashlib.sha256(body).hexdigest(),
+                            fst.st_size == n, data == (body if keep and n <= keep else None)))
+    run()
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert len(out) == 4 * len(sizes)
+    assert [o for o in out if o[2:] != (True, True, True)] == []
+
+
 @pytest.mark.parametrize("proc, text", [
     ({"pid": 812, "exe": "/usr/bin/vim", "user": "root", "login_user": "alice", "session": 4,
       "confidence": "live"}, "alice (session 4) ran /usr/bin/vim as root (pid 812)"),
