@@ -4607,13 +4607,13 @@ def one_malloc_arena(environ=os.environ):
     ~1 MB of resident memory at 50,000 directories. Our threads allocate
     under the GIL anyway, so one arena costs no contention. Done before any
     thread starts; MALLOC_ARENA_MAX in the environment (an admin's choice)
-    wins; no-op without glibc's mallopt."""
+    wins; no-op without glibc's mallopt. True when the limit was set."""
     if "MALLOC_ARENA_MAX" in environ:
-        return
+        return False
     try:
-        _libc()[1].mallopt(M_ARENA_MAX, 1)
+        return _libc()[1].mallopt(M_ARENA_MAX, 1) == 1
     except (OSError, AttributeError):
-        pass
+        return False
 
 
 def _oserror(ctypes, what):

@@ -402,6 +402,36 @@ def test_hash_file_sizes_around_the_buffers_on_the_loop_and_in_a_worker(tmp_path
     assert [o for o in out if o[2:] != (True, True, True)] == []
 
 
+_ARENAS = r"""
+import ctypes, sys, threading
+sys.path.insert(0, sys.argv[1])
+import fimwatch
+if sys.argv[2] == "limit":
+    print(fimwatch.one_malloc_arena({}), flush=True)
+keep = []
+t = threading.Thread(target=lambda: keep.extend(bytearray(4000) for _ in range(100)))
+t.start()
+t.join()
+ctypes.CDLL(None).malloc_stats()     # one "Arena N:" block per arena, on stderr
+"""
+
+
+@pytest.mark.parametrize("how", ["limit", "default"])
+def test_one_malloc_arena_keeps_a_threads_allocations_in_the_main_arena(how):
+    """A thread that allocates gets an arena of its own from glibc (the
+    control), none after one_malloc_arena(); MALLOC_ARENA_MAX wins."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", _ARENAS, os.path.dirname(fimwatch.__file__), how],
+                       capture_output=True, text=True, timeout=60)
+    arenas = r.stderr.count("Arena ")
+    if how == "limit":
+        assert r.stdout.strip() == "True" and arenas == 1, r.stdout + r.stderr
+    else:
+        assert arenas >= 2, r.stderr
+    assert fimwatch.one_malloc_arena({"MALLOC_ARENA_MAX": "4"}) is False
+
+
 @pytest.mark.parametrize("proc, text", [
     ({"pid": 812, "exe": "/usr/bin/vim", "user": "root", "login_user": "alice", "session": 4,
       "confidence": "live"}, "alice (session 4) ran /usr/bin/vim as root (pid 812)"),
