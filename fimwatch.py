@@ -63,6 +63,7 @@ before it is opened (StateGuard); every other SQL statement is a Store method.
 __version__ = "0.1.0"
 
 import argparse
+import array
 import configparser
 import contextlib
 import datetime
@@ -85,15 +86,14 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 import collections
 from collections import deque
-from typing import NamedTuple, Optional
 
 # urllib.request (which loads ssl) and email are imported where they are used:
 # together they would add ~8 MB to the resident size of every daemon, also of
 # the many that never send an email or a webhook. So are urllib.parse,
-# difflib and random (~0.7 MB): only webhooks, diffs and retries need them.
+# difflib and random (~0.7 MB): only webhooks, diffs and retries need them,
+# and uuid (uuid5 of digests and journal ids; event ids are event_id()).
 
 # ---------------------------------------------------------------------------
 # Constants: every path and binary the program touches
@@ -151,7 +151,9 @@ WATCH_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_
               | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF
               | IN_ONLYDIR | IN_DONT_FOLLOW | IN_EXCL_UNLINK)
 
+M_ARENA_MAX = -8                # mallopt(3): the most malloc arenas (one_malloc_arena)
 HASH_CHUNK = 1 << 20
+HASH_SMALL = 64 << 10             # a file up to this size is hashed from one read
 HASH_WORKERS = 2                 # threads that hash (hashlib and readv release the GIL)
 OFFLOAD_MIN_SIZE = 4 << 20       # a file this big is hashed by a worker, not the loop
 CHANGING_RETRIES = 1             # re-queues of a file changed while hashed, then reported
@@ -270,7 +272,7 @@ os.register_at_fork(after_in_child=_ID_POOL.clear)
 
 
 def event_id():
-    """uuid.uuid4().hex, from random bytes drawn 4 KiB at a time (one
+    """event_id(), from random bytes drawn 4 KiB at a time (one
     getrandom per 256 ids, not one per event)."""
     with _ID_LOCK:
         if not _ID_POOL:
@@ -892,29 +894,31 @@ def load_config(path, check_perms=True):
 # File state: lstat + sha256, never following, never blocking
 # ---------------------------------------------------------------------------
 
-class Rec(NamedTuple):
-    """One baseline entry: what lstat (and, for files, sha256) saw of a path.
-    A new field is added here, in SCHEMA_SQL's files table and in snapshot()."""
-    kind: str                   # file, dir, symlink, other
-    mode: int                   # permission bits (S_IMODE)
-    uid: int
-    gid: int
-    size: int                   # 0 for directories (their size is noise)
-    mtime_ns: int               # 0 for directories
-    ctime_ns: int               # 0 for directories
-    ino: int
-    sha256: Optional[str]       # None: not a file, unreadable, or over hash_max_size
-    target: Optional[str]       # a symlink's target
-    skipped: int                # 1 over hash_max_size, 2 unreadable even as root
-    # Security metadata (read_meta). None: not known -- an entry from before
-    # these fields existed, or a filesystem that could not say; compare()
-    # never reports a change against None.
-    xattrs: Optional[str] = None      # JSON {name: sha256[:16] of value}; "" none
-    capability: Optional[str] = None  # security.capability decoded ("cap_setuid=ep"); "" none
-    acl: Optional[str] = None         # POSIX ACLs, access then default ("u:1000:r--,..."); "" none
-    flags: Optional[str] = None       # inode flags as lsattr letters ("ia"); "" none
-    rdev: Optional[int] = None        # device number of a char/block device node
-    links: Optional[int] = None       # hard-link count of a regular file
+# One baseline entry: what lstat (and, for files, sha256) saw of a path. A new
+# field is added here, in SCHEMA_SQL's files table and in snapshot().
+#   kind      file, dir, symlink, other
+#   mode      permission bits (S_IMODE)
+#   uid, gid
+#   size      0 for directories (their size is noise)
+#   mtime_ns, ctime_ns   0 for directories
+#   ino
+#   sha256    None: not a file, unreadable, or over hash_max_size
+#   target    a symlink's target
+#   skipped   1 over hash_max_size, 2 unreadable even as root
+# Security metadata (read_meta). None: not known -- an entry from before
+# these fields existed, or a filesystem that could not say; compare() never
+# reports a change against None.
+#   xattrs      JSON {name: sha256[:16] of value}; "" none
+#   capability  security.capability decoded ("cap_setuid=ep"); "" none
+#   acl         POSIX ACLs, access then default ("u:1000:r--,..."); "" none
+#   flags       inode flags as lsattr letters ("ia"); "" none
+#   rdev        device number of a char/block device node
+#   links       hard-link count of a regular file
+# (collections.namedtuple, not typing.NamedTuple: typing costs the daemon
+# ~0.5 MB of memory for nothing it uses at run time.)
+Rec = collections.namedtuple(
+    "Rec", "kind mode uid gid size mtime_ns ctime_ns ino sha256 target skipped "
+           "xattrs capability acl flags rdev links", defaults=(None,) * 6)
 
 
 FIELDS = Rec._fields
@@ -1181,15 +1185,26 @@ def hash_file(path, st, keep=0, dir_fd=None, meta=None):
             left -= len(data)
         else:
             h = hashlib.sha256()
+        if left <= HASH_SMALL:
+            # A small file (most of a tree): one read, no per-thread buffer
+            # (HASH_CHUNK of resident memory each) made for it.
+            data = os.read(fd, left)
+            h.update(data)
+            return h.hexdigest(), (st if fst.st_size > st.st_size else fst), None
         buf = getattr(_hash_buf, "buf", None)
         if buf is None:
-            buf = _hash_buf.buf = bytearray(HASH_CHUNK)
-        mv = memoryview(buf)
+            # The Hasher threads read big files all day; the loop's thread
+            # mostly our own program and config at start, so a quarter of
+            # the resident memory for a few more system calls.
+            buf = _hash_buf.buf = bytearray(
+                HASH_CHUNK if threading.current_thread() is not threading.main_thread()
+                else HASH_CHUNK // 4)
+        mv, chunk = memoryview(buf), len(buf)
         # Never past the size lstat saw: a file that grows as fast as we read
         # must not hold the loop. Its writes queue it again, and a later look
         # hashes what it is then (or skips it once over hash_max_size).
         while left > 0:
-            n = os.readv(fd, [mv[:min(HASH_CHUNK, left)]])
+            n = os.readv(fd, [mv[:min(chunk, left)]])
             if not n:
                 break
             h.update(mv[:n])
@@ -1293,17 +1308,11 @@ def _make_rec(kind, st, sha, target, skipped, meta):
                links=st.st_nlink if kind == "file" else None)
 
 
-class Growth(NamedTuple):
-    """An append-only file at the last look ([watch] append_only), in memory:
-    its inode, its size, the sha256 state of its bytes so far (extended by
-    the bytes appended since, never re-read), and sha256 of its first and
-    last APPEND_WINDOW bytes (read again at the next append)."""
-    dev: int
-    ino: int
-    size: int
-    h: object
-    head: str
-    tail: str
+# An append-only file at the last look ([watch] append_only), in memory: its
+# inode, its size, the sha256 state of its bytes so far (extended by the bytes
+# appended since, never re-read), and sha256 of its first and last
+# APPEND_WINDOW bytes (read again at the next append).
+Growth = collections.namedtuple("Growth", "dev ino size h head tail")
 
 
 def _hash_range(fd, h, start, end):
@@ -1479,8 +1488,8 @@ _PUT_FILE = "INSERT OR REPLACE INTO files (parent, name, %s) VALUES (%s)" % (
 EVENTS_KEEP = 200000
 # A transaction is split after this many row writes (Store._w): StateDB keeps
 # a transaction's writes in memory until its commit (to replay them after a
-# full disk), so this bounds that memory (~1.5 MB) while a baseline is built.
-TX_SPLIT = 5000
+# full disk), so this bounds that memory (~0.3 MB) while a baseline is built.
+TX_SPLIT = 1000
 # SQLite's page cache per connection, KiB (its default is 2,000): the
 # baseline's B-tree interior pages fit; the rest is in the OS page cache.
 SQLITE_CACHE_KIB = 1024
@@ -2239,7 +2248,7 @@ class StateGuard:
         now = time.time()
         db_id = store.meta("db_id")
         if db_id is None:
-            db_id = uuid.uuid4().hex
+            db_id = event_id()
             store.set_meta("db_id", db_id)
         if store.meta("built") is None and (rebuild or store.meta("build_started") is None):
             store.set_meta("build_started", now)
@@ -3827,7 +3836,7 @@ class PackageTx:
     proved to be once it ended (take)."""
 
     def __init__(self, holder, now, versions, sums=None):
-        self.id = uuid.uuid4().hex[:12]
+        self.id = event_id()[:12]
         self.holder = holder
         self.sums_before = sums or {}       # md5sums_digests() when it started
         self.started, self.start_mono, self.ended = time.time(), now, None
@@ -4593,6 +4602,21 @@ def _libc():
     return _libc_cache[0]
 
 
+def one_malloc_arena(environ=os.environ):
+    """glibc gives every thread that allocates an arena of its own (the
+    Hasher's, the channels'), and what one frees the others never reuse:
+    ~1 MB of resident memory at 50,000 directories. Our threads allocate
+    under the GIL anyway, so one arena costs no contention. Done before any
+    thread starts; MALLOC_ARENA_MAX in the environment (an admin's choice)
+    wins; no-op without glibc's mallopt. True when the limit was set."""
+    if "MALLOC_ARENA_MAX" in environ:
+        return False
+    try:
+        return _libc()[1].mallopt(M_ARENA_MAX, 1) == 1
+    except (OSError, AttributeError):
+        return False
+
+
 def _oserror(ctypes, what):
     e = ctypes.get_errno()
     return OSError(e, "%s: %s" % (what, os.strerror(e)))
@@ -4945,6 +4969,343 @@ class ProcessCache:
         info["chain"] = parent["chain"] + [esc(os.path.basename(info["exe"]))]
 
 
+_FS_ENCODING = (sys.getfilesystemencoding(), sys.getfilesystemencodeerrors())
+KEY_PREFIX = 16                  # fsid, handle_bytes, handle_type (see DirTree)
+
+
+class DirTree:
+    """fanotify's directory map, handle key <-> path, in flat arrays: a
+    directory is a node, its name under its parent node, so it costs its
+    name's and its key's bytes and a few array slots (~70 bytes), where a
+    path string, a bytes key and two dict entries took ~230 (11 MB at
+    50,000 directories). Two open-addressing tables find a node: by key
+    (get, `in`: every record) and by (parent, name) (a path, one component
+    at a time). Directories above the watched ones are nodes without a key
+    (`/`, `/var`...), so a rename moves one node, not its subtree. Paths of
+    the last looked-up keys are cached (a burst of records from one
+    directory builds its path once)."""
+    FREE, GONE = 0, -1               # table slots: never used, used then freed
+    CACHE = 256                      # paths cached (get)
+    COMPACT = 1 << 20                # bytes of unused names and keys kept at most
+
+    def __init__(self):
+        self.parent = array.array("i")   # node -> parent node (-1: the root "/")
+        self.noff = array.array("I")     # node -> its name: names[noff:noff+nlen]
+        self.nlen = array.array("I")
+        # A key is the filesystem's id and the handle's size and type (the
+        # same for a whole filesystem: stored once, in prefixes) and the
+        # handle's bytes (keys[koff:koff+klen-1]); klen 0: no key (a node
+        # above the watched directories).
+        self.kpre = array.array("H")     # node -> its key's prefix: plist[kpre]
+        self.koff = array.array("I")
+        self.klen = array.array("B")
+        self.prefixes, self.plist = {}, []
+        self.kids = array.array("i")     # node -> nodes with it as parent; -1: free
+        self.names, self.keys = bytearray(), bytearray()
+        self.garbage = 0                 # bytes of names and keys no node uses
+        self.free = array.array("i")
+        self.ktab = array.array("i", bytes(4 * 64))   # slot -> node + 1 (or FREE/GONE)
+        self.ctab = array.array("i", bytes(4 * 64))
+        self.kused = self.cused = 0      # slots not FREE (GONE included)
+        self.n = 0                       # nodes with a key
+        self.cache = {}                  # key -> path (get)
+        self.pcache = {}                 # path -> node (_node); emptied when nodes move or go
+        self.root = self._new(-1, b"/")
+
+    def __len__(self):
+        return self.n
+
+    # -- nodes --
+    def _new(self, parent, name):
+        if self.free:
+            i = self.free.pop()
+            self.parent[i], self.noff[i], self.nlen[i] = parent, len(self.names), len(name)
+            self.kpre[i] = self.koff[i] = self.klen[i] = self.kids[i] = 0
+        else:
+            i = len(self.parent)
+            self.parent.append(parent)
+            self.noff.append(len(self.names))
+            self.nlen.append(len(name))
+            self.kpre.append(0)
+            self.koff.append(0)
+            self.klen.append(0)
+            self.kids.append(0)
+        self.names += name
+        if parent >= 0:
+            self.kids[parent] += 1
+            self.cused = self._put(self.ctab, self.cused, hash((parent, name)), i)
+            if self.cused * 2 > len(self.ctab):
+                self.ctab, self.cused = self._table(self.ctab, self._ckey)
+        return i
+
+    def _name(self, i):
+        o = self.noff[i]
+        return bytes(self.names[o:o + self.nlen[i]])
+
+    def _key(self, i):
+        o = self.koff[i]
+        return self.plist[self.kpre[i]] + self.keys[o:o + self.klen[i] - 1]
+
+    def _ckey(self, i):
+        return hash((self.parent[i], self._name(i)))
+
+    def path(self, i):
+        parts = []
+        while i > 0:
+            parts.append(self._name(i))
+            i = self.parent[i]
+        if not parts:
+            return "/"
+        parts.append(b"")
+        return os.fsdecode(b"/".join(reversed(parts)))
+
+    # -- the two tables: linear probing, at most half full --
+    @staticmethod
+    def _put(tab, used, h, i):
+        mask = len(tab) - 1
+        s = h & mask
+        while tab[s] > 0:
+            s = (s + 1) & mask
+        if tab[s] == DirTree.FREE:
+            used += 1
+        tab[s] = i + 1
+        return used
+
+    def _table(self, old, hash_of):
+        """old rebuilt without its GONE slots, twice the size if it is more
+        than a quarter full of nodes."""
+        live = sum(1 for v in old if v > 0)
+        size = len(old) * (2 if live * 4 > len(old) else 1)
+        tab = array.array("i", bytes(4 * size))
+        for v in old:                    # no list of the nodes: a peak of its own
+            if v > 0:
+                self._put(tab, 0, hash_of(v - 1), v - 1)
+        return tab, live
+
+    def _slot(self, tab, h, i):
+        """The slot that holds node i."""
+        mask = len(tab) - 1
+        s = h & mask
+        while tab[s] != i + 1:
+            s = (s + 1) & mask
+        return s
+
+    def _find(self, key):
+        """The node with this key, or -1 (inlined: every record asks)."""
+        pre = self.prefixes.get(key[:KEY_PREFIX])
+        if pre is None:                  # another filesystem: most records on a busy host
+            return -1
+        tail = key[KEY_PREFIX:]
+        tab, keys, koff, klen, kpre = self.ktab, self.keys, self.koff, self.klen, self.kpre
+        mask = len(tab) - 1
+        s = hash(key) & mask
+        while True:
+            v = tab[s] - 1
+            if v < 0:
+                if v == -1:              # FREE
+                    return -1
+            else:
+                o = koff[v]
+                if kpre[v] == pre and keys[o:o + klen[v] - 1] == tail:
+                    return v
+            s = (s + 1) & mask
+
+    def _child(self, parent, name):
+        tab, par, names, noff, nlen = self.ctab, self.parent, self.names, self.noff, self.nlen
+        mask = len(tab) - 1
+        s = hash((parent, name)) & mask
+        while True:
+            v = tab[s] - 1
+            if v < 0:
+                if v == -1:
+                    return -1
+            elif par[v] == parent:
+                o = noff[v]
+                if names[o:o + nlen[v]] == name:
+                    return v
+            s = (s + 1) & mask
+
+    def _node(self, path, make=False):
+        """The node of a path ("/a/b"), -1 if it has none (make: add the
+        missing ones, without keys). From the nearest directory above that
+        was looked up lately (a walk asks for a directory's children in a
+        row), else from "/", one name at a time."""
+        cache = self.pcache
+        i = cache.get(path)
+        if i is not None:
+            return i
+        todo, head = [], path
+        while True:
+            head, _, name = head.rpartition("/")
+            todo.append(name)
+            if not head:
+                i = self.root
+                break
+            i = cache.get(head)
+            if i is not None:
+                break
+        enc, errors = _FS_ENCODING
+        parent = i
+        for name in reversed(todo):
+            if not name:
+                continue
+            name = name.encode(enc, errors)
+            parent = i
+            c = self._child(i, name)
+            if c < 0:
+                if not make:
+                    return -1
+                c = self._new(i, name)
+            i = c
+        if len(cache) >= self.CACHE:
+            cache.clear()
+        cache[path] = i
+        cache[path.rpartition("/")[0] or "/"] = parent
+        return i
+
+    # -- the mapping --
+    def __contains__(self, key):
+        return key in self.cache or self._find(key) >= 0
+
+    def get(self, key, default=None):
+        p = self.cache.get(key)
+        if p is None:
+            i = self._find(key)
+            if i < 0:
+                return default
+            if len(self.cache) >= self.CACHE:
+                self.cache.clear()
+            p = self.cache[key] = self.path(i)
+        return p
+
+    def key_of(self, path):
+        i = self._node(path)
+        return self._key(i) if i >= 0 and self.klen[i] else None
+
+    def set(self, key, path):
+        """path's key is key (what was there under either goes)."""
+        old = self._find(key)
+        i = self._node(path, make=True)
+        if old == i:
+            return
+        if self.klen[i]:
+            self._unkey(i, prune=False)
+        pre = self.prefixes.get(key[:KEY_PREFIX])
+        if pre is None:
+            pre = self.prefixes[key[:KEY_PREFIX]] = len(self.plist)
+            self.plist.append(key[:KEY_PREFIX])
+        tail = key[KEY_PREFIX:]
+        self.kpre[i], self.koff[i], self.klen[i] = pre, len(self.keys), len(tail) + 1
+        self.keys += tail
+        self.n += 1
+        self.kused = self._put(self.ktab, self.kused, hash(key), i)
+        if self.kused * 2 > len(self.ktab):
+            self.ktab, self.kused = self._table(self.ktab, lambda j: hash(self._key(j)))
+        if old >= 0:
+            # After i has its key: old may be the last keyed node below i,
+            # and pruning above old stops at a node with a key.
+            self._unkey(old)
+
+    def pop(self, path):
+        """Forget path's key (its node goes if nothing hangs below it)."""
+        i = self._node(path)
+        if i >= 0 and self.klen[i]:
+            self._unkey(i)
+
+    def _unkey(self, i, prune=True):
+        s = self._slot(self.ktab, hash(self._key(i)), i)
+        self.ktab[s] = self.GONE
+        self.garbage += self.klen[i] - 1
+        self.klen[i] = 0
+        self.n -= 1
+        self.cache.clear()
+        if prune:
+            self._prune(i)
+
+    def _prune(self, i):
+        """Drop i and its parents while they have neither key nor children."""
+        while i > 0 and not self.klen[i] and not self.kids[i]:
+            self.pcache.clear()
+            s = self._slot(self.ctab, self._ckey(i), i)
+            self.ctab[s] = self.GONE
+            p = self.parent[i]
+            self.kids[p] -= 1
+            self.kids[i] = -1
+            self.garbage += self.nlen[i]
+            self.free.append(i)
+            i = p
+        if self.garbage > self.COMPACT and self.garbage * 2 > len(self.names) + len(self.keys):
+            self._compact()
+
+    def _compact(self):
+        names, keys = bytearray(), bytearray()
+        for i in range(len(self.parent)):
+            if self.kids[i] < 0:
+                continue
+            o = self.noff[i]
+            self.noff[i] = len(names)
+            names += self.names[o:o + self.nlen[i]]
+            o = self.koff[i]
+            self.koff[i] = len(keys)
+            keys += self.keys[o:o + max(self.klen[i] - 1, 0)]
+        self.names, self.keys, self.garbage = names, keys, 0
+
+    def move(self, src, dst):
+        """The directory src is now dst, with everything below it."""
+        i = self._node(src)
+        if i <= 0 or src == dst or os.fsencode(dst).rstrip(b"/") == b"":
+            return
+        self.drop_tree(dst)
+        parent = self._node(os.path.dirname(dst), make=True)
+        name = os.fsencode(os.path.basename(dst))
+        s = self._slot(self.ctab, self._ckey(i), i)
+        self.ctab[s] = self.GONE
+        self.pcache.clear()
+        old = self.parent[i]
+        self.kids[old] -= 1
+        self.kids[parent] += 1
+        self.garbage += self.nlen[i]
+        self.parent[i], self.noff[i], self.nlen[i] = parent, len(self.names), len(name)
+        self.names += name
+        self.cused = self._put(self.ctab, self.cused, hash((parent, name)), i)
+        if self.cused * 2 > len(self.ctab):
+            self.ctab, self.cused = self._table(self.ctab, self._ckey)
+        self.cache.clear()
+        self._prune(old)
+
+    def under(self, top):
+        """[path] of the nodes with a key at top or below it."""
+        t = self._node(top)
+        if t < 0:
+            return []
+        if not self.kids[t]:
+            return [top] if self.klen[t] else []
+        inside = bytearray(len(self.parent))    # 0 not known, 1 under t, 2 not
+        inside[t] = 1
+        out = []
+        for i in range(len(self.parent)):
+            chain = []
+            j = i
+            while j >= 0 and not inside[j]:
+                chain.append(j)
+                j = self.parent[j]
+            mark = inside[j] if j >= 0 else 2
+            for j in chain:
+                inside[j] = mark
+            if mark == 1 and self.klen[i] and self.kids[i] >= 0:
+                out.append(self.path(i))
+        return out
+
+    def drop_tree(self, top):
+        for p in self.under(top):
+            self.pop(p)
+
+    def paths(self):
+        """[path] of every node with a key."""
+        return [self.path(i) for i in range(len(self.parent))
+                if self.klen[i] and self.kids[i] >= 0]
+
+
 class FanotifyBackend:
     """fanotify(7) with FAN_MARK_FILESYSTEM: the same Engine calls as
     InotifyBackend, from one mark per filesystem and a handle -> directory
@@ -4958,8 +5319,7 @@ class FanotifyBackend:
         self.fd, self.flags = (fd, 0) if fd is not None else fanotify_open()
         self.marked = set()          # fsids with our filesystem mark
         self.mounts = {}             # mount id -> fsid (marked)
-        self.dirs = {}               # fsid + handle -> directory path
-        self.keys = {}               # directory path -> fsid + handle
+        self.dirs = DirTree()        # fsid + handle <-> directory path
         self.froms = {}              # object handle -> (path, isdir) of a MOVED_FROM
         self.from_reads = 0
         # pid -> (dir key, name, script key, t, ppid, start time)
@@ -5011,44 +5371,29 @@ class FanotifyBackend:
                 self.marked.add(fsid)
                 self.mark_dirs[fsid] = d
             self.mounts[mount_id] = fsid
-        key = fsid + handle
-        old = self.keys.get(d)
-        if old == key and self.dirs.get(old) == d:
-            # Watched already (the start-up comparison walks what the watch
-            # walk marked): keep the key and path objects held, one copy a
-            # directory, not a second of each (~5 MB at 50,000 directories).
-            return
-        if old is not None and old != key:
-            self.dirs.pop(old, None)
-        self.dirs[key] = d
-        self.keys[d] = key
+        # Watched already (the start-up comparison walks what the watch walk
+        # marked): set() keeps the node as it is.
+        self.dirs.set(fsid + handle, d)
 
     def unwatch(self, d):
-        key = self.keys.pop(d, None)
-        if key is not None and self.dirs.get(key) == d:
-            del self.dirs[key]
+        self.dirs.pop(d)
 
     def unwatch_tree(self, top):
-        pre = top + "/"
-        for d in [d for d in self.keys if d == top or d.startswith(pre)]:
-            self.unwatch(d)
+        self.dirs.drop_tree(top)
 
     def rename(self, src, dst):
         pre, n = src + "/", len(src)
-        moved = [d for d in self.keys if d == src or d.startswith(pre)]
-        keys = [(d, self.keys.pop(d)) for d in moved]
-        for d, key in keys:
-            self.keys[dst + d[n:]] = key
-            self.dirs[key] = dst + d[n:]
+        self.dirs.move(src, dst)
         for p in [p for p in self.writers if p.startswith(pre)]:
             self.writers[dst + p[n:]] = self.writers.pop(p)
 
     def watching(self, d):
-        return d in self.keys
+        return self.dirs.key_of(d) is not None
 
     def prune_gone(self):
-        for d in [d for d in self.keys if not os.path.isdir(d)]:
-            self.unwatch(d)
+        for d in self.dirs.paths():
+            if not os.path.isdir(d):
+                self.unwatch(d)
 
     def writer(self, path):
         """The process behind the last record of path (then forgotten)."""
@@ -5068,7 +5413,7 @@ class FanotifyBackend:
         caller walks first) when root's own handle does not resolve back to
         root: a bind mount or a namespace where handles name other paths."""
         self.watch(root)
-        key = self.keys[root]
+        key = self.dirs.key_of(root)
         self.handle_paths.pop(key, None)
         if self._dir_of_handle(key) != root:
             return False
@@ -5086,11 +5431,7 @@ class FanotifyBackend:
             return False
         for root, wanted in self.lazy.items():
             if (d == root or d.startswith(root + "/")) and wanted(d):
-                old = self.keys.get(d)
-                if old is not None and old != key:
-                    self.dirs.pop(old, None)
-                self.dirs[key] = d
-                self.keys[d] = key
+                self.dirs.set(key, d)
                 return True
         return False
 
@@ -7635,6 +7976,7 @@ class JournalSink(_DatagramSink):
 
 def message_id(event):
     """The journal MESSAGE_ID of an event type: 128 bits, the same on every host."""
+    import uuid
     return uuid.uuid5(uuid.NAMESPACE_URL, "https://fimwatch/event/" + event).hex
 
 
@@ -8003,6 +8345,7 @@ def make_digest(events, host, reason="", limit=50, dropped=0):
                    by_severity={k: by_sev[k] for k in reversed(SEVERITIES) if k in by_sev},
                    by_directory=dirs, events=digest_listing(events, limit))
     # The same events make the same digest id, also when it is retried.
+    import uuid
     ev["id"] = uuid.uuid5(uuid.NAMESPACE_OID, ",".join(sorted(e.get("id", "") for e in events))
                           ).hex
     if dropped:
@@ -8506,7 +8849,7 @@ def host_identity(state_dir, machine_id=MACHINE_ID):
     except OSError:
         inst = ""
     if not inst:
-        inst = uuid.uuid4().hex
+        inst = event_id()
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "w") as f:
@@ -8738,6 +9081,7 @@ class Daemon:
 
     def run(self):
         cfg = self.cfg
+        one_malloc_arena()
         ino_mod = import_inotify()
         findings = self._open_state()
         store = self.store
