@@ -132,8 +132,9 @@ def test_exec_cache_entry_of_a_reused_pid_is_not_used():
     import fimwatch
     b = fimwatch.FanotifyBackend()
     try:
-        key, me = b"k" * 16, os.getpid()
-        b.dirs[key] = os.path.dirname(sys.executable)
+        exe_dir, me = os.path.dirname(sys.executable), os.getpid()
+        key = fimwatch.fsid_of(exe_dir) + fimwatch.dir_handle(exe_dir)[1]
+        b.dirs.set(key, exe_dir)
         name = os.fsencode(os.path.basename(sys.executable))
         ppid, start = fimwatch._proc_stat(me)
         b.execs[me] = (key, name, None, 0.0, ppid, start)
