@@ -152,6 +152,7 @@ WATCH_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_
               | IN_ONLYDIR | IN_DONT_FOLLOW | IN_EXCL_UNLINK)
 
 HASH_CHUNK = 1 << 20
+SMALL_READ = 64 << 10            # a file up to this size is hashed from one os.read
 HASH_WORKERS = 2                 # threads that hash (hashlib and readv release the GIL)
 OFFLOAD_MIN_SIZE = 4 << 20       # a file this big is hashed by a worker, not the loop
 CHANGING_RETRIES = 1             # re-queues of a file changed while hashed, then reported
@@ -171,6 +172,7 @@ HEARTBEAT_EVERY = 30.0
 POLL_UNWATCHED_EVERY = 60.0      # periodic scan of subtrees that got no watch
 ROOT_RETRY_EVERY = 2.0           # a deleted watched root is looked for this often
 DIFF_MAX_LINES = 200
+TURN_MIN = 0.01                  # s between the starts of two main-loop turns, at least
 MEMO_KEEP = 2048                 # paths whose severity / watch decision is remembered
 
 # where package managers install files; only these are checked against them.
@@ -1200,8 +1202,15 @@ def hash_file(path, st, keep=0, dir_fd=None, meta=None):
                 return hashlib.sha256(data).hexdigest(), fst, data
             h = hashlib.sha256(data)
             left -= len(data)
+        elif left <= SMALL_READ:
+            # One read, no buffer set-up: most changed files are small.
+            data = os.read(fd, left) if left else b""
+            h = hashlib.sha256(data)
+            left = left - len(data) if data else 0
         else:
             h = hashlib.sha256()
+        if left <= 0:
+            return h.hexdigest(), (st if fst.st_size > st.st_size else fst), None
         buf = getattr(_hash_buf, "buf", None)
         if buf is None:
             buf = _hash_buf.buf = bytearray(HASH_CHUNK)
@@ -3550,6 +3559,10 @@ def add_summary(ev, kind=None, old=None, new=None):
     """Set ev's `summary` (and raise it to critical where the change calls
     for it: a uid 0 account, NOPASSWD, a setuid-root binary). Called once,
     before the event is emitted."""
+    if kind is None and ev.get("event") == "modified" and ev.get("kind") == "file" \
+            and "package" not in ev and not ev.get("capability") \
+            and ev.get("mode") == (ev.get("previous") or {}).get("mode"):
+        return      # the most common change says nothing more (see _meta_phrases)
     try:
         text, critical = summarize(ev, kind, old, new)
     except (ValueError, IndexError, KeyError, TypeError):
@@ -3800,6 +3813,8 @@ def package_managed(p, db):
 
 def dpkg_record(p, db):
     """Is p one of dpkg's records (DPKG_RECORDS, info/*)?"""
+    if not p.startswith(db.base.rstrip("/") + "/"):
+        return False                     # asked for every change: most are elsewhere
     d, base = os.path.split(p)
     return d == db.info_dir or (d == db.base and base in DPKG_RECORDS)
 
@@ -4296,7 +4311,15 @@ _EVENT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": "),
                                check_circular=False)
 
 
+# ... and its C half made once: JSONEncoder.encode builds it again per call.
+_C_EVENT_JSON = json.encoder.c_make_encoder and json.encoder.c_make_encoder(
+    None, _EVENT_JSON.default, json.encoder.encode_basestring, None, ": ", ", ",
+    False, False, True)
+
+
 def event_json(ev):
+    if _C_EVENT_JSON:
+        return "".join(_C_EVENT_JSON(ev, 0))
     return _EVENT_JSON.encode(ev)
 
 
@@ -8999,6 +9022,7 @@ class Daemon:
         self.timers = {"beat": now + HEARTBEAT_EVERY, "prune": now + 3600,
                        "dog": now if wd_every else None,
                        "heartbeat": now + self.cfg.heartbeat if self.cfg.heartbeat else None}
+        turn = 0.0
         while not self.stop:
             now = time.monotonic()
             wake = min([self.eng.next_wakeup(now)]
@@ -9007,6 +9031,13 @@ class Daemon:
                 poller.poll(min(max(0.0, wake - now), 60.0) * 1000)
             except InterruptedError:
                 pass
+            # A busy tree wakes the loop for every write: at most one turn
+            # per TURN_MIN shares a turn's fixed costs (the commit, the events
+            # file's chain, the writer's /proc) among the changes it compares.
+            rest = turn + TURN_MIN - time.monotonic()
+            if rest > 0 and not self.stop:
+                time.sleep(rest)
+            turn = time.monotonic()
             self._drain_wakeup()
             self.store.refresh()
             self.eng.read_events()
