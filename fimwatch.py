@@ -1984,6 +1984,7 @@ class StateDB:
         self.attempts = 0
         self._notes = deque()
         self._batch = {}          # sql in _BATCHED -> [params] not yet executed
+        self._batch_keys = set()  # (parent, name) of the _PUT_FILE rows among them
 
     # sqlite3.Connection's surface as Store (and the spool code) use it
     def execute(self, sql, params=()):
@@ -1996,8 +1997,12 @@ class StateDB:
             if rows is None:
                 rows = self._batch[sql] = []
             rows.append(params)
+            if sql == _PUT_FILE:
+                self._batch_keys.add(params[:2])
             return _NoRows()
-        if self._batch:
+        # A baseline row is looked up without them unless it is among them
+        # (a storm's new files are each looked up while others' rows wait).
+        if self._batch and not (sql is _GET_FILE and params not in self._batch_keys):
             self._flush_batch()
         verb = _VERBS.get(sql)
         if verb is None:                 # the statements are a few constants
@@ -2048,6 +2053,7 @@ class StateDB:
 
     def _flush_batch(self):
         batch, self._batch = self._batch, {}
+        self._batch_keys = set()
         for sql, rows in batch.items():
             try:
                 self._write(sql, rows, True)
@@ -5198,6 +5204,7 @@ class FanotifyBackend:
         # records within EXEC_PAIR seconds. The first is kept as the script
         # (executed() names it only if it starts with #!).
         now = time.monotonic()
+        self.procs.fresh.pop(pid, None)  # another program now: read /proc again
         before = ex.get(pid)
         if before is not None and (self.last_exec != pid and now - before[3] > EXEC_PAIR):
             before = None
@@ -7314,10 +7321,14 @@ class Engine:
         ent = self.fresh.pop(p, None)
         try:
             old = self.store.get(p)
-            if ent is not None and old is None and not lexists_deep(p):
-                self.report_transient(p, ent)
-                return
-            self.visit(p, old, "realtime", "full")
+            st = None
+            if ent is not None and old is None:
+                try:
+                    st = lstat_deep(p)           # visit() looks with this lstat
+                except OSError:
+                    self.report_transient(p, ent)
+                    return
+            self.visit(p, old, "realtime", "full", st=st)
         except OSError as e:
             self.report_unreadable(p, e)
 
