@@ -9038,8 +9038,9 @@ class Daemon:
             now = time.monotonic()
             wake = min([self.eng.next_wakeup(now)]
                        + [t for t in self.timers.values() if t is not None])
+            ready = ()
             try:
-                poller.poll(min(max(0.0, wake - now), 60.0) * 1000)
+                ready = poller.poll(min(max(0.0, wake - now), 60.0) * 1000)
             except InterruptedError:
                 pass
             # A busy tree wakes the loop for every write: at most one turn
@@ -9049,7 +9050,8 @@ class Daemon:
             if rest > 0 and not self.stop:
                 time.sleep(rest)
             turn = time.monotonic()
-            self._drain_wakeup()
+            if any(fd == self.wake_r for fd, _ in ready):
+                self._drain_wakeup()
             self.store.refresh()
             self.eng.read_events()
             self.eng.tick(now)
