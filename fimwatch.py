@@ -4670,6 +4670,7 @@ _FAN_META = struct.Struct("=IBBHQii")      # struct fanotify_event_metadata
 _FAN_INFO = struct.Struct("=BBH8sIi")      # info header, fsid, file_handle head
 _U32 = struct.Struct("=I")
 NOISE_DELAY = 0.02               # s; see FanotifyBackend.read
+NOISE_BUSY = (40, 0.25)          # more records than this of other files within s: busy
 
 _libc_cache = []
 
@@ -4912,14 +4913,30 @@ def _proc_status(pid):
     return ppid, uid, comm
 
 
+def _proc_stat_fields(pid):
+    """(b"PID (name", [the fields after the name]) of /proc/PID/stat."""
+    fd = os.open("%s/%d/stat" % (PROC, pid), os.O_RDONLY)
+    try:
+        raw = os.read(fd, 1024)
+    finally:
+        os.close(fd)
+    end = raw.rindex(b")")                      # the name may hold ") "
+    return raw[:end], raw[end + 2:].split()
+
+
+def _proc_stat(pid):
+    """(ppid, start time in clock ticks since boot) from /proc/PID/stat: the
+    start time tells a pid that was reused from the process it was."""
+    rest = _proc_stat_fields(pid)[1]
+    return int(rest[1]), int(rest[19])
+
+
 def _proc_identity(pid):
     """(pid and name, parent, start time) from /proc/PID/stat: what changes
     when the pid is reused, the process is re-parented or it executes another
     program (its name)."""
-    raw = _proc_read(pid, "stat", 1024)
-    end = raw.rindex(b")")
-    rest = raw[end + 2:].split()
-    return raw[:end], rest[1], rest[19]
+    name, rest = _proc_stat_fields(pid)
+    return name, rest[1], rest[19]
 
 
 def _unit_of(pid):
@@ -5037,8 +5054,30 @@ class ProcessCache:
         else:
             ex = self.executed(pid)
             info = dict(ex, pid=pid, confidence="cached" if ex else "none")
+            if ex.get("ppid"):
+                self._from_parent(info)
         self.batch[pid] = info
         return info
+
+    def _from_parent(self, info):
+        """A writer gone before /proc was read (cp, sed -i, a dropper): who
+        ran it, from its parent if that still lives (the shell it was started
+        from, usually): the login user and session, which a child inherits,
+        and the chain up to the writer. Its own uid is not guessed (sudo and
+        set-id binaries change it)."""
+        ppid, start = info["ppid"], info.pop("started", None)
+        try:
+            if start is None or _proc_stat(ppid)[1] > start:
+                return                   # its pid now belongs to a younger process
+        except (OSError, ValueError, IndexError):
+            return                       # gone too
+        parent = self.batch.get(ppid) or process_info(ppid)
+        if parent is None:
+            return
+        for k in ("login_uid", "login_user", "session"):
+            if k in parent:
+                info[k] = parent[k]
+        info["chain"] = parent["chain"] + [esc(os.path.basename(info["exe"]))]
 
 
 class FanotifyBackend:
@@ -5058,7 +5097,8 @@ class FanotifyBackend:
         self.keys = {}               # directory path -> fsid + handle
         self.froms = {}              # object handle -> (path, isdir) of a MOVED_FROM
         self.from_reads = 0
-        self.execs = collections.OrderedDict()      # pid -> (dir key, name, script key, t)
+        # pid -> (dir key, name, script key, t, ppid, start time)
+        self.execs = collections.OrderedDict()
         self.last_exec = None        # pid of the last exec record
         self.handle_paths = collections.OrderedDict()   # dir key -> path or None
         self.mark_dirs = {}          # fsid -> a directory on it (the first marked)
@@ -5068,7 +5108,10 @@ class FanotifyBackend:
         self.lazy = {}               # root -> wanted(dir): directories learned from records
         self.keep_own = frozenset()  # paths whose records of our own writes are kept
         self.me = os.getpid()
-        self.noise, self.relevant = False, 0
+        # Records of other processes' files beside the trees: [count in the
+        # window before, count in this window, monotonic start of this one].
+        self.noise = [0, 0, 0.0]
+        self.relevant = self.own = 0
         # 0 during the start-up walks (they drain the queue every 64
         # directories and must not sleep); NOISE_DELAY once watching.
         self.delay = 0.0
@@ -5208,7 +5251,11 @@ class FanotifyBackend:
         before = ex.get(pid)
         if before is not None and (self.last_exec != pid and now - before[3] > EXEC_PAIR):
             before = None
-        ex[pid] = (dkey, name, before and before[:2], now)
+        try:                             # alive still, mostly: for _from_parent
+            ppid, start = _proc_stat(pid)
+        except (OSError, ValueError, IndexError):
+            ppid = start = None
+        ex[pid] = (dkey, name, before and before[:2], now, ppid, start)
         self.last_exec = pid
         ex.move_to_end(pid)
         if len(ex) > self.EXECS_KEEP:
@@ -5222,7 +5269,14 @@ class FanotifyBackend:
         exe = self._path_of(entry[:2]) if entry else None
         if exe is None:
             return {}
+        try:
+            if entry[5] is not None and _proc_stat(pid)[1] != entry[5]:
+                return {}                # the pid was reused: not that process
+        except (OSError, ValueError, IndexError):
+            pass                         # gone: the entry is the best we know
         out = {"exe": esc(exe)}
+        if entry[4]:
+            out["ppid"], out["started"] = entry[4], entry[5]
         script = self._path_of(entry[2]) if entry[2] else None
         if script is not None and _is_script(script):
             out["script"] = esc(script)
@@ -5268,15 +5322,24 @@ class FanotifyBackend:
 
     def read(self, eng):
         """Drain the fanotify queue into eng; returns the number of records."""
-        if self.noise and self.delay:
-            # The last wake-up was only other files on the same filesystem:
-            # let them gather, so a busy neighbour costs a few reads per
-            # second instead of one per write (latency: the delay, once).
+        noise = self.noise
+        if self.delay and not self.relevant and noise[0] + noise[1] > NOISE_BUSY[0]:
+            # The last wake-up was only other files on the same filesystem,
+            # and there were many of those lately: a busy neighbour. Let its
+            # records gather, so it costs a few reads per second instead of
+            # one per write (latency: the delay, once). A stray write beside
+            # the tree, or fimwatch's own writes, do not delay the next read:
+            # a file that lives for milliseconds (a dropper) must be read
+            # before it is gone.
             time.sleep(self.delay)
-        self.relevant = 0
+        self.relevant = self.own = 0
         self.procs.new_batch()
         n = drain(self.fd, lambda data: self._parse(eng, data))
-        self.noise = n > 0 and not self.relevant
+        if n > self.own + self.relevant:
+            now = time.monotonic()
+            if now - noise[2] > NOISE_BUSY[1]:
+                noise[:] = [noise[1] if now - noise[2] < 2 * NOISE_BUSY[1] else 0, 0, now]
+            noise[1] += n - self.own - self.relevant
         end_of_read(self, eng, n, bool(self.froms))
         return n
 
@@ -5299,6 +5362,7 @@ class FanotifyBackend:
                 self._finish_moves(eng)
                 eng.overflow()
             elif pid == me:
+                self.own += 1
                 # Our own writes are not news, except to the events file: it
                 # must be in the baseline (as inotify, which cannot tell who
                 # wrote, puts it) so that another process truncating or
