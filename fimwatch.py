@@ -173,6 +173,8 @@ HEARTBEAT_EVERY = 30.0
 POLL_UNWATCHED_EVERY = 60.0      # periodic scan of subtrees that got no watch
 ROOT_RETRY_EVERY = 2.0           # a deleted watched root is looked for this often
 DIFF_MAX_LINES = 200
+TURN_MIN = 0.01                  # s between the starts of two main-loop turns, at least
+MEMO_KEEP = 2048                 # paths whose severity / watch decision is remembered
 
 # where package managers install files; only these are checked against them.
 PACKAGE_PREFIXES = ("/usr/", "/etc/", "/bin/", "/sbin/", "/lib/", "/lib32/", "/lib64/",
@@ -555,6 +557,7 @@ class Config:
         order = sorted(SCHEMA["severity"], key=lambda k: lines.get(("severity", k), 1 << 30))
         self.severity_rules = [(k, values[("severity", k)]) for k in order
                                if values[("severity", k)]]
+        self._severity = {}             # path -> level: see severity_for
 
     def get(self, section, key):
         return self.values[(section, key)]
@@ -564,6 +567,18 @@ class Config:
         return self._own.match(path)
 
     def severity_for(self, path):
+        # Asked several times per change (settle limit, event, transaction
+        # hold): the rules are fixed for this Config, so the answer is kept.
+        memo = self._severity
+        sev = memo.get(path)
+        if sev is None:
+            sev = self._severity_of(path)
+            if len(memo) >= MEMO_KEEP:
+                memo.clear()
+            memo[path] = sev
+        return sev
+
+    def _severity_of(self, path):
         if self._own.match(path):
             return "critical"            # tampering with the monitor itself
         for level, pats in self.severity_rules:
@@ -922,6 +937,7 @@ Rec = collections.namedtuple(
 
 
 FIELDS = Rec._fields
+_new_rec = tuple.__new__           # Rec from a full tuple of its fields, unchecked
 
 
 def kind_of(st_mode):
@@ -962,6 +978,7 @@ _FLAG_LETTERS = ((0x1, "s"), (0x2, "u"), (0x8, "S"), (0x10000, "D"), (0x10, "i")
 # filesystems (st_dev) that said they have no xattrs or no inode flags at
 # all: not asked again, so a walk over procfs-like or FUSE trees costs no
 # extra syscalls per file.
+_FLAG_TEXT = {}          # raw inode flags -> their letters (_read_flags)
 _NO_XATTR_DEV = set()
 _NO_FLAGS_DEV = set()
 _UNSUPPORTED = (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS, errno.EINVAL)
@@ -1054,7 +1071,12 @@ def _read_flags(fd, dev):
         if e.errno in _UNSUPPORTED:
             _NO_FLAGS_DEV.add(dev)
         return None
-    return "".join(c for bit, c in _FLAG_LETTERS if raw & bit)
+    letters = _FLAG_TEXT.get(raw)
+    if letters is None:
+        letters = "".join(c for bit, c in _FLAG_LETTERS if raw & bit)
+        if len(_FLAG_TEXT) < 256:            # a few combinations on a real system
+            _FLAG_TEXT[raw] = letters
+    return letters
 
 
 def meta_of(path, st, kind, dir_fd=None):
@@ -1186,10 +1208,10 @@ def hash_file(path, st, keep=0, dir_fd=None, meta=None):
         else:
             h = hashlib.sha256()
         if left <= HASH_SMALL:
-            # A small file (most of a tree): one read, no per-thread buffer
-            # (HASH_CHUNK of resident memory each) made for it.
-            data = os.read(fd, left)
-            h.update(data)
+            # A small file (most of a tree): one read (none when empty), no
+            # per-thread buffer (HASH_CHUNK of resident memory each) for it.
+            if left:
+                h.update(os.read(fd, left))
             return h.hexdigest(), (st if fst.st_size > st.st_size else fst), None
         buf = getattr(_hash_buf, "buf", None)
         if buf is None:
@@ -1298,14 +1320,14 @@ def _make_rec(kind, st, sha, target, skipped, meta):
     isdir = kind == "dir"
     mode = st.st_mode
     xattrs, cap, acl, flags = meta
-    return Rec(kind=kind, mode=stat.S_IMODE(mode), uid=st.st_uid, gid=st.st_gid,
-               size=0 if isdir else st.st_size,          # a directory's size is noise
-               mtime_ns=0 if isdir else st.st_mtime_ns,
-               ctime_ns=0 if isdir else st.st_ctime_ns,
-               ino=st.st_ino, sha256=sha, target=target, skipped=skipped,
-               xattrs=xattrs, capability=cap, acl=acl, flags=flags,
-               rdev=st.st_rdev if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else None,
-               links=st.st_nlink if kind == "file" else None)
+    # Positional, in Rec's field order (keywords cost twice as much per file).
+    return _new_rec(Rec, (kind, stat.S_IMODE(mode), st.st_uid, st.st_gid,
+                          0 if isdir else st.st_size,      # a directory's size is noise
+                          0 if isdir else st.st_mtime_ns,
+                          0 if isdir else st.st_ctime_ns,
+                          st.st_ino, sha, target, skipped, xattrs, cap, acl, flags,
+                          st.st_rdev if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else None,
+                          st.st_nlink if kind == "file" else None))
 
 
 # An append-only file at the last look ([watch] append_only), in memory: its
@@ -1485,6 +1507,7 @@ _REC_COLS = ", ".join(Rec._fields)
 _GET_FILE = "SELECT %s FROM files WHERE parent=? AND name=?" % _REC_COLS
 _PUT_FILE = "INSERT OR REPLACE INTO files (parent, name, %s) VALUES (%s)" % (
     _REC_COLS, ",".join("?" * (2 + len(Rec._fields))))
+_ADD_EVENT = "INSERT INTO events (seq, id, t, severity, event, path, json) VALUES (?,?,?,?,?,?,?)"
 EVENTS_KEEP = 200000
 # A transaction is split after this many row writes (Store._w): StateDB keeps
 # a transaction's writes in memory until its commit (to replay them after a
@@ -1809,8 +1832,7 @@ class Store:
         """The event row; its `sequence` (see next_sequence) is the row's seq."""
         with self.lock:
             self._w()
-            self.db.execute("INSERT INTO events (seq, id, t, severity, event, path, json) "
-                            "VALUES (?,?,?,?,?,?,?)",
+            self.db.execute(_ADD_EVENT,
                             (ev.get("sequence"), ev["id"], event_epoch(ev), ev["severity"],
                              ev["event"], ev.get("path", ""), line))
 
@@ -1937,6 +1959,10 @@ class _NoRows:
         return iter(())
 
 
+_VERBS = {}          # SQL text -> its first word, upper case (StateDB.execute)
+_BATCHED = frozenset((_PUT_FILE, _ADD_EVENT))    # see StateDB.execute
+
+
 class StateDB:
     """The daemon's connection to baseline.db, in place of the sqlite3 one:
     a full disk, an I/O error, a read-only or locked or broken database never
@@ -1958,10 +1984,34 @@ class StateDB:
         self.next_try = 0.0
         self.attempts = 0
         self._notes = deque()
+        self._batch = {}          # sql in _BATCHED -> [params] not yet executed
+        self._batch_keys = set()  # (parent, name) of the _PUT_FILE rows among them
 
     # sqlite3.Connection's surface as Store (and the spool code) use it
     def execute(self, sql, params=()):
-        verb = sql.lstrip()[:8].upper()
+        if sql in _BATCHED and self.error is None:
+            # A change writes an event row and a baseline row: they wait
+            # here and go in one executemany per table when any other
+            # statement comes (a read, the commit), so nothing reads around
+            # them and the transaction holds the same rows.
+            rows = self._batch.get(sql)
+            if rows is None:
+                rows = self._batch[sql] = []
+            rows.append(params)
+            if sql == _PUT_FILE:
+                self._batch_keys.add(params[:2])
+            return _NoRows()
+        # A baseline row is looked up without them unless it is among them
+        # (a storm's new files are each looked up while others' rows wait).
+        if self._batch and not (sql is _GET_FILE and params not in self._batch_keys):
+            self._flush_batch()
+        verb = _VERBS.get(sql)
+        if verb is None:                 # the statements are a few constants
+            verb = sql.lstrip()[:8].upper()
+            if len(_VERBS) < 256:
+                _VERBS[sql] = verb
+        if verb.startswith("INSERT"):    # the busiest: events and baseline rows
+            return self._write(sql, params, False)
         if verb.startswith("BEGIN"):
             self.ops = []
             if self.error is None:
@@ -1988,13 +2038,36 @@ class StateDB:
         return self._write(sql, params, False)
 
     def executemany(self, sql, seq):
+        if self._batch:
+            self._flush_batch()
         return self._write(sql, list(seq), True)
 
     def executescript(self, script):
+        if self._batch:
+            self._flush_batch()
         return self.conn.executescript(script)
 
     def close(self):
+        if self._batch:
+            self._flush_batch()
         self.conn.close()
+
+    def _flush_batch(self):
+        batch, self._batch = self._batch, {}
+        self._batch_keys = set()
+        for sql, rows in batch.items():
+            try:
+                self._write(sql, rows, True)
+            except (sqlite3.IntegrityError, sqlite3.ProgrammingError,
+                    sqlite3.InterfaceError) as e:
+                # A bug, not the disk: said, and the other rows still go in.
+                sys.stderr.write("fimwatch: baseline database: %s\n" % esc(str(e))[:300])
+                for params in rows:
+                    try:
+                        self._write(sql, params, False)
+                    except (sqlite3.IntegrityError, sqlite3.ProgrammingError,
+                            sqlite3.InterfaceError):
+                        pass
 
     def __getattr__(self, name):
         return getattr(self.conn, name)
@@ -3493,6 +3566,10 @@ def add_summary(ev, kind=None, old=None, new=None):
     """Set ev's `summary` (and raise it to critical where the change calls
     for it: a uid 0 account, NOPASSWD, a setuid-root binary). Called once,
     before the event is emitted."""
+    if kind is None and ev.get("event") == "modified" and ev.get("kind") == "file" \
+            and "package" not in ev and not ev.get("capability") \
+            and ev.get("mode") == (ev.get("previous") or {}).get("mode"):
+        return      # the most common change says nothing more (see _meta_phrases)
     try:
         text, critical = summarize(ev, kind, old, new)
     except (ValueError, IndexError, KeyError, TypeError):
@@ -3743,6 +3820,8 @@ def package_managed(p, db):
 
 def dpkg_record(p, db):
     """Is p one of dpkg's records (DPKG_RECORDS, info/*)?"""
+    if not p.startswith(db.base.rstrip("/") + "/"):
+        return False                     # asked for every change: most are elsewhere
     d, base = os.path.split(p)
     return d == db.info_dir or (d == db.base and base in DPKG_RECORDS)
 
@@ -4233,11 +4312,22 @@ def change_list(ev):
 
 
 
-_EVENT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": "))
+# One encoder, not one per event; an event is a tree of plain dicts and lists
+# built here, never a cycle, so the encoder need not look for one.
+_EVENT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": "),
+                               check_circular=False)
+
+
+# ... and its C half made once: JSONEncoder.encode builds it again per call.
+_C_EVENT_JSON = json.encoder.c_make_encoder and json.encoder.c_make_encoder(
+    None, _EVENT_JSON.default, json.encoder.encode_basestring, None, ": ", ", ",
+    False, False, True)
 
 
 def event_json(ev):
-    return _EVENT_JSON.encode(ev)         # one encoder, not one per event
+    if _C_EVENT_JSON:
+        return "".join(_C_EVENT_JSON(ev, 0))
+    return _EVENT_JSON.encode(ev)
 
 
 # ---------------------------------------------------------------------------
@@ -4839,16 +4929,30 @@ def _proc_status(pid):
     return ppid, uid, comm
 
 
-def _proc_stat(pid):
-    """(ppid, start time in clock ticks since boot) from /proc/PID/stat: the
-    start time tells a pid that was reused from the process it was."""
+def _proc_stat_fields(pid):
+    """(b"PID (name", [the fields after the name]) of /proc/PID/stat."""
     fd = os.open("%s/%d/stat" % (PROC, pid), os.O_RDONLY)
     try:
         raw = os.read(fd, 1024)
     finally:
         os.close(fd)
-    rest = raw[raw.rindex(b")") + 2:].split()     # the name may hold ") "
+    end = raw.rindex(b")")                      # the name may hold ") "
+    return raw[:end], raw[end + 2:].split()
+
+
+def _proc_stat(pid):
+    """(ppid, start time in clock ticks since boot) from /proc/PID/stat: the
+    start time tells a pid that was reused from the process it was."""
+    rest = _proc_stat_fields(pid)[1]
     return int(rest[1]), int(rest[19])
+
+
+def _proc_identity(pid):
+    """(pid and name, parent, start time) from /proc/PID/stat: what changes
+    when the pid is reused, the process is re-parented or it executes another
+    program (its name)."""
+    name, rest = _proc_stat_fields(pid)
+    return name, rest[1], rest[19]
 
 
 def _unit_of(pid):
@@ -4916,20 +5020,43 @@ class ProcessCache:
     ("none"). A live process whose /proc/PID/exe we may not read gets its
     exe from the exec cache too."""
     KEEP = 512
+    # A process whose /proc/PID/stat still shows the same start time, parent
+    # and name is not read again for this long: a writer busy over many reads
+    # of the queue costs one small read per read, not a dozen and its chain.
+    FRESH = 1.0
 
     def __init__(self, executed=None):
         self.seen = collections.OrderedDict()     # pid -> info, last read
         self.batch = {}
+        self.fresh = {}                           # pid -> (identity, monotonic, info)
         self.executed = executed or (lambda pid: {})
 
     def new_batch(self):
         self.batch = {}
 
+    def _live(self, pid):
+        """process_info(pid), or what it said of this same process (see
+        FRESH); None when the process is gone."""
+        try:
+            ident = _proc_identity(pid)
+        except (OSError, ValueError, IndexError):
+            return None
+        now = time.monotonic()
+        hit = self.fresh.get(pid)
+        if hit is not None and hit[0] == ident and now - hit[1] < self.FRESH:
+            return hit[2]
+        live = process_info(pid)
+        if live is not None:
+            if len(self.fresh) >= self.KEEP:
+                self.fresh.clear()
+            self.fresh[pid] = (ident, now, live)
+        return live
+
     def get(self, pid):
         info = self.batch.get(pid)
         if info is not None:
             return info
-        live = process_info(pid)
+        live = self._live(pid)
         if live is not None:
             if live.get("exe") is None:
                 live["exe"] = self.executed(pid).get("exe")
@@ -5453,6 +5580,7 @@ class FanotifyBackend:
         # records within EXEC_PAIR seconds. The first is kept as the script
         # (executed() names it only if it starts with #!).
         now = time.monotonic()
+        self.procs.fresh.pop(pid, None)  # another program now: read /proc again
         before = ex.get(pid)
         if before is not None and (self.last_exec != pid and now - before[3] > EXEC_PAIR):
             before = None
@@ -6107,6 +6235,8 @@ class Engine:
         self.max_delay = max(5.0, 10 * cfg.settle)
         # A root that is a file is watched through its directory, filtered.
         self.file_roots = {}
+        self._wanted = {}             # (path, isdir) of a wanted entry: see wanted()
+        self._plans = {}              # path -> what look() reads of it: see _plan()
 
     # -- helpers --
     def emit_cb(self, ev):
@@ -6294,6 +6424,7 @@ class Engine:
         parent, name = os.path.split(root)
         if self.watch_dir(parent) not in (None, "limit"):
             self.file_roots.setdefault(parent, set()).add(name)
+            self._wanted.clear()
 
     def watch_root(self, root):
         """Generator: add the watches for one configured path, no comparing."""
@@ -6569,11 +6700,11 @@ class Engine:
         """What visit() reads of p: (Rec or None, text kept for a diff or
         None, meaning kind, content read for its meaning). Reads only the file
         system, so it also runs on a Hasher thread."""
-        keep, out = 0, None
-        if self.cfg.diff_max_size and self.cfg.diff_paths.match(p) \
-                and not self.cfg.no_diff.match(p):
-            keep, out = self.cfg.diff_max_size, []
-        kind = meaning_kind(p)
+        plan = self._plans.get(p)
+        if plan is None:
+            plan = self._plan(p)
+        keep, kind = plan
+        out = [] if keep else None
         raw = [] if kind else None      # read for its meaning, kept only as facts
         new = snapshot(p, self.cfg.hash_max_size, old, trust=(mode == "quick"), st=st,
                        keep=max(keep, MEANING_MAX if kind else 0), out=raw if kind else out,
@@ -6581,6 +6712,20 @@ class Engine:
         if kind and out is not None and raw and len(raw[0]) <= keep:
             out.append(raw[0])
         return new, out, kind, raw
+
+    def _plan(self, p):
+        """(bytes of p kept for a diff or 0, its meaning kind or None): fixed
+        by the config, so kept per path (look() asks for every comparison)."""
+        cfg = self.cfg
+        keep = 0
+        if cfg.diff_max_size and cfg.diff_paths.match(p) and not cfg.no_diff.match(p):
+            keep = cfg.diff_max_size
+        plan = keep, meaning_kind(p)
+        plans = self._plans
+        if len(plans) >= MEMO_KEEP:
+            plans.clear()
+        plans[p] = plan
+        return plan
 
     def use(self, p, old, detected, mode, looked, extra=None):
         """The main thread's half of visit(): compare what look() saw with
@@ -7000,6 +7145,21 @@ class Engine:
 
     # -- the backend's calls (see "Pipeline 1 of 3: watcher backends") --
     def wanted(self, p, isdir):
+        # Every record of a path asks (a file written 5 times a second asks
+        # 5 times): a yes is kept until file_roots changes (watch_file_root,
+        # file_root_dir_lost); exclusions are fixed for an Engine.
+        key = (p, isdir)
+        memo = self._wanted
+        if key in memo:
+            return True
+        if not self._wanted_now(p, isdir):
+            return False
+        if len(memo) >= MEMO_KEEP:
+            memo.clear()
+        memo[key] = True
+        return True
+
+    def _wanted_now(self, p, isdir):
         names = self.file_roots.get(os.path.dirname(p))
         if names is not None and os.path.basename(p) not in names:
             return False
@@ -7086,6 +7246,7 @@ class Engine:
         """The directory of a single watched file was deleted or moved: each
         of its files is missing now and is watched for again."""
         self.backend.unwatch(d)
+        self._wanted.clear()
         for name in self.file_roots.pop(d, ()):
             root = d + "/" + name
             self.missing_roots.add(root)
@@ -7400,7 +7561,9 @@ class Engine:
         while a package transaction runs waits, up to 30 minutes, for it to
         end: then it is verified against the database as dpkg left it. One
         first seen before the transaction started is not the transaction's."""
-        if self.pkgtx is None or not self.tx_holds(p):
+        if self.pkgtx is None or (self.pkgtx.tx is None and not self.tx_closing):
+            return False                 # no transaction to hold it for (the usual case)
+        if not self.tx_holds(p):
             return False
         if first is None:
             first = now
@@ -7555,10 +7718,14 @@ class Engine:
         ent = self.fresh.pop(p, None)
         try:
             old = self.store.get(p)
-            if ent is not None and old is None and not lexists_deep(p):
-                self.report_transient(p, ent)
-                return
-            self.visit(p, old, "realtime", "full")
+            st = None
+            if ent is not None and old is None:
+                try:
+                    st = lstat_deep(p)           # visit() looks with this lstat
+                except OSError:
+                    self.report_transient(p, ent)
+                    return
+            self.visit(p, old, "realtime", "full", st=st)
         except OSError as e:
             self.report_unreadable(p, e)
 
@@ -9266,15 +9433,25 @@ class Daemon:
         self.timers = {"beat": now + HEARTBEAT_EVERY, "prune": now + 3600,
                        "dog": now if wd_every else None,
                        "heartbeat": now + self.cfg.heartbeat if self.cfg.heartbeat else None}
+        turn = 0.0
         while not self.stop:
             now = time.monotonic()
             wake = min([self.eng.next_wakeup(now)]
                        + [t for t in self.timers.values() if t is not None])
+            ready = ()
             try:
-                poller.poll(min(max(0.0, wake - now), 60.0) * 1000)
+                ready = poller.poll(min(max(0.0, wake - now), 60.0) * 1000)
             except InterruptedError:
                 pass
-            self._drain_wakeup()
+            # A busy tree wakes the loop for every write: at most one turn
+            # per TURN_MIN shares a turn's fixed costs (the commit, the events
+            # file's chain, the writer's /proc) among the changes it compares.
+            rest = turn + TURN_MIN - time.monotonic()
+            if rest > 0 and not self.stop:
+                time.sleep(rest)
+            turn = time.monotonic()
+            if any(fd == self.wake_r for fd, _ in ready):
+                self._drain_wakeup()
             self.store.refresh()
             self.eng.read_events()
             self.eng.tick(now)

@@ -57,6 +57,43 @@ def test_write_by_a_child_names_its_process(fim):
     d.stop()
 
 
+def test_a_writer_that_changes_is_read_again(fim):
+    """/proc of a busy writer is read once per process (ProcessCache.FRESH),
+    not once per read of the queue; a writer that renamed itself or executed
+    another program since is read again: its next event names what it is now."""
+    fan(fim)
+    d = fim.daemon()
+    a, b, c = (fim.root / n for n in ("a.txt", "b.txt", "c.txt"))
+    script = fim.root.parent / "writer.py"
+    script.write_text(
+        "import ctypes, os, sys, time\n"
+        "if sys.argv[1] != 'exec':\n"
+        "    open(sys.argv[1], 'w').write('1\\n'); time.sleep(0.4)\n"
+        "    os.execv(sys.executable, [sys.executable, __file__, 'exec', sys.argv[2],\n"
+        "                              sys.argv[3], 'ex' + 'ecd'])\n"
+        "open(sys.argv[2], 'w').write('2\\n'); time.sleep(0.4)\n"
+        "ctypes.CDLL(None).prctl(15, b'renamed-writer', 0, 0, 0)\n"
+        "open(sys.argv[3], 'w').write('3\\n'); time.sleep(2)\n")
+    child = subprocess.Popen([sys.executable, str(script), str(a), str(b), str(c)])
+    try:
+        ea = d.wait_for(is_event("created", a))
+        eb = d.wait_for(is_event("created", b))
+        ec = d.wait_for(is_event("created", c))
+    finally:
+        child.kill()
+        child.wait()
+    procs = [e.get("process") or {} for e in (ea, eb, ec)]
+    assert [p.get("pid") for p in procs] == [child.pid] * 3, procs
+    assert all(p.get("confidence") == "live" for p in procs), procs
+    assert "execd" not in procs[0]["cmdline"], procs[0]
+    # the same name after the exec: only the exec record says it changed
+    assert procs[1]["comm"] == procs[0]["comm"], procs
+    assert procs[1]["cmdline"].endswith(" execd"), procs[1]
+    assert procs[2]["comm"] == "renamed-writer", procs[2]
+    assert procs[2]["chain"][-1] == "renamed-writer", procs[2]
+    d.stop()
+
+
 def test_short_lived_dropper_is_still_named(fim):
     """write + delete within 50 ms, then exit: the deleted event carries the
     dropper's pid (and its exe, when /proc could still be read)."""
