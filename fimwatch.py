@@ -5058,8 +5058,11 @@ class ProcessCache:
             return info
         live = self._live(pid)
         if live is not None:
+            ex = self.executed(pid)
             if live.get("exe") is None:
-                live["exe"] = self.executed(pid).get("exe")
+                live["exe"] = ex.get("exe")
+            if ex.get("script") and ex.get("exe") == live["exe"]:
+                live["script"] = ex["script"]   # a #! script still running
             info = dict(live, confidence="live")
             self.seen[pid] = live
             self.seen.move_to_end(pid)

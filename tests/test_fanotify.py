@@ -230,6 +230,24 @@ def test_dropper_script_is_named_with_its_interpreter(fim):
     d.stop()
 
 
+def test_a_running_script_is_named_with_its_script(fim):
+    """A #! script that writes and is still running when its record is read
+    (live): the event names the script too, not only its interpreter."""
+    script = write(fim.outside / "stays", "#!/bin/sh\necho evil > %s\nsleep 3\n"
+                   % (fim.root / "s"), mode=0o755)
+    fan(fim)
+    d = fim.daemon()
+    child = subprocess.Popen([str(script)])
+    try:
+        proc = d.wait_for(is_event("created", fim.root / "s"))["process"]
+    finally:
+        child.kill()
+        child.wait()
+    assert proc["confidence"] == "live" and proc["pid"] == child.pid, proc
+    assert proc["exe"] == os.path.realpath("/bin/sh") and proc["script"] == str(script), proc
+    d.stop()
+
+
 @pytest.mark.skipif(not shutil.which("capsh"), reason="capsh (libcap2-bin) missing")
 def test_exe_from_the_exec_cache_when_proc_exe_is_unreadable(fim, tmp_path):
     """As under the unit: a daemon without CAP_SYS_PTRACE may not read a
