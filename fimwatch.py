@@ -1476,6 +1476,15 @@ _REC_COLS = ", ".join(Rec._fields)
 _GET_FILE = "SELECT %s FROM files WHERE parent=? AND name=?" % _REC_COLS
 _PUT_FILE = "INSERT OR REPLACE INTO files (parent, name, %s) VALUES (%s)" % (
     _REC_COLS, ",".join("?" * (2 + len(Rec._fields))))
+# Store.keys_in: a row snapshot(trust=True) rebuilds unchanged from an lstat
+# with the same type, mode, owner, size, times, inode and link count (?1:
+# hash_max_size), and that key; Store.children_slow: the other rows.
+_TRUSTED = ("ifnull(xattrs IS NOT NULL AND (kind='symlink' OR kind='file' AND sha256 IS NOT"
+            " NULL AND skipped=0 AND links IS NOT NULL AND size<=?1), 0)")
+_KEYS_IN = ("SELECT name, CASE WHEN %s THEN (CASE kind WHEN 'file' THEN %d ELSE %d END) + mode"
+            " ELSE -1 END, uid, gid, size, mtime_ns, ctime_ns, ino, ifnull(links, 1) FROM files"
+            " WHERE parent=?2" % (_TRUSTED, stat.S_IFREG, stat.S_IFLNK))
+_SLOW_IN = "SELECT name, %s FROM files WHERE parent=?2 AND NOT %s" % (_REC_COLS, _TRUSTED)
 EVENTS_KEEP = 200000
 # A transaction is split after this many row writes (Store._w): StateDB keeps
 # a transaction's writes in memory until its commit (to replay them after a
@@ -1654,6 +1663,26 @@ class Store:
         with self.lock:
             rows = self.db.execute("SELECT name, %s FROM files WHERE parent=?" % _REC_COLS,
                                    (os.fsencode(dirpath),)).fetchall()
+        return {os.fsdecode(r[0]): Rec(*r[1:]) for r in rows}
+
+    def keys_in(self, dirpath, max_size):
+        """{name (str): (name (bytes), st_mode, uid, gid, size, mtime_ns, ctime_ns,
+        ino, links)} of the baseline entries directly in dirpath, for the quick
+        walk's one comparison per entry with its lstat (Engine._walk_quick).
+        st_mode is -1 (never an lstat's) for a row that snapshot(trust=True)
+        would not rebuild from an unchanged lstat alone: a directory or other
+        kind, a file not hashed (or over max_size now), one with unknown
+        metadata or link count (from before those columns). A symlink's links
+        is 1: its link count is not recorded."""
+        with self.lock:
+            rows = self.db.execute(_KEYS_IN, (max_size, os.fsencode(dirpath))).fetchall()
+        dec = os.fsdecode
+        return {dec(r[0]): r for r in rows}
+
+    def children_slow(self, dirpath, max_size):
+        """children() of the rows keys_in() gives st_mode -1."""
+        with self.lock:
+            rows = self.db.execute(_SLOW_IN, (max_size, os.fsencode(dirpath))).fetchall()
         return {os.fsdecode(r[0]): Rec(*r[1:]) for r in rows}
 
     def put(self, path, rec):
@@ -5136,10 +5165,12 @@ class FanotifyBackend:
 
     def read(self, eng):
         """Drain the fanotify queue into eng; returns the number of records."""
-        if self.noise and self.delay:
+        if self.noise and self.delay and not eng.scans:
             # The last wake-up was only other files on the same filesystem:
             # let them gather, so a busy neighbour costs a few reads per
             # second instead of one per write (latency: the delay, once).
+            # Not while a walk runs (the start-up check): the loop then reads
+            # once per slice of it anyway, and a sleep would only slow it.
             time.sleep(self.delay)
         self.relevant = 0
         self.procs.new_batch()
@@ -6009,13 +6040,17 @@ class Engine:
         except OSError as e:
             self.report_unreadable(d, e)
             return
-        old_children = self.store.children(d) if mode != "new" and not \
-            (mode == "build" and self._build["fresh"]) else {}
-        with it:
-            for e in it:
-                p, st = self._walk_entry(d, dfd, e, mode, detected, old_children)
-                if st is not None and stat.S_ISDIR(st.st_mode):
-                    stack.append((p, unwatched, (st.st_dev, st.st_ino)))
+        if mode == "quick":
+            with it:
+                old_children = self._walk_quick(d, dfd, detected, it, unwatched, stack)
+        else:
+            old_children = self.store.children(d) if mode != "new" and not \
+                (mode == "build" and self._build["fresh"]) else {}
+            with it:
+                for e in it:
+                    p, st = self._walk_entry(d, dfd, e, mode, detected, old_children)
+                    if st is not None and stat.S_ISDIR(st.st_mode):
+                        stack.append((p, unwatched, (st.st_dev, st.st_ino)))
         if mode == "build":
             self._submit_build(dfd)
         for name, old in old_children.items():      # in the baseline, not on disk
@@ -6026,6 +6061,60 @@ class Engine:
                 self.store.delete_tree(p) if old.kind == "dir" else self.store.delete(p)
             else:
                 self.apply(p, old, None, detected, silent=(mode == "build"))
+
+    def _walk_quick(self, d, dfd, detected, it, unwatched, stack):
+        """The entries of one directory in mode quick (the start-up check).
+        A file or symlink whose lstat has the type, mode, owner, size, times,
+        inode and link count of its baseline row (Store.keys_in) is
+        unchanged -- snapshot(trust=True) would rebuild the very same Rec --
+        so it costs its lstat and one tuple comparison: no Rec, no query of
+        its own, no event. The rest go through _walk_entry, with their Rec
+        read then. Returns {name: Rec} of the rows not seen on disk."""
+        store, max_size = self.store, self.cfg.hash_max_size
+        keys = store.keys_in(d, max_size)
+        slow = None                      # children_slow(d), read at the first need
+        prefix = d + "/" if d != "/" else "/"
+        gone = {}
+        for e in it:
+            name = e.name
+            key = keys.pop(name, None)
+            if key is not None and key[1] != -1 and self._unchanged(prefix + name, e, key):
+                continue
+            if key is None:
+                old = None
+            elif key[1] == -1:
+                if slow is None:
+                    slow = store.children_slow(d, max_size)
+                old = slow.get(name)
+            else:
+                old = store.get(prefix + name)
+            one = {name: old} if old is not None else {}
+            p, st = self._walk_entry(d, dfd, e, "quick", detected, one)
+            gone.update(one)                 # excluded now: dropped by the caller
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                stack.append((p, unwatched, (st.st_dev, st.st_ino)))
+        for name, key in keys.items():
+            if key[1] == -1:
+                if slow is None:
+                    slow = store.children_slow(d, max_size)
+                old = slow.get(name)
+            else:
+                old = store.get(prefix + name)
+            if old is not None:
+                gone[name] = old
+        return gone
+
+    def _unchanged(self, p, e, key):
+        """_walk_quick: does entry e at p match its baseline key, with nothing
+        else (an exclusion, a settle window, a worker, append-only) to look at?"""
+        try:
+            st = e.stat(follow_symlinks=False)
+        except OSError:
+            return False
+        return key == (key[0], st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
+                       st.st_ctime_ns, st.st_ino, st.st_nlink) \
+            and p not in self.pending and p not in self.inflight \
+            and not self.excluded(p) and not self.append_only.match(p)
 
     def _watch_in_walk(self, d, mode, parent_unwatched, limited):
         """Watch d during a walk; True when d (and so its subtree) has no watch."""
