@@ -6107,9 +6107,19 @@ class Engine:
         read then. Returns {name: Rec} of the rows not seen on disk."""
         store, max_size = self.store, self.cfg.hash_max_size
         keys = store.keys_in(d, max_size)
-        slow = None                      # children_slow(d), read at the first need
+        slow = []                        # [children_slow(d)], read at the first need
         prefix = d + "/" if d != "/" else "/"
         gone = {}
+
+        def old_of(name, key):
+            """The Rec of the row keys_in() gave key (None: no row)."""
+            if key is None:
+                return None
+            if key[1] != -1:
+                return store.get(prefix + name)
+            if not slow:
+                slow.append(store.children_slow(d, max_size))
+            return slow[0].get(name)
         for e in it:
             name = e.name
             key = keys.pop(name, None)
@@ -6121,26 +6131,14 @@ class Engine:
                         heapq.heappush(stack, (os.fsencode(p), p, unwatched,
                                                (st.st_dev, st.st_ino), key[9:]))
                     continue
-            if key is None:
-                old = None
-            elif key[1] == -1:
-                if slow is None:
-                    slow = store.children_slow(d, max_size)
-                old = slow.get(name)
-            else:
-                old = store.get(prefix + name)
+            old = old_of(name, key)
             one = {name: old} if old is not None else {}
             p, st = self._walk_entry(d, dfd, e, "quick", detected, one)
             gone.update(one)                 # excluded now: dropped by the caller
             if st is not None and stat.S_ISDIR(st.st_mode):
                 heapq.heappush(stack, (os.fsencode(p), p, unwatched, (st.st_dev, st.st_ino), None))
         for name, key in keys.items():
-            if key[1] == -1:
-                if slow is None:
-                    slow = store.children_slow(d, max_size)
-                old = slow.get(name)
-            else:
-                old = store.get(prefix + name)
+            old = old_of(name, key)
             if old is not None:
                 gone[name] = old
         return gone
