@@ -63,6 +63,7 @@ before it is opened (StateGuard); every other SQL statement is a Store method.
 __version__ = "0.1.0"
 
 import argparse
+import array
 import configparser
 import contextlib
 import datetime
@@ -85,15 +86,14 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 import collections
 from collections import deque
-from typing import NamedTuple, Optional
 
 # urllib.request (which loads ssl) and email are imported where they are used:
 # together they would add ~8 MB to the resident size of every daemon, also of
 # the many that never send an email or a webhook. So are urllib.parse,
-# difflib and random (~0.7 MB): only webhooks, diffs and retries need them.
+# difflib and random (~0.7 MB): only webhooks, diffs and retries need them,
+# and uuid (uuid5 of digests and journal ids; event ids are event_id()).
 
 # ---------------------------------------------------------------------------
 # Constants: every path and binary the program touches
@@ -151,7 +151,9 @@ WATCH_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_
               | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF
               | IN_ONLYDIR | IN_DONT_FOLLOW | IN_EXCL_UNLINK)
 
+M_ARENA_MAX = -8                # mallopt(3): the most malloc arenas (one_malloc_arena)
 HASH_CHUNK = 1 << 20
+HASH_SMALL = 64 << 10             # a file up to this size is hashed from one read
 HASH_WORKERS = 2                 # threads that hash (hashlib and readv release the GIL)
 OFFLOAD_MIN_SIZE = 4 << 20       # a file this big is hashed by a worker, not the loop
 CHANGING_RETRIES = 1             # re-queues of a file changed while hashed, then reported
@@ -172,6 +174,8 @@ HEARTBEAT_EVERY = 30.0
 POLL_UNWATCHED_EVERY = 60.0      # periodic scan of subtrees that got no watch
 ROOT_RETRY_EVERY = 2.0           # a deleted watched root is looked for this often
 DIFF_MAX_LINES = 200
+TURN_MIN = 0.01                  # s between the starts of two main-loop turns, at least
+MEMO_KEEP = 2048                 # paths whose severity / watch decision is remembered
 
 # where package managers install files; only these are checked against them.
 PACKAGE_PREFIXES = ("/usr/", "/etc/", "/bin/", "/sbin/", "/lib/", "/lib32/", "/lib64/",
@@ -271,7 +275,7 @@ os.register_at_fork(after_in_child=_ID_POOL.clear)
 
 
 def event_id():
-    """uuid.uuid4().hex, from random bytes drawn 4 KiB at a time (one
+    """event_id(), from random bytes drawn 4 KiB at a time (one
     getrandom per 256 ids, not one per event)."""
     with _ID_LOCK:
         if not _ID_POOL:
@@ -554,6 +558,7 @@ class Config:
         order = sorted(SCHEMA["severity"], key=lambda k: lines.get(("severity", k), 1 << 30))
         self.severity_rules = [(k, values[("severity", k)]) for k in order
                                if values[("severity", k)]]
+        self._severity = {}             # path -> level: see severity_for
 
     def get(self, section, key):
         return self.values[(section, key)]
@@ -563,6 +568,18 @@ class Config:
         return self._own.match(path)
 
     def severity_for(self, path):
+        # Asked several times per change (settle limit, event, transaction
+        # hold): the rules are fixed for this Config, so the answer is kept.
+        memo = self._severity
+        sev = memo.get(path)
+        if sev is None:
+            sev = self._severity_of(path)
+            if len(memo) >= MEMO_KEEP:
+                memo.clear()
+            memo[path] = sev
+        return sev
+
+    def _severity_of(self, path):
         if self._own.match(path):
             return "critical"            # tampering with the monitor itself
         for level, pats in self.severity_rules:
@@ -893,32 +910,35 @@ def load_config(path, check_perms=True):
 # File state: lstat + sha256, never following, never blocking
 # ---------------------------------------------------------------------------
 
-class Rec(NamedTuple):
-    """One baseline entry: what lstat (and, for files, sha256) saw of a path.
-    A new field is added here, in SCHEMA_SQL's files table and in snapshot()."""
-    kind: str                   # file, dir, symlink, other
-    mode: int                   # permission bits (S_IMODE)
-    uid: int
-    gid: int
-    size: int                   # 0 for directories (their size is noise)
-    mtime_ns: int               # 0 for directories
-    ctime_ns: int               # 0 for directories
-    ino: int
-    sha256: Optional[str]       # None: not a file, unreadable, or over hash_max_size
-    target: Optional[str]       # a symlink's target
-    skipped: int                # 1 over hash_max_size, 2 unreadable even as root
-    # Security metadata (read_meta). None: not known -- an entry from before
-    # these fields existed, or a filesystem that could not say; compare()
-    # never reports a change against None.
-    xattrs: Optional[str] = None      # JSON {name: sha256[:16] of value}; "" none
-    capability: Optional[str] = None  # security.capability decoded ("cap_setuid=ep"); "" none
-    acl: Optional[str] = None         # POSIX ACLs, access then default ("u:1000:r--,..."); "" none
-    flags: Optional[str] = None       # inode flags as lsattr letters ("ia"); "" none
-    rdev: Optional[int] = None        # device number of a char/block device node
-    links: Optional[int] = None       # hard-link count of a regular file
+# One baseline entry: what lstat (and, for files, sha256) saw of a path. A new
+# field is added here, in SCHEMA_SQL's files table and in snapshot().
+#   kind      file, dir, symlink, other
+#   mode      permission bits (S_IMODE)
+#   uid, gid
+#   size      0 for directories (their size is noise)
+#   mtime_ns, ctime_ns   0 for directories
+#   ino
+#   sha256    None: not a file, unreadable, or over hash_max_size
+#   target    a symlink's target
+#   skipped   1 over hash_max_size, 2 unreadable even as root
+# Security metadata (read_meta). None: not known -- an entry from before
+# these fields existed, or a filesystem that could not say; compare() never
+# reports a change against None.
+#   xattrs      JSON {name: sha256[:16] of value}; "" none
+#   capability  security.capability decoded ("cap_setuid=ep"); "" none
+#   acl         POSIX ACLs, access then default ("u:1000:r--,..."); "" none
+#   flags       inode flags as lsattr letters ("ia"); "" none
+#   rdev        device number of a char/block device node
+#   links       hard-link count of a regular file
+# (collections.namedtuple, not typing.NamedTuple: typing costs the daemon
+# ~0.5 MB of memory for nothing it uses at run time.)
+Rec = collections.namedtuple(
+    "Rec", "kind mode uid gid size mtime_ns ctime_ns ino sha256 target skipped "
+           "xattrs capability acl flags rdev links", defaults=(None,) * 6)
 
 
 FIELDS = Rec._fields
+_new_rec = tuple.__new__           # Rec from a full tuple of its fields, unchecked
 
 
 def kind_of(st_mode):
@@ -959,6 +979,7 @@ _FLAG_LETTERS = ((0x1, "s"), (0x2, "u"), (0x8, "S"), (0x10000, "D"), (0x10, "i")
 # filesystems (st_dev) that said they have no xattrs or no inode flags at
 # all: not asked again, so a walk over procfs-like or FUSE trees costs no
 # extra syscalls per file.
+_FLAG_TEXT = {}          # raw inode flags -> their letters (_read_flags)
 _NO_XATTR_DEV = set()
 _NO_FLAGS_DEV = set()
 _UNSUPPORTED = (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS, errno.EINVAL)
@@ -1051,7 +1072,12 @@ def _read_flags(fd, dev):
         if e.errno in _UNSUPPORTED:
             _NO_FLAGS_DEV.add(dev)
         return None
-    return "".join(c for bit, c in _FLAG_LETTERS if raw & bit)
+    letters = _FLAG_TEXT.get(raw)
+    if letters is None:
+        letters = "".join(c for bit, c in _FLAG_LETTERS if raw & bit)
+        if len(_FLAG_TEXT) < 256:            # a few combinations on a real system
+            _FLAG_TEXT[raw] = letters
+    return letters
 
 
 def meta_of(path, st, kind, dir_fd=None):
@@ -1182,15 +1208,26 @@ def hash_file(path, st, keep=0, dir_fd=None, meta=None):
             left -= len(data)
         else:
             h = hashlib.sha256()
+        if left <= HASH_SMALL:
+            # A small file (most of a tree): one read (none when empty), no
+            # per-thread buffer (HASH_CHUNK of resident memory each) for it.
+            if left:
+                h.update(os.read(fd, left))
+            return h.hexdigest(), (st if fst.st_size > st.st_size else fst), None
         buf = getattr(_hash_buf, "buf", None)
         if buf is None:
-            buf = _hash_buf.buf = bytearray(HASH_CHUNK)
-        mv = memoryview(buf)
+            # The Hasher threads read big files all day; the loop's thread
+            # mostly our own program and config at start, so a quarter of
+            # the resident memory for a few more system calls.
+            buf = _hash_buf.buf = bytearray(
+                HASH_CHUNK if threading.current_thread() is not threading.main_thread()
+                else HASH_CHUNK // 4)
+        mv, chunk = memoryview(buf), len(buf)
         # Never past the size lstat saw: a file that grows as fast as we read
         # must not hold the loop. Its writes queue it again, and a later look
         # hashes what it is then (or skips it once over hash_max_size).
         while left > 0:
-            n = os.readv(fd, [mv[:min(HASH_CHUNK, left)]])
+            n = os.readv(fd, [mv[:min(chunk, left)]])
             if not n:
                 break
             h.update(mv[:n])
@@ -1284,27 +1321,21 @@ def _make_rec(kind, st, sha, target, skipped, meta):
     isdir = kind == "dir"
     mode = st.st_mode
     xattrs, cap, acl, flags = meta
-    return Rec(kind=kind, mode=stat.S_IMODE(mode), uid=st.st_uid, gid=st.st_gid,
-               size=0 if isdir else st.st_size,          # a directory's size is noise
-               mtime_ns=0 if isdir else st.st_mtime_ns,
-               ctime_ns=0 if isdir else st.st_ctime_ns,
-               ino=st.st_ino, sha256=sha, target=target, skipped=skipped,
-               xattrs=xattrs, capability=cap, acl=acl, flags=flags,
-               rdev=st.st_rdev if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else None,
-               links=st.st_nlink if kind == "file" else None)
+    # Positional, in Rec's field order (keywords cost twice as much per file).
+    return _new_rec(Rec, (kind, stat.S_IMODE(mode), st.st_uid, st.st_gid,
+                          0 if isdir else st.st_size,      # a directory's size is noise
+                          0 if isdir else st.st_mtime_ns,
+                          0 if isdir else st.st_ctime_ns,
+                          st.st_ino, sha, target, skipped, xattrs, cap, acl, flags,
+                          st.st_rdev if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else None,
+                          st.st_nlink if kind == "file" else None))
 
 
-class Growth(NamedTuple):
-    """An append-only file at the last look ([watch] append_only), in memory:
-    its inode, its size, the sha256 state of its bytes so far (extended by
-    the bytes appended since, never re-read), and sha256 of its first and
-    last APPEND_WINDOW bytes (read again at the next append)."""
-    dev: int
-    ino: int
-    size: int
-    h: object
-    head: str
-    tail: str
+# An append-only file at the last look ([watch] append_only), in memory: its
+# inode, its size, the sha256 state of its bytes so far (extended by the bytes
+# appended since, never re-read), and sha256 of its first and last
+# APPEND_WINDOW bytes (read again at the next append).
+Growth = collections.namedtuple("Growth", "dev ino size h head tail")
 
 
 def _hash_range(fd, h, start, end):
@@ -1490,11 +1521,12 @@ _KEYS_IN = ("SELECT name, CASE WHEN %s THEN (CASE kind WHEN 'file' THEN %d WHEN 
                ", ".join("CASE kind WHEN 'dir' THEN %s END" % c
                          for c in ("xattrs", "capability", "acl", "flags"))))
 _SLOW_IN = "SELECT name, %s FROM files WHERE parent=?2 AND NOT %s" % (_REC_COLS, _TRUSTED)
+_ADD_EVENT = "INSERT INTO events (seq, id, t, severity, event, path, json) VALUES (?,?,?,?,?,?,?)"
 EVENTS_KEEP = 200000
 # A transaction is split after this many row writes (Store._w): StateDB keeps
 # a transaction's writes in memory until its commit (to replay them after a
-# full disk), so this bounds that memory (~1.5 MB) while a baseline is built.
-TX_SPLIT = 5000
+# full disk), so this bounds that memory (~0.3 MB) while a baseline is built.
+TX_SPLIT = 1000
 # SQLite's page cache per connection, KiB (its default is 2,000): the
 # baseline's B-tree interior pages fit; the rest is in the OS page cache.
 SQLITE_CACHE_KIB = 1024
@@ -1841,8 +1873,7 @@ class Store:
         """The event row; its `sequence` (see next_sequence) is the row's seq."""
         with self.lock:
             self._w()
-            self.db.execute("INSERT INTO events (seq, id, t, severity, event, path, json) "
-                            "VALUES (?,?,?,?,?,?,?)",
+            self.db.execute(_ADD_EVENT,
                             (ev.get("sequence"), ev["id"], event_epoch(ev), ev["severity"],
                              ev["event"], ev.get("path", ""), line))
 
@@ -1969,6 +2000,10 @@ class _NoRows:
         return iter(())
 
 
+_VERBS = {}          # SQL text -> its first word, upper case (StateDB.execute)
+_BATCHED = frozenset((_PUT_FILE, _ADD_EVENT))    # see StateDB.execute
+
+
 class StateDB:
     """The daemon's connection to baseline.db, in place of the sqlite3 one:
     a full disk, an I/O error, a read-only or locked or broken database never
@@ -1990,10 +2025,34 @@ class StateDB:
         self.next_try = 0.0
         self.attempts = 0
         self._notes = deque()
+        self._batch = {}          # sql in _BATCHED -> [params] not yet executed
+        self._batch_keys = set()  # (parent, name) of the _PUT_FILE rows among them
 
     # sqlite3.Connection's surface as Store (and the spool code) use it
     def execute(self, sql, params=()):
-        verb = sql.lstrip()[:8].upper()
+        if sql in _BATCHED and self.error is None:
+            # A change writes an event row and a baseline row: they wait
+            # here and go in one executemany per table when any other
+            # statement comes (a read, the commit), so nothing reads around
+            # them and the transaction holds the same rows.
+            rows = self._batch.get(sql)
+            if rows is None:
+                rows = self._batch[sql] = []
+            rows.append(params)
+            if sql == _PUT_FILE:
+                self._batch_keys.add(params[:2])
+            return _NoRows()
+        # A baseline row is looked up without them unless it is among them
+        # (a storm's new files are each looked up while others' rows wait).
+        if self._batch and not (sql is _GET_FILE and params not in self._batch_keys):
+            self._flush_batch()
+        verb = _VERBS.get(sql)
+        if verb is None:                 # the statements are a few constants
+            verb = sql.lstrip()[:8].upper()
+            if len(_VERBS) < 256:
+                _VERBS[sql] = verb
+        if verb.startswith("INSERT"):    # the busiest: events and baseline rows
+            return self._write(sql, params, False)
         if verb.startswith("BEGIN"):
             self.ops = []
             if self.error is None:
@@ -2020,13 +2079,36 @@ class StateDB:
         return self._write(sql, params, False)
 
     def executemany(self, sql, seq):
+        if self._batch:
+            self._flush_batch()
         return self._write(sql, list(seq), True)
 
     def executescript(self, script):
+        if self._batch:
+            self._flush_batch()
         return self.conn.executescript(script)
 
     def close(self):
+        if self._batch:
+            self._flush_batch()
         self.conn.close()
+
+    def _flush_batch(self):
+        batch, self._batch = self._batch, {}
+        self._batch_keys = set()
+        for sql, rows in batch.items():
+            try:
+                self._write(sql, rows, True)
+            except (sqlite3.IntegrityError, sqlite3.ProgrammingError,
+                    sqlite3.InterfaceError) as e:
+                # A bug, not the disk: said, and the other rows still go in.
+                sys.stderr.write("fimwatch: baseline database: %s\n" % esc(str(e))[:300])
+                for params in rows:
+                    try:
+                        self._write(sql, params, False)
+                    except (sqlite3.IntegrityError, sqlite3.ProgrammingError,
+                            sqlite3.InterfaceError):
+                        pass
 
     def __getattr__(self, name):
         return getattr(self.conn, name)
@@ -2280,7 +2362,7 @@ class StateGuard:
         now = time.time()
         db_id = store.meta("db_id")
         if db_id is None:
-            db_id = uuid.uuid4().hex
+            db_id = event_id()
             store.set_meta("db_id", db_id)
         if store.meta("built") is None and (rebuild or store.meta("build_started") is None):
             store.set_meta("build_started", now)
@@ -3525,6 +3607,10 @@ def add_summary(ev, kind=None, old=None, new=None):
     """Set ev's `summary` (and raise it to critical where the change calls
     for it: a uid 0 account, NOPASSWD, a setuid-root binary). Called once,
     before the event is emitted."""
+    if kind is None and ev.get("event") == "modified" and ev.get("kind") == "file" \
+            and "package" not in ev and not ev.get("capability") \
+            and ev.get("mode") == (ev.get("previous") or {}).get("mode"):
+        return      # the most common change says nothing more (see _meta_phrases)
     try:
         text, critical = summarize(ev, kind, old, new)
     except (ValueError, IndexError, KeyError, TypeError):
@@ -3775,6 +3861,8 @@ def package_managed(p, db):
 
 def dpkg_record(p, db):
     """Is p one of dpkg's records (DPKG_RECORDS, info/*)?"""
+    if not p.startswith(db.base.rstrip("/") + "/"):
+        return False                     # asked for every change: most are elsewhere
     d, base = os.path.split(p)
     return d == db.info_dir or (d == db.base and base in DPKG_RECORDS)
 
@@ -3868,7 +3956,7 @@ class PackageTx:
     proved to be once it ended (take)."""
 
     def __init__(self, holder, now, versions, sums=None):
-        self.id = uuid.uuid4().hex[:12]
+        self.id = event_id()[:12]
         self.holder = holder
         self.sums_before = sums or {}       # md5sums_digests() when it started
         self.started, self.start_mono, self.ended = time.time(), now, None
@@ -4265,11 +4353,22 @@ def change_list(ev):
 
 
 
-_EVENT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": "))
+# One encoder, not one per event; an event is a tree of plain dicts and lists
+# built here, never a cycle, so the encoder need not look for one.
+_EVENT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": "),
+                               check_circular=False)
+
+
+# ... and its C half made once: JSONEncoder.encode builds it again per call.
+_C_EVENT_JSON = json.encoder.c_make_encoder and json.encoder.c_make_encoder(
+    None, _EVENT_JSON.default, json.encoder.encode_basestring, None, ": ", ", ",
+    False, False, True)
 
 
 def event_json(ev):
-    return _EVENT_JSON.encode(ev)         # one encoder, not one per event
+    if _C_EVENT_JSON:
+        return "".join(_C_EVENT_JSON(ev, 0))
+    return _EVENT_JSON.encode(ev)
 
 
 # ---------------------------------------------------------------------------
@@ -4613,6 +4712,7 @@ _FAN_META = struct.Struct("=IBBHQii")      # struct fanotify_event_metadata
 _FAN_INFO = struct.Struct("=BBH8sIi")      # info header, fsid, file_handle head
 _U32 = struct.Struct("=I")
 NOISE_DELAY = 0.02               # s; see FanotifyBackend.read
+NOISE_BUSY = (40, 0.25)          # more records than this of other files within s: busy
 
 _libc_cache = []
 
@@ -4631,6 +4731,21 @@ def _libc():
         libc.open_by_handle_at.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         _libc_cache.append((ctypes, libc))
     return _libc_cache[0]
+
+
+def one_malloc_arena(environ=os.environ):
+    """glibc gives every thread that allocates an arena of its own (the
+    Hasher's, the channels'), and what one frees the others never reuse:
+    ~1 MB of resident memory at 50,000 directories. Our threads allocate
+    under the GIL anyway, so one arena costs no contention. Done before any
+    thread starts; MALLOC_ARENA_MAX in the environment (an admin's choice)
+    wins; no-op without glibc's mallopt. True when the limit was set."""
+    if "MALLOC_ARENA_MAX" in environ:
+        return False
+    try:
+        return _libc()[1].mallopt(M_ARENA_MAX, 1) == 1
+    except (OSError, AttributeError):
+        return False
 
 
 def _oserror(ctypes, what):
@@ -4855,6 +4970,32 @@ def _proc_status(pid):
     return ppid, uid, comm
 
 
+def _proc_stat_fields(pid):
+    """(b"PID (name", [the fields after the name]) of /proc/PID/stat."""
+    fd = os.open("%s/%d/stat" % (PROC, pid), os.O_RDONLY)
+    try:
+        raw = os.read(fd, 1024)
+    finally:
+        os.close(fd)
+    end = raw.rindex(b")")                      # the name may hold ") "
+    return raw[:end], raw[end + 2:].split()
+
+
+def _proc_stat(pid):
+    """(ppid, start time in clock ticks since boot) from /proc/PID/stat: the
+    start time tells a pid that was reused from the process it was."""
+    rest = _proc_stat_fields(pid)[1]
+    return int(rest[1]), int(rest[19])
+
+
+def _proc_identity(pid):
+    """(pid and name, parent, start time) from /proc/PID/stat: what changes
+    when the pid is reused, the process is re-parented or it executes another
+    program (its name)."""
+    name, rest = _proc_stat_fields(pid)
+    return name, rest[1], rest[19]
+
+
 def _unit_of(pid):
     """The systemd unit or session scope of pid, from its cgroup path."""
     try:
@@ -4920,20 +5061,43 @@ class ProcessCache:
     ("none"). A live process whose /proc/PID/exe we may not read gets its
     exe from the exec cache too."""
     KEEP = 512
+    # A process whose /proc/PID/stat still shows the same start time, parent
+    # and name is not read again for this long: a writer busy over many reads
+    # of the queue costs one small read per read, not a dozen and its chain.
+    FRESH = 1.0
 
     def __init__(self, executed=None):
         self.seen = collections.OrderedDict()     # pid -> info, last read
         self.batch = {}
+        self.fresh = {}                           # pid -> (identity, monotonic, info)
         self.executed = executed or (lambda pid: {})
 
     def new_batch(self):
         self.batch = {}
 
+    def _live(self, pid):
+        """process_info(pid), or what it said of this same process (see
+        FRESH); None when the process is gone."""
+        try:
+            ident = _proc_identity(pid)
+        except (OSError, ValueError, IndexError):
+            return None
+        now = time.monotonic()
+        hit = self.fresh.get(pid)
+        if hit is not None and hit[0] == ident and now - hit[1] < self.FRESH:
+            return hit[2]
+        live = process_info(pid)
+        if live is not None:
+            if len(self.fresh) >= self.KEEP:
+                self.fresh.clear()
+            self.fresh[pid] = (ident, now, live)
+        return live
+
     def get(self, pid):
         info = self.batch.get(pid)
         if info is not None:
             return info
-        live = process_info(pid)
+        live = self._live(pid)
         if live is not None:
             if live.get("exe") is None:
                 live["exe"] = self.executed(pid).get("exe")
@@ -4947,8 +5111,367 @@ class ProcessCache:
         else:
             ex = self.executed(pid)
             info = dict(ex, pid=pid, confidence="cached" if ex else "none")
+            if ex.get("ppid"):
+                self._from_parent(info)
         self.batch[pid] = info
         return info
+
+    def _from_parent(self, info):
+        """A writer gone before /proc was read (cp, sed -i, a dropper): who
+        ran it, from its parent if that still lives (the shell it was started
+        from, usually): the login user and session, which a child inherits,
+        and the chain up to the writer. Its own uid is not guessed (sudo and
+        set-id binaries change it)."""
+        ppid, start = info["ppid"], info.pop("started", None)
+        try:
+            if start is None or _proc_stat(ppid)[1] > start:
+                return                   # its pid now belongs to a younger process
+        except (OSError, ValueError, IndexError):
+            return                       # gone too
+        parent = self.batch.get(ppid) or process_info(ppid)
+        if parent is None:
+            return
+        for k in ("login_uid", "login_user", "session"):
+            if k in parent:
+                info[k] = parent[k]
+        info["chain"] = parent["chain"] + [esc(os.path.basename(info["exe"]))]
+
+
+_FS_ENCODING = (sys.getfilesystemencoding(), sys.getfilesystemencodeerrors())
+KEY_PREFIX = 16                  # fsid, handle_bytes, handle_type (see DirTree)
+
+
+class DirTree:
+    """fanotify's directory map, handle key <-> path, in flat arrays: a
+    directory is a node, its name under its parent node, so it costs its
+    name's and its key's bytes and a few array slots (~70 bytes), where a
+    path string, a bytes key and two dict entries took ~230 (11 MB at
+    50,000 directories). Two open-addressing tables find a node: by key
+    (get, `in`: every record) and by (parent, name) (a path, one component
+    at a time). Directories above the watched ones are nodes without a key
+    (`/`, `/var`...), so a rename moves one node, not its subtree. Paths of
+    the last looked-up keys are cached (a burst of records from one
+    directory builds its path once)."""
+    FREE, GONE = 0, -1               # table slots: never used, used then freed
+    CACHE = 256                      # paths cached (get)
+    COMPACT = 1 << 20                # bytes of unused names and keys kept at most
+
+    def __init__(self):
+        self.parent = array.array("i")   # node -> parent node (-1: the root "/")
+        self.noff = array.array("I")     # node -> its name: names[noff:noff+nlen]
+        self.nlen = array.array("I")
+        # A key is the filesystem's id and the handle's size and type (the
+        # same for a whole filesystem: stored once, in prefixes) and the
+        # handle's bytes (keys[koff:koff+klen-1]); klen 0: no key (a node
+        # above the watched directories).
+        self.kpre = array.array("H")     # node -> its key's prefix: plist[kpre]
+        self.koff = array.array("I")
+        self.klen = array.array("B")
+        self.prefixes, self.plist = {}, []
+        self.kids = array.array("i")     # node -> nodes with it as parent; -1: free
+        self.names, self.keys = bytearray(), bytearray()
+        self.garbage = 0                 # bytes of names and keys no node uses
+        self.free = array.array("i")
+        self.ktab = array.array("i", bytes(4 * 64))   # slot -> node + 1 (or FREE/GONE)
+        self.ctab = array.array("i", bytes(4 * 64))
+        self.kused = self.cused = 0      # slots not FREE (GONE included)
+        self.n = 0                       # nodes with a key
+        self.cache = {}                  # key -> path (get)
+        self.pcache = {}                 # path -> node (_node); emptied when nodes move or go
+        self.root = self._new(-1, b"/")
+
+    def __len__(self):
+        return self.n
+
+    # -- nodes --
+    def _new(self, parent, name):
+        if self.free:
+            i = self.free.pop()
+            self.parent[i], self.noff[i], self.nlen[i] = parent, len(self.names), len(name)
+            self.kpre[i] = self.koff[i] = self.klen[i] = self.kids[i] = 0
+        else:
+            i = len(self.parent)
+            self.parent.append(parent)
+            self.noff.append(len(self.names))
+            self.nlen.append(len(name))
+            self.kpre.append(0)
+            self.koff.append(0)
+            self.klen.append(0)
+            self.kids.append(0)
+        self.names += name
+        if parent >= 0:
+            self.kids[parent] += 1
+            self.cused = self._put(self.ctab, self.cused, hash((parent, name)), i)
+            if self.cused * 2 > len(self.ctab):
+                self.ctab, self.cused = self._table(self.ctab, self._ckey)
+        return i
+
+    def _name(self, i):
+        o = self.noff[i]
+        return bytes(self.names[o:o + self.nlen[i]])
+
+    def _key(self, i):
+        o = self.koff[i]
+        return self.plist[self.kpre[i]] + self.keys[o:o + self.klen[i] - 1]
+
+    def _ckey(self, i):
+        return hash((self.parent[i], self._name(i)))
+
+    def path(self, i):
+        parts = []
+        while i > 0:
+            parts.append(self._name(i))
+            i = self.parent[i]
+        if not parts:
+            return "/"
+        parts.append(b"")
+        return os.fsdecode(b"/".join(reversed(parts)))
+
+    # -- the two tables: linear probing, at most half full --
+    @staticmethod
+    def _put(tab, used, h, i):
+        mask = len(tab) - 1
+        s = h & mask
+        while tab[s] > 0:
+            s = (s + 1) & mask
+        if tab[s] == DirTree.FREE:
+            used += 1
+        tab[s] = i + 1
+        return used
+
+    def _table(self, old, hash_of):
+        """old rebuilt without its GONE slots, twice the size if it is more
+        than a quarter full of nodes."""
+        live = sum(1 for v in old if v > 0)
+        size = len(old) * (2 if live * 4 > len(old) else 1)
+        tab = array.array("i", bytes(4 * size))
+        for v in old:                    # no list of the nodes: a peak of its own
+            if v > 0:
+                self._put(tab, 0, hash_of(v - 1), v - 1)
+        return tab, live
+
+    def _slot(self, tab, h, i):
+        """The slot that holds node i."""
+        mask = len(tab) - 1
+        s = h & mask
+        while tab[s] != i + 1:
+            s = (s + 1) & mask
+        return s
+
+    def _find(self, key):
+        """The node with this key, or -1 (inlined: every record asks)."""
+        pre = self.prefixes.get(key[:KEY_PREFIX])
+        if pre is None:                  # another filesystem: most records on a busy host
+            return -1
+        tail = key[KEY_PREFIX:]
+        tab, keys, koff, klen, kpre = self.ktab, self.keys, self.koff, self.klen, self.kpre
+        mask = len(tab) - 1
+        s = hash(key) & mask
+        while True:
+            v = tab[s] - 1
+            if v < 0:
+                if v == -1:              # FREE
+                    return -1
+            else:
+                o = koff[v]
+                if kpre[v] == pre and keys[o:o + klen[v] - 1] == tail:
+                    return v
+            s = (s + 1) & mask
+
+    def _child(self, parent, name):
+        tab, par, names, noff, nlen = self.ctab, self.parent, self.names, self.noff, self.nlen
+        mask = len(tab) - 1
+        s = hash((parent, name)) & mask
+        while True:
+            v = tab[s] - 1
+            if v < 0:
+                if v == -1:
+                    return -1
+            elif par[v] == parent:
+                o = noff[v]
+                if names[o:o + nlen[v]] == name:
+                    return v
+            s = (s + 1) & mask
+
+    def _node(self, path, make=False):
+        """The node of a path ("/a/b"), -1 if it has none (make: add the
+        missing ones, without keys). From the nearest directory above that
+        was looked up lately (a walk asks for a directory's children in a
+        row), else from "/", one name at a time."""
+        cache = self.pcache
+        i = cache.get(path)
+        if i is not None:
+            return i
+        todo, head = [], path
+        while True:
+            head, _, name = head.rpartition("/")
+            todo.append(name)
+            if not head:
+                i = self.root
+                break
+            i = cache.get(head)
+            if i is not None:
+                break
+        enc, errors = _FS_ENCODING
+        parent = i
+        for name in reversed(todo):
+            if not name:
+                continue
+            name = name.encode(enc, errors)
+            parent = i
+            c = self._child(i, name)
+            if c < 0:
+                if not make:
+                    return -1
+                c = self._new(i, name)
+            i = c
+        if len(cache) >= self.CACHE:
+            cache.clear()
+        cache[path] = i
+        cache[path.rpartition("/")[0] or "/"] = parent
+        return i
+
+    # -- the mapping --
+    def __contains__(self, key):
+        return key in self.cache or self._find(key) >= 0
+
+    def get(self, key, default=None):
+        p = self.cache.get(key)
+        if p is None:
+            i = self._find(key)
+            if i < 0:
+                return default
+            if len(self.cache) >= self.CACHE:
+                self.cache.clear()
+            p = self.cache[key] = self.path(i)
+        return p
+
+    def key_of(self, path):
+        i = self._node(path)
+        return self._key(i) if i >= 0 and self.klen[i] else None
+
+    def set(self, key, path):
+        """path's key is key (what was there under either goes)."""
+        old = self._find(key)
+        i = self._node(path, make=True)
+        if old == i:
+            return
+        if self.klen[i]:
+            self._unkey(i, prune=False)
+        pre = self.prefixes.get(key[:KEY_PREFIX])
+        if pre is None:
+            pre = self.prefixes[key[:KEY_PREFIX]] = len(self.plist)
+            self.plist.append(key[:KEY_PREFIX])
+        tail = key[KEY_PREFIX:]
+        self.kpre[i], self.koff[i], self.klen[i] = pre, len(self.keys), len(tail) + 1
+        self.keys += tail
+        self.n += 1
+        self.kused = self._put(self.ktab, self.kused, hash(key), i)
+        if self.kused * 2 > len(self.ktab):
+            self.ktab, self.kused = self._table(self.ktab, lambda j: hash(self._key(j)))
+        if old >= 0:
+            # After i has its key: old may be the last keyed node below i,
+            # and pruning above old stops at a node with a key.
+            self._unkey(old)
+
+    def pop(self, path):
+        """Forget path's key (its node goes if nothing hangs below it)."""
+        i = self._node(path)
+        if i >= 0 and self.klen[i]:
+            self._unkey(i)
+
+    def _unkey(self, i, prune=True):
+        s = self._slot(self.ktab, hash(self._key(i)), i)
+        self.ktab[s] = self.GONE
+        self.garbage += self.klen[i] - 1
+        self.klen[i] = 0
+        self.n -= 1
+        self.cache.clear()
+        if prune:
+            self._prune(i)
+
+    def _prune(self, i):
+        """Drop i and its parents while they have neither key nor children."""
+        while i > 0 and not self.klen[i] and not self.kids[i]:
+            self.pcache.clear()
+            s = self._slot(self.ctab, self._ckey(i), i)
+            self.ctab[s] = self.GONE
+            p = self.parent[i]
+            self.kids[p] -= 1
+            self.kids[i] = -1
+            self.garbage += self.nlen[i]
+            self.free.append(i)
+            i = p
+        if self.garbage > self.COMPACT and self.garbage * 2 > len(self.names) + len(self.keys):
+            self._compact()
+
+    def _compact(self):
+        names, keys = bytearray(), bytearray()
+        for i in range(len(self.parent)):
+            if self.kids[i] < 0:
+                continue
+            o = self.noff[i]
+            self.noff[i] = len(names)
+            names += self.names[o:o + self.nlen[i]]
+            o = self.koff[i]
+            self.koff[i] = len(keys)
+            keys += self.keys[o:o + max(self.klen[i] - 1, 0)]
+        self.names, self.keys, self.garbage = names, keys, 0
+
+    def move(self, src, dst):
+        """The directory src is now dst, with everything below it."""
+        i = self._node(src)
+        if i <= 0 or src == dst or os.fsencode(dst).rstrip(b"/") == b"":
+            return
+        self.drop_tree(dst)
+        parent = self._node(os.path.dirname(dst), make=True)
+        name = os.fsencode(os.path.basename(dst))
+        s = self._slot(self.ctab, self._ckey(i), i)
+        self.ctab[s] = self.GONE
+        self.pcache.clear()
+        old = self.parent[i]
+        self.kids[old] -= 1
+        self.kids[parent] += 1
+        self.garbage += self.nlen[i]
+        self.parent[i], self.noff[i], self.nlen[i] = parent, len(self.names), len(name)
+        self.names += name
+        self.cused = self._put(self.ctab, self.cused, hash((parent, name)), i)
+        if self.cused * 2 > len(self.ctab):
+            self.ctab, self.cused = self._table(self.ctab, self._ckey)
+        self.cache.clear()
+        self._prune(old)
+
+    def under(self, top):
+        """[path] of the nodes with a key at top or below it."""
+        t = self._node(top)
+        if t < 0:
+            return []
+        if not self.kids[t]:
+            return [top] if self.klen[t] else []
+        inside = bytearray(len(self.parent))    # 0 not known, 1 under t, 2 not
+        inside[t] = 1
+        out = []
+        for i in range(len(self.parent)):
+            chain = []
+            j = i
+            while j >= 0 and not inside[j]:
+                chain.append(j)
+                j = self.parent[j]
+            mark = inside[j] if j >= 0 else 2
+            for j in chain:
+                inside[j] = mark
+            if mark == 1 and self.klen[i] and self.kids[i] >= 0:
+                out.append(self.path(i))
+        return out
+
+    def drop_tree(self, top):
+        for p in self.under(top):
+            self.pop(p)
+
+    def paths(self):
+        """[path] of every node with a key."""
+        return [self.path(i) for i in range(len(self.parent))
+                if self.klen[i] and self.kids[i] >= 0]
 
 
 class FanotifyBackend:
@@ -4964,11 +5487,11 @@ class FanotifyBackend:
         self.fd, self.flags = (fd, 0) if fd is not None else fanotify_open()
         self.marked = set()          # fsids with our filesystem mark
         self.mounts = {}             # mount id -> fsid (marked)
-        self.dirs = {}               # fsid + handle -> directory path
-        self.keys = {}               # directory path -> fsid + handle
+        self.dirs = DirTree()        # fsid + handle <-> directory path
         self.froms = {}              # object handle -> (path, isdir) of a MOVED_FROM
         self.from_reads = 0
-        self.execs = collections.OrderedDict()      # pid -> (dir key, name, script key, t)
+        # pid -> (dir key, name, script key, t, ppid, start time)
+        self.execs = collections.OrderedDict()
         self.last_exec = None        # pid of the last exec record
         self.handle_paths = collections.OrderedDict()   # dir key -> path or None
         self.mark_dirs = {}          # fsid -> a directory on it (the first marked)
@@ -4978,7 +5501,10 @@ class FanotifyBackend:
         self.lazy = {}               # root -> wanted(dir): directories learned from records
         self.keep_own = frozenset()  # paths whose records of our own writes are kept
         self.me = os.getpid()
-        self.noise, self.relevant = False, 0
+        # Records of other processes' files beside the trees: [count in the
+        # window before, count in this window, monotonic start of this one].
+        self.noise = [0, 0, 0.0]
+        self.relevant = self.own = 0
         # 0 during the start-up walks (they drain the queue every 64
         # directories and must not sleep); NOISE_DELAY once watching.
         self.delay = 0.0
@@ -5013,44 +5539,29 @@ class FanotifyBackend:
                 self.marked.add(fsid)
                 self.mark_dirs[fsid] = d
             self.mounts[mount_id] = fsid
-        key = fsid + handle
-        old = self.keys.get(d)
-        if old == key and self.dirs.get(old) == d:
-            # Watched already (the start-up comparison walks what the watch
-            # walk marked): keep the key and path objects held, one copy a
-            # directory, not a second of each (~5 MB at 50,000 directories).
-            return
-        if old is not None and old != key:
-            self.dirs.pop(old, None)
-        self.dirs[key] = d
-        self.keys[d] = key
+        # Watched already (the start-up comparison walks what the watch walk
+        # marked): set() keeps the node as it is.
+        self.dirs.set(fsid + handle, d)
 
     def unwatch(self, d):
-        key = self.keys.pop(d, None)
-        if key is not None and self.dirs.get(key) == d:
-            del self.dirs[key]
+        self.dirs.pop(d)
 
     def unwatch_tree(self, top):
-        pre = top + "/"
-        for d in [d for d in self.keys if d == top or d.startswith(pre)]:
-            self.unwatch(d)
+        self.dirs.drop_tree(top)
 
     def rename(self, src, dst):
         pre, n = src + "/", len(src)
-        moved = [d for d in self.keys if d == src or d.startswith(pre)]
-        keys = [(d, self.keys.pop(d)) for d in moved]
-        for d, key in keys:
-            self.keys[dst + d[n:]] = key
-            self.dirs[key] = dst + d[n:]
+        self.dirs.move(src, dst)
         for p in [p for p in self.writers if p.startswith(pre)]:
             self.writers[dst + p[n:]] = self.writers.pop(p)
 
     def watching(self, d):
-        return d in self.keys
+        return self.dirs.key_of(d) is not None
 
     def prune_gone(self):
-        for d in [d for d in self.keys if not os.path.isdir(d)]:
-            self.unwatch(d)
+        for d in self.dirs.paths():
+            if not os.path.isdir(d):
+                self.unwatch(d)
 
     def writer(self, path):
         """The process behind the last record of path (then forgotten)."""
@@ -5070,7 +5581,7 @@ class FanotifyBackend:
         caller walks first) when root's own handle does not resolve back to
         root: a bind mount or a namespace where handles name other paths."""
         self.watch(root)
-        key = self.keys[root]
+        key = self.dirs.key_of(root)
         self.handle_paths.pop(key, None)
         if self._dir_of_handle(key) != root:
             return False
@@ -5088,11 +5599,7 @@ class FanotifyBackend:
             return False
         for root, wanted in self.lazy.items():
             if (d == root or d.startswith(root + "/")) and wanted(d):
-                old = self.keys.get(d)
-                if old is not None and old != key:
-                    self.dirs.pop(old, None)
-                self.dirs[key] = d
-                self.keys[d] = key
+                self.dirs.set(key, d)
                 return True
         return False
 
@@ -5114,10 +5621,15 @@ class FanotifyBackend:
         # records within EXEC_PAIR seconds. The first is kept as the script
         # (executed() names it only if it starts with #!).
         now = time.monotonic()
+        self.procs.fresh.pop(pid, None)  # another program now: read /proc again
         before = ex.get(pid)
         if before is not None and (self.last_exec != pid and now - before[3] > EXEC_PAIR):
             before = None
-        ex[pid] = (dkey, name, before and before[:2], now)
+        try:                             # alive still, mostly: for _from_parent
+            ppid, start = _proc_stat(pid)
+        except (OSError, ValueError, IndexError):
+            ppid = start = None
+        ex[pid] = (dkey, name, before and before[:2], now, ppid, start)
         self.last_exec = pid
         ex.move_to_end(pid)
         if len(ex) > self.EXECS_KEEP:
@@ -5131,7 +5643,14 @@ class FanotifyBackend:
         exe = self._path_of(entry[:2]) if entry else None
         if exe is None:
             return {}
+        try:
+            if entry[5] is not None and _proc_stat(pid)[1] != entry[5]:
+                return {}                # the pid was reused: not that process
+        except (OSError, ValueError, IndexError):
+            pass                         # gone: the entry is the best we know
         out = {"exe": esc(exe)}
+        if entry[4]:
+            out["ppid"], out["started"] = entry[4], entry[5]
         script = self._path_of(entry[2]) if entry[2] else None
         if script is not None and _is_script(script):
             out["script"] = esc(script)
@@ -5177,17 +5696,26 @@ class FanotifyBackend:
 
     def read(self, eng):
         """Drain the fanotify queue into eng; returns the number of records."""
-        if self.noise and self.delay and not eng.scans:
-            # The last wake-up was only other files on the same filesystem:
-            # let them gather, so a busy neighbour costs a few reads per
-            # second instead of one per write (latency: the delay, once).
-            # Not while a walk runs (the start-up check): the loop then reads
-            # once per slice of it anyway, and a sleep would only slow it.
+        noise = self.noise
+        if self.delay and not self.relevant and noise[0] + noise[1] > NOISE_BUSY[0] \
+                and (eng is None or not eng.scans):
+            # The last wake-up was only other files on the same filesystem,
+            # and there were many of those lately: a busy neighbour. Let its
+            # records gather, so it costs a few reads per second instead of
+            # one per write (latency: the delay, once). A stray write beside
+            # the tree, or fimwatch's own writes, do not delay the next read:
+            # a file that lives for milliseconds (a dropper) must be read
+            # before it is gone. Not while a walk runs (the start-up check):
+            # the loop then reads once per slice of it anyway.
             time.sleep(self.delay)
-        self.relevant = 0
+        self.relevant = self.own = 0
         self.procs.new_batch()
         n = drain(self.fd, lambda data: self._parse(eng, data))
-        self.noise = n > 0 and not self.relevant
+        if n > self.own + self.relevant:
+            now = time.monotonic()
+            if now - noise[2] > NOISE_BUSY[1]:
+                noise[:] = [noise[1] if now - noise[2] < 2 * NOISE_BUSY[1] else 0, 0, now]
+            noise[1] += n - self.own - self.relevant
         end_of_read(self, eng, n, bool(self.froms))
         return n
 
@@ -5210,6 +5738,7 @@ class FanotifyBackend:
                 self._finish_moves(eng)
                 eng.overflow()
             elif pid == me:
+                self.own += 1
                 # Our own writes are not news, except to the events file: it
                 # must be in the baseline (as inotify, which cannot tell who
                 # wrote, puts it) so that another process truncating or
@@ -5749,6 +6278,8 @@ class Engine:
         self.max_delay = max(5.0, 10 * cfg.settle)
         # A root that is a file is watched through its directory, filtered.
         self.file_roots = {}
+        self._wanted = {}             # (path, isdir) of a wanted entry: see wanted()
+        self._plans = {}              # path -> what look() reads of it: see _plan()
 
     # -- helpers --
     def emit_cb(self, ev):
@@ -5936,6 +6467,7 @@ class Engine:
         parent, name = os.path.split(root)
         if self.watch_dir(parent) not in (None, "limit"):
             self.file_roots.setdefault(parent, set()).add(name)
+            self._wanted.clear()
 
     def watch_root(self, root):
         """Generator: add the watches for one configured path, no comparing."""
@@ -6323,11 +6855,11 @@ class Engine:
         """What visit() reads of p: (Rec or None, text kept for a diff or
         None, meaning kind, content read for its meaning). Reads only the file
         system, so it also runs on a Hasher thread."""
-        keep, out = 0, None
-        if self.cfg.diff_max_size and self.cfg.diff_paths.match(p) \
-                and not self.cfg.no_diff.match(p):
-            keep, out = self.cfg.diff_max_size, []
-        kind = meaning_kind(p)
+        plan = self._plans.get(p)
+        if plan is None:
+            plan = self._plan(p)
+        keep, kind = plan
+        out = [] if keep else None
         raw = [] if kind else None      # read for its meaning, kept only as facts
         new = snapshot(p, self.cfg.hash_max_size, old, trust=(mode == "quick"), st=st,
                        keep=max(keep, MEANING_MAX if kind else 0), out=raw if kind else out,
@@ -6335,6 +6867,20 @@ class Engine:
         if kind and out is not None and raw and len(raw[0]) <= keep:
             out.append(raw[0])
         return new, out, kind, raw
+
+    def _plan(self, p):
+        """(bytes of p kept for a diff or 0, its meaning kind or None): fixed
+        by the config, so kept per path (look() asks for every comparison)."""
+        cfg = self.cfg
+        keep = 0
+        if cfg.diff_max_size and cfg.diff_paths.match(p) and not cfg.no_diff.match(p):
+            keep = cfg.diff_max_size
+        plan = keep, meaning_kind(p)
+        plans = self._plans
+        if len(plans) >= MEMO_KEEP:
+            plans.clear()
+        plans[p] = plan
+        return plan
 
     def use(self, p, old, detected, mode, looked, extra=None):
         """The main thread's half of visit(): compare what look() saw with
@@ -6754,6 +7300,21 @@ class Engine:
 
     # -- the backend's calls (see "Pipeline 1 of 3: watcher backends") --
     def wanted(self, p, isdir):
+        # Every record of a path asks (a file written 5 times a second asks
+        # 5 times): a yes is kept until file_roots changes (watch_file_root,
+        # file_root_dir_lost); exclusions are fixed for an Engine.
+        key = (p, isdir)
+        memo = self._wanted
+        if key in memo:
+            return True
+        if not self._wanted_now(p, isdir):
+            return False
+        if len(memo) >= MEMO_KEEP:
+            memo.clear()
+        memo[key] = True
+        return True
+
+    def _wanted_now(self, p, isdir):
         names = self.file_roots.get(os.path.dirname(p))
         if names is not None and os.path.basename(p) not in names:
             return False
@@ -6840,6 +7401,7 @@ class Engine:
         """The directory of a single watched file was deleted or moved: each
         of its files is missing now and is watched for again."""
         self.backend.unwatch(d)
+        self._wanted.clear()
         for name in self.file_roots.pop(d, ()):
             root = d + "/" + name
             self.missing_roots.add(root)
@@ -7154,7 +7716,9 @@ class Engine:
         while a package transaction runs waits, up to 30 minutes, for it to
         end: then it is verified against the database as dpkg left it. One
         first seen before the transaction started is not the transaction's."""
-        if self.pkgtx is None or not self.tx_holds(p):
+        if self.pkgtx is None or (self.pkgtx.tx is None and not self.tx_closing):
+            return False                 # no transaction to hold it for (the usual case)
+        if not self.tx_holds(p):
             return False
         if first is None:
             first = now
@@ -7309,10 +7873,14 @@ class Engine:
         ent = self.fresh.pop(p, None)
         try:
             old = self.store.get(p)
-            if ent is not None and old is None and not lexists_deep(p):
-                self.report_transient(p, ent)
-                return
-            self.visit(p, old, "realtime", "full")
+            st = None
+            if ent is not None and old is None:
+                try:
+                    st = lstat_deep(p)           # visit() looks with this lstat
+                except OSError:
+                    self.report_transient(p, ent)
+                    return
+            self.visit(p, old, "realtime", "full", st=st)
         except OSError as e:
             self.report_unreadable(p, e)
 
@@ -7730,6 +8298,7 @@ class JournalSink(_DatagramSink):
 
 def message_id(event):
     """The journal MESSAGE_ID of an event type: 128 bits, the same on every host."""
+    import uuid
     return uuid.uuid5(uuid.NAMESPACE_URL, "https://fimwatch/event/" + event).hex
 
 
@@ -8098,6 +8667,7 @@ def make_digest(events, host, reason="", limit=50, dropped=0):
                    by_severity={k: by_sev[k] for k in reversed(SEVERITIES) if k in by_sev},
                    by_directory=dirs, events=digest_listing(events, limit))
     # The same events make the same digest id, also when it is retried.
+    import uuid
     ev["id"] = uuid.uuid5(uuid.NAMESPACE_OID, ",".join(sorted(e.get("id", "") for e in events))
                           ).hex
     if dropped:
@@ -8601,7 +9171,7 @@ def host_identity(state_dir, machine_id=MACHINE_ID):
     except OSError:
         inst = ""
     if not inst:
-        inst = uuid.uuid4().hex
+        inst = event_id()
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "w") as f:
@@ -8833,6 +9403,7 @@ class Daemon:
 
     def run(self):
         cfg = self.cfg
+        one_malloc_arena()
         ino_mod = import_inotify()
         findings = self._open_state()
         store = self.store
@@ -9017,15 +9588,25 @@ class Daemon:
         self.timers = {"beat": now + HEARTBEAT_EVERY, "prune": now + 3600,
                        "dog": now if wd_every else None,
                        "heartbeat": now + self.cfg.heartbeat if self.cfg.heartbeat else None}
+        turn = 0.0
         while not self.stop:
             now = time.monotonic()
             wake = min([self.eng.next_wakeup(now)]
                        + [t for t in self.timers.values() if t is not None])
+            ready = ()
             try:
-                poller.poll(min(max(0.0, wake - now), 60.0) * 1000)
+                ready = poller.poll(min(max(0.0, wake - now), 60.0) * 1000)
             except InterruptedError:
                 pass
-            self._drain_wakeup()
+            # A busy tree wakes the loop for every write: at most one turn
+            # per TURN_MIN shares a turn's fixed costs (the commit, the events
+            # file's chain, the writer's /proc) among the changes it compares.
+            rest = turn + TURN_MIN - time.monotonic()
+            if rest > 0 and not self.stop:
+                time.sleep(rest)
+            turn = time.monotonic()
+            if any(fd == self.wake_r for fd, _ in ready):
+                self._drain_wakeup()
             self.store.refresh()
             self.eng.read_events()
             self.eng.tick(now)

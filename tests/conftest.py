@@ -558,6 +558,15 @@ def write(path, data="x\n", mode=None):
     return path
 
 
+def write_apart(path, data="x\n"):
+    """Write path from a short-lived process of its own (sh), so each file is
+    one change on either backend: on fanotify the writer's pid is known and
+    the writes of one process go out as one "changes made together" message."""
+    raw = data.encode() if isinstance(data, str) else data
+    subprocess.run(["sh", "-c", 'cat > "$1"', "sh", os.fsdecode(path)], input=raw, check=True)
+    return Path(os.fsdecode(path))
+
+
 def about(path):
     """Predicate: any file event whose path or from is `path`."""
     path = str(path)

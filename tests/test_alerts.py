@@ -24,7 +24,7 @@ import pytest
 
 from alerts_helpers import (SMTPReceiver, WebhookServer, body_is, channel, failing_sendmail,
                             free_port, msmtp_sendmail, poll, status_json)
-from conftest import is_event, write
+from conftest import is_event, write, write_apart
 
 GATHER = 1.0
 FORMATS = ("json", "slack", "mattermost", "discord", "teams", "gotify", "ntfy")
@@ -435,7 +435,7 @@ def test_hostile_names_cannot_inject_headers_or_commands(fim, smtp, hook):
     evs = []
     for group in (files[:3], files[3:6], files[6:]):   # <= 3 at a time: single alerts
         for f in group:
-            write(f, "x\n")
+            write_apart(f, "x\n")             # one writer each: one change each
         for f in group:
             evs.append(d.wait_for(is_event("created", esc_like_fimwatch(str(f))), timeout=10))
         smtp.wait(lambda m: True, count=len(evs), timeout=15)
@@ -694,8 +694,9 @@ def test_min_severity_per_channel_and_status(fim, hook):
                         "webhook all": webhook_section(hook.url("/all"), min_severity="info")})
     d = fim.daemon()
     hook.wait(body_is("started"), path="/all")        # a notice: only "all" takes it
-    files = {"info": write(fim.root / "info" / "i.txt"), "warning": write(fim.root / "w.txt"),
-             "critical": write(fim.root / "critical" / "c.txt")}
+    files = {"info": write_apart(fim.root / "info" / "i.txt"),   # one change each
+             "warning": write_apart(fim.root / "w.txt"),
+             "critical": write_apart(fim.root / "critical" / "c.txt")}
     for sev, f in files.items():
         d.wait_for(is_event("created", f, severity=sev))
     hook.wait(count=4, path="/all")                    # positive control: all three sent

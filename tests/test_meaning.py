@@ -189,6 +189,24 @@ def test_setuid_and_capabilities_and_new_executable():
     assert summarize(ev) == ("new executable", False)
 
 
+def test_a_content_change_with_more_in_it_is_still_summed_up():
+    """add_summary skips the work for a plain content change (the most common
+    event): a write that also set the setuid bit or a capability, or of a
+    packaged file, must still get its summary and severity."""
+    def added(**ev):
+        ev = dict({"event": "modified", "path": "/usr/local/bin/x", "kind": "file",
+                   "severity": "warning", "mode": "0755", "uid": 0, "owner": "root",
+                   "previous": {"mode": "0755"}}, **ev)
+        fimwatch.add_summary(ev)
+        return ev.get("summary"), ev["severity"]
+    assert added() == (None, "warning")
+    assert added(mode="4755") == ("setuid bit set (runs as root)", "critical")
+    assert added(capability="cap_setuid=ep", previous={"mode": "0755", "capability": ""}) == \
+        ("file capabilities set: cap_setuid=ep", "warning")
+    assert added(package={"transaction": "none", "name": "coreutils", "verified": True}) == \
+        ("matches package coreutils, but no package manager ran", "warning")
+
+
 def test_parse_failure_falls_back_to_no_summary():
     assert facts("passwd", b"\x00\x01binary") is None
     assert say("/etc/passwd", "passwd", None, PASSWD) == (None, False)     # old unknown

@@ -189,6 +189,44 @@ def test_a_baseline_row_another_process_commits_is_what_the_daemon_compares_with
     d.stop()
 
 
+def test_rows_waiting_in_the_daemons_connection_are_seen_where_they_matter(tmp_path):
+    """The daemon's connection (StateDB) holds a turn's event and baseline
+    rows until another statement comes, for one executemany per table: a
+    lookup of a waiting row, any other read, and the commit must see them;
+    a lookup of another row need not wait for them (a storm looks up every
+    new file). Real SQLite in a temp dir; Store's own row cache is emptied
+    so the lookups reach the database."""
+    import sqlite3
+    import fimwatch
+    f = tmp_path / "f"
+    f.write_text("one\n")
+    rec = fimwatch.snapshot(str(f), 1 << 20)
+    store = fimwatch.Store(str(tmp_path / "state"))
+    store.db = fimwatch.StateDB(store.db)
+    a, b, c = (str(tmp_path / n) for n in ("a", "b", "c"))
+    store.put(a, rec)
+    store._rows.clear()
+    assert store.get(a) == rec                      # the waiting row, looked up
+    store.put(b, rec._replace(size=7))
+    store._rows.clear()
+    assert store.get(c) is None                     # another row: b still waits ...
+    assert store.get(b) == rec._replace(size=7)     # ... and is seen when asked for
+    ev = fimwatch.new_event("h", "modified", "warning", "realtime", a)
+    ev["sequence"] = store.next_sequence()
+    store.add_event(ev, fimwatch.event_json(ev))
+    store.put(c, rec)
+    assert store.db.execute("SELECT count(*) FROM events").fetchone()[0] == 1
+    store.commit()
+    other = sqlite3.connect(str(tmp_path / "state" / "baseline.db"))
+    try:
+        names = sorted(r[0] for r in other.execute("SELECT name FROM files"))
+        assert names == [b"a", b"b", b"c"], names
+        assert other.execute("SELECT id FROM events").fetchall() == [(ev["id"],)]
+    finally:
+        other.close()
+        store.close()
+
+
 def test_first_start_is_not_a_lost_baseline(fim):
     d = fim.daemon()
     assert "baseline_id" in d.started

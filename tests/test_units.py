@@ -371,6 +371,67 @@ def test_hash_file_reads_no_further_than_lstat_saw(tmp_path):
     assert fst.st_size == st.st_size and data is None
 
 
+def test_hash_file_sizes_around_the_buffers_on_the_loop_and_in_a_worker(tmp_path):
+    """Small files come from one read, bigger ones through the thread's
+    buffer (a quarter of HASH_CHUNK on the loop's thread): every size
+    around those edges hashes to what hashlib says, with and without
+    content kept, and up to lstat's size when it grew after its lstat."""
+    import threading
+    small, quarter = fimwatch.HASH_SMALL, fimwatch.HASH_CHUNK // 4
+    sizes = [0, 1, small - 1, small, small + 1, quarter - 1, quarter + 1,
+             fimwatch.HASH_CHUNK + 7]
+    out = []
+
+    def run():
+        for n in sizes:
+            p = tmp_path / ("f%d" % n)
+            body = bytes(range(256)) * (n // 256) + b"x" * (n % 256)
+            for keep, grow in ((0, b"grown"), (100, b"")):
+                p.write_bytes(body)
+                st = os.lstat(p)
+                with open(p, "ab") as f:
+                    f.write(grow)            # after lstat: not hashed
+                sha, fst, data = fimwatch.hash_file(str(p), st, keep=keep)
+                out.append((n, keep, sha == hashlib.sha256(body).hexdigest(),
+                            fst.st_size == n, data == (body if keep and n <= keep else None)))
+    run()
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert len(out) == 4 * len(sizes)
+    assert [o for o in out if o[2:] != (True, True, True)] == []
+
+
+_ARENAS = r"""
+import ctypes, sys, threading
+sys.path.insert(0, sys.argv[1])
+import fimwatch
+if sys.argv[2] == "limit":
+    print(fimwatch.one_malloc_arena({}), flush=True)
+keep = []
+t = threading.Thread(target=lambda: keep.extend(bytearray(4000) for _ in range(100)))
+t.start()
+t.join()
+ctypes.CDLL(None).malloc_stats()     # one "Arena N:" block per arena, on stderr
+"""
+
+
+@pytest.mark.parametrize("how", ["limit", "default"])
+def test_one_malloc_arena_keeps_a_threads_allocations_in_the_main_arena(how):
+    """A thread that allocates gets an arena of its own from glibc (the
+    control), none after one_malloc_arena(); MALLOC_ARENA_MAX wins."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", _ARENAS, os.path.dirname(fimwatch.__file__), how],
+                       capture_output=True, text=True, timeout=60)
+    arenas = r.stderr.count("Arena ")
+    if how == "limit":
+        assert r.stdout.strip() == "True" and arenas == 1, r.stdout + r.stderr
+    else:
+        assert arenas >= 2, r.stderr
+    assert fimwatch.one_malloc_arena({"MALLOC_ARENA_MAX": "4"}) is False
+
+
 @pytest.mark.parametrize("proc, text", [
     ({"pid": 812, "exe": "/usr/bin/vim", "user": "root", "login_user": "alice", "session": 4,
       "confidence": "live"}, "alice (session 4) ran /usr/bin/vim as root (pid 812)"),
@@ -382,3 +443,86 @@ def test_hash_file_reads_no_further_than_lstat_saw(tmp_path):
 ])
 def test_process_phrase_never_says_none(proc, text):
     assert fimwatch.process_phrase(proc) == text
+
+
+# --- DirTree (fanotify's handle <-> directory map) ------------------------------
+
+
+class _DirModel:
+    """What DirTree must answer, as the two dicts it replaced."""
+
+    def __init__(self):
+        self.dirs, self.keys = {}, {}
+
+    def set(self, key, path):
+        old = self.keys.pop(path, None)
+        self.dirs.pop(old, None)
+        oldp = self.dirs.pop(key, None)
+        self.keys.pop(oldp, None)
+        self.dirs[key], self.keys[path] = path, key
+
+    def pop(self, path):
+        self.dirs.pop(self.keys.pop(path, None), None)
+
+    def under(self, top):
+        pre = top.rstrip("/") + "/"
+        return sorted(p for p in self.keys if p == top or p.startswith(pre))
+
+    def move(self, src, dst):
+        if src == dst or src == "/" or not self.under(src):
+            return
+        for p in self.under(dst):
+            self.pop(p)
+        for p in self.under(src):
+            key = self.keys.pop(p)
+            q = dst + p[len(src):]
+            self.keys[q], self.dirs[key] = key, q
+
+
+def _check_tree(t, m):
+    assert len(t) == len(m.keys)
+    assert sorted(t.paths()) == sorted(m.keys)
+    for key, path in m.dirs.items():
+        assert t.get(key) == path and key in t
+        assert t.key_of(path) == key
+
+
+@pytest.mark.parametrize("compact", [1 << 20, 0])
+def test_dirtree_answers_as_the_dicts_did_through_random_changes(compact):
+    import random
+    rnd = random.Random(14)
+    names = ["a", "b", "c", "d\udcff", "ü", "x y"]
+    t, m = fimwatch.DirTree(), _DirModel()
+    t.COMPACT = compact                                # 0: compacted at every chance
+    paths = ["/"] + ["/" + "/".join(rnd.choice(names) for _ in range(rnd.randint(1, 5)))
+                     for _ in range(300)]
+    for step in range(6000):
+        op = rnd.random()
+        p = rnd.choice(paths)
+        if op < 0.5:
+            key = b"fsid0000" + bytes([rnd.randrange(256) for _ in range(rnd.choice((8, 12)))])
+            if rnd.random() < 0.2 and m.dirs:
+                key = rnd.choice(list(m.dirs))         # a known dir seen at a new path
+            t.set(key, p)
+            m.set(key, p)
+        elif op < 0.7:
+            t.pop(p)
+            m.pop(p)
+        elif op < 0.85:
+            q = rnd.choice(paths)
+            if "/" in (p, q) or q == p or q.startswith(p + "/") or p.startswith(q + "/"):
+                continue                               # rename(2) refuses these
+            t.move(p, q)
+            m.move(p, q)
+        else:
+            assert sorted(t.under(p)) == m.under(p)
+            t.drop_tree(p)
+            for x in m.under(p):
+                m.pop(x)
+        if step % 250 == 0:
+            _check_tree(t, m)
+    _check_tree(t, m)
+    for p in list(m.keys):
+        t.pop(p)
+    assert len(t) == 0 and t.paths() == []
+    assert len(t.parent) - len(t.free) == 1            # only "/" is left
