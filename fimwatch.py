@@ -158,7 +158,8 @@ HASH_WORKERS = 2                 # threads that hash (hashlib and readv release 
 OFFLOAD_MIN_SIZE = 4 << 20       # a file this big is hashed by a worker, not the loop
 CHANGING_RETRIES = 1             # re-queues of a file changed while hashed, then reported
 BUILD_OFFLOAD_MIN = 128 << 10    # building: a file this big is hashed by a worker
-BUILD_BATCH_FILES = 8            # ... in jobs of this many files of one directory
+BUILD_BATCH_FILES = 8            # ... in jobs of this many files
+BUILD_BATCH_BYTES = 16 << 20     # ... or of this many bytes
 APPEND_WINDOW = 64 << 10         # [watch] append_only: head and tail bytes re-read per append
 CRITICAL_MAX_DELAY = 2.0         # no change on a critical path waits longer to be compared
 CAPTURE_PER_TURN = 256           # new paths snapshotted at first sight per loop turn
@@ -1507,6 +1508,19 @@ _REC_COLS = ", ".join(Rec._fields)
 _GET_FILE = "SELECT %s FROM files WHERE parent=? AND name=?" % _REC_COLS
 _PUT_FILE = "INSERT OR REPLACE INTO files (parent, name, %s) VALUES (%s)" % (
     _REC_COLS, ",".join("?" * (2 + len(Rec._fields))))
+# Store.keys_in: a row snapshot(trust=True) rebuilds unchanged from an lstat
+# with the same type, mode, owner, size, times, inode and link count (?1:
+# hash_max_size), or a directory's with its metadata; Store.children_slow:
+# the other rows.
+_TRUSTED = ("ifnull(xattrs IS NOT NULL AND (kind IN ('symlink', 'dir') OR kind='file' AND"
+            " sha256 IS NOT NULL AND skipped=0 AND links IS NOT NULL AND size<=?1), 0)")
+_KEYS_IN = ("SELECT name, CASE WHEN %s THEN (CASE kind WHEN 'file' THEN %d WHEN 'dir' THEN %d"
+            " ELSE %d END) + mode ELSE -1 END, uid, gid, size, mtime_ns, ctime_ns, ino,"
+            " ifnull(links, 1), %s FROM files WHERE parent=?2"
+            % (_TRUSTED, stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK,
+               ", ".join("CASE kind WHEN 'dir' THEN %s END" % c
+                         for c in ("xattrs", "capability", "acl", "flags"))))
+_SLOW_IN = "SELECT name, %s FROM files WHERE parent=?2 AND NOT %s" % (_REC_COLS, _TRUSTED)
 _ADD_EVENT = "INSERT INTO events (seq, id, t, severity, event, path, json) VALUES (?,?,?,?,?,?,?)"
 EVENTS_KEEP = 200000
 # A transaction is split after this many row writes (Store._w): StateDB keeps
@@ -1688,18 +1702,45 @@ class Store:
                                    (os.fsencode(dirpath),)).fetchall()
         return {os.fsdecode(r[0]): Rec(*r[1:]) for r in rows}
 
+    def keys_in(self, dirpath, max_size):
+        """{name (str): (name (bytes), st_mode, uid, gid, size, mtime_ns, ctime_ns,
+        ino, links, and for a directory its xattrs, capability, acl, flags)} of
+        the baseline entries directly in dirpath, for the quick walk's one
+        comparison per entry with its lstat (Engine._walk_quick). st_mode is
+        -1 (never an lstat's) for a row that snapshot(trust=True) would not
+        rebuild from an unchanged lstat alone (with a directory's metadata):
+        a device or other kind, a file not hashed (or over max_size now), one
+        with unknown metadata or link count (from before those columns). A
+        symlink's links is 1: its link count is not recorded."""
+        with self.lock:
+            rows = self.db.execute(_KEYS_IN, (max_size, os.fsencode(dirpath))).fetchall()
+        dec = os.fsdecode
+        return {dec(r[0]): r for r in rows}
+
+    def children_slow(self, dirpath, max_size):
+        """children() of the rows keys_in() gives st_mode -1."""
+        with self.lock:
+            rows = self.db.execute(_SLOW_IN, (max_size, os.fsencode(dirpath))).fetchall()
+        return {os.fsdecode(r[0]): Rec(*r[1:]) for r in rows}
+
     def put(self, path, rec):
         with self.lock:
             self._w()
             self.db.execute(_PUT_FILE, _split(path) + rec)
             self._remember(path, rec)
 
-    def put_many(self, items):
-        """put() for [(path, Rec)] in one statement (a baseline being built)."""
+    @staticmethod
+    def file_row(path, rec):
+        """The files-table row of put_many() for path's Rec; builds no query,
+        so a Hasher thread makes the rows of the files it read."""
+        return _split(path) + rec
+
+    def put_many(self, rows):
+        """put() for [file_row()] in one statement (a baseline being built)."""
         with self.lock:
             self._rows.clear()
-            self._w(len(items))
-            self.db.executemany(_PUT_FILE, [_split(p) + r for p, r in items])
+            self._w(len(rows))
+            self.db.executemany(_PUT_FILE, rows)
 
     def has_under(self, path):
         """Whether the baseline has path or anything below it."""
@@ -5659,14 +5700,16 @@ class FanotifyBackend:
     def read(self, eng):
         """Drain the fanotify queue into eng; returns the number of records."""
         noise = self.noise
-        if self.delay and not self.relevant and noise[0] + noise[1] > NOISE_BUSY[0]:
+        if self.delay and not self.relevant and noise[0] + noise[1] > NOISE_BUSY[0] \
+                and (eng is None or not eng.scans):
             # The last wake-up was only other files on the same filesystem,
             # and there were many of those lately: a busy neighbour. Let its
             # records gather, so it costs a few reads per second instead of
             # one per write (latency: the delay, once). A stray write beside
             # the tree, or fimwatch's own writes, do not delay the next read:
             # a file that lives for milliseconds (a dropper) must be read
-            # before it is gone.
+            # before it is gone. Not while a walk runs (the start-up check):
+            # the loop then reads once per slice of it anyway.
             time.sleep(self.delay)
         self.relevant = self.own = 0
         self.procs.new_batch()
@@ -6487,18 +6530,25 @@ class Engine:
         metadata), 'full' (compare, re-read every file), 'new' (a directory
         that just appeared: watch it and queue every entry as pending)."""
         store = self.store
+        # Building: the files are read by the Hasher threads, in jobs across
+        # directories, and recorded in batches; a tree with nothing in the
+        # baseline yet (asked before top itself is recorded) costs no query
+        # per directory.
+        self._build = None if mode != "build" else \
+            {"detected": detected, "fresh": not store.has_under(top), "items": [], "bytes": 0,
+             "fd": None, "done": []}
         if mode != "new":
             self.visit(top, store.get(top), detected, mode)
-        # Building: the files are read by the Hasher threads, a directory's
-        # entries at a time, and recorded in batches; a tree with nothing in
-        # the baseline yet costs no query per directory.
-        self._build = None if mode != "build" else \
-            {"detected": detected, "fresh": not store.has_under(top), "items": [], "done": []}
-        stack = [(top, False, None)]
+        # Directories in the byte order of their paths, the baseline table's
+        # (parent, name) order: a build appends to its B-tree, a comparison
+        # reads its pages in order (SQLite's page cache is small).
+        # A directory _walk_quick passed over carries its metadata in the
+        # baseline (expect), compared once it is open.
+        stack = [(os.fsencode(top), top, False, None, None)]
         limited = []
         count = 0
         while stack:
-            d, parent_unwatched, ident = stack.pop()
+            _, d, parent_unwatched, ident, expect = heapq.heappop(stack)
             # The directory is opened without following a symlink and checked
             # to be the one seen from its parent: a user who swaps a directory
             # (or one above it) for a symlink between two steps of the walk
@@ -6507,16 +6557,21 @@ class Engine:
             try:
                 dfd = open_deep(d)
             except (FileNotFoundError, NotADirectoryError):
+                self._dir_check(d, None, None, expect, detected, mode)
                 continue
             except OSError as e:
                 if e.errno != errno.ELOOP:
                     self.report_unreadable(d, e)
+                self._dir_check(d, None, None, expect, detected, mode)
                 continue
             try:
                 if ident is not None:
                     fst = os.fstat(dfd)
                     if (fst.st_dev, fst.st_ino) != ident:
-                        continue         # replaced under us: the events tell the rest
+                        # replaced under us: the events tell the rest
+                        self._dir_check(d, None, None, expect, detected, mode)
+                        continue
+                    self._dir_check(d, dfd, fst, expect, detected, mode)
                 self._walk_dir(d, dfd, mode, detected, watch, parent_unwatched, limited, stack)
             finally:
                 os.close(dfd)
@@ -6529,10 +6584,21 @@ class Engine:
                 sys.stderr.flush()
             yield d
         if mode == "build":
+            self._submit_build(True)
             self._wait_workers(0)
             self._build = None
         if limited:
             self.report_limit(limited, detected)
+
+    def _dir_check(self, d, dfd, fst, expect, detected, mode):
+        """The comparison of a directory _walk_quick passed over (expect: its
+        xattrs, capability, acl, flags in the baseline; None: compared
+        already): its metadata read through dfd (fstat fst); in full if it
+        differs, or when it could not be opened as the directory its parent
+        saw (dfd None: gone, replaced)."""
+        if expect is None or (dfd is not None and read_meta(dfd, fst, True) == expect):
+            return
+        self.visit(d, self.store.get(d), detected, mode)
 
     def _walk_dir(self, d, dfd, mode, detected, watch, parent_unwatched, limited, stack):
         """One directory of walk(), read through its fd dfd."""
@@ -6544,15 +6610,20 @@ class Engine:
         except OSError as e:
             self.report_unreadable(d, e)
             return
-        old_children = self.store.children(d) if mode != "new" and not \
-            (mode == "build" and self._build["fresh"]) else {}
-        with it:
-            for e in it:
-                p, st = self._walk_entry(d, dfd, e, mode, detected, old_children)
-                if st is not None and stat.S_ISDIR(st.st_mode):
-                    stack.append((p, unwatched, (st.st_dev, st.st_ino)))
+        if mode == "quick":
+            with it:
+                old_children = self._walk_quick(d, dfd, detected, it, unwatched, stack)
+        else:
+            old_children = self.store.children(d) if mode != "new" and not \
+                (mode == "build" and self._build["fresh"]) else {}
+            with it:
+                for e in it:
+                    p, st = self._walk_entry(d, dfd, e, mode, detected, old_children)
+                    if st is not None and stat.S_ISDIR(st.st_mode):
+                        heapq.heappush(stack, (os.fsencode(p), p, unwatched,
+                                               (st.st_dev, st.st_ino), None))
         if mode == "build":
-            self._submit_build(dfd)
+            self._build["fd"] = None         # the next directory's files: its own fd
         for name, old in old_children.items():      # in the baseline, not on disk
             p = d + "/" + name if d != "/" else "/" + name
             if p in self.pending:
@@ -6561,6 +6632,70 @@ class Engine:
                 self.store.delete_tree(p) if old.kind == "dir" else self.store.delete(p)
             else:
                 self.apply(p, old, None, detected, silent=(mode == "build"))
+
+    def _walk_quick(self, d, dfd, detected, it, unwatched, stack):
+        """The entries of one directory in mode quick (the start-up check).
+        A file or symlink whose lstat has the type, mode, owner, size, times,
+        inode and link count of its baseline row (Store.keys_in) is
+        unchanged -- snapshot(trust=True) would rebuild the very same Rec --
+        so it costs its lstat and one tuple comparison: no Rec, no query of
+        its own, no event. The rest go through _walk_entry, with their Rec
+        read then. Returns {name: Rec} of the rows not seen on disk."""
+        store, max_size = self.store, self.cfg.hash_max_size
+        keys = store.keys_in(d, max_size)
+        slow = []                        # [children_slow(d)], read at the first need
+        prefix = d + "/" if d != "/" else "/"
+        gone = {}
+
+        def old_of(name, key):
+            """The Rec of the row keys_in() gave key (None: no row)."""
+            if key is None:
+                return None
+            if key[1] != -1:
+                return store.get(prefix + name)
+            if not slow:
+                slow.append(store.children_slow(d, max_size))
+            return slow[0].get(name)
+        for e in it:
+            name = e.name
+            key = keys.pop(name, None)
+            if key is not None and key[1] != -1:
+                st = self._unchanged(prefix + name, e, key)
+                if st is not None:
+                    if stat.S_ISDIR(st.st_mode):         # its metadata: checked in walk()
+                        p = prefix + name
+                        heapq.heappush(stack, (os.fsencode(p), p, unwatched,
+                                               (st.st_dev, st.st_ino), key[9:]))
+                    continue
+            old = old_of(name, key)
+            one = {name: old} if old is not None else {}
+            p, st = self._walk_entry(d, dfd, e, "quick", detected, one)
+            gone.update(one)                 # excluded now: dropped by the caller
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                heapq.heappush(stack, (os.fsencode(p), p, unwatched, (st.st_dev, st.st_ino), None))
+        for name, key in keys.items():
+            old = old_of(name, key)
+            if old is not None:
+                gone[name] = old
+        return gone
+
+    def _unchanged(self, p, e, key):
+        """_walk_quick: e's lstat if entry e at p matches its baseline key,
+        with nothing else (an exclusion, a settle window, a worker,
+        append-only) to look at; else None. A directory matches on type,
+        mode, owner and inode: its metadata is compared once walk() opened it."""
+        try:
+            st = e.stat(follow_symlinks=False)
+        except OSError:
+            return None
+        if stat.S_ISDIR(key[1]):
+            same = key[1:4] == (st.st_mode, st.st_uid, st.st_gid) and key[7] == st.st_ino \
+                and not self.excluded(p, True)
+        else:
+            same = key[1:9] == (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
+                                st.st_ctime_ns, st.st_ino, st.st_nlink) \
+                and not self.excluded(p) and not self.append_only.match(p)
+        return st if same and p not in self.pending and p not in self.inflight else None
 
     def _watch_in_walk(self, d, mode, parent_unwatched, limited):
         """Watch d during a walk; True when d (and so its subtree) has no watch."""
@@ -6611,35 +6746,42 @@ class Engine:
 
     def _build_entry(self, p, old, st, dfd, name):
         """One entry of a baseline being built: a file of BUILD_OFFLOAD_MIN
-        or more waits for a Hasher thread (in batches), the rest is looked at
-        here (small files are mostly system calls, and two threads taking
-        turns at the GIL for them would be slower than one)."""
+        or more waits for a Hasher thread, in jobs of BUILD_BATCH_FILES files
+        or BUILD_BATCH_BYTES bytes across directories (each directory's files
+        read through a dup of its fd); the rest is looked at here. Small
+        files are mostly system calls: handing them to the threads too was
+        measured at +20-30 % CPU and slower (the threads take turns at the
+        GIL for them)."""
         b = self._build
         if st is not None and stat.S_ISREG(st.st_mode) and st.st_size >= BUILD_OFFLOAD_MIN:
-            b["items"].append((p, old, st, name))
-            if len(b["items"]) >= BUILD_BATCH_FILES:
-                self._submit_build(dfd)
+            if b["fd"] is None:
+                b["fd"] = os.dup(dfd)
+            b["items"].append((p, old, st, name, b["fd"]))
+            b["bytes"] += st.st_size
+            if len(b["items"]) >= BUILD_BATCH_FILES or b["bytes"] >= BUILD_BATCH_BYTES:
+                self._submit_build()
             return
         try:
             b["done"].append((p, old, self.look(p, old, "build", st, dfd, name)))
         except OSError as e:
             b["done"].append((p, old, e))
         if len(b["done"]) >= 256:
-            self._submit_build(dfd)
+            self._submit_build()
 
-    def _submit_build(self, dfd):
-        """Record what was looked at here, and hand the big files gathered by
-        _build_entry to a Hasher thread; at most two jobs per thread wait
+    def _submit_build(self, last=False):
+        """Record what was looked at here, and hand the files gathered by
+        _build_entry to a Hasher thread once they make a job (or last); the
+        job closes the fds its files use. At most two jobs per thread wait
         (the walk reads events meanwhile)."""
         b = self._build
         if b["done"]:
             done, b["done"] = b["done"], []
-            self._built(("dir", done[0][0], b["detected"]), done, None)
-        if not b["items"]:
+            self._built(("dir", done[0][0], b["detected"]), self._new_rows(done), None)
+        if not b["items"] or (not last and len(b["items"]) < BUILD_BATCH_FILES
+                              and b["bytes"] < BUILD_BATCH_BYTES):
             return
-        items, b["items"] = b["items"], []
-        self.hasher.submit(("dir", items[0][0], b["detected"]), self._look_dir,
-                           os.dup(dfd), items)
+        items, b["items"], b["bytes"], b["fd"] = b["items"], [], 0, None
+        self.hasher.submit(("dir", items[0][0], b["detected"]), self._look_dir, items)
         self._wait_workers(2 * self.hasher.workers)
 
     def _wait_workers(self, most):
@@ -6650,37 +6792,50 @@ class Engine:
                 self.read_events()
             self.collect(wait=0.05)
 
-    def _look_dir(self, fd, items):
-        """look() for entries of one directory (a Hasher job): [(path, old,
-        looked or the OSError)]."""
+    def _look_dir(self, items):
+        """look() for files of a baseline being built (a Hasher job):
+        _new_rows() of [(path, old, looked or the OSError)]; closes the
+        directory fds they use."""
         out = []
         try:
-            for p, old, st, name in items:
+            for p, old, st, name, fd in items:
                 try:
                     out.append((p, old, self.look(p, old, "build", st, fd, name)))
                 except OSError as e:
                     out.append((p, old, e))
         finally:
-            os.close(fd)
-        return out
+            for fd in {it[4] for it in items}:
+                os.close(fd)
+        return self._new_rows(out)
 
     def _built(self, tag, res, err):
-        """Record a _look_dir result: new entries without text or meaning to
-        keep in one statement, the rest through use()."""
+        """Record a _look_dir result, (rows, rest) of _new_rows(): the rows
+        in one statement, the rest through use()."""
         if err is not None:
             raise err
-        rows = []
-        for p, old, looked in res:
+        rows, rest = res
+        for p, old, looked in rest:
             if isinstance(looked, OSError):
                 self.report_unreadable(p, looked)
-            elif old is None and looked[0] is not None and looked[1] is None \
-                    and looked[2] is None:
-                rows.append((p, looked[0]))
             else:
                 self.use(p, old, tag[2], "build", looked)
         if rows:
             self.stats["silent"] += len(rows)
             self.store.put_many(rows)
+
+    @staticmethod
+    def _new_rows(res):
+        """Split looked-at entries [(path, old, looked or OSError)] of a build
+        into (the files-table rows of new entries with no text or meaning to
+        keep, the rest)."""
+        rows, rest = [], []
+        for p, old, looked in res:
+            if old is None and not isinstance(looked, OSError) and looked[0] is not None \
+                    and looked[1] is None and looked[2] is None:
+                rows.append(Store.file_row(p, looked[0]))
+            else:
+                rest.append((p, old, looked))
+        return rows, rest
 
     def visit(self, p, old, detected, mode, st=None, dir_fd=None, name=None):
         if mode != "build" and self.append_only.match(p) and \

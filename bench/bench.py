@@ -1252,8 +1252,8 @@ def bench_baseline(ctx, reps, want_reverify):
             "fimwatch first baseline",
             fim,
             "s",
-            limit=0.5,
-            target="≤ 0.50×",
+            limit=0.2,
+            target="≤ 0.20×",
         )
 
 

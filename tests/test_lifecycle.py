@@ -40,6 +40,54 @@ def test_offline_changes_are_reported_at_startup(fim):
     d3.stop()
 
 
+@needs_root
+def test_startup_check_trusts_only_an_unchanged_lstat(fim):
+    """The start-up check skips a file whose lstat matches its baseline row
+    in every field (Engine._walk_quick): each field a change moves must
+    still be looked at, among many unchanged files in the same directories."""
+    sub = fim.root / "sub"
+    sub.mkdir()
+    for i in range(50):
+        write(fim.root / ("same-%d.txt" % i), "same %d\n" % i)
+        write(sub / ("same-%d.txt" % i), "same %d\n" % i)
+    kept = write(sub / "kept-mtime.txt", "aaaa\n")
+    owned = write(fim.root / "owned.txt", "o\n")
+    linked = write(sub / "linked.txt", "l\n")
+    gone = write(sub / "gone.txt", "g\n")
+    link = fim.root / "link"
+    os.symlink("target-a", link)
+    d = fim.daemon()
+    d.stop()
+    st = os.stat(kept)
+    write(kept, "bbbb\n")                      # same size, mtime put back: only ctime moved
+    os.utime(kept, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.chown(owned, 1, 1)
+    os.link(linked, fim.outside / "second-name")
+    os.unlink(gone)
+    new = write(sub / "new.txt", "n\n")
+    os.symlink("target-b", fim.root / "link.tmp")   # same length, same name
+    os.replace(fim.root / "link.tmp", link)
+    os.chmod(sub, 0o700)
+    d2 = fim.daemon()
+    for pred, changes in ((is_event("modified", kept), ["content"]),
+                          (is_event("attributes", owned), ["owner", "group"]),
+                          (is_event("attributes", linked), ["links"]),
+                          (is_event("deleted", gone), None),
+                          (is_event("created", new), None),
+                          (is_event("attributes", link), ["target"]),
+                          (is_event("attributes", sub), ["mode"])):
+        e = d2.wait_for(pred, since=d2.start_index)
+        assert e["detected"] == "startup" and e.get("changes") == changes, e
+    d2.wait_for(is_event("verified"), since=d2.start_index)
+    same = [e for e in d2.events() if "/same-" in e.get("path", "")]
+    assert not same, same
+    d2.stop()
+    d3 = fim.daemon()
+    d3.assert_quiet(lambda e: e.get("detected") == "startup", since=d3.start_index,
+                    control=control_file())
+    d3.stop()
+
+
 def test_clean_stop_writes_stopped_and_start_has_no_gap(fim):
     d = fim.daemon()
     d.stop()

@@ -88,6 +88,31 @@ def test_file_capability_set_on_a_copied_binary_is_reported(fim):
     d.stop()
 
 
+def test_directory_xattr_set_while_down_is_found_at_startup(fim):
+    """The start-up check passes over a directory whose lstat matches its
+    row (type, mode, owner, inode) and compares its metadata once it has
+    opened it to walk it (Engine._dir_check): an xattr set on it while the
+    daemon was down is still reported, and what is in it still compared."""
+    sub = fim.root / "conf.d"
+    sub.mkdir()
+    needs_xattr(sub)
+    inner = write(sub / "a.conf", "a\n")
+    same = fim.root / "same.d"
+    same.mkdir()
+    fim.baseline()
+    os.setxattr(sub, "user.note", b"set while down")
+    write(inner, "b\n")
+    d = fim.daemon()
+    e = d.wait_for(changed(sub, "xattr"), since=d.start_index, timeout=20)
+    assert e["detected"] == "startup" and e["changes"] == ["xattr"], e
+    assert list(e["xattrs"]) == ["user.note"] and e["previous"]["xattrs"] == {}, e
+    e = d.wait_for(is_event("modified", inner), since=d.start_index, timeout=20)
+    assert e["detected"] == "startup", e
+    d.wait_for(is_event("verified"), since=d.start_index, timeout=20)
+    assert not d.matching(about(same), since=d.start_index)
+    d.stop()
+
+
 def test_user_xattr_set_changed_and_removed(fim):
     p = write(fim.root / "data.txt", "data\n")
     needs_xattr(p)
