@@ -5070,7 +5070,7 @@ class ProcessCache:
         self.seen = collections.OrderedDict()     # pid -> info, last read
         self.batch = {}
         self.fresh = {}                           # pid -> (identity, monotonic, info)
-        self.executed = executed or (lambda pid: {})
+        self.executed = executed or (lambda pid, start=None: {})
 
     def new_batch(self):
         self.batch = {}
@@ -5088,6 +5088,14 @@ class ProcessCache:
             return hit[2]
         live = process_info(pid)
         if live is not None:
+            # What the exec cache adds, once per read of /proc (not per hit):
+            # the exe where /proc/PID/exe may not be read, and the #! script
+            # of one still running.
+            ex = self.executed(pid, int(ident[2]))
+            if live.get("exe") is None:
+                live["exe"] = ex.get("exe")
+            if ex.get("script") and ex.get("exe") == live["exe"]:
+                live["script"] = ex["script"]
             if len(self.fresh) >= self.KEEP:
                 self.fresh.clear()
             self.fresh[pid] = (ident, now, live)
@@ -5099,11 +5107,6 @@ class ProcessCache:
             return info
         live = self._live(pid)
         if live is not None:
-            ex = self.executed(pid)
-            if live.get("exe") is None:
-                live["exe"] = ex.get("exe")
-            if ex.get("script") and ex.get("exe") == live["exe"]:
-                live["script"] = ex["script"]   # a #! script still running
             info = dict(live, confidence="live")
             self.seen[pid] = live
             self.seen.move_to_end(pid)
@@ -5126,14 +5129,9 @@ class ProcessCache:
         and the chain up to the writer. Its own uid is not guessed (sudo and
         set-id binaries change it)."""
         ppid, start = info["ppid"], info.pop("started", None)
-        try:
-            if start is None or _proc_stat(ppid)[1] > start:
-                return                   # its pid now belongs to a younger process
-        except (OSError, ValueError, IndexError):
-            return                       # gone too
-        parent = self.batch.get(ppid) or process_info(ppid)
-        if parent is None:
-            return
+        parent = self._live(ppid) if start is not None else None
+        if parent is None or int(self.fresh[ppid][0][2]) > start:
+            return                       # gone too, or its pid is a younger process's
         for k in ("login_uid", "login_user", "session"):
             if k in parent:
                 info[k] = parent[k]
@@ -5638,19 +5636,22 @@ class FanotifyBackend:
         if len(ex) > self.EXECS_KEEP:
             ex.popitem(last=False)
 
-    def executed(self, pid):
+    def executed(self, pid, start=None):
         """{"exe": path} of the binary pid last executed, as the exec cache
         saw it, with "script": path when that was a #! script run by it;
-        {} when unknown."""
+        {} when unknown. start: the start time of the process that has pid
+        now, when the caller read it (else read here, if it still runs)."""
         entry = self.execs.get(pid)
         exe = self._path_of(entry[:2]) if entry else None
         if exe is None:
             return {}
-        try:
-            if entry[5] is not None and _proc_stat(pid)[1] != entry[5]:
-                return {}                # the pid was reused: not that process
-        except (OSError, ValueError, IndexError):
-            pass                         # gone: the entry is the best we know
+        if start is None:
+            try:
+                start = _proc_stat(pid)[1]
+            except (OSError, ValueError, IndexError):
+                pass                     # gone: the entry is the best we know
+        if entry[5] is not None and start is not None and start != entry[5]:
+            return {}                    # the pid was reused: not that process
         out = {"exe": esc(exe)}
         if entry[4]:
             out["ppid"], out["started"] = entry[4], entry[5]
