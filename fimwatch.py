@@ -152,6 +152,8 @@ WATCH_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_
               | IN_ONLYDIR | IN_DONT_FOLLOW | IN_EXCL_UNLINK)
 
 M_ARENA_MAX = -8                # mallopt(3): the most malloc arenas (one_malloc_arena)
+M_MMAP_THRESHOLD = -3           # mallopt(3): blocks this big or more are mmap()ed
+MMAP_THRESHOLD = 128 << 10      # glibc's initial value, kept (one_malloc_arena)
 HASH_CHUNK = 1 << 20
 HASH_SMALL = 64 << 10             # a file up to this size is hashed from one read
 HASH_WORKERS = 2                 # threads that hash (hashlib and readv release the GIL)
@@ -4740,10 +4742,29 @@ def one_malloc_arena(environ=os.environ):
     under the GIL anyway, so one arena costs no contention. Done before any
     thread starts; MALLOC_ARENA_MAX in the environment (an admin's choice)
     wins; no-op without glibc's mallopt. True when the limit was set."""
+    fixed_mmap_threshold(environ)
     if "MALLOC_ARENA_MAX" in environ:
         return False
     try:
         return _libc()[1].mallopt(M_ARENA_MAX, 1) == 1
+    except (OSError, AttributeError):
+        return False
+
+
+def fixed_mmap_threshold(environ=os.environ):
+    """glibc mmap()s a block of 128 KiB or more, and when one is freed it
+    raises that threshold to its size (up to 32 MB): after DirTree's tables
+    or a big read were freed, every later array, table and read of up to
+    that size came from the heap, which a freed one leaves full of holes
+    (~1 MiB of resident memory at 50,000 directories). Fixing the threshold
+    at its initial 128 KiB (which also stops the trim threshold following
+    it) gives such blocks back on free; reads of up to HASH_SMALL stay on
+    the heap. MALLOC_MMAP_THRESHOLD_ in the environment wins. True when
+    set."""
+    if "MALLOC_MMAP_THRESHOLD_" in environ:
+        return False
+    try:
+        return _libc()[1].mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
     except (OSError, AttributeError):
         return False
 

@@ -432,6 +432,43 @@ def test_one_malloc_arena_keeps_a_threads_allocations_in_the_main_arena(how):
     assert fimwatch.one_malloc_arena({"MALLOC_ARENA_MAX": "4"}) is False
 
 
+_MMAP = r"""
+import ctypes, sys
+sys.path.insert(0, sys.argv[1])
+import fimwatch
+if sys.argv[2] == "fixed":
+    print(fimwatch.fixed_mmap_threshold({}), flush=True)
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                               "usmblks", "fsmblks", "uordblks", "fordblks",
+                                               "keepcost")]
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.mallinfo2.restype = MallInfo2
+# Bigger than what the import left free in the heap, never touched (no RSS).
+big = libc.malloc(30 << 20)          # mmap()ed; freeing it raises a dynamic threshold
+libc.free(big)
+keep = libc.malloc(25 << 20)
+print(libc.mallinfo2().hblkhd >= 25 << 20, flush=True)   # mmap()ed too, or from the heap
+libc.free(keep)
+"""
+
+
+@pytest.mark.parametrize("how", ["fixed", "default"])
+def test_fixed_mmap_threshold_keeps_big_blocks_out_of_the_heap(how):
+    """After a freed 30 MiB block, glibc's dynamic threshold puts the next
+    25 MiB block in the heap (the control); fixed_mmap_threshold() keeps it
+    mmap()ed; MALLOC_MMAP_THRESHOLD_ in the environment wins."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", _MMAP, os.path.dirname(fimwatch.__file__), how],
+                       capture_output=True, text=True, timeout=60)
+    want = "True\nTrue" if how == "fixed" else "False"
+    assert r.stdout.strip() == want, r.stdout + r.stderr
+    assert fimwatch.fixed_mmap_threshold({"MALLOC_MMAP_THRESHOLD_": "65536"}) is False
+
+
 @pytest.mark.parametrize("proc, text", [
     ({"pid": 812, "exe": "/usr/bin/vim", "user": "root", "login_user": "alice", "session": 4,
       "confidence": "live"}, "alice (session 4) ran /usr/bin/vim as root (pid 812)"),
