@@ -469,6 +469,39 @@ def test_fixed_mmap_threshold_keeps_big_blocks_out_of_the_heap(how):
     assert fimwatch.fixed_mmap_threshold({"MALLOC_MMAP_THRESHOLD_": "65536"}) is False
 
 
+_IMPORTS = r"""
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import fimwatch
+p = fimwatch.build_parser()
+p.parse_args(["run"])
+p.format_help()
+ino_mod = fimwatch.import_inotify()
+d = sys.argv[2]
+ino = ino_mod.INotify(nonblocking=True)
+ino.add_watch(d, ino_mod.flags.CREATE)
+open(os.path.join(d, "f"), "w").close()
+events = [e.name for e in ino.read(timeout=5000)]
+print(sorted(m for m in ("shutil", "tempfile", "ctypes.util", "lzma", "bz2") if m in sys.modules))
+print(events)
+print(bool(ino_mod.find_library("c")))       # the stand-in imports the real one
+import ctypes.util
+print(ctypes.util.find_library is not ino_mod.find_library, bool(ctypes.util.find_library("c")))
+"""
+
+
+def test_daemon_start_imports_neither_shutil_nor_ctypes_util(tmp_path):
+    """The daemon's argument parse and inotify_simple's import leave out
+    shutil, tempfile, bz2, lzma and ctypes.util (~1.5 MB resident), and
+    inotify_simple still works; its find_library, if called, is the real
+    one."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", _IMPORTS, os.path.dirname(fimwatch.__file__),
+                        str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.stdout.split("\n")[:4] == ["[]", "['f']", "True", "True True"], r.stdout + r.stderr
+
+
 @pytest.mark.parametrize("proc, text", [
     ({"pid": 812, "exe": "/usr/bin/vim", "user": "root", "login_user": "alice", "session": 4,
       "confidence": "live"}, "alice (session 4) ran /usr/bin/vim as root (pid 812)"),
