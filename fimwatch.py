@@ -1224,7 +1224,7 @@ def hash_file(path, st, keep=0, dir_fd=None, meta=None):
             # the resident memory for a few more system calls.
             buf = _hash_buf.buf = bytearray(
                 HASH_CHUNK if threading.current_thread() is not threading.main_thread()
-                else HASH_CHUNK // 4)
+                else HASH_SMALL)
         mv, chunk = memoryview(buf), len(buf)
         # Never past the size lstat saw: a file that grows as fast as we read
         # must not hold the loop. Its writes queue it again, and a later look
