@@ -4393,10 +4393,14 @@ def import_inotify():
         sys.path.insert(0, LIBDIR)
     stand_in = None
     if "inotify_simple" not in sys.modules and "ctypes.util" not in sys.modules:
-        ctypes = _libc()[0]
-        stand_in = types.ModuleType("ctypes.util")
-        stand_in.find_library = _real_find_library
-        sys.modules["ctypes.util"] = stand_in
+        try:
+            ctypes, libc = _libc()
+        except OSError:
+            pass
+        else:
+            stand_in = types.ModuleType("ctypes.util")
+            stand_in.find_library = _real_find_library
+            sys.modules["ctypes.util"] = stand_in
     try:
         import inotify_simple
     except ImportError:
@@ -4411,7 +4415,7 @@ def import_inotify():
             if getattr(ctypes, "util", None) is stand_in:
                 del ctypes.util
     if stand_in is not None and getattr(inotify_simple, "_libc", 0) is None:
-        inotify_simple._libc = _libc()[1]
+        inotify_simple._libc = libc
     return inotify_simple
 
 
@@ -10611,9 +10615,9 @@ def _terminal_columns():
 class _Width:
     """argparse's formatters import shutil for the width (every add_argument
     builds one, so even the daemon's parse did): this one does not."""
-    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
+    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None, **kw):
         super().__init__(prog, indent_increment, max_help_position,
-                         _terminal_columns() - 2 if width is None else width)
+                         _terminal_columns() - 2 if width is None else width, **kw)
 
 
 class _HelpFormatter(_Width, argparse.HelpFormatter):
