@@ -155,6 +155,7 @@ WATCH_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_
 M_ARENA_MAX = -8                # mallopt(3): the most malloc arenas (one_malloc_arena)
 M_MMAP_THRESHOLD = -3           # mallopt(3): blocks this big or more are mmap()ed
 MMAP_THRESHOLD = 128 << 10      # glibc's initial value, kept (one_malloc_arena)
+DRAIN_READ = 64 << 10           # bytes of notifications read at a time (drain)
 HASH_CHUNK = 1 << 20
 HASH_SMALL = 64 << 10             # a file up to this size is hashed from one read
 HASH_WORKERS = 2                 # threads that hash (hashlib and readv release the GIL)
@@ -4471,7 +4472,9 @@ def drain(fd, handle, limit=200000):
     n = 0
     while n <= limit:
         try:
-            data = os.read(fd, 1 << 18)
+            # Below MMAP_THRESHOLD: a bigger read would mmap() and unmap its
+            # buffer every time, and fault in every page the kernel writes.
+            data = os.read(fd, DRAIN_READ)
         except BlockingIOError:
             break
         except InterruptedError:

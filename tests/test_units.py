@@ -469,6 +469,12 @@ def test_fixed_mmap_threshold_keeps_big_blocks_out_of_the_heap(how):
     assert fimwatch.fixed_mmap_threshold({"MALLOC_MMAP_THRESHOLD_": "65536"}) is False
 
 
+def test_notification_reads_stay_below_the_mmap_threshold():
+    """drain()'s reads come from the heap: at or over MMAP_THRESHOLD each one
+    would mmap() and unmap its buffer (~17 us a read, measured)."""
+    assert fimwatch.DRAIN_READ < fimwatch.MMAP_THRESHOLD
+
+
 _TRIM = r"""
 import os, sys
 sys.path.insert(0, sys.argv[1])
