@@ -7238,7 +7238,11 @@ class Engine:
             heapq.heappush(self.due, (self.pending[p][0], p))
             self.capture(p, now)
         else:
-            if not attrib:
+            # A window that has ended is not re-armed: the path was quiet for
+            # the settle time and waits only for the loop (busy), so it is
+            # compared at once and sees this write too; re-arming it would
+            # add a whole window to a busy daemon's lag.
+            if not attrib and ent[0] > now:
                 ent[0] = min(now + self.settle, ent[2] if len(ent) > 2 else ent[1] + self.max_delay)
             if p in self.fresh:
                 self.capture(p, now)
