@@ -878,6 +878,12 @@ def _check_whole(cf, values):
         raise cf.error("fimwatch", "state_dir", "%s is not a place for files" % sd)
     if not values[("watch", "paths")] and not values[("watch", "scan_only")]:
         raise cf.error("watch", "paths", "nothing to watch")
+    for key in ("paths", "scan_only"):
+        for p in values[("watch", key)]:
+            if p == sd or p.startswith(sd.rstrip("/") + "/"):
+                # its own database, never watched: the path would be silently empty
+                raise cf.error("watch", key, "%s is inside state_dir %s, which fimwatch never "
+                               "watches (its own database); move one of them" % (p, sd))
     for p in values[("watch", "append_only")].patterns:
         if not p.startswith("/"):
             raise cf.error("watch", "append_only", "%r is not an absolute path or pattern "
