@@ -5079,7 +5079,7 @@ class ProcessCache:
     FRESH = 1.0
 
     def __init__(self, executed=None):
-        self.seen = collections.OrderedDict()     # pid -> info, last read
+        self.seen = collections.OrderedDict()     # pid -> (start time, info), last read
         self.batch = {}
         self.fresh = {}                           # pid -> (identity, monotonic, info)
         self.executed = executed or (lambda pid, start=None: {})
@@ -5120,14 +5120,19 @@ class ProcessCache:
         live = self._live(pid)
         if live is not None:
             info = dict(live, confidence="live")
-            self.seen[pid] = live
+            self.seen[pid] = (int(self.fresh[pid][0][2]), live)
             self.seen.move_to_end(pid)
             if len(self.seen) > self.KEEP:
                 self.seen.popitem(last=False)
-        elif pid in self.seen:
-            info = dict(self.seen[pid], confidence="cached")
+            self.batch[pid] = info
+            return info
+        ex = self.executed(pid)
+        old = self.seen.get(pid)
+        if old is not None and not (ex.get("started") or 0) > old[0]:
+            # Gone; what an earlier read of it said, unless the exec cache
+            # knows a later process of that pid (reused since that read).
+            info = dict(old[1], confidence="cached")
         else:
-            ex = self.executed(pid)
             info = dict(ex, pid=pid, confidence="cached" if ex else "none")
             if ex.get("ppid"):
                 self._from_parent(info)
