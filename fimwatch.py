@@ -431,6 +431,21 @@ class PatternSet:
     def __bool__(self):
         return bool(self.patterns)
 
+    @staticmethod
+    def files_filter(*sets):
+        """(full, base): two regexes, full for a file's path and base for its
+        name, one of which matches every file (not a directory) that
+        match(path) of any of sets matches: a walk's two C calls for the
+        usual "none of them", before the exact checks (half their cost)."""
+        out = []
+        for part in ("_full", "_base"):
+            pats = [getattr(x, part).pattern for x in sets if getattr(x, part) is not None]
+            try:
+                out.append(re.compile("|".join(pats) if pats else "(?!)", re.S))
+            except re.error:
+                out.append(re.compile("", re.S))    # matches all: the exact checks decide
+        return tuple(out)
+
     def match(self, path, is_dir=False, dirs_by_name=True):
         if self._base is not None and (dirs_by_name or not is_dir) \
                 and self._base.match(path, path.rfind("/") + 1):
@@ -6375,6 +6390,10 @@ class Engine:
         self.editor = PatternSet([x for x in pats if x in EDITOR_NAMES])
         self.exclude = PatternSet([x for x in pats if x not in PROBE_NAMES
                                    and x not in EDITOR_NAMES] + own)
+        # a file whose path and name these do not match: neither excluded()
+        # nor append_only
+        self.files_filter = PatternSet.files_filter(self.exclude, self.editor,
+                                                    self.append_only)
         self.settle = cfg.settle
         self.max_delay = max(5.0, 10 * cfg.settle)
         # A root that is a file is watched through its directory, filtered.
@@ -6807,7 +6826,9 @@ class Engine:
         else:
             same = key[1:9] == (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
                                 st.st_ctime_ns, st.st_ino, st.st_nlink) \
-                and not self.excluded(p) and not self.append_only.match(p)
+                and (self.files_filter[0].match(p) is None
+                     and self.files_filter[1].match(e.name) is None
+                     or not self.excluded(p) and not self.append_only.match(p))
         return st if same and p not in self.pending and p not in self.inflight else None
 
     def _watch_in_walk(self, d, mode, parent_unwatched, limited):

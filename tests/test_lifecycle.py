@@ -133,6 +133,35 @@ def test_startup_check_reads_each_directory_s_rows_in_path_order(fim):
     d2.stop()
 
 
+def test_startup_check_drops_files_excluded_while_stopped(fim):
+    """An unchanged file that the config excludes since the last run leaves
+    the baseline at the start-up check, silently, by a base-name pattern
+    or a path pattern, among unchanged files that stay."""
+    import sqlite3
+    sub = fim.root / "sub"
+    sub.mkdir()
+    for i in range(20):
+        write(sub / ("same-%d.txt" % i), "s\n")
+    write(sub / "old.tmp", "t\n")
+    write(sub / "private.key", "k\n")
+    d = fim.daemon()
+    d.stop()
+    fim.write_config(watch={"exclude": "*.swp *.swx *~ .#* 4913 *.tmp %s" % (sub / "*.key")})
+    d2 = fim.daemon()
+    d2.wait_for(is_event("verified"), since=d2.start_index)
+    d2.stop()
+    said = [(e["event"], e["path"]) for e in d2.events()
+            if e.get("detected") == "startup" and e["path"].startswith(str(sub))]
+    assert not said, said
+    db = sqlite3.connect(str(fim.state_dir / "baseline.db"))
+    try:
+        names = {os.fsdecode(r[0]) for r in db.execute(
+            "SELECT name FROM files WHERE parent=?", (os.fsencode(str(sub)),))}
+    finally:
+        db.close()
+    assert names == {"same-%d.txt" % i for i in range(20)}, sorted(names)
+
+
 def test_clean_stop_writes_stopped_and_start_has_no_gap(fim):
     d = fim.daemon()
     d.stop()

@@ -574,3 +574,28 @@ def test_keys_reader_gives_each_directory_the_rows_keys_in_gives(tmp_path):
     finally:
         reader.close()
     store.close()
+
+
+def test_files_filter_matches_every_file_path_a_pattern_set_matches():
+    """The start-up check trusts an unchanged file without the exact pattern
+    checks only when PatternSet.files_filter() says none could match: it
+    must match whatever any of its sets matches (more is allowed)."""
+    sets = [fimwatch.PatternSet(["*.swp", "*~", ".#*", "4913", "node_modules/"]),
+            fimwatch.PatternSet(["/var/log/**", "/t/a[!b]c", "**/cache/*.bin", "/t/x?y"]),
+            fimwatch.PatternSet(["/t/log/*.log", "wtmp"]), fimwatch.PatternSet([])]
+    paths = ["/t/a.swp", "/t/d/a.swp", "/t/a.swpx", "/t/x~", "/t/.#x", "/t/4913", "/t/49134",
+             "/var/log/syslog", "/var/log/a/b", "/var/logx", "/t/aac", "/t/abc", "/t/a/c",
+             "/t/cache/x.bin", "/t/u/cache/y.bin", "/t/cache/d/y.bin", "/t/xzy", "/t/x/y",
+             "/t/log/a.log", "/t/log/d/a.log", "/var/wtmp", "/wtmp", "/t/node_modules",
+             "/t/\n.swp", os.fsdecode(b"/t/\xff.swp"), "/t/plain", "/t/swp"]
+    matched = 0
+    for picked in (sets, sets[:1], sets[1:2], sets[2:], sets[3:], []):
+        full, base = fimwatch.PatternSet.files_filter(*picked)
+        for p in paths:
+            if any(ps.match(p) for ps in picked):
+                matched += 1
+                assert full.match(p) or base.match(p.rpartition("/")[2]), \
+                    (p, [ps.patterns for ps in picked])
+        assert not full.match("/t/plain") and not base.match("plain"), \
+            [ps.patterns for ps in picked]
+    assert matched > 20
