@@ -2098,9 +2098,10 @@ class KeysReader:
                 break
             row = next(it, None)
         out = {}
-        dec = os.fsdecode
+        enc, errors = _FS_ENCODING         # os.fsdecode's, without its checks
         while row is not None and row[13] == parent:
-            out[dec(row[0])] = row
+            name = row[0]
+            out[name.decode(enc, errors) if name.__class__ is bytes else name] = row
             row = next(it, None)
         self.row = row
         return out
@@ -6788,16 +6789,34 @@ class Engine:
                 slow.append(store.children_slow(d, max_size))
             old = slow[0].get(name)
             return old if old is not None else store.get(prefix + name)
+        pending, inflight = self.pending, self.inflight
+        full_match, base_match = (r.match for r in self.files_filter)
+        S_ISDIR, push, fsencode = stat.S_ISDIR, heapq.heappush, os.fsencode
         for e in it:
             name = e.name
             key = keys.pop(name, None)
             if key is not None and key[1] != -1:
-                st = self._unchanged(prefix + name, e, key)
-                if st is not None:
-                    if stat.S_ISDIR(st.st_mode):         # its metadata: checked in walk()
-                        p = prefix + name
-                        heapq.heappush(stack, (os.fsencode(p), p, unwatched,
-                                               (st.st_dev, st.st_ino), key[9:13]))
+                # Unchanged: its lstat matches key, with nothing else (an
+                # exclusion, a settle window, a worker, append-only) to look
+                # at. A directory matches on type, mode, owner and inode: its
+                # metadata is compared once walk() opened it.
+                p = prefix + name
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    st = None
+                if st is None or p in pending or p in inflight:
+                    pass
+                elif S_ISDIR(key[1]):
+                    if key[1:4] == (st.st_mode, st.st_uid, st.st_gid) and key[7] == st.st_ino \
+                            and not self.excluded(p, True):
+                        push(stack, (fsencode(p), p, unwatched, (st.st_dev, st.st_ino),
+                                     key[9:13]))
+                        continue
+                elif key[1:9] == (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
+                                  st.st_ctime_ns, st.st_ino, st.st_nlink) \
+                        and (full_match(p) is None and base_match(name) is None
+                             or not self.excluded(p) and not self.append_only.match(p)):
                     continue
             old = old_of(name, key)
             one = {name: old} if old is not None else {}
@@ -6810,26 +6829,6 @@ class Engine:
             if old is not None:
                 gone[name] = old
         return gone
-
-    def _unchanged(self, p, e, key):
-        """_walk_quick: e's lstat if entry e at p matches its baseline key,
-        with nothing else (an exclusion, a settle window, a worker,
-        append-only) to look at; else None. A directory matches on type,
-        mode, owner and inode: its metadata is compared once walk() opened it."""
-        try:
-            st = e.stat(follow_symlinks=False)
-        except OSError:
-            return None
-        if stat.S_ISDIR(key[1]):
-            same = key[1:4] == (st.st_mode, st.st_uid, st.st_gid) and key[7] == st.st_ino \
-                and not self.excluded(p, True)
-        else:
-            same = key[1:9] == (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
-                                st.st_ctime_ns, st.st_ino, st.st_nlink) \
-                and (self.files_filter[0].match(p) is None
-                     and self.files_filter[1].match(e.name) is None
-                     or not self.excluded(p) and not self.append_only.match(p))
-        return st if same and p not in self.pending and p not in self.inflight else None
 
     def _watch_in_walk(self, d, mode, parent_unwatched, limited):
         """Watch d during a walk; True when d (and so its subtree) has no watch."""
