@@ -2062,7 +2062,7 @@ class KeysReader:
             self.db = sqlite3.connect(store.path, timeout=60, isolation_level=None,
                                       check_same_thread=False)
             self.db.execute("PRAGMA query_only=1")
-            self.db.execute("PRAGMA cache_size=-%d" % SQLITE_CACHE_KIB)
+            self.db.execute("PRAGMA cache_size=-64")     # one pass in order: no reuse
             self._seek(top)
         except sqlite3.Error:
             self.close()
