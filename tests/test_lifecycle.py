@@ -162,6 +162,44 @@ def test_startup_check_drops_files_excluded_while_stopped(fim):
     assert names == {"same-%d.txt" % i for i in range(20)}, sorted(names)
 
 
+def test_quick_walk_trusts_rows_written_after_its_read_began(fim):
+    """The quick walk's rows (KeysReader) are a snapshot taken when its read
+    began; real-time changes recorded after that (a file created, one
+    deleted, one modified, in a directory the walk has not reached) must
+    not be reported a second time by the walk: it compares them with the
+    rows as they are now. In-process, the walk stepped by hand, the changes
+    recorded between two steps as the daemon's real-time path does."""
+    zz = fim.root / "zz"
+    zz.mkdir()
+    for i in range(5):
+        write(zz / ("same-%d.txt" % i), "s\n")
+    mod = write(zz / "mod.txt", "v1\n")
+    gone = write(zz / "gone.txt", "g\n")
+    fim.baseline()
+    cfg = fimwatch.load_config(str(fim.conf))
+    store = fimwatch.Store(cfg.state_dir)
+    said = []
+    eng = fimwatch.Engine(cfg, store, said.append)
+    try:
+        walk = eng.walk(str(fim.root), "quick", "scan", watch=False)
+        assert next(walk) == str(fim.root)       # the reader has begun; zz is next
+        new = write(zz / "new.txt", "n\n")
+        write(mod, "v2\n")
+        os.unlink(gone)
+        for p in (new, mod, gone):
+            eng.visit(str(p), store.get(str(p)), "realtime", "quick")
+        store.commit()
+        got = {(e["event"], e["path"]) for e in said}
+        assert got == {("created", str(new)), ("modified", str(mod)),
+                       ("deleted", str(gone))}, got
+        del said[:]
+        for _ in walk:
+            pass
+        assert not [(e["event"], e["path"]) for e in said], said
+    finally:
+        store.close()
+
+
 def test_clean_stop_writes_stopped_and_start_has_no_gap(fim):
     d = fim.daemon()
     d.stop()
