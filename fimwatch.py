@@ -6778,13 +6778,13 @@ class Engine:
 
     def _abandon_build(self):
         """A build's walk closed before its end (the daemon stops, a reload):
-        the files not handed to a thread yet are dropped with the fd they
-        share; what was looked at is recorded, the row thread ended."""
+        the files not handed to a thread yet are dropped with the directory
+        fds they use; what was looked at is recorded, the row thread ended."""
         b = self._build
         if b is None:
             return
-        if b["items"] and b["fd"] is not None:
-            os.close(b["fd"])
+        for fd in {it[4] for it in b["items"]}:
+            os.close(fd)
         b["items"], b["fd"] = [], None
         if b["done"]:
             done, b["done"] = b["done"], []
