@@ -6327,7 +6327,7 @@ class RowWriter:
     thread at a time; the rows join the loop's open transaction as if the
     loop had written them. wait() returns once all rows handed over are in
     (and raises what the thread raised); at most MAX_WAITING batches wait."""
-    MAX_WAITING = 4
+    MAX_WAITING = 2
 
     def __init__(self, store):
         self.store = store
