@@ -164,6 +164,7 @@ CHANGING_RETRIES = 1             # re-queues of a file changed while hashed, the
 BUILD_OFFLOAD_MIN = 128 << 10    # building: a file this big is hashed by a worker
 BUILD_BATCH_FILES = 8            # ... in jobs of this many files
 BUILD_BATCH_BYTES = 16 << 20     # ... or of this many bytes
+ROWS_PER_PUT = 500               # a new baseline's rows go to its row thread this many at a time
 APPEND_WINDOW = 64 << 10         # [watch] append_only: head and tail bytes re-read per append
 CRITICAL_MAX_DELAY = 2.0         # no change on a critical path waits longer to be compared
 CAPTURE_PER_TURN = 256           # new paths snapshotted at first sight per loop turn
@@ -434,6 +435,21 @@ class PatternSet:
 
     def __bool__(self):
         return bool(self.patterns)
+
+    @staticmethod
+    def files_filter(*sets):
+        """(full, base): two regexes, full for a file's path and base for its
+        name, one of which matches every file (not a directory) that
+        match(path) of any of sets matches: a walk's two C calls for the
+        usual "none of them", before the exact checks (half their cost)."""
+        out = []
+        for part in ("_full", "_base"):
+            pats = [getattr(x, part).pattern for x in sets if getattr(x, part) is not None]
+            try:
+                out.append(re.compile("|".join(pats) if pats else "(?!)", re.S))
+            except re.error:
+                out.append(re.compile("", re.S))    # matches all: the exact checks decide
+        return tuple(out)
 
     def match(self, path, is_dir=False, dirs_by_name=True):
         if self._base is not None and (dirs_by_name or not is_dir) \
@@ -881,6 +897,12 @@ def _check_whole(cf, values):
         raise cf.error("fimwatch", "state_dir", "%s is not a place for files" % sd)
     if not values[("watch", "paths")] and not values[("watch", "scan_only")]:
         raise cf.error("watch", "paths", "nothing to watch")
+    for key in ("paths", "scan_only"):
+        for p in values[("watch", key)]:
+            if p == sd or p.startswith(sd.rstrip("/") + "/"):
+                # its own database, never watched: the path would be silently empty
+                raise cf.error("watch", key, "%s is inside state_dir %s, which fimwatch never "
+                               "watches (its own database); move one of them" % (p, sd))
     for p in values[("watch", "append_only")].patterns:
         if not p.startswith("/"):
             raise cf.error("watch", "append_only", "%r is not an absolute path or pattern "
@@ -1525,6 +1547,11 @@ _KEYS_IN = ("SELECT name, CASE WHEN %s THEN (CASE kind WHEN 'file' THEN %d WHEN 
                ", ".join("CASE kind WHEN 'dir' THEN %s END" % c
                          for c in ("xattrs", "capability", "acl", "flags"))))
 _SLOW_IN = "SELECT name, %s FROM files WHERE parent=?2 AND NOT %s" % (_REC_COLS, _TRUSTED)
+# KeysReader: _KEYS_IN's rows of a range of parents, in (parent, name) order,
+# the parent last (a row's key[1:13] as keys_in's).
+_KEYS_FROM = _KEYS_IN.replace(" FROM files WHERE parent=?2",
+                              ", parent FROM files WHERE parent>=?2 AND parent<?3"
+                              " ORDER BY parent, name")
 _ADD_EVENT = "INSERT INTO events (seq, id, t, severity, event, path, json) VALUES (?,?,?,?,?,?,?)"
 EVENTS_KEEP = 200000
 # A transaction is split after this many row writes (Store._w): StateDB keeps
@@ -1607,7 +1634,12 @@ class Store:
             self._seq_read = False
         self._writes += n
         if self._writes >= TX_SPLIT:
-            self.commit()
+            if threading.current_thread() is threading.main_thread():
+                self.commit()
+            else:
+                # A baseline's row thread (RowWriter): the sinks wait for
+                # the loop's next commit, on the loop's thread.
+                self._commit_quiet()
             trim_heap()
             self.db.execute("BEGIN IMMEDIATE")
             self._tx = True
@@ -1722,6 +1754,10 @@ class Store:
             rows = self.db.execute(_KEYS_IN, (max_size, os.fsencode(dirpath))).fetchall()
         dec = os.fsdecode
         return {dec(r[0]): r for r in rows}
+
+    def keys_reader(self, top, max_size):
+        """A KeysReader over the rows below top (a directory path)."""
+        return KeysReader(self, top, max_size)
 
     def children_slow(self, dirpath, max_size):
         """children() of the rows keys_in() gives st_mode -1."""
@@ -2008,6 +2044,95 @@ class _NoRows:
 
 _VERBS = {}          # SQL text -> its first word, upper case (StateDB.execute)
 _BATCHED = frozenset((_PUT_FILE, _ADD_EVENT))    # see StateDB.execute
+
+
+class KeysReader:
+    """Store.keys_in() for the directories of one walk, read as ONE ordered
+    scan of the files table instead of a query per directory: walk() visits
+    its directories in the byte order of their paths (a heap on
+    os.fsencode(path)), and the table's (parent, name) key sorts its BLOBs in
+    that same order (memcmp, then length), so the rows of each directory
+    come next, after those of directories the walk skipped (excluded,
+    vanished, another root), which are passed over.
+
+    It reads through a connection of its own: a statement of the daemon's
+    connection must not step over rows that connection writes meanwhile.
+    Its rows are a snapshot as of the last (re)start of the scan, taken
+    again every RESTART_DIRS directories (so a long walk holds no old read
+    transaction, which would stop WAL checkpoints), and they are trusted
+    only to say "unchanged": an entry whose lstat matches its row here could
+    not match a later row (ctime, inode); everything else is compared with
+    the rows of the daemon's connection (Engine._walk_quick). Should this
+    connection fail (a database SQLite cannot read now), the walk goes on
+    with Store.keys_in()."""
+    RESTART_DIRS = 1024
+    SKIP_SEEK = 256              # rows passed over before seeking instead
+
+    def __init__(self, store, top, max_size):
+        self.store, self.max_size = store, max_size
+        self.db = self.cur = self.it = self.row = None
+        self.dirs = 0
+        top = os.fsencode(top)
+        # Every parent at or below top: top itself, then top + "/" ...; "0"
+        # follows "/" ("/" itself: every path).
+        self.hi = top + b"0" if top != b"/" else b"0"
+        try:
+            self.db = sqlite3.connect(store.path, timeout=60, isolation_level=None,
+                                      check_same_thread=False)
+            self.db.execute("PRAGMA query_only=1")
+            self.db.execute("PRAGMA cache_size=-64")     # one pass in order: no reuse
+            self._seek(top)
+        except sqlite3.Error:
+            self.close()
+
+    def _seek(self, parent):
+        if self.cur is not None:
+            self.cur.close()             # ends its read transaction
+        self.cur = self.db.execute(_KEYS_FROM, (self.max_size, parent, self.hi))
+        self.it = iter(self.cur)
+        self.row = next(self.it, None)
+        self.dirs = 0
+
+    def keys_in(self, parent):
+        """keys_in() of the directory whose path is the bytes parent; each
+        call's parent sorts after the previous one's."""
+        if self.db is not None:
+            try:
+                return self._keys_in(parent)
+            except sqlite3.Error:
+                self.close()
+        return self.store.keys_in(os.fsdecode(parent), self.max_size)
+
+    def _keys_in(self, parent):
+        self.dirs += 1
+        if self.dirs >= self.RESTART_DIRS:
+            self._seek(parent)
+        row, it, skipped = self.row, self.it, 0
+        while row is not None and row[13] < parent:
+            skipped += 1
+            if skipped >= self.SKIP_SEEK:
+                self._seek(parent)
+                row, it = self.row, self.it
+                break
+            row = next(it, None)
+        out = {}
+        enc, errors = _FS_ENCODING         # os.fsdecode's, without its checks
+        while row is not None and row[13] == parent:
+            name = row[0]
+            out[name.decode(enc, errors) if name.__class__ is bytes else name] = row
+            row = next(it, None)
+        self.row = row
+        return out
+
+    def close(self):
+        if self.db is not None:
+            try:
+                if self.cur is not None:
+                    self.cur.close()
+                self.db.close()
+            except sqlite3.Error:
+                pass
+            self.db = self.cur = self.it = None
 
 
 class StateDB:
@@ -5141,7 +5266,7 @@ class ProcessCache:
     FRESH = 1.0
 
     def __init__(self, executed=None):
-        self.seen = collections.OrderedDict()     # pid -> info, last read
+        self.seen = collections.OrderedDict()     # pid -> (start time, info), last read
         self.batch = {}
         self.fresh = {}                           # pid -> (identity, monotonic, info)
         self.executed = executed or (lambda pid, start=None: {})
@@ -5182,14 +5307,19 @@ class ProcessCache:
         live = self._live(pid)
         if live is not None:
             info = dict(live, confidence="live")
-            self.seen[pid] = live
+            self.seen[pid] = (int(self.fresh[pid][0][2]), live)
             self.seen.move_to_end(pid)
             if len(self.seen) > self.KEEP:
                 self.seen.popitem(last=False)
-        elif pid in self.seen:
-            info = dict(self.seen[pid], confidence="cached")
+            self.batch[pid] = info
+            return info
+        ex = self.executed(pid)
+        old = self.seen.get(pid)
+        if old is not None and not (ex.get("started") or 0) > old[0]:
+            # Gone; what an earlier read of it said, unless the exec cache
+            # knows a later process of that pid (reused since that read).
+            info = dict(old[1], confidence="cached")
         else:
-            ex = self.executed(pid)
             info = dict(ex, pid=pid, confidence="cached" if ex else "none")
             if ex.get("ppid"):
                 self._from_parent(info)
@@ -6263,6 +6393,77 @@ class Hasher:
         self.r = self.w = -1
 
 
+class RowWriter:
+    """A thread that inserts a new baseline's rows (Store.put_many) while the
+    walk goes on: SQLite lets go of the GIL while it writes a row, so the
+    inserts (about a second of a /usr build on the loop's thread) run beside
+    the walk and the hashing. The Store's lock keeps its connection to one
+    thread at a time; the rows join the loop's open transaction as if the
+    loop had written them. wait() returns once all rows handed over are in
+    (and raises what the thread raised); at most MAX_WAITING batches wait."""
+    MAX_WAITING = 2
+
+    def __init__(self, store):
+        self.store = store
+        self.q = deque()
+        self.cond = threading.Condition()
+        self.busy = 0                    # batches handed over, not yet written
+        self.error = None
+        self.thread = None
+
+    def put(self, rows):
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="rows", daemon=True)
+            self.thread.start()
+        with self.cond:
+            while self.busy >= self.MAX_WAITING:
+                self.cond.wait()
+            self.q.append(rows)
+            self.busy += 1
+            self.cond.notify_all()
+        self._raise()
+
+    def _run(self):
+        while True:
+            with self.cond:
+                while not self.q:
+                    self.cond.wait()
+                rows = self.q.popleft()
+            if rows is None:
+                return
+            try:
+                self.store.put_many(rows)
+            except Exception as e:       # a bug, not the disk (StateDB keeps those)
+                self.error = e
+            with self.cond:
+                self.busy -= 1
+                self.cond.notify_all()
+
+    def _raise(self):
+        if self.error is not None:
+            e, self.error = self.error, None
+            raise e
+
+    def wait(self):
+        with self.cond:
+            while self.busy:
+                self.cond.wait()
+        self._raise()
+
+    def close(self):
+        """wait(), then end the thread."""
+        if self.thread is None:
+            return
+        try:
+            self.wait()
+        finally:
+            with self.cond:
+                self.q.append(None)
+                self.cond.notify_all()
+            self.thread.join()
+            self.thread = None
+
+
 class Engine:
     """The watched roots, their walks, the per-path settle window, and the
     comparison with the baseline that turns a backend's calls into one
@@ -6352,6 +6553,10 @@ class Engine:
         self.editor = PatternSet([x for x in pats if x in EDITOR_NAMES])
         self.exclude = PatternSet([x for x in pats if x not in PROBE_NAMES
                                    and x not in EDITOR_NAMES] + own)
+        # a file whose path and name these do not match: neither excluded()
+        # nor append_only
+        self.files_filter = PatternSet.files_filter(self.exclude, self.editor,
+                                                    self.append_only)
         self.settle = cfg.settle
         self.max_delay = max(5.0, 10 * cfg.settle)
         # A root that is a file is watched through its directory, filtered.
@@ -6448,6 +6653,7 @@ class Engine:
         if self.pkgtx is not None:
             self.pkgtx.close()
         self.hasher.close()
+        self._end_build()
 
     # -- watch management --
     def watch_dir(self, d):
@@ -6611,7 +6817,11 @@ class Engine:
         # per directory.
         self._build = None if mode != "build" else \
             {"detected": detected, "fresh": not store.has_under(top), "items": [], "bytes": 0,
-             "fd": None, "done": []}
+             "fd": None, "done": [], "rows": []}
+        if mode == "build" and self._build["fresh"]:
+            # Nothing in the baseline under top: no read of the walk needs
+            # the rows it makes, so a thread inserts them.
+            self._build["writer"] = RowWriter(store)
         if mode != "new":
             self.visit(top, store.get(top), detected, mode)
         # Directories in the byte order of their paths, the baseline table's
@@ -6621,9 +6831,45 @@ class Engine:
         # baseline (expect), compared once it is open.
         stack = [(os.fsencode(top), top, False, None, None)]
         limited = []
+        # quick: the baseline's rows in one ordered scan (KeysReader)
+        reader = store.keys_reader(top, self.cfg.hash_max_size) if mode == "quick" else None
+        try:
+            yield from self._walk_heap(stack, mode, detected, watch, limited, reader, drain,
+                                       top)
+        except GeneratorExit:
+            if mode == "build":
+                self._abandon_build()
+            raise
+        finally:
+            if reader is not None:
+                reader.close()
+        if mode == "build":
+            self._submit_build(True)
+            self._wait_workers(0)
+            self._end_build()
+        if limited:
+            self.report_limit(limited, detected)
+
+    def _abandon_build(self):
+        """A build's walk closed before its end (the daemon stops, a reload):
+        the files not handed to a thread yet are dropped with the directory
+        fds they use; what was looked at is recorded, the row thread ended."""
+        b = self._build
+        if b is None:
+            return
+        for fd in {it[4] for it in b["items"]}:
+            os.close(fd)
+        b["items"], b["fd"] = [], None
+        if b["done"]:
+            done, b["done"] = b["done"], []
+            self._built(("dir", done[0][0], b["detected"]), self._new_rows(done), None)
+        self._end_build()
+
+    def _walk_heap(self, stack, mode, detected, watch, limited, reader, drain, top):
+        """walk()'s loop: one directory of the heap stack per step."""
         count = 0
         while stack:
-            _, d, parent_unwatched, ident, expect = heapq.heappop(stack)
+            bd, d, parent_unwatched, ident, expect = heapq.heappop(stack)
             # The directory is opened without following a symlink and checked
             # to be the one seen from its parent: a user who swaps a directory
             # (or one above it) for a symlink between two steps of the walk
@@ -6647,7 +6893,8 @@ class Engine:
                         self._dir_check(d, None, None, expect, detected, mode)
                         continue
                     self._dir_check(d, dfd, fst, expect, detected, mode)
-                self._walk_dir(d, dfd, mode, detected, watch, parent_unwatched, limited, stack)
+                self._walk_dir(d, dfd, mode, detected, watch, parent_unwatched, limited, stack,
+                               reader, bd)
             finally:
                 os.close(dfd)
             count += 1
@@ -6660,12 +6907,6 @@ class Engine:
                                  % (esc(top)[:50], count))
                 sys.stderr.flush()
             yield d
-        if mode == "build":
-            self._submit_build(True)
-            self._wait_workers(0)
-            self._build = None
-        if limited:
-            self.report_limit(limited, detected)
 
     def _dir_check(self, d, dfd, fst, expect, detected, mode):
         """The comparison of a directory _walk_quick passed over (expect: its
@@ -6677,8 +6918,10 @@ class Engine:
             return
         self.visit(d, self.store.get(d), detected, mode)
 
-    def _walk_dir(self, d, dfd, mode, detected, watch, parent_unwatched, limited, stack):
-        """One directory of walk(), read through its fd dfd."""
+    def _walk_dir(self, d, dfd, mode, detected, watch, parent_unwatched, limited, stack,
+                  reader=None, bd=None):
+        """One directory of walk(), read through its fd dfd (bd: its path in
+        bytes; reader: mode quick's KeysReader)."""
         unwatched = parent_unwatched
         if watch:
             unwatched = self._watch_in_walk(d, mode, parent_unwatched, limited)
@@ -6689,7 +6932,8 @@ class Engine:
             return
         if mode == "quick":
             with it:
-                old_children = self._walk_quick(d, dfd, detected, it, unwatched, stack)
+                old_children = self._walk_quick(d, dfd, detected, it, unwatched, stack,
+                                                reader.keys_in(bd))
         else:
             old_children = self.store.children(d) if mode != "new" and not \
                 (mode == "build" and self._build["fresh"]) else {}
@@ -6710,39 +6954,57 @@ class Engine:
             else:
                 self.apply(p, old, None, detected, silent=(mode == "build"))
 
-    def _walk_quick(self, d, dfd, detected, it, unwatched, stack):
+    def _walk_quick(self, d, dfd, detected, it, unwatched, stack, keys):
         """The entries of one directory in mode quick (the start-up check).
         A file or symlink whose lstat has the type, mode, owner, size, times,
         inode and link count of its baseline row (Store.keys_in) is
         unchanged -- snapshot(trust=True) would rebuild the very same Rec --
         so it costs its lstat and one tuple comparison: no Rec, no query of
         its own, no event. The rest go through _walk_entry, with their Rec
-        read then. Returns {name: Rec} of the rows not seen on disk."""
+        read then, from the store's connection (keys: KeysReader's, which may
+        predate the real-time changes of the walk's last seconds). Returns
+        {name: Rec} of the rows not seen on disk."""
         store, max_size = self.store, self.cfg.hash_max_size
-        keys = store.keys_in(d, max_size)
         slow = []                        # [children_slow(d)], read at the first need
         prefix = d + "/" if d != "/" else "/"
         gone = {}
 
         def old_of(name, key):
-            """The Rec of the row keys_in() gave key (None: no row)."""
-            if key is None:
-                return None
-            if key[1] != -1:
+            """The Rec of name's row now (key: the reader's, or None)."""
+            if key is None or key[1] != -1:
                 return store.get(prefix + name)
             if not slow:
                 slow.append(store.children_slow(d, max_size))
-            return slow[0].get(name)
+            old = slow[0].get(name)
+            return old if old is not None else store.get(prefix + name)
+        pending, inflight = self.pending, self.inflight
+        full_match, base_match = (r.match for r in self.files_filter)
+        S_ISDIR, push, fsencode = stat.S_ISDIR, heapq.heappush, os.fsencode
         for e in it:
             name = e.name
             key = keys.pop(name, None)
             if key is not None and key[1] != -1:
-                st = self._unchanged(prefix + name, e, key)
-                if st is not None:
-                    if stat.S_ISDIR(st.st_mode):         # its metadata: checked in walk()
-                        p = prefix + name
-                        heapq.heappush(stack, (os.fsencode(p), p, unwatched,
-                                               (st.st_dev, st.st_ino), key[9:]))
+                # Unchanged: its lstat matches key, with nothing else (an
+                # exclusion, a settle window, a worker, append-only) to look
+                # at. A directory matches on type, mode, owner and inode: its
+                # metadata is compared once walk() opened it.
+                p = prefix + name
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    st = None
+                if st is None or p in pending or p in inflight:
+                    pass
+                elif S_ISDIR(key[1]):
+                    if key[1:4] == (st.st_mode, st.st_uid, st.st_gid) and key[7] == st.st_ino \
+                            and not self.excluded(p, True):
+                        push(stack, (fsencode(p), p, unwatched, (st.st_dev, st.st_ino),
+                                     key[9:13]))
+                        continue
+                elif key[1:9] == (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
+                                  st.st_ctime_ns, st.st_ino, st.st_nlink) \
+                        and (full_match(p) is None and base_match(name) is None
+                             or not self.excluded(p) and not self.append_only.match(p)):
                     continue
             old = old_of(name, key)
             one = {name: old} if old is not None else {}
@@ -6755,24 +7017,6 @@ class Engine:
             if old is not None:
                 gone[name] = old
         return gone
-
-    def _unchanged(self, p, e, key):
-        """_walk_quick: e's lstat if entry e at p matches its baseline key,
-        with nothing else (an exclusion, a settle window, a worker,
-        append-only) to look at; else None. A directory matches on type,
-        mode, owner and inode: its metadata is compared once walk() opened it."""
-        try:
-            st = e.stat(follow_symlinks=False)
-        except OSError:
-            return None
-        if stat.S_ISDIR(key[1]):
-            same = key[1:4] == (st.st_mode, st.st_uid, st.st_gid) and key[7] == st.st_ino \
-                and not self.excluded(p, True)
-        else:
-            same = key[1:9] == (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
-                                st.st_ctime_ns, st.st_ino, st.st_nlink) \
-                and not self.excluded(p) and not self.append_only.match(p)
-        return st if same and p not in self.pending and p not in self.inflight else None
 
     def _watch_in_walk(self, d, mode, parent_unwatched, limited):
         """Watch d during a walk; True when d (and so its subtree) has no watch."""
@@ -6898,7 +7142,22 @@ class Engine:
                 self.use(p, old, tag[2], "build", looked)
         if rows:
             self.stats["silent"] += len(rows)
-            self.store.put_many(rows)
+            b = self._build
+            if b is None or "writer" not in b:
+                self.store.put_many(rows)
+                return
+            b["rows"].extend(rows)
+            if len(b["rows"]) >= ROWS_PER_PUT:
+                b["writer"].put(b["rows"])
+                b["rows"] = []
+
+    def _end_build(self):
+        """The last rows of a build in, its row thread ended."""
+        b, self._build = self._build, None
+        if b is not None and "writer" in b:
+            if b["rows"]:
+                b["writer"].put(b["rows"])
+            b["writer"].close()
 
     @staticmethod
     def _new_rows(res):
@@ -7314,7 +7573,11 @@ class Engine:
             heapq.heappush(self.due, (self.pending[p][0], p))
             self.capture(p, now)
         else:
-            if not attrib:
+            # A window that has ended is not re-armed: the path was quiet for
+            # the settle time and waits only for the loop (busy), so it is
+            # compared at once and sees this write too; re-arming it would
+            # add a whole window to a busy daemon's lag.
+            if not attrib and ent[0] > now:
                 ent[0] = min(now + self.settle, ent[2] if len(ent) > 2 else ent[1] + self.max_delay)
             if p in self.fresh:
                 self.capture(p, now)

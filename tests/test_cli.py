@@ -70,6 +70,27 @@ def test_unknown_section_is_an_error(fim):
     assert_config_error(fim.cli("run", timeout=30), fim.conf, lineno, "wacth")
 
 
+@pytest.mark.parametrize("where", ["the-state-dir", "below-it"])
+def test_a_watched_path_inside_state_dir_is_a_config_error(fim, where):
+    """fimwatch never watches its state_dir (its own database): a path there
+    would be watched empty, without a word. Said at once, one line, exit 2;
+    the state_dir under a watched path (the usual layout) is fine."""
+    inside = fim.state_dir if where == "the-state-dir" else fim.state_dir / "tree"
+    inside.mkdir(parents=True, exist_ok=True)
+    write(inside / "f", "x\n")
+    sections = fim.sections()
+    sections["watch"]["paths"] = "%s %s" % (fim.root, inside)
+    fim.write_config(render_config(sections))
+    for command in ("check-config", "run", "scan"):
+        proc = fim.cli(command, timeout=30)
+        assert_config_error(proc, fim.conf, key="paths")
+        assert "inside state_dir" in proc.stderr, proc.stderr
+    sections["watch"]["paths"] = str(fim.base)           # state_dir below it: fine
+    fim.write_config(render_config(sections))
+    proc = fim.cli("check-config", timeout=30)
+    assert proc.returncode == 0, describe(proc)
+
+
 def test_missing_config_file_is_exit_2(fim):
     missing = fim.base / "nope.conf"
     proc = fim.cli("--config", missing, "check-config", config=False)

@@ -318,3 +318,37 @@ def test_severity_first_level_in_file_order_wins_and_basename_patterns(fim):
     assert d.wait_for(is_event("created", both))["severity"] == "info"
     assert d.wait_for(is_event("created", php))["severity"] == "critical"
     d.stop()
+
+
+def test_a_window_that_has_ended_is_not_re_armed_by_a_later_write(fim):
+    """A write to a path whose settle window has already ended -- the daemon
+    is busy and has not compared it yet -- does not re-arm the window: the
+    path was quiet for the settle time, so it is compared at the loop's next
+    chance and sees that write too (at 5,000 writes/s the re-arm added a
+    whole window to the busy daemon's lag: p99 300 ms). A write inside the
+    window still re-arms it, an attribute-only one never does.
+    In-process on the Engine (no daemon): a lagging loop cannot be produced
+    on demand from outside, so the window's end is set on the entry."""
+    import fimwatch
+    cfg = fimwatch.load_config(str(fim.conf), check_perms=False)
+    store = fimwatch.Store(cfg.state_dir)
+    try:
+        eng = fimwatch.Engine(cfg, store, lambda ev: None)
+        p = str(write(fim.root / "busy.txt", "1\n"))
+        eng.touch(p)
+        ent = eng.pending[p]
+        first = ent[0]
+        assert first > time.monotonic()
+        time.sleep(0.02)
+        eng.touch(p)                              # inside the window: re-armed
+        assert ent[0] > first
+        armed = ent[0]
+        time.sleep(0.02)
+        eng.touch(p, attrib=True)                 # attribute-only: never re-armed
+        assert eng.pending[p][0] == armed
+        ended = time.monotonic() - 0.05           # the window ended, not compared yet
+        ent[0] = ended
+        eng.touch(p)
+        assert eng.pending[p][0] == ended, "an ended window was re-armed"
+    finally:
+        store.close()

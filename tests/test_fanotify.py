@@ -182,6 +182,36 @@ def test_exec_cache_entry_of_a_reused_pid_is_not_used():
         b.close()
 
 
+def test_a_gone_pid_seen_earlier_is_not_named_as_its_old_process_after_reuse():
+    """A pid read live earlier and gone at the next record is named from that
+    earlier read (confidence "cached") -- unless the exec cache knows a later
+    process of the same pid (its start time is younger than the earlier
+    read's): the pid was reused, and the later process wrote. The process
+    here is real (a sleep, read live, then killed); the exec cache's entry
+    is given by hand, as a reuse cannot be forced."""
+    import fimwatch
+    later = {}
+    pc = fimwatch.ProcessCache(executed=lambda pid, start=None: dict(later))
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        live = pc.get(child.pid)
+        assert live["confidence"] == "live" and live["exe"].endswith("/sleep"), live
+        start = fimwatch._proc_stat(child.pid)[1]
+    finally:
+        child.kill()
+        child.wait()
+    pc.new_batch()
+    gone = pc.get(child.pid)                      # nothing later known: the earlier read
+    assert gone["confidence"] == "cached" and gone["exe"] == live["exe"], gone
+    later.update(exe="/usr/bin/dropper", ppid=1, started=start)   # the same process
+    pc.new_batch()
+    assert pc.get(child.pid)["exe"] == live["exe"]
+    later.update(started=start + 5)               # a younger process had the pid
+    pc.new_batch()
+    reused = pc.get(child.pid)
+    assert reused["exe"] == "/usr/bin/dropper" and reused["confidence"] == "cached", reused
+
+
 WRITERS = {"sh": (lambda f: ["sh", "-c", "echo x >> %s" % f], "/bin/sh"),
            "cp": (lambda f: ["cp", "/etc/hostname", f], "/bin/cp"),
            "sed": (lambda f: ["sed", "-i", "s/a/b/", f], "/bin/sed")}

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import IS_ROOT, SETTLE, about, is_event, write
+from conftest import IS_ROOT, SETTLE, about, is_event, own_entries, write
 
 BIG = 1536 << 20             # bytes: about 1.5 s of hashing on this kind of machine
 NOBODY = 65534
@@ -113,3 +113,71 @@ def test_a_change_during_the_build_is_reported_once_it_ends(fim):
     assert "baseline built" in started["message"], started
     d.wait_for(lambda e: about(victim)(e) and e["event"] == "modified", timeout=15)
     d.stop()
+
+
+def test_a_big_first_baseline_has_every_row(fim):
+    """A first baseline's rows go to the database from a thread of their own
+    (RowWriter), hundreds at a time: all of them must be in when `started`
+    says so -- counted by `started` and found by a full scan afterwards
+    (a lost row is a `created` there) -- also those of the files the
+    hashing threads read (>= 128 KiB)."""
+    n = 0
+    for i in range(12):
+        d = fim.root / ("d%02d" % i)
+        d.mkdir()
+        for j in range(300):
+            write(d / ("f%03d" % j), "%d %d\n" % (i, j))
+            n += 1
+        with open(d / "big.bin", "wb") as f:
+            f.write(os.urandom(256 << 10))
+        n += 2                                    # big.bin and the directory
+    d = fim.daemon()
+    started = d.wait_for(is_event("started"))
+    # the tree, its root, and fimwatch's own files (the events file may be
+    # made after the count)
+    assert n + 1 <= started["baseline_entries"] <= n + 1 + own_entries(fim), started
+    victim = fim.root / "d05" / "f150"
+    write(victim, "changed\n")                    # alive, and the row was there
+    e = d.wait_for(about(victim))
+    assert e["event"] == "modified", e
+    d.stop()
+    r = fim.cli("scan", "--no-alert", "--json", timeout=120)
+    assert r.returncode == 0, "rows missing from the first baseline:\n%s" % r.stdout[:2000]
+
+
+def test_a_build_closed_midway_leaves_no_fd_and_no_thread(fim):
+    """A baseline's walk closed before its end (the daemon stops, a reload
+    drops the root): the files gathered for a hashing job from several
+    directories (each directory's fd duplicated for them) are dropped with
+    those fds, what was looked at is recorded, and the row thread ends.
+    In-process on the Engine (the walk stepped by hand: a daemon's fds
+    cannot be counted after it exits)."""
+    import threading
+
+    import fimwatch
+    for i in range(6):
+        d = fim.root / ("d%d" % i)
+        d.mkdir()
+        write(d / "small", "s%d\n" % i)
+        for j in range(2):                      # >= 128 KiB: gathered for a job
+            with open(d / ("big%d" % j), "wb") as f:
+                f.write(os.urandom(130 << 10))
+    cfg = fimwatch.load_config(str(fim.conf), check_perms=False)
+    store = fimwatch.Store(cfg.state_dir)
+    eng = fimwatch.Engine(cfg, store, lambda ev: None)
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        walk = eng.walk(str(fim.root), "build", "startup", watch=False)
+        for _ in range(4):                      # the root and three directories
+            next(walk)
+        assert eng._build["items"], "no files waiting for a job: the test tests nothing"
+        assert len({it[4] for it in eng._build["items"]}) >= 2
+        walk.close()
+        assert eng._build is None
+        assert len(os.listdir("/proc/self/fd")) == before, os.listdir("/proc/self/fd")
+        assert not [t for t in threading.enumerate() if t.name == "rows"]
+        store.commit()
+        assert store.get(str(fim.root / "d0" / "small")) is not None   # looked at: recorded
+    finally:
+        eng.close()
+        store.close()

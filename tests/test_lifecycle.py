@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+import fimwatch
 from conftest import (assert_scan_finds, control_file, flood_queue, inotify_watch_count,
                       is_event, needs_root, wait_until, write)
 
@@ -86,6 +87,117 @@ def test_startup_check_trusts_only_an_unchanged_lstat(fim):
     d3.assert_quiet(lambda e: e.get("detected") == "startup", since=d3.start_index,
                     control=control_file())
     d3.stop()
+
+
+def test_startup_check_reads_each_directory_s_rows_in_path_order(fim):
+    """The start-up check reads the baseline in one ordered scan beside its
+    walk (KeysReader), which visits directories in the byte order of their
+    paths: names that sort around '/' (d, d-x, d.y, d/e, d0), a non-UTF-8
+    name against a high code point (their str and byte orders differ), and a
+    deleted directory of more rows than the reader passes over before it
+    seeks, sorting between walked ones. In each directory a modified and a
+    deleted file must be found, and nothing else said."""
+    broot = os.fsencode(str(fim.root))
+    names = [b"d", b"d-x", b"d.y", b"d/e", b"d/e/f", b"d0", b"u\xff", "u\ue000".encode(),
+             "u\U0001F600".encode(), b"w"]
+    for n in names:
+        os.mkdir(broot + b"/" + n)
+        write(broot + b"/" + n + b"/mod.txt", "v1\n")
+        write(broot + b"/" + n + b"/gone.txt", "g\n")
+        write(broot + b"/" + n + b"/same.txt", "s\n")
+    os.mkdir(broot + b"/d/c-gone")                # between d's files and d/e
+    for i in range(300):
+        write(broot + b"/d/c-gone/%d.txt" % i, "x\n")
+    d = fim.daemon()
+    d.stop()
+    for n in names:
+        write(broot + b"/" + n + b"/mod.txt", "v2\n")
+        os.unlink(broot + b"/" + n + b"/gone.txt")
+    for i in range(300):
+        os.unlink(broot + b"/d/c-gone/%d.txt" % i)
+    os.rmdir(broot + b"/d/c-gone")
+    want = {("deleted", str(fim.root / "d" / "c-gone"))}
+    for n in names:
+        for what, f in (("modified", b"/mod.txt"), ("deleted", b"/gone.txt")):
+            want.add((what, fimwatch.esc(os.fsdecode(broot + b"/" + n + f))))
+    d2 = fim.daemon()
+    for what, path in sorted(want):
+        d2.wait_for(is_event(what, path, detected="startup"), since=d2.start_index)
+    d2.wait_for(is_event("verified"), since=d2.start_index)
+    got = {(e["event"], e["path"]) for e in d2.events()
+           if e.get("detected") == "startup"}
+    inside = str(fim.root / "d" / "c-gone") + "/"      # its files: deleted, or nothing
+    assert all(ev == "deleted" for ev, path in got if path.startswith(inside)), got
+    got = {(ev, path) for ev, path in got if not path.startswith(inside)}
+    assert got == want, (sorted(got - want), sorted(want - got))
+    d2.stop()
+
+
+def test_startup_check_drops_files_excluded_while_stopped(fim):
+    """An unchanged file that the config excludes since the last run leaves
+    the baseline at the start-up check, silently, by a base-name pattern
+    or a path pattern, among unchanged files that stay."""
+    import sqlite3
+    sub = fim.root / "sub"
+    sub.mkdir()
+    for i in range(20):
+        write(sub / ("same-%d.txt" % i), "s\n")
+    write(sub / "old.tmp", "t\n")
+    write(sub / "private.key", "k\n")
+    d = fim.daemon()
+    d.stop()
+    fim.write_config(watch={"exclude": "*.swp *.swx *~ .#* 4913 *.tmp %s" % (sub / "*.key")})
+    d2 = fim.daemon()
+    d2.wait_for(is_event("verified"), since=d2.start_index)
+    d2.stop()
+    said = [(e["event"], e["path"]) for e in d2.events()
+            if e.get("detected") == "startup" and e["path"].startswith(str(sub))]
+    assert not said, said
+    db = sqlite3.connect(str(fim.state_dir / "baseline.db"))
+    try:
+        names = {os.fsdecode(r[0]) for r in db.execute(
+            "SELECT name FROM files WHERE parent=?", (os.fsencode(str(sub)),))}
+    finally:
+        db.close()
+    assert names == {"same-%d.txt" % i for i in range(20)}, sorted(names)
+
+
+def test_quick_walk_trusts_rows_written_after_its_read_began(fim):
+    """The quick walk's rows (KeysReader) are a snapshot taken when its read
+    began; real-time changes recorded after that (a file created, one
+    deleted, one modified, in a directory the walk has not reached) must
+    not be reported a second time by the walk: it compares them with the
+    rows as they are now. In-process, the walk stepped by hand, the changes
+    recorded between two steps as the daemon's real-time path does."""
+    zz = fim.root / "zz"
+    zz.mkdir()
+    for i in range(5):
+        write(zz / ("same-%d.txt" % i), "s\n")
+    mod = write(zz / "mod.txt", "v1\n")
+    gone = write(zz / "gone.txt", "g\n")
+    fim.baseline()
+    cfg = fimwatch.load_config(str(fim.conf))
+    store = fimwatch.Store(cfg.state_dir)
+    said = []
+    eng = fimwatch.Engine(cfg, store, said.append)
+    try:
+        walk = eng.walk(str(fim.root), "quick", "scan", watch=False)
+        assert next(walk) == str(fim.root)       # the reader has begun; zz is next
+        new = write(zz / "new.txt", "n\n")
+        write(mod, "v2\n")
+        os.unlink(gone)
+        for p in (new, mod, gone):
+            eng.visit(str(p), store.get(str(p)), "realtime", "quick")
+        store.commit()
+        got = {(e["event"], e["path"]) for e in said}
+        assert got == {("created", str(new)), ("modified", str(mod)),
+                       ("deleted", str(gone))}, got
+        del said[:]
+        for _ in walk:
+            pass
+        assert not [(e["event"], e["path"]) for e in said], said
+    finally:
+        store.close()
 
 
 def test_clean_stop_writes_stopped_and_start_has_no_gap(fim):

@@ -633,3 +633,76 @@ def test_dirtree_answers_as_the_dicts_did_through_random_changes(compact):
         t.pop(p)
     assert len(t) == 0 and t.paths() == []
     assert len(t.parent) - len(t.free) == 1            # only "/" is left
+
+
+# --- the start-up check's ordered read of the baseline ------------------------------
+
+def test_keys_reader_gives_each_directory_the_rows_keys_in_gives(tmp_path):
+    """KeysReader (one ordered scan of the files table, beside a walk that
+    visits directories in the byte order of their paths) must give every
+    directory asked for exactly Store.keys_in()'s rows: across names that
+    sort around '/', non-UTF-8 and high code points, directories it is not
+    asked for (passed over, or sought past), its restarts, and rows of
+    another root beside its top."""
+    store = fimwatch.Store(str(tmp_path / "state"))
+    dirs = ["/t", "/t/d", "/t/d-x", "/t/d.y", "/t/d/c", "/t/d/e", "/t/d/e/f", "/t/d0",
+            os.fsdecode(b"/t/u\xff"), "/t/u\ue000", "/t/u\U0001F600", "/t/w", "/t/w/big"]
+    outside = ["/t-b", "/t.c", "/tt", "/"]
+    n = 0
+    for d in dirs + outside:
+        for name in ("a", "b-c", os.fsdecode(b"n\xfe"), "z\u00e9", "sub"):
+            n += 1
+            kind = "dir" if name == "sub" else "file"
+            store.put(d.rstrip("/") + "/" + name,
+                      rec(kind=kind, mode=0o755 if kind == "dir" else 0o644, ino=n, links=1,
+                          xattrs="" if n % 3 else None, capability=None, acl="a%d" % n))
+    for i in range(40):                              # more than SKIP_SEEK rows
+        store.put("/t/w/big/%d" % i, rec(ino=1000 + i, links=1, xattrs=""))
+    store.commit()
+    asked = sorted((os.fsencode(d) for d in dirs), key=bytes)
+    assert asked == [os.fsencode(d) for d in sorted(dirs, key=os.fsencode)]
+    for skip in ((), ("/t/d/c", "/t/w/big"), ("/t/d", "/t/d.y", "/t/u\ue000")):
+        reader = store.keys_reader("/t", 1 << 30)
+        reader.RESTART_DIRS, reader.SKIP_SEEK = 3, 4
+        try:
+            for b in asked:
+                if os.fsdecode(b) in skip:
+                    continue
+                got = {k: v[:13] for k, v in reader.keys_in(b).items()}
+                assert got == store.keys_in(os.fsdecode(b), 1 << 30), (b, skip)
+                assert got, b
+        finally:
+            reader.close()
+    reader = store.keys_reader("/", 1 << 30)
+    try:
+        for d in ("/", "/t", "/t-b", "/t.c", "/t/d", "/tt"):
+            got = {k: v[:13] for k, v in reader.keys_in(os.fsencode(d)).items()}
+            assert got == store.keys_in(d, 1 << 30) and got, d
+    finally:
+        reader.close()
+    store.close()
+
+
+def test_files_filter_matches_every_file_path_a_pattern_set_matches():
+    """The start-up check trusts an unchanged file without the exact pattern
+    checks only when PatternSet.files_filter() says none could match: it
+    must match whatever any of its sets matches (more is allowed)."""
+    sets = [fimwatch.PatternSet(["*.swp", "*~", ".#*", "4913", "node_modules/"]),
+            fimwatch.PatternSet(["/var/log/**", "/t/a[!b]c", "**/cache/*.bin", "/t/x?y"]),
+            fimwatch.PatternSet(["/t/log/*.log", "wtmp"]), fimwatch.PatternSet([])]
+    paths = ["/t/a.swp", "/t/d/a.swp", "/t/a.swpx", "/t/x~", "/t/.#x", "/t/4913", "/t/49134",
+             "/var/log/syslog", "/var/log/a/b", "/var/logx", "/t/aac", "/t/abc", "/t/a/c",
+             "/t/cache/x.bin", "/t/u/cache/y.bin", "/t/cache/d/y.bin", "/t/xzy", "/t/x/y",
+             "/t/log/a.log", "/t/log/d/a.log", "/var/wtmp", "/wtmp", "/t/node_modules",
+             "/t/\n.swp", os.fsdecode(b"/t/\xff.swp"), "/t/plain", "/t/swp"]
+    matched = 0
+    for picked in (sets, sets[:1], sets[1:2], sets[2:], sets[3:], []):
+        full, base = fimwatch.PatternSet.files_filter(*picked)
+        for p in paths:
+            if any(ps.match(p) for ps in picked):
+                matched += 1
+                assert full.match(p) or base.match(p.rpartition("/")[2]), \
+                    (p, [ps.patterns for ps in picked])
+        assert not full.match("/t/plain") and not base.match("plain"), \
+            [ps.patterns for ps in picked]
+    assert matched > 20
