@@ -164,7 +164,6 @@ CHANGING_RETRIES = 1             # re-queues of a file changed while hashed, the
 BUILD_OFFLOAD_MIN = 128 << 10    # building: a file this big is hashed by a worker
 BUILD_BATCH_FILES = 8            # ... in jobs of this many files
 BUILD_BATCH_BYTES = 16 << 20     # ... or of this many bytes
-ROWS_PER_PUT = 500               # a new baseline's rows go to its row thread this many at a time
 APPEND_WINDOW = 64 << 10         # [watch] append_only: head and tail bytes re-read per append
 CRITICAL_MAX_DELAY = 2.0         # no change on a critical path waits longer to be compared
 CAPTURE_PER_TURN = 256           # new paths snapshotted at first sight per loop turn
@@ -1634,12 +1633,7 @@ class Store:
             self._seq_read = False
         self._writes += n
         if self._writes >= TX_SPLIT:
-            if threading.current_thread() is threading.main_thread():
-                self.commit()
-            else:
-                # A baseline's row thread (RowWriter): the sinks wait for
-                # the loop's next commit, on the loop's thread.
-                self._commit_quiet()
+            self.commit()
             trim_heap()
             self.db.execute("BEGIN IMMEDIATE")
             self._tx = True
@@ -6393,77 +6387,6 @@ class Hasher:
         self.r = self.w = -1
 
 
-class RowWriter:
-    """A thread that inserts a new baseline's rows (Store.put_many) while the
-    walk goes on: SQLite lets go of the GIL while it writes a row, so the
-    inserts (about a second of a /usr build on the loop's thread) run beside
-    the walk and the hashing. The Store's lock keeps its connection to one
-    thread at a time; the rows join the loop's open transaction as if the
-    loop had written them. wait() returns once all rows handed over are in
-    (and raises what the thread raised); at most MAX_WAITING batches wait."""
-    MAX_WAITING = 2
-
-    def __init__(self, store):
-        self.store = store
-        self.q = deque()
-        self.cond = threading.Condition()
-        self.busy = 0                    # batches handed over, not yet written
-        self.error = None
-        self.thread = None
-
-    def put(self, rows):
-        if self.thread is None:
-            self.thread = threading.Thread(target=self._run, name="rows", daemon=True)
-            self.thread.start()
-        with self.cond:
-            while self.busy >= self.MAX_WAITING:
-                self.cond.wait()
-            self.q.append(rows)
-            self.busy += 1
-            self.cond.notify_all()
-        self._raise()
-
-    def _run(self):
-        while True:
-            with self.cond:
-                while not self.q:
-                    self.cond.wait()
-                rows = self.q.popleft()
-            if rows is None:
-                return
-            try:
-                self.store.put_many(rows)
-            except Exception as e:       # a bug, not the disk (StateDB keeps those)
-                self.error = e
-            with self.cond:
-                self.busy -= 1
-                self.cond.notify_all()
-
-    def _raise(self):
-        if self.error is not None:
-            e, self.error = self.error, None
-            raise e
-
-    def wait(self):
-        with self.cond:
-            while self.busy:
-                self.cond.wait()
-        self._raise()
-
-    def close(self):
-        """wait(), then end the thread."""
-        if self.thread is None:
-            return
-        try:
-            self.wait()
-        finally:
-            with self.cond:
-                self.q.append(None)
-                self.cond.notify_all()
-            self.thread.join()
-            self.thread = None
-
-
 class Engine:
     """The watched roots, their walks, the per-path settle window, and the
     comparison with the baseline that turns a backend's calls into one
@@ -6653,7 +6576,6 @@ class Engine:
         if self.pkgtx is not None:
             self.pkgtx.close()
         self.hasher.close()
-        self._end_build()
 
     # -- watch management --
     def watch_dir(self, d):
@@ -6817,11 +6739,7 @@ class Engine:
         # per directory.
         self._build = None if mode != "build" else \
             {"detected": detected, "fresh": not store.has_under(top), "items": [], "bytes": 0,
-             "fd": None, "done": [], "rows": []}
-        if mode == "build" and self._build["fresh"]:
-            # Nothing in the baseline under top: no read of the walk needs
-            # the rows it makes, so a thread inserts them.
-            self._build["writer"] = RowWriter(store)
+             "fd": None, "done": []}
         if mode != "new":
             self.visit(top, store.get(top), detected, mode)
         # Directories in the byte order of their paths, the baseline table's
@@ -6846,14 +6764,14 @@ class Engine:
         if mode == "build":
             self._submit_build(True)
             self._wait_workers(0)
-            self._end_build()
+            self._build = None
         if limited:
             self.report_limit(limited, detected)
 
     def _abandon_build(self):
         """A build's walk closed before its end (the daemon stops, a reload):
         the files not handed to a thread yet are dropped with the directory
-        fds they use; what was looked at is recorded, the row thread ended."""
+        fds they use; what was looked at is recorded."""
         b = self._build
         if b is None:
             return
@@ -6863,7 +6781,7 @@ class Engine:
         if b["done"]:
             done, b["done"] = b["done"], []
             self._built(("dir", done[0][0], b["detected"]), self._new_rows(done), None)
-        self._end_build()
+        self._build = None
 
     def _walk_heap(self, stack, mode, detected, watch, limited, reader, drain, top):
         """walk()'s loop: one directory of the heap stack per step."""
@@ -7142,22 +7060,7 @@ class Engine:
                 self.use(p, old, tag[2], "build", looked)
         if rows:
             self.stats["silent"] += len(rows)
-            b = self._build
-            if b is None or "writer" not in b:
-                self.store.put_many(rows)
-                return
-            b["rows"].extend(rows)
-            if len(b["rows"]) >= ROWS_PER_PUT:
-                b["writer"].put(b["rows"])
-                b["rows"] = []
-
-    def _end_build(self):
-        """The last rows of a build in, its row thread ended."""
-        b, self._build = self._build, None
-        if b is not None and "writer" in b:
-            if b["rows"]:
-                b["writer"].put(b["rows"])
-            b["writer"].close()
+            self.store.put_many(rows)
 
     @staticmethod
     def _new_rows(res):

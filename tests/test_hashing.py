@@ -116,11 +116,10 @@ def test_a_change_during_the_build_is_reported_once_it_ends(fim):
 
 
 def test_a_big_first_baseline_has_every_row(fim):
-    """A first baseline's rows go to the database from a thread of their own
-    (RowWriter), hundreds at a time: all of them must be in when `started`
-    says so -- counted by `started` and found by a full scan afterwards
-    (a lost row is a `created` there) -- also those of the files the
-    hashing threads read (>= 128 KiB)."""
+    """A first baseline's rows go to the database in batches, from the loop's
+    own looks and from the hashing threads' jobs (files >= 128 KiB): all of
+    them must be in when `started` says so -- counted by `started` and
+    found by a full scan afterwards (a lost row is a `created` there)."""
     n = 0
     for i in range(12):
         d = fim.root / ("d%02d" % i)
@@ -149,11 +148,9 @@ def test_a_build_closed_midway_leaves_no_fd_and_no_thread(fim):
     """A baseline's walk closed before its end (the daemon stops, a reload
     drops the root): the files gathered for a hashing job from several
     directories (each directory's fd duplicated for them) are dropped with
-    those fds, what was looked at is recorded, and the row thread ends.
+    those fds, and what was looked at is recorded.
     In-process on the Engine (the walk stepped by hand: a daemon's fds
     cannot be counted after it exits)."""
-    import threading
-
     import fimwatch
     for i in range(6):
         d = fim.root / ("d%d" % i)
@@ -175,7 +172,6 @@ def test_a_build_closed_midway_leaves_no_fd_and_no_thread(fim):
         walk.close()
         assert eng._build is None
         assert len(os.listdir("/proc/self/fd")) == before, os.listdir("/proc/self/fd")
-        assert not [t for t in threading.enumerate() if t.name == "rows"]
         store.commit()
         assert store.get(str(fim.root / "d0" / "small")) is not None   # looked at: recorded
     finally:
