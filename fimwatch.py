@@ -1242,8 +1242,8 @@ def hash_file(path, st, keep=0, dir_fd=None, meta=None):
         buf = getattr(_hash_buf, "buf", None)
         if buf is None:
             # The Hasher threads read big files all day; the loop's thread
-            # mostly our own program and config at start, so a quarter of
-            # the resident memory for a few more system calls.
+            # mostly our own program and config at start, so HASH_SMALL
+            # (1/16 of HASH_CHUNK) of resident memory for a few more reads.
             buf = _hash_buf.buf = bytearray(
                 HASH_CHUNK if threading.current_thread() is not threading.main_thread()
                 else HASH_SMALL)

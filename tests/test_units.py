@@ -373,7 +373,8 @@ def test_hash_file_reads_no_further_than_lstat_saw(tmp_path):
 
 def test_hash_file_sizes_around_the_buffers_on_the_loop_and_in_a_worker(tmp_path):
     """Small files come from one read, bigger ones through the thread's
-    buffer (a quarter of HASH_CHUNK on the loop's thread): every size
+    buffer (HASH_SMALL on the loop's thread, HASH_CHUNK in a worker; a
+    quarter of HASH_CHUNK was the loop's before 0.2): every size
     around those edges hashes to what hashlib says, with and without
     content kept, and up to lstat's size when it grew after its lstat."""
     import threading
