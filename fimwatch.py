@@ -5294,6 +5294,11 @@ class ProcessCache:
             self.fresh[pid] = (ident, now, live)
         return live
 
+    def _started(self, pid):
+        """The start time (clock ticks) of pid as _live() last read it; only
+        right after _live(pid) returned its info."""
+        return int(self.fresh[pid][0][2])
+
     def get(self, pid):
         info = self.batch.get(pid)
         if info is not None:
@@ -5301,7 +5306,7 @@ class ProcessCache:
         live = self._live(pid)
         if live is not None:
             info = dict(live, confidence="live")
-            self.seen[pid] = (int(self.fresh[pid][0][2]), live)
+            self.seen[pid] = (self._started(pid), live)
             self.seen.move_to_end(pid)
             if len(self.seen) > self.KEEP:
                 self.seen.popitem(last=False)
@@ -5328,7 +5333,7 @@ class ProcessCache:
         set-id binaries change it)."""
         ppid, start = info["ppid"], info.pop("started", None)
         parent = self._live(ppid) if start is not None else None
-        if parent is None or int(self.fresh[ppid][0][2]) > start:
+        if parent is None or self._started(ppid) > start:
             return                       # gone too, or its pid is a younger process's
         for k in ("login_uid", "login_user", "session"):
             if k in parent:
