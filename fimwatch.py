@@ -166,7 +166,8 @@ BUILD_BATCH_FILES = 8            # ... in jobs of this many files
 BUILD_BATCH_BYTES = 16 << 20     # ... or of this many bytes
 APPEND_WINDOW = 64 << 10         # [watch] append_only: head and tail bytes re-read per append
 CRITICAL_MAX_DELAY = 2.0         # no change on a critical path waits longer to be compared
-CAPTURE_PER_TURN = 256           # new paths snapshotted at first sight per loop turn
+CAPTURE_PER_WINDOW = 256         # new paths snapshotted at first sight per CAPTURE_WINDOW
+CAPTURE_WINDOW = 0.1             # s (a budget per time, not per turn: turns are short)
 CAPTURE_MAX_SIZE = 1 << 20       # ... hashed up to this size (larger: metadata only)
 LEFTOVERS_MAX = 10000            # editor leftovers tracked at once
 PROBE_NAMES = ("4913",)          # exclusions silent only when gone within settle
@@ -179,6 +180,7 @@ POLL_UNWATCHED_EVERY = 60.0      # periodic scan of subtrees that got no watch
 ROOT_RETRY_EVERY = 2.0           # a deleted watched root is looked for this often
 DIFF_MAX_LINES = 200
 TURN_MIN = 0.01                  # s between the starts of two main-loop turns, at least
+FLUSH_SLICE = 0.02               # s of settled comparisons per turn, then commit and read
 MEMO_KEEP = 2048                 # paths whose severity / watch decision is remembered
 
 # where package managers install files; only these are checked against them.
@@ -6434,7 +6436,8 @@ class Engine:
         self.tx_closing = []
         self.tx_roots = {}            # a watched path that appeared during a transaction -> it
         self.fresh = {}              # new path -> [first seen, Rec or None, snapshots]
-        self.captures = 0            # snapshots of new paths this turn
+        self.captures = 0            # snapshots of new paths in this CAPTURE_WINDOW
+        self.capture_reset = 0.0     # when that window ends
         self.leftovers = {}          # editor swap/backup/lock names seen (check_leftovers)
         self.mount_table = None
         if backend is not None:
@@ -7499,7 +7502,7 @@ class Engine:
         """First sight of p, or a later event on it while it is new: if it is
         not in the baseline, remember what it is now (hashed up to
         CAPTURE_MAX_SIZE), for a `transient` event if it is gone when its
-        window ends. Bounded: CAPTURE_PER_TURN snapshots per loop turn and
+        window ends. Bounded: CAPTURE_PER_WINDOW snapshots per CAPTURE_WINDOW and
         CAPTURE_PER_PATH per path, so a storm or a file written in many small
         writes costs little."""
         ent = self.fresh.get(p)
@@ -7507,7 +7510,7 @@ class Engine:
             if self.store.get(p) is not None:
                 return
             ent = self.fresh[p] = [now, None, 0]
-        if self.captures >= CAPTURE_PER_TURN or ent[2] >= CAPTURE_PER_PATH:
+        if self.captures >= CAPTURE_PER_WINDOW or ent[2] >= CAPTURE_PER_PATH:
             return
         self.captures += 1
         ent[2] += 1
@@ -7544,7 +7547,9 @@ class Engine:
 
     def read_events(self):
         """Take what the backend has; returns the number of raw records."""
-        self.captures = 0
+        now = time.monotonic()
+        if now >= self.capture_reset:
+            self.captures, self.capture_reset = 0, now + CAPTURE_WINDOW
         n = self.backend.read(self)
         self.stats["raw"] += n
         return n
@@ -7760,7 +7765,7 @@ class Engine:
                 if stopping():
                     break
                 if rmode != "build":       # building: compared once the build ends
-                    self.flush_due(budget=0.02)
+                    self.flush_due(budget=FLUSH_SLICE)
                 keepalive()
             self.root_done(root)
             self.store.commit_turn()
@@ -7890,7 +7895,10 @@ class Engine:
         if self.mount_table is not None:
             self.check_mounts()
         self.tx_turn(now)
-        self.flush_due(budget=0.1)
+        # A short slice: the turn then commits and writes what it compared
+        # (a change is visible only then) and reads the kernel's queue again.
+        # 0.1 s here made p99 at 5,000 writes/s 320 ms; 0.02 s ~160 ms.
+        self.flush_due(budget=FLUSH_SLICE)
         self.tx_finish()
         end = time.monotonic() + 0.1
         while self.scans and time.monotonic() < end:
@@ -7927,7 +7935,7 @@ class Engine:
     def next_due(self):
         return self.due[0][0] if self.due else None
 
-    def flush_due(self, budget=0.1, force=False):
+    def flush_due(self, budget=FLUSH_SLICE, force=False):
         """Compare every path whose settle window has passed (at most budget s)."""
         end = time.monotonic() + budget
         due, pending = self.due, self.pending
