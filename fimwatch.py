@@ -624,7 +624,7 @@ class Config:
         append_only paths that name one file (no wildcard)."""
         return [p for p in self.own_files + self.append_only.patterns
                 if not any(c in p for c in "*?[")
-                and not any(p == r or p.startswith(r + "/") for r in self.paths)]
+                and not any(within(p, r) for r in self.paths)]
 
     def all_roots(self):
         return list(self.paths) + [p for p in self.scan_only if p not in self.paths]
@@ -670,6 +670,13 @@ def _convert_path(raw):
     if not raw.startswith("/"):
         raise ValueError("must be an absolute path, got %r" % raw)
     return "/" + os.path.normpath(raw).lstrip("/")     # '//x' is '/x'
+
+
+def within(p, top):
+    """p is top itself or a path below it ("/a/bc" is not below "/a/b")."""
+    if top == "/":
+        return p.startswith("/")
+    return p == top or p.startswith(top + "/")
 
 
 def _convert_paths(raw):
@@ -900,7 +907,7 @@ def _check_whole(cf, values):
         raise cf.error("watch", "paths", "nothing to watch")
     for key in ("paths", "scan_only"):
         for p in values[("watch", key)]:
-            if p == sd or p.startswith(sd.rstrip("/") + "/"):
+            if within(p, sd.rstrip("/") or "/"):
                 # its own database, never watched: the path would be silently empty
                 raise cf.error("watch", key, "%s is inside state_dir %s, which fimwatch never "
                                "watches (its own database); move one of them" % (p, sd))
@@ -5804,7 +5811,7 @@ class FanotifyBackend:
         if d is None:
             return False
         for root, wanted in self.lazy.items():
-            if (d == root or d.startswith(root + "/")) and wanted(d):
+            if within(d, root) and wanted(d):
                 self.dirs.set(key, d)
                 return True
         return False
@@ -6112,7 +6119,7 @@ class MixedBackend:
 
     def _for(self, d):
         for r, name in self.route:
-            if d == r or d.startswith(r + "/") or r.startswith(d + "/"):
+            if within(d, r) or within(r, d):
                 return self.parts[name]
         return self.parts["inotify"]
 
@@ -6464,7 +6471,7 @@ class Engine:
     def _set_roots(self, cfg):
         self.roots = _watch_roots(cfg)
         self.scan_only = [r for r in cfg.scan_only
-                          if not any(r == o or r.startswith(o + "/") for o in self.roots)]
+                          if not any(within(r, o) for o in self.roots)]
         # fimwatch's own files never watch themselves (a write to the events
         # file would be an event, written to the events file...).
         # The events file itself is watched (append-only: our own appends
@@ -6503,7 +6510,7 @@ class Engine:
     def wanted_dir(self, d):
         """Is directory d (under a root) in the tree: neither it nor a
         directory above it, up to its root, excluded?"""
-        root = next((r for r in self.roots if d == r or d.startswith(r + "/")), None)
+        root = next((r for r in self.roots if within(d, r)), None)
         while root is not None and d != root:
             if self.excluded(d, True):
                 return False
@@ -7453,7 +7460,7 @@ class Engine:
             if p in tx.paths:
                 return tx
         for root, tx in self.tx_roots.items():
-            if p == root or p.startswith(root + "/"):
+            if within(p, root):
                 return tx
         if self.pkgtx is not None and p.startswith(self.pkgdb.base + "/"):
             # ... and dpkg emptying tmp.ci as it ends is the ending one's
@@ -7810,7 +7817,7 @@ class Engine:
         are on the covered directories and see nothing of the new tree."""
         for action, (mp, fstype, source) in self.mount_table.changes():
             inside = [r for r in self.roots + self.scan_only
-                      if mp == r or mp.startswith(r + "/") or r.startswith(mp.rstrip("/") + "/")]
+                      if within(mp, r) or within(r, mp.rstrip("/") or "/")]
             if not inside:
                 continue
             self.stats["changes"] += 1
@@ -10107,7 +10114,7 @@ def cmd_scan(cfg, args):
 
 def _under_roots(cfg, path):
     for r in cfg.all_roots() + [w for _, w in cfg.resolved_roots()] + cfg.extra_roots():
-        if path == r or path.startswith(r + "/"):
+        if within(path, r):
             return True
     return False
 

@@ -171,6 +171,15 @@ def test_convert_normalises_paths_and_refuses_watching_the_root():
         fimwatch._convert("path", "etc")
 
 
+def test_within_is_the_path_or_below_it_never_a_sibling_with_the_same_prefix():
+    assert fimwatch.within("/etc", "/etc")
+    assert fimwatch.within("/etc/ssh/sshd_config", "/etc")
+    assert not fimwatch.within("/etcetera/x", "/etc")          # a shared prefix is no parent
+    assert not fimwatch.within("/et", "/etc")
+    assert fimwatch.within("/var/www", "/")
+    assert not fimwatch.within("relative/x", "/")
+
+
 def test_convert_refuses_a_duration_of_many_digits():
     assert fimwatch._convert("duration", "3650d") == fimwatch.DURATION_MAX
     with pytest.raises(ValueError, match="too long"):
