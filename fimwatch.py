@@ -907,7 +907,7 @@ def _check_whole(cf, values):
         raise cf.error("watch", "paths", "nothing to watch")
     for key in ("paths", "scan_only"):
         for p in values[("watch", key)]:
-            if within(p, sd.rstrip("/") or "/"):
+            if within(p, sd):
                 # its own database, never watched: the path would be silently empty
                 raise cf.error("watch", key, "%s is inside state_dir %s, which fimwatch never "
                                "watches (its own database); move one of them" % (p, sd))
@@ -7817,7 +7817,7 @@ class Engine:
         are on the covered directories and see nothing of the new tree."""
         for action, (mp, fstype, source) in self.mount_table.changes():
             inside = [r for r in self.roots + self.scan_only
-                      if within(mp, r) or within(r, mp.rstrip("/") or "/")]
+                      if within(mp, r) or within(r, mp)]
             if not inside:
                 continue
             self.stats["changes"] += 1
